@@ -1,0 +1,33 @@
+"""Data: sources (vendored / file / hub), formats (TL;DR, HH-RLHF, JSON lines, ShareGPT),
+honest splits, tokenizing and padding. Knows nothing of stages or tracking."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from rlhf_exp.data.formats import PreferenceExample, SFTExample, get_format
+from rlhf_exp.data.splits import split_by_prompt
+from rlhf_exp.errors import ConfigError
+
+
+def _split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
+    if len(examples) <= data_cfg.val_size:
+        raise ConfigError("data.val_size", f"{data_cfg.val_size} leaves no training data: "
+                          f"data={data_cfg.name} has {len(examples)} {kind} examples")
+    train, val = split_by_prompt(examples, data_cfg.val_size, seed)
+    if data_cfg.get("max_train_examples"):
+        train = train[: data_cfg.max_train_examples]
+    return train, val
+
+
+def load_sft_splits(data_cfg: DictConfig, tokenizer, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    """(train, val) prompt/completion examples, split by prompt with `seed`."""
+    return _split(get_format(data_cfg, tokenizer).sft_examples(), data_cfg, seed, "SFT")
+
+
+def load_preference_splits(data_cfg: DictConfig, tokenizer, seed: int):
+    """(train, val) prompt/chosen/rejected pairs, split by prompt with `seed`."""
+    return _split(get_format(data_cfg, tokenizer).preference_examples(), data_cfg, seed, "preference")
+
+
+__all__ = ["SFTExample", "PreferenceExample", "load_sft_splits", "load_preference_splits"]

@@ -1,0 +1,291 @@
+"""How raw records become prompts and responses, one class per `data.format`.
+
+Each format yields text examples; tokenization and padding live in `rlhf_exp.data.collate`.
+Responses exclude the EOS token, which the tokenizer step appends as an id.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from omegaconf import DictConfig
+
+from rlhf_exp.data.sources import Record, read_csv, read_hub, read_json_or_jsonl, read_jsonl, vendored
+from rlhf_exp.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    completion: str
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str
+    chosen: str
+    rejected: str
+    origin: str = ""
+
+
+class DataFormat:
+    """Base: subclasses implement the kinds of examples their data has."""
+
+    def __init__(self, cfg: DictConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def sft_examples(self) -> list[SFTExample]:
+        raise ConfigError("data", f"data={self.cfg.name} has no SFT examples")
+
+    def preference_examples(self) -> list[PreferenceExample]:
+        raise ConfigError("data", f"data={self.cfg.name} has no preference pairs")
+
+    def _hub_spec(self, kind: str):
+        spec = (self.cfg.get("hub") or {}).get(kind)
+        if spec is None:
+            raise ConfigError(f"data.hub.{kind}", f"data={self.cfg.name} names no hub source for {kind} data")
+        return spec
+
+    def _file(self) -> str:
+        if not self.cfg.get("path"):
+            raise ConfigError("data.path", f"data.source=file needs data.path (data={self.cfg.name})")
+        return self.cfg.path
+
+
+# --------------------------------------------------------------------------- TL;DR
+
+TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+_TLDR_QUERY = re.compile(r"^SUBREDDIT: r/(?P<subreddit>.*?)\n\nTITLE: (?P<title>.*?)\n\nPOST: (?P<post>.*)\n\nTL;DR:$", re.S)
+
+
+def tldr_prompt(subreddit: str, title: str, post: str, tokenizer, max_tokens: int) -> str:
+    """The TL;DR query, the post cut at its last newline (repeatedly) until it fits `max_tokens`.
+
+    As in the published pipelines (Stiennon et al. 2020; Huang et al. 2024, "The N+
+    implementation details"). A post with no newline left is cut at a token boundary.
+    """
+
+    def render(text: str) -> str:
+        return TLDR_TEMPLATE.format(subreddit=subreddit, title=title, post=text.strip())
+
+    def length(text: str) -> int:
+        return len(tokenizer(render(text), add_special_tokens=False).input_ids)
+
+    title, post = title.strip(), post.strip()
+    while length("") > max_tokens * 3 // 4 and title:  # a title too long for the budget: cut it by tokens
+        title_ids = tokenizer(title, add_special_tokens=False).input_ids
+        title = tokenizer.decode(title_ids[: len(title_ids) * 3 // 4]).strip()
+    if length("") > max_tokens:
+        raise ConfigError("data.max_prompt_tokens", f"{max_tokens} tokens cannot hold the TL;DR template")
+    while length(post) > max_tokens and "\n" in post:
+        post = post[: post.rindex("\n")].rstrip()
+    if length(post) > max_tokens:
+        overhead = length("")
+        ids = tokenizer(post, add_special_tokens=False).input_ids
+        keep = max_tokens - overhead
+        # decode-then-encode can merge tokens differently: step back until it fits
+        while keep > 0 and length(tokenizer.decode(ids[:keep])) > max_tokens:
+            keep -= 1
+        post = tokenizer.decode(ids[:keep]) if keep > 0 else ""
+    return render(post)
+
+
+class TldrFormat(DataFormat):
+    def _posts(self) -> Iterator[tuple[Record, dict]]:
+        """(record, {subreddit, title, post, summary}) from the configured source."""
+        if self.cfg.source == "vendored":
+            for rec in read_jsonl(vendored("tldr/tldr-posts-500.jsonl.gz")):
+                yield rec, dict(subreddit=rec.get("subreddit"), title=rec.get("title"),
+                                post=rec.get("instruction"), summary=rec.get("gold_response"))
+            for rec in read_csv(vendored("tldr/oai1b-judged.csv.gz")):
+                yield rec, dict(self._parse_query(rec), summary=rec.get("reference_responses"))
+        elif self.cfg.source == "hub":
+            for rec in read_hub(self._hub_spec("sft"), "data.hub.sft"):
+                yield rec, dict(subreddit=rec.get("subreddit"), title=rec.get("title"),
+                                post=rec.get("post"), summary=rec.get("summary"))
+        else:
+            raise ConfigError("data.source", f"data=tldr reads vendored or hub, not {self.cfg.source!r}")
+
+    @staticmethod
+    def _parse_query(rec: Record) -> dict:
+        match = _TLDR_QUERY.match(rec.get("query"))
+        if match is None:
+            raise DataError(rec.path, "query is not in the SUBREDDIT/TITLE/POST/TL;DR: format", rec.line)
+        return match.groupdict()
+
+    def _prompt(self, fields: dict) -> str:
+        return tldr_prompt(fields["subreddit"], fields["title"], fields["post"], self.tokenizer,
+                           self.cfg.max_prompt_tokens)
+
+    def sft_examples(self) -> list[SFTExample]:
+        seen, out = set(), []
+        for rec, fields in self._posts():
+            prompt = self._prompt(fields)
+            if prompt in seen:  # the same post twice: keep one
+                continue
+            seen.add(prompt)
+            out.append(SFTExample(prompt, " " + fields["summary"].strip(), rec.origin))
+        return out
+
+    def preference_examples(self) -> list[PreferenceExample]:
+        out = []
+        if self.cfg.source == "vendored":
+            for rec in read_csv(vendored("tldr/oai1b-judged.csv.gz")):
+                preferred = rec.get("preferred")
+                if preferred not in ("ours", "reference"):
+                    continue  # not judged
+                policy, human = rec.get("postprocessed_response").strip(), rec.get("reference_responses").strip()
+                chosen, rejected = (policy, human) if preferred == "ours" else (human, policy)
+                out.append(PreferenceExample(self._prompt(self._parse_query(rec)), " " + chosen, " " + rejected, rec.origin))
+        elif self.cfg.source == "hub":
+            for rec in read_hub(self._hub_spec("preference"), "data.hub.preference"):
+                info, summaries, choice = rec.get("info"), rec.get("summaries"), rec.get("choice")
+                prompt = self._prompt(dict(subreddit=info.get("subreddit") or "", title=info.get("title") or "",
+                                           post=info.get("post") or info.get("article") or ""))
+                chosen, rejected = summaries[choice]["text"], summaries[1 - choice]["text"]
+                out.append(PreferenceExample(prompt, " " + chosen.strip(), " " + rejected.strip(), rec.origin))
+        else:
+            raise ConfigError("data.source", f"data=tldr reads vendored or hub, not {self.cfg.source!r}")
+        return out
+
+
+# --------------------------------------------------------------------------- HH-RLHF
+
+ASSISTANT_TAG = "\n\nAssistant:"
+
+
+def split_dialogue(text: str) -> tuple[str, str] | None:
+    """HH-RLHF dialogue -> (prompt up to and including the last "\\n\\nAssistant:", the reply)."""
+    cut = text.rfind(ASSISTANT_TAG)
+    if cut < 0:
+        return None
+    cut += len(ASSISTANT_TAG)
+    return text[:cut], text[cut:]
+
+
+class HhRlhfFormat(DataFormat):
+    def _records(self) -> Iterator[Record]:
+        if self.cfg.source == "vendored":
+            for subset in self.cfg.subsets:
+                path = vendored(f"hh-rlhf/{subset}.test.jsonl.gz")
+                if not path.is_file():
+                    raise ConfigError("data.subsets", f"unknown subset {subset!r} (no {path.name})")
+                yield from read_jsonl(path)
+        elif self.cfg.source == "hub":
+            yield from read_hub(self._hub_spec("preference"), "data.hub.preference")
+        elif self.cfg.source == "file":
+            yield from read_jsonl(self._file())
+        else:
+            raise ConfigError("data.source", f"unknown source {self.cfg.source!r}")
+
+    def preference_examples(self) -> list[PreferenceExample]:
+        out = []
+        for rec in self._records():
+            chosen, rejected = split_dialogue(rec.get("chosen")), split_dialogue(rec.get("rejected"))
+            if chosen is None or rejected is None:
+                raise DataError(rec.path, "dialogue has no '\\n\\nAssistant:' turn", rec.line)
+            if chosen[0] != rejected[0] or chosen[1] == rejected[1]:
+                continue  # differing prompts or identical replies carry no preference
+            out.append(PreferenceExample(chosen[0], chosen[1], rejected[1], rec.origin))
+        return out
+
+    def sft_examples(self) -> list[SFTExample]:
+        return [SFTExample(p.prompt, p.chosen, p.origin) for p in self.preference_examples()]
+
+
+# --------------------------------------------------------------------------- JSON lines
+
+
+class JsonlFormat(DataFormat):
+    DEFAULT_FILE = "examples/hh_pairs_sample.jsonl"
+
+    def _records(self) -> Iterator[Record]:
+        return read_jsonl(self.cfg.get("path") or vendored(self.DEFAULT_FILE))
+
+    def _field(self, rec: Record, name: str) -> str:
+        field = self.cfg.fields[name]
+        value = rec.get(field, hint=f"data.fields.{name}")
+        if not isinstance(value, str):
+            raise DataError(rec.path, f"field {field!r} must be a string, got {type(value).__name__}", rec.line)
+        return value
+
+    def sft_examples(self) -> list[SFTExample]:
+        return [SFTExample(self._field(r, "prompt"), self._field(r, "completion"), r.origin) for r in self._records()]
+
+    def preference_examples(self) -> list[PreferenceExample]:
+        return [PreferenceExample(self._field(r, "prompt"), self._field(r, "chosen"), self._field(r, "rejected"),
+                                  r.origin) for r in self._records()]
+
+
+# --------------------------------------------------------------------------- ShareGPT / messages
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+          "bot": "assistant", "model": "assistant"}
+
+
+def to_message(turn: dict, rec: Record) -> dict:
+    """A ShareGPT turn ({"from", "value"}) or a chat message ({"role", "content"}) as a chat message."""
+    role = turn.get("from", turn.get("role"))
+    content = turn.get("value", turn.get("content"))
+    if role not in _ROLES or not isinstance(content, str):
+        raise DataError(rec.path, f"turn {turn!r:.80} needs from/value or role/content", rec.line)
+    return {"role": _ROLES[role], "content": content}
+
+
+class ShareGptFormat(DataFormat):
+    def _records(self) -> Iterator[Record]:
+        if self.cfg.source == "vendored":
+            return read_json_or_jsonl(vendored("sharegpt-demo/dpo_en_demo.json.gz"))
+        if self.cfg.source == "hub":
+            return read_hub(self._hub_spec("preference"), "data.hub.preference")
+        if self.cfg.source == "file":
+            return read_json_or_jsonl(self._file())
+        raise ConfigError("data.source", f"unknown source {self.cfg.source!r}")
+
+    def _conversation(self, rec: Record) -> list[dict]:
+        turns = rec.data.get("conversations", rec.data.get("messages"))
+        if not isinstance(turns, list) or not turns:
+            raise DataError(rec.path, "needs a non-empty 'conversations' (or 'messages') list", rec.line)
+        return [to_message(t, rec) for t in turns]
+
+    def _prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def sft_examples(self) -> list[SFTExample]:
+        out = []
+        for rec in self._records():
+            messages = self._conversation(rec)
+            if "chosen" in rec.data:
+                reply = to_message(rec.data["chosen"], rec)["content"]
+            elif messages[-1]["role"] == "assistant":
+                messages, reply = messages[:-1], messages[-1]["content"]
+            else:
+                raise DataError(rec.path, "no assistant reply: the last turn is not the assistant's and there is no 'chosen'", rec.line)
+            out.append(SFTExample(self._prompt(messages), reply, rec.origin))
+        return out
+
+    def preference_examples(self) -> list[PreferenceExample]:
+        out = []
+        for rec in self._records():
+            prompt = self._prompt(self._conversation(rec))
+            chosen = to_message(rec.get("chosen"), rec)["content"]
+            rejected = to_message(rec.get("rejected"), rec)["content"]
+            out.append(PreferenceExample(prompt, chosen, rejected, rec.origin))
+        return out
+
+
+FORMATS: dict[str, type[DataFormat]] = {
+    "tldr": TldrFormat,
+    "hh_rlhf": HhRlhfFormat,
+    "jsonl": JsonlFormat,
+    "sharegpt": ShareGptFormat,
+}
+
+
+def get_format(cfg: DictConfig, tokenizer) -> DataFormat:
+    if cfg.format not in FORMATS:
+        raise ConfigError("data.format", f"unknown format {cfg.format!r}; known: {sorted(FORMATS)}")
+    return FORMATS[cfg.format](cfg, tokenizer)

@@ -1,0 +1,111 @@
+"""One way in for every model the stages use.
+
+`model.source` picks where weights come from:
+  gguf    the embedded GGUF (converted once to safetensors under paths.cache_dir)
+  hub     a Hugging Face hub id (`model.path`); needs a network or a warm HF cache
+  local   a saved folder (`model.path`)
+  config  random init from `model.config` (tiny test models)
+`model.init_from` (a checkpoint folder of an earlier run) overrides the source.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.models.embedded import float_checkpoint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError("model.dtype", f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _folder_for(spec: dict[str, Any], cache_dir: str, key: str) -> str:
+    """Where from_pretrained reads for a spec with source gguf / hub / local."""
+    source = spec.get("source")
+    if source == "gguf":
+        return str(float_checkpoint(spec["gguf_package"], spec["gguf_file"], cache_dir))
+    if source in ("hub", "local"):
+        path = spec.get("path")
+        if not path:
+            raise ConfigError(f"{key}.path", f"source={source} needs a path")
+        if source == "local" and not Path(path).is_dir():
+            raise ConfigError(f"{key}.path", f"folder not found: {path}")
+        return str(path)
+    raise ConfigError(f"{key}.source", f"cannot load weights or a tokenizer from source={source!r}")
+
+
+def _from_pretrained(loader, where: str, key: str, **kwargs):
+    try:
+        return loader.from_pretrained(where, **kwargs)
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}.path",
+            f"could not load {where!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
+            "Hub ids need a network or a warm Hugging Face cache; offline, use a local folder "
+            "(model.source=local model.path=/folder) or the embedded model=smollm2_135m.",
+        ) from exc
+
+
+def load_tokenizer(model_cfg: DictConfig, cache_dir: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with an explicit pad token (masks never rely on it: see data.collate)."""
+    spec = _tokenizer_spec(model_cfg)
+    where = _folder_for(spec, cache_dir, key="model.tokenizer" if model_cfg.get("tokenizer") else "model")
+    tokenizer = _from_pretrained(AutoTokenizer, where, "model", trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise ConfigError("model.tokenizer", f"the tokenizer at {where} has no EOS token")
+    return tokenizer
+
+
+def _tokenizer_spec(model_cfg: DictConfig) -> dict[str, Any]:
+    if model_cfg.get("init_from"):
+        return {"source": "local", "path": model_cfg.init_from}
+    if model_cfg.get("tokenizer"):
+        return OmegaConf.to_container(model_cfg.tokenizer, resolve=True)
+    return OmegaConf.to_container(model_cfg, resolve=True)
+
+
+def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase):
+    """A causal LM in training mode, weights in `model.dtype`."""
+    dtype = _dtype(model_cfg.dtype)
+    common = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+                  trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.get("init_from"):
+        model = _from_pretrained(AutoModelForCausalLM, _folder_for(
+            {"source": "local", "path": model_cfg.init_from}, cache_dir, "model.init_from"), "model.init_from", **common)
+    elif model_cfg.source == "config":
+        model = _random_init(model_cfg, tokenizer, dtype)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, _folder_for(
+            OmegaConf.to_container(model_cfg, resolve=True), cache_dir, "model"), "model", **common)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.train()
+    return model
+
+
+def _random_init(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
+    if "config" not in model_cfg:
+        raise ConfigError("model.config", "source=config needs a `config` mapping (model_type, hidden_size, ...)")
+    arch = OmegaConf.to_container(model_cfg.config, resolve=True)
+    model_type = arch.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **arch)
+    config._attn_implementation = model_cfg.attn_implementation
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
