@@ -1,0 +1,36 @@
+"""`python -m rlhf_exp [group=option ...] [key=value ...]`: the one entrypoint.
+
+`--help` lists the config groups, `--cfg job` prints the composed config, `-m` sweeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from rlhf_exp.config import CONF_DIR, register_resolvers
+from rlhf_exp.errors import UserInputError
+
+register_resolvers()
+log = logging.getLogger("rlhf_exp")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from rlhf_exp.app import run
+
+    try:
+        metrics = run(cfg)
+    except UserInputError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    # A sweeper (Optuna) minimises the value returned here.
+    return metrics.get("eval/loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`run(cfg)`: one run of one stage, tracked. Testable without Hydra's `@main`.
+
+Order matters: the config is checked before any data or weights are loaded, and the
+tracker run is closed in `finally` (FINISHED, FAILED or KILLED), so a failed run never
+blocks the next run in the same process (sweeps, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+import rlhf_exp
+from rlhf_exp.config import PROJECT_ROOT, flatten, validate
+from rlhf_exp.factory import build
+from rlhf_exp.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    """Hydra's output folder when run by Hydra; otherwise a fresh folder under paths.runs_dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    else:
+        from rlhf_exp.config import _run_id
+
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        folder = Path(cfg.paths.runs_dir) / cfg.stage.name / f"{stamp}_{_run_id()}_{time.monotonic_ns() % 10**6}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def resolved(cfg: DictConfig) -> DictConfig:
+    """A plain copy with every interpolation resolved (and without Hydra's own node)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    out = OmegaConf.create(container)
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run the stage `cfg.stage` names; returns its final metrics."""
+    cfg = resolved(cfg)
+    validate(cfg)
+    run_dir = run_dir_for(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    tracker = make_tracker(cfg.tracking, cfg.paths.root_dir)
+    run_name = cfg.get("run_name") or f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}"
+    tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
+            "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
+            "run_dir": str(run_dir)}
+    trainer, status = None, "FAILED"
+    tracker.start(run_name, flatten(cfg), tags)
+    try:
+        tracker.log_artifact(str(run_dir / "config.yaml"), "config")
+        trainer = build(cfg.stage.trainer, "stage.trainer", cfg=cfg, tracker=tracker, run_dir=run_dir)
+        metrics = trainer.fit()
+        status = "FINISHED"
+        log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        return metrics
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()
+        for log_file in run_dir.glob("*.log"):  # Hydra's job log, failed runs included
+            try:
+                tracker.log_artifact(str(log_file), "logs")
+            except Exception:
+                log.exception("could not log %s", log_file)
+        tracker.finish(status)

@@ -1,0 +1,117 @@
+"""Composing and checking the Hydra config.
+
+`conf/` sits beside the package (a source checkout or an editable install). Everything here
+works without Hydra's `@main`, so tests and tools can `compose_config([...])` and call
+`rlhf_exp.app.run(cfg)` directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+_PROCESS_RUN_ID = secrets.token_hex(3)
+
+
+def _run_id() -> str:
+    # One id per process (all ranks of a torchrun job must agree: they set RLHF_EXP_RUN_ID).
+    return os.environ.get("RLHF_EXP_RUN_ID") or _PROCESS_RUN_ID
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", _run_id)
+
+
+register_resolvers()
+
+
+def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
+    """The config `python -m rlhf_exp <overrides>` would run with (without the `hydra` node)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def config_group_options(group: str) -> list[str]:
+    """Option names of a config group, e.g. `model` -> ["llama2_7b", ..., "tiny"]."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+# (key, test, what it must be). Checked before any data or weights are loaded.
+_POSITIVE = "must be > 0"
+_NON_NEGATIVE = "must be >= 0"
+_RULES: list[tuple[str, Any, str]] = [
+    ("stage.lr", lambda v: v > 0 and math.isfinite(v), _POSITIVE),
+    ("stage.max_steps", lambda v: v >= 0, _NON_NEGATIVE),
+    ("stage.batch_size", lambda v: v > 0, _POSITIVE),
+    ("stage.warmup_steps", lambda v: v >= 0, _NON_NEGATIVE),
+    ("stage.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("stage.weight_decay", lambda v: v >= 0, _NON_NEGATIVE),
+    ("stage.max_grad_norm", lambda v: v is None or v > 0, _POSITIVE + " (or null: no clipping)"),
+    ("stage.eval_every", lambda v: v is None or v > 0, _POSITIVE + " (or null)"),
+    ("stage.eval_examples", lambda v: v is None or v > 0, _POSITIVE + " (or null: the whole split)"),
+    ("stage.num_samples", lambda v: v >= 0, _NON_NEGATIVE),
+    ("stage.save_every", lambda v: v is None or v > 0, _POSITIVE + " (or null)"),
+    ("stage.generation.temperature", lambda v: v > 0, _POSITIVE),
+    ("stage.generation.max_new_tokens", lambda v: v > 0, _POSITIVE),
+    ("data.val_size", lambda v: v > 0, _POSITIVE),
+    ("data.max_prompt_tokens", lambda v: v > 0, _POSITIVE),
+    ("data.max_response_tokens", lambda v: v > 0, _POSITIVE),
+    ("data.max_train_examples", lambda v: v is None or v > 0, _POSITIVE + " (or null: all)"),
+    ("stage.optimizer", lambda v: v in {"adamw", "adamw_8bit", "paged_adamw_8bit"},
+     "must be one of adamw, adamw_8bit, paged_adamw_8bit"),
+    ("hardware.precision", lambda v: v in {"fp32", "bf16", "fp16"}, "must be one of fp32, bf16, fp16"),
+    ("model.source", lambda v: v in {"gguf", "hub", "local", "config"},
+     "must be one of gguf, hub, local, config"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Stop with a message naming the key before any work starts."""
+    absent = object()
+    for key, ok, must in _RULES:
+        try:
+            value = OmegaConf.select(cfg, key, default=absent, throw_on_missing=True)
+        except Exception as exc:  # a ??? left unset, or a broken interpolation
+            raise ConfigError(key, f"has no value ({exc.__class__.__name__}); set it on the command line") from None
+        if value is absent:
+            continue  # this stage has no such key
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(key, f"{must} (got {value!r})")
+    micro = OmegaConf.select(cfg, f"hardware.micro_batch_size.{cfg.stage.name}")
+    if micro is not None and (micro <= 0 or cfg.stage.batch_size % micro):
+        raise ConfigError(
+            f"hardware.micro_batch_size.{cfg.stage.name}",
+            f"must be > 0 and divide stage.batch_size={cfg.stage.batch_size} (got {micro})",
+        )
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """{"stage": {"lr": 1e-5}} -> {"stage.lr": 1e-5}; lists become their string form."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,49 @@
+"""Per-token log-probabilities: the hot path of SFT, DPO, GRPO and PPO.
+
+`masked_next_token_logprobs` projects only the positions a loss needs onto the vocabulary:
+for TL;DR SFT ~85% of tokens are prompt, and the vocabulary projection plus log-softmax
+over 49k tokens is a fifth of the step's compute and most of its memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(labels) under softmax(logits / temperature).
+
+    logits [..., V] (any float dtype; computed in fp32), labels [...] -> [...].
+    `temperature` must be the sampling temperature when scoring sampled tokens.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_ids: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every t < T-1: [B, T] ids -> [B, T-1]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
+
+
+def masked_next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               target_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                               temperature: float = 1.0) -> torch.Tensor:
+    """Like `next_token_logprobs`, but only targets where `target_mask` [B, T] is 1 are scored.
+
+    Returns [B, T-1]: log p of input_ids[:, t+1] where target_mask[:, t+1] == 1, else 0.
+    The backbone runs once; the LM head runs on the selected positions only. Models whose
+    head does more than a linear projection (logit soft-capping) need `next_token_logprobs`.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # [B, T, H]
+    select = target_mask[:, 1:].bool()  # [B, T-1]: which next tokens are scored
+    logits = model.get_output_embeddings()(hidden[:, :-1][select])  # [N, V]
+    out = torch.zeros(select.shape, dtype=torch.float32, device=hidden.device)
+    out[select] = token_logprobs(logits, input_ids[:, 1:][select], temperature)
+    return out

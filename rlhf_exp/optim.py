@@ -1,0 +1,46 @@
+"""Optimizers and schedules from the stage config (library implementations, not home-made)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+
+
+def build_optimizer(model: torch.nn.Module, stage: DictConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW. No weight decay on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": stage.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    kwargs = dict(lr=stage.lr, betas=tuple(stage.adam_betas))
+    if stage.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb
+
+    if stage.optimizer == "adamw_8bit":
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    if stage.optimizer == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(groups, **kwargs)
+    raise ValueError(f"unknown optimizer {stage.optimizer!r}")  # validate() catches this first
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """lr multiplier for optimizer step `step` (0-based).
+
+    Linear warmup that starts above zero ((step + 1) / warmup: transformers' version spends the
+    first step at lr 0), then cosine from 1 to `min_lr_ratio` at the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(max_steps - 1 - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, stage: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then cosine decay to lr * min_lr_ratio at the last of stage.max_steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(
+        step, stage.warmup_steps, stage.max_steps, stage.min_lr_ratio))

@@ -1,0 +1,57 @@
+"""Device, precision, threads and RNG: what the `hardware` group decides, in one place."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from rlhf_exp.errors import ConfigError
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+
+    def autocast(self):
+        """Mixed precision for forward passes; master weights and optimizer stay as loaded."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST[self.precision])
+
+
+def make_runtime(hardware: DictConfig) -> Runtime:
+    device = torch.device(hardware.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("hardware", f"hardware={hardware.name} needs a CUDA GPU and none is visible; use hardware=cpu")
+    if hardware.get("num_threads"):
+        torch.set_num_threads(int(hardware.num_threads))
+    return Runtime(device=device, precision=hardware.precision)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

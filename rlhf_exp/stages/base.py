@@ -1,0 +1,219 @@
+"""The loop every stage shares: setup -> fit (train_step / evaluate / save_checkpoint) -> close.
+
+A stage subclasses `Trainer` and writes `setup_data_and_model`, `train_step` and `evaluate`.
+Everything that makes a run resumable lives here: a checkpoint holds the model (safetensors)
+and tokenizer, and `trainer_state.pt` with optimizer, scheduler, RNG, data position, step and
+metric history; `stage.resume_from=<checkpoint>` continues from it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TypeVar
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.optim import build_optimizer, build_scheduler
+from rlhf_exp.runtime import make_runtime, rng_state, seed_everything, set_rng_state
+from rlhf_exp.tracking import Tracker
+from rlhf_exp.tracking.plots import close, curves_figure
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class BatchStream:
+    """An endless stream of example indices, reshuffled each epoch from (seed, epoch).
+
+    Its position (epoch, cursor) is part of the checkpoint, so a resumed run sees exactly the
+    examples the uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, seed: int):
+        if size <= 0:
+            raise ValueError("no training examples")
+        self.size, self.seed, self.epoch, self.cursor = size, seed, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.cursor == self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["size"] != self.size:
+            raise ConfigError("stage.resume_from", f"checkpoint was made on {state['size']} training examples, "
+                              f"this run has {self.size}: the data config differs")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation()
+
+
+class Trainer:
+    """Base class of the stage trainers."""
+
+    #: metrics drawn in the training-curve PNG logged at the end
+    curve_metrics: tuple[str, ...] = ("train/loss", "eval/loss")
+
+    def __init__(self, cfg: DictConfig, tracker: Tracker, run_dir: str | Path):
+        self.cfg, self.stage, self.tracker = cfg, cfg.stage, tracker
+        self.run_dir = Path(run_dir)
+        self.runtime = make_runtime(cfg.hardware)
+        self.step = 0
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.last_metrics: dict[str, float] = {}
+        self.model = self.tokenizer = self.optimizer = self.scheduler = self.batches = None
+
+    # ------------------------------------------------------------------ what a stage writes
+    def setup_data_and_model(self) -> None:
+        """Load tokenizer, data (self.batches over the training set) and self.model."""
+        raise NotImplementedError
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over stage.batch_size sequences; returns "train/..." metrics."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics ("eval/..."), without changing the training RNG stream."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def model_cfg(self) -> DictConfig:
+        """cfg.model, pointed at the checkpoint when resuming."""
+        if not self.stage.get("resume_from"):
+            return self.cfg.model
+        model_cfg = OmegaConf.create(OmegaConf.to_container(self.cfg.model, resolve=True))
+        model_cfg.init_from = self.stage.resume_from
+        return model_cfg
+
+    def micro_batch_size(self, use: str | None = None) -> int:
+        sizes = self.cfg.hardware.get("micro_batch_size") or {}
+        return int(sizes.get(use or self.stage.name) or self.stage.batch_size)
+
+    def setup(self) -> None:
+        seed_everything(self.cfg.seed)
+        self.setup_data_and_model()
+        if self.cfg.hardware.get("gradient_checkpointing"):
+            self.model.gradient_checkpointing_enable()
+        self.optimizer = build_optimizer(self.model, self.stage)
+        self.scheduler = build_scheduler(self.optimizer, self.stage)
+        if self.stage.get("resume_from"):
+            self.load_trainer_state(Path(self.stage.resume_from))
+
+    def fit(self) -> dict[str, float]:
+        self.setup()
+        max_steps, eval_every = self.stage.max_steps, self.stage.eval_every
+        if self.step == 0:
+            self.log(self.evaluate())  # step-0 figures: the gain is visible against them
+        evaluated_at = self.step
+        with tqdm(total=max_steps, initial=self.step, desc=f"{self.stage.name}", unit="step",
+                  dynamic_ncols=True) as bar:
+            while self.step < max_steps:
+                metrics = self.train_step()
+                self.step += 1
+                self.log(metrics)
+                bar.update(1)
+                bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in metrics.items()
+                                 if k in ("train/loss", "train/tokens_per_s")})
+                if eval_every and self.step % eval_every == 0:
+                    self.log(self.evaluate())
+                    evaluated_at = self.step
+                if self.stage.get("save_every") and self.step % self.stage.save_every == 0 and self.step < max_steps:
+                    self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
+        if evaluated_at != self.step:
+            self.log(self.evaluate())
+        final = self.save_checkpoint(self.run_dir / "checkpoints" / "final")
+        self.tracker.set_tags({"checkpoint_dir": str(final)})
+        self.log_curves()
+        return dict(self.last_metrics)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.history[name].append((self.step, float(value)))
+        self.last_metrics.update(metrics)
+        self.tracker.log_metrics(metrics, step=self.step)
+
+    def log_curves(self) -> None:
+        fig = curves_figure(self.history, list(self.curve_metrics), f"{self.stage.name}: {self.cfg.model.name} "
+                            f"on {self.cfg.data.name}")
+        try:
+            fig.savefig(self.run_dir / "training_curves.png")
+            self.tracker.log_figure(fig, "plots/training_curves.png")
+        finally:
+            close(fig)
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rng": rng_state(),
+            "history": dict(self.history),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save_checkpoint(self, folder: Path) -> Path:
+        """Model (safetensors) + tokenizer + trainer_state.pt, written beside and renamed into place."""
+        staging = folder.with_name(folder.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        self.model.save_pretrained(staging, safe_serialization=True)
+        self.tokenizer.save_pretrained(staging)
+        torch.save(self.trainer_state(), staging / TRAINER_STATE)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+        log.info("checkpoint: %s", folder)
+        return folder
+
+    def load_trainer_state(self, folder: Path) -> None:
+        path = folder / TRAINER_STATE
+        if not path.is_file():
+            raise ConfigError("stage.resume_from", f"{folder} is not a checkpoint of this project (no {TRAINER_STATE})")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["batches"])
+        self.history = defaultdict(list, state["history"])
+        self.step = state["step"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", folder, self.step)
+
+    def close(self) -> None:
+        """Free the models so the next run in this process starts clean."""
+        self.model = self.optimizer = self.scheduler = None
+        gc.collect()

@@ -1,0 +1,30 @@
+"""The tracker interface. This base logs nothing (`tracking=none`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Tracker:
+    run_id: str | None = None
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        """Close the run as FINISHED, FAILED or KILLED. Called in `finally`: must not raise."""

@@ -1,0 +1,96 @@
+"""MLflow through an explicit `MlflowClient` and run id, never the fluent API's global
+"active run": many runs can share one process (sweeps with the basic launcher, tests) and
+a failed run cannot leave the next one "already active"."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from rlhf_exp.tracking.base import Tracker
+
+log = logging.getLogger(__name__)
+
+_MAX_PARAM_CHARS = 6000  # MLflow cuts longer values; the full config is the YAML artifact
+_PARAMS_PER_BATCH = 100
+
+
+def tracking_uri(tracking: DictConfig, root_dir: str) -> str:
+    """tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the project."""
+    return (tracking.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path(root_dir).resolve() / 'mlflow.db'}")
+
+
+def artifact_location(tracking: DictConfig, uri: str) -> str | None:
+    """tracking.artifact_location, else `mlartifacts/` beside a SQLite file (None: the server decides)."""
+    if tracking.get("artifact_location"):
+        return Path(tracking.artifact_location).resolve().as_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, tracking: DictConfig, root_dir: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(tracking, root_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_name = tracking.experiment_name
+        self.artifact_location = artifact_location(tracking, self.uri)
+        self.run_id = None
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+        except Exception:  # created meanwhile by a parallel job
+            return self.client.get_experiment_by_name(self.experiment_name).experiment_id
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
+        log.info("MLflow run %s in %s (experiment %r)", self.run_id, self.uri, self.experiment_name)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        if rows:
+            columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+            self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def finish(self, status: str) -> None:
+        if self.run_id is None:
+            return
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception:  # never mask the error that ended the run
+            log.exception("could not close MLflow run %s as %s", self.run_id, status)

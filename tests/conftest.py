@@ -1,0 +1,55 @@
+"""Shared test helpers: compose the real config, shrink it to a tiny model, run it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rlhf_exp.config import compose_config  # noqa: E402
+
+# A run small enough for a few seconds on 2 cores, with every code path of a real run.
+TINY = [
+    "model=tiny",
+    "hardware=cpu",
+    "hardware.precision=fp32",
+    "stage.max_steps=3",
+    "stage.batch_size=4",
+    "hardware.micro_batch_size.sft=2",
+    "stage.eval_examples=8",
+    "stage.num_samples=2",
+    "stage.generation.max_new_tokens=8",
+    "data.max_prompt_tokens=64",
+    "data.max_response_tokens=16",
+]
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    """The real composed config, shrunk, with runs and MLflow inside `tmp_path`."""
+    return compose_config([
+        *TINY,
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from rlhf_exp.models import load_tokenizer
+
+    cfg = compose_config(["model=tiny"])
+    return load_tokenizer(cfg.model, cfg.paths.cache_dir)
+
+
+def mlflow_runs(db_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db_path}")
+    experiment = client.get_experiment_by_name("rlhf_exp")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+    return client, runs

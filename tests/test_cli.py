@@ -1,0 +1,62 @@
+"""The real entrypoint, as a user types it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import mlflow_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_help_lists_the_config_groups():
+    out = cli("--help")
+    assert out.returncode == 0, out.stderr
+    for group in ("model:", "data:", "stage:", "hardware:", "tracking:", "experiment:", "sweep:"):
+        assert group in out.stdout, group
+    assert "smollm2_135m" in out.stdout and "tiny" in out.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = cli("model=tiny", "stage.lr=0.001", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "name: tiny" in out.stdout and "lr: 0.001" in out.stdout and "_target_: rlhf_exp.stages.sft.SFTTrainer" in out.stdout
+
+
+def test_sft_tiny_three_steps_leaves_one_finished_run_with_loss_metrics(tmp_path):
+    db = tmp_path / "m.db"
+    out = cli("stage=sft", "model=tiny", "hardware=cpu", "stage.max_steps=3", "data.max_prompt_tokens=64",
+              "stage.eval_examples=8", f"paths.runs_dir={tmp_path / 'runs'}",
+              env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = mlflow_runs(db)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/loss")) == 3
+    assert client.get_metric_history(runs[0].info.run_id, "eval/loss")
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the SQLite file
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "outputs").exists()  # nothing relative to the cwd
+
+
+def test_bad_input_stops_with_the_key_and_exit_code_2(tmp_path):
+    out = cli("model=tiny", "stage.lr=-0.1", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert out.returncode == 2
+    assert "config key `stage.lr`: must be > 0 (got -0.1)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": \n')
+    out = cli("model=tiny", "data=jsonl", f"data.path={bad}", "data.val_size=1", f"paths.runs_dir={tmp_path}/runs",
+              env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert out.returncode == 2
+    assert f"{bad}, line 2: invalid JSON" in out.stderr
+
+    out = cli("model=no_such_model")
+    assert out.returncode != 0 and "no_such_model" in out.stderr

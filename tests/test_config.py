@@ -1,0 +1,94 @@
+"""The Hydra config: every group option composes, keys other tools rely on exist, bad values stop early."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from rlhf_exp.app import resolved
+from rlhf_exp.config import compose_config, config_group_options, validate
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.tracking.mlflow_tracker import artifact_location, tracking_uri
+
+GROUPS = ["model", "data", "stage", "hardware", "tracking", "paths", "experiment", "sweep"]
+
+
+def all_options():
+    for group in GROUPS:
+        for option in config_group_options(group):
+            yield group, option
+
+
+@pytest.mark.parametrize(("group", "option"), list(all_options()))
+def test_every_group_option_composes_resolves_and_validates(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    plain = resolved(cfg)  # every interpolation resolves
+    validate(plain)
+    assert OmegaConf.select(cfg, "stage.trainer._target_").startswith("rlhf_exp.stages.")
+
+
+def test_each_group_has_the_options_the_issue_names():
+    assert {"smollm2_135m", "tiny", "qwen2_5_0_5b", "qwen2_5_1_5b", "mistral_7b", "llama2_7b",
+            "opt_1_3b"} <= set(config_group_options("model"))
+    assert {"tldr", "hh_rlhf", "jsonl", "sharegpt"} <= set(config_group_options("data"))
+    assert "sft" in config_group_options("stage")
+    assert "cpu" in config_group_options("hardware")
+    assert {"mlflow", "none"} <= set(config_group_options("tracking"))
+
+
+def test_defaults_are_the_embedded_model_on_tldr_sft_cpu():
+    cfg = compose_config([])
+    assert (cfg.model.name, cfg.data.name, cfg.stage.name, cfg.hardware.name) == ("smollm2_135m", "tldr", "sft", "cpu")
+    assert cfg.tracking.backend == "mlflow"
+    for key in ("stage.max_steps", "stage.lr", "stage.batch_size", "seed"):
+        assert OmegaConf.select(cfg, key) is not None, key
+
+
+def test_override_keys_other_tools_use():
+    cfg = compose_config(["stage.max_steps=7", "stage.lr=1e-4", "stage.batch_size=16", "seed=3", "model=tiny"])
+    assert (cfg.stage.max_steps, cfg.stage.lr, cfg.stage.batch_size, cfg.seed) == (7, 1e-4, 16, 3)
+
+
+def test_paths_are_absolute():
+    cfg = resolved(compose_config([]))
+    for key in ("root_dir", "runs_dir", "cache_dir"):
+        assert cfg.paths[key].startswith("/"), key
+
+
+def test_unknown_option_and_unknown_key_are_refused_by_name():
+    with pytest.raises(ConfigCompositionException, match="model/no_such_model"):
+        compose_config(["model=no_such_model"])
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="no_such_key"):
+        compose_config(["stage.no_such_key=1"])
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("stage.lr=-1e-5", "stage.lr"),
+    ("stage.lr=0", "stage.lr"),
+    ("stage.batch_size=0", "stage.batch_size"),
+    ("stage.max_steps=-2", "stage.max_steps"),
+    ("stage.optimizer=sgd", "stage.optimizer"),
+    ("hardware.precision=fp8", "hardware.precision"),
+    ("data.val_size=0", "data.val_size"),
+    ("stage.generation.temperature=0", "stage.generation.temperature"),
+    ("hardware.micro_batch_size.sft=3", "hardware.micro_batch_size.sft"),
+])
+def test_bad_values_are_named_before_any_work(override, key):
+    cfg = resolved(compose_config(["model=tiny", override]))
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert info.value.key == key
+    assert f"`{key}`" in str(info.value)
+
+
+def test_mlflow_tracking_uri_from_environment_wins_over_the_default(monkeypatch, tmp_path):
+    cfg = resolved(compose_config([]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = tracking_uri(cfg.tracking, cfg.paths.root_dir)
+    assert default == f"sqlite:///{cfg.paths.root_dir}/mlflow.db"
+    assert artifact_location(cfg.tracking, default) == f"file://{cfg.paths.root_dir}/mlartifacts"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    assert tracking_uri(cfg.tracking, cfg.paths.root_dir) == f"sqlite:///{tmp_path}/m.db"
+    assert artifact_location(cfg.tracking, f"sqlite:///{tmp_path}/m.db") == f"file://{tmp_path}/mlartifacts"

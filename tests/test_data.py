@@ -1,0 +1,156 @@
+"""Vendored data: counts, prompt formats, TL;DR truncation, honest splits, bad files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import pytest
+
+from rlhf_exp.app import resolved
+from rlhf_exp.config import compose_config
+from rlhf_exp.data import load_preference_splits, load_sft_splits
+from rlhf_exp.data.formats import TLDR_TEMPLATE, get_format, split_dialogue, tldr_prompt
+from rlhf_exp.data.splits import split_by_prompt
+from rlhf_exp.errors import ConfigError, DataError
+
+TLDR_PROMPT = re.compile(r"^SUBREDDIT: r/[^\n]+\n\nTITLE: [^\n]*\n\nPOST: .*\n\nTL;DR:$", re.S)
+
+
+def data_cfg(name: str, *overrides: str):
+    return resolved(compose_config(["model=tiny", f"data={name}", *overrides])).data
+
+
+def test_tldr_vendored_sft_counts_and_format(tokenizer):
+    cfg = data_cfg("tldr")
+    examples = get_format(cfg, tokenizer).sft_examples()
+    # 500 posts + 1,945 judged queries, none of them the same post
+    assert len(examples) == 2445
+    for ex in examples:
+        assert TLDR_PROMPT.match(ex.prompt), ex.prompt[:200]
+        assert ex.completion.startswith(" ") and not ex.completion.startswith("  ")
+        assert len(tokenizer(ex.prompt, add_special_tokens=False).input_ids) <= cfg.max_prompt_tokens
+    assert examples[0].prompt.startswith("SUBREDDIT: r/relationships\n\nTITLE: Me [19 F] with my friend")
+
+
+def test_tldr_vendored_preferences_are_the_judged_rows(tokenizer):
+    pairs = get_format(data_cfg("tldr"), tokenizer).preference_examples()
+    assert len(pairs) == 1000  # 640 "ours" + 360 "reference"
+    assert all(TLDR_PROMPT.match(p.prompt) and p.chosen != p.rejected for p in pairs)
+
+
+def test_hh_rlhf_vendored_pairs_split_at_the_last_assistant_turn(tokenizer):
+    pairs = get_format(data_cfg("hh_rlhf"), tokenizer).preference_examples()
+    # 8,552 rows in the four test splits, less those whose replies are identical or whose prompts differ
+    assert 8000 < len(pairs) <= 8552
+    for p in pairs:
+        assert p.prompt.startswith("\n\nHuman:") and p.prompt.endswith("\n\nAssistant:")
+        assert "\n\nAssistant:" not in p.chosen and "\n\nAssistant:" not in p.rejected
+    assert len(get_format(data_cfg("hh_rlhf", "data.subsets=[harmless-base]"), tokenizer).preference_examples()) < 2312 + 1
+
+
+def test_split_dialogue_by_hand():
+    text = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: see you"
+    assert split_dialogue(text) == ("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:", " see you")
+    assert split_dialogue("no turns") is None
+
+
+def test_sharegpt_vendored_uses_the_chat_template(tokenizer):
+    cfg = data_cfg("sharegpt")
+    pairs = get_format(cfg, tokenizer).preference_examples()
+    assert len(pairs) == 300
+    assert all(p.prompt.startswith("<|im_start|>") and p.prompt.endswith("<|im_start|>assistant\n") for p in pairs)
+    sft = get_format(cfg, tokenizer).sft_examples()
+    assert len(sft) == 300 and sft[0].completion == pairs[0].chosen
+
+
+def test_jsonl_vendored_example_and_configurable_fields(tokenizer, tmp_path):
+    assert len(get_format(data_cfg("jsonl"), tokenizer).sft_examples()) == 400
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"q": "Question?", "a": " Answer."}\n\n{"q": "Two?", "a": " Yes."}\n')
+    cfg = data_cfg("jsonl", f"data.path={path}", "data.fields.prompt=q", "data.fields.completion=a")
+    examples = get_format(cfg, tokenizer).sft_examples()
+    assert [(e.prompt, e.completion) for e in examples] == [("Question?", " Answer."), ("Two?", " Yes.")]
+    assert examples[1].origin.endswith("mine.jsonl:3")
+
+
+def test_tldr_post_is_cut_at_newline_boundaries(tokenizer):
+    paragraphs = [f"Paragraph {i} " + " ".join(["word"] * 30) for i in range(12)]
+    post = "\n".join(paragraphs)
+    prompt = tldr_prompt("test", "A title", post, tokenizer, max_tokens=150)
+    assert len(tokenizer(prompt, add_special_tokens=False).input_ids) <= 150
+    kept = prompt[prompt.index("POST: ") + 6: prompt.index("\n\nTL;DR:")]
+    assert post.startswith(kept) and post[len(kept)] == "\n"  # cut exactly before a newline
+    assert kept.count("\n") >= 1
+
+
+def test_tldr_post_without_newlines_is_cut_by_tokens(tokenizer):
+    prompt = tldr_prompt("test", "A title", "word " * 500, tokenizer, max_tokens=100)
+    assert 90 <= len(tokenizer(prompt, add_special_tokens=False).input_ids) <= 100
+    assert prompt.endswith("\n\nTL;DR:")
+    assert tldr_prompt("s", "t", "short", tokenizer, 100) == TLDR_TEMPLATE.format(subreddit="s", title="t", post="short")
+
+
+@pytest.mark.parametrize("name", ["tldr", "hh_rlhf"])
+def test_train_and_validation_are_disjoint_by_prompt_and_fixed_by_seed(tokenizer, name):
+    cfg = data_cfg(name)
+    loader = load_sft_splits
+    train, val = loader(cfg, tokenizer, seed=1)
+    assert len(val) >= cfg.val_size
+    assert not {e.prompt for e in train} & {e.prompt for e in val}
+    again_train, again_val = loader(cfg, tokenizer, seed=1)
+    assert (again_train, again_val) == (train, val)
+    _, other_val = loader(cfg, tokenizer, seed=2)
+    assert {e.prompt for e in other_val} != {e.prompt for e in val}
+
+
+def test_preference_splits_are_disjoint(tokenizer):
+    train, val = load_preference_splits(data_cfg("hh_rlhf"), tokenizer, seed=0)
+    assert len(val) >= 1000 and not {p.prompt for p in train} & {p.prompt for p in val}
+
+
+def test_split_keeps_every_row_of_a_prompt_together():
+    from rlhf_exp.data.formats import SFTExample
+
+    rows = [SFTExample(f"p{i % 5}", str(i)) for i in range(20)]  # 4 rows per prompt
+    train, val = split_by_prompt(rows, val_size=3, seed=0)
+    assert len(val) == 4 and len(train) == 16
+    assert len({r.prompt for r in val}) == 1
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_missing_data_file_is_named(tokenizer, tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match=re.escape(f"{missing}: file not found")):
+        get_format(data_cfg("jsonl", f"data.path={missing}"), tokenizer).sft_examples()
+
+
+def test_malformed_json_line_is_named_by_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": }\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: invalid JSON") as info:
+        get_format(data_cfg("jsonl", f"data.path={path}"), tokenizer).sft_examples()
+    assert info.value.line == 2
+
+
+def test_missing_field_names_the_field_line_and_config_key(tokenizer, tmp_path):
+    path = tmp_path / "fields.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "answer": "b"}\n')
+    with pytest.raises(DataError, match=r"line 2: missing field 'completion' \(the field name is set by `data.fields.completion`\)"):
+        get_format(data_cfg("jsonl", f"data.path={path}"), tokenizer).sft_examples()
+
+
+def test_gzipped_hh_file_with_broken_dialogue(tokenizer, tmp_path):
+    path = tmp_path / "hh.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "no turns here"}) + "\n")
+    with pytest.raises(DataError, match=r"hh\.jsonl\.gz, line 1: dialogue has no"):
+        get_format(data_cfg("hh_rlhf", "data.source=file", f"+data.path={path}"), tokenizer).preference_examples()
+
+
+def test_val_size_too_large_is_a_config_error(tokenizer):
+    with pytest.raises(ConfigError, match="data.val_size"):
+        load_sft_splits(data_cfg("jsonl", "data.val_size=400"), tokenizer, seed=0)

@@ -1,0 +1,121 @@
+"""SFT end to end on the tiny model: it learns, it is tracked, it checkpoints, it resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import mlflow_runs, tiny_config
+from rlhf_exp.app import resolved, run
+from rlhf_exp.data.collate import collate_sft, tokenize_sft
+from rlhf_exp.data.formats import SFTExample
+from rlhf_exp.losses import sft_loss
+from rlhf_exp.models import load_causal_lm
+from rlhf_exp.ops.logprobs import next_token_logprobs
+
+
+def test_tiny_model_overfits_one_batch(tmp_path, tokenizer):
+    cfg = resolved(tiny_config(tmp_path))
+    torch.manual_seed(0)
+    model = load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
+    examples = [SFTExample("SUBREDDIT: r/test\n\nTITLE: Hi\n\nPOST: My cat sat.\n\nTL;DR:", " cat sat"),
+                SFTExample("SUBREDDIT: r/test\n\nTITLE: Yo\n\nPOST: It rained all day.\n\nTL;DR:", " rain all day")]
+    batch = collate_sft([tokenize_sft(e, tokenizer, 64, 16) for e in examples], tokenizer.pad_token_id)
+    mask = batch["response_mask"][:, 1:].float()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        logps = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        loss = sft_loss(logps, mask, mask.sum())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] > 9.0  # ~log(49152) for a random model
+    assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_run_logs_params_metrics_artifacts_and_a_loadable_checkpoint(tmp_path):
+    metrics = run(tiny_config(tmp_path, "stage.eval_every=2", "stage.lr=1e-3"))
+    assert set(metrics) >= {"train/loss", "eval/loss", "eval/perplexity"}
+
+    client, runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    params = r.data.params
+    assert params["stage.lr"] == "0.001" and params["stage.max_steps"] == "3" and params["model.name"] == "tiny"
+    assert params["seed"] == "42" and params["hardware.name"] == "cpu"
+    for tag in ("stage", "model", "hardware", "data", "git_commit", "rlhf_exp_version", "checkpoint_dir"):
+        assert r.data.tags.get(tag), tag
+    assert r.data.tags["stage"] == "sft"
+
+    train_loss = client.get_metric_history(r.info.run_id, "train/loss")
+    assert [m.step for m in train_loss] == [1, 2, 3]
+    eval_loss = client.get_metric_history(r.info.run_id, "eval/loss")
+    assert [m.step for m in eval_loss] == [0, 2, 3]
+    assert eval_loss[-1].value < eval_loss[0].value  # lr 1e-3 on a random model: the loss must fall
+    for name in ("train/lr", "train/grad_norm", "train/tokens_per_s", "eval/perplexity"):
+        assert client.get_metric_history(r.info.run_id, name), name
+
+    artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "config")}
+    artifacts |= {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+    artifacts |= {a.path for a in client.list_artifacts(r.info.run_id, "samples")}
+    assert {"config/config.yaml", "plots/training_curves.png", "samples/step_000000.json",
+            "samples/step_000003.json"} <= artifacts
+    local = Path(client.download_artifacts(r.info.run_id, "samples/step_000003.json", str(tmp_path / "dl")))
+    table = local.read_text()
+    assert '"generation"' in table and '"reference"' in table
+
+    checkpoint = Path(r.data.tags["checkpoint_dir"])
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_failed_run_is_marked_failed_and_the_next_run_in_the_process_starts(tmp_path):
+    with pytest.raises(Exception, match="file not found"):
+        run(tiny_config(tmp_path, "data=jsonl", f"data.path={tmp_path / 'missing.jsonl'}"))
+    run(tiny_config(tmp_path, "stage.max_steps=1"))
+    _, runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+
+
+def _train_losses(tmp_path, name, *overrides):
+    run(tiny_config(tmp_path / name, "stage.lr=1e-3", "stage.max_steps=4", "stage.num_samples=0", *overrides))
+    client, runs = mlflow_runs(tmp_path / name / "mlflow.db")
+    history = client.get_metric_history(runs[-1].info.run_id, "train/loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)], runs[-1]
+
+
+def test_same_seed_same_losses_and_resume_continues_where_it_stopped(tmp_path):
+    full, full_run = _train_losses(tmp_path, "full", "stage.save_every=2")
+    again, _ = _train_losses(tmp_path, "again")
+    assert full == again  # seed-deterministic
+
+    checkpoint = Path(full_run.data.tags["run_dir"]) / "checkpoints" / "step_000002"
+    assert (checkpoint / "trainer_state.pt").is_file()
+    resumed, _ = _train_losses(tmp_path, "resumed", f"stage.resume_from={checkpoint}")
+    assert resumed == pytest.approx(full[2:], rel=1e-5)
+
+
+def test_masked_logprobs_equal_full_logprobs_and_right_padding_needs_no_mask(tmp_path, tokenizer):
+    from rlhf_exp.ops.logprobs import masked_next_token_logprobs
+
+    cfg = resolved(tiny_config(tmp_path))
+    torch.manual_seed(0)
+    model = load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer).eval()
+    items = [tokenize_sft(SFTExample("a b c d e f", " g h"), tokenizer, 64, 16),
+             tokenize_sft(SFTExample("a", " b"), tokenizer, 64, 16)]
+    batch = collate_sft(items, tokenizer.pad_token_id)
+    mask = batch["response_mask"][:, 1:].float()
+    with torch.no_grad():
+        full = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"]) * mask
+        masked = masked_next_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        unmasked = masked_next_token_logprobs(model, batch["input_ids"], None, batch["response_mask"])
+    assert torch.allclose(full, masked, atol=1e-6)
+    assert torch.allclose(full, unmasked, atol=1e-6)
+    assert (masked != 0).sum() == mask.sum()
