@@ -7,9 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import mlflow_runs
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _runs_outside_the_project(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_EXP_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("RLHF_EXP_MULTIRUNS_DIR", str(tmp_path / "multiruns"))
 
 
 def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -32,10 +40,10 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_sft_tiny_three_steps_leaves_one_finished_run_with_loss_metrics(tmp_path):
+    """The issue's command, verbatim (run folders sent to tmp_path by environment)."""
     db = tmp_path / "m.db"
-    out = cli("stage=sft", "model=tiny", "hardware=cpu", "stage.max_steps=3", "data.max_prompt_tokens=64",
-              "stage.eval_examples=8", f"paths.runs_dir={tmp_path / 'runs'}",
-              env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}, cwd=tmp_path)
+    out = cli("stage=sft", "model=tiny", "hardware=cpu", "stage.max_steps=3",
+              env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs")}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = mlflow_runs(db)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -43,6 +51,18 @@ def test_sft_tiny_three_steps_leaves_one_finished_run_with_loss_metrics(tmp_path
     assert client.get_metric_history(runs[0].info.run_id, "eval/loss")
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the SQLite file
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "outputs").exists()  # nothing relative to the cwd
+    assert Path(runs[0].data.tags["run_dir"]).is_relative_to(tmp_path / "runs")
+
+
+def test_multirun_jobs_share_a_process_and_each_closes_its_run(tmp_path):
+    db = tmp_path / "m.db"
+    out = cli("-m", "experiment=quick", "stage.max_steps=1", "stage.num_samples=0", "stage.lr=1e-3,1e-4",
+              env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RLHF_EXP_MULTIRUNS_DIR": str(tmp_path / "multi")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, runs = mlflow_runs(db)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert sorted(r.data.params["stage.lr"] for r in runs) == ["0.0001", "0.001"]
+    assert len({r.data.tags["run_dir"] for r in runs}) == 2
 
 
 def test_bad_input_stops_with_the_key_and_exit_code_2(tmp_path):
