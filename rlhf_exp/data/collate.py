@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from rlhf_exp.data.formats import SFTExample
+from rlhf_exp.data.formats import PreferenceExample, SFTExample
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ def collate_sft(batch: Sequence[TokenizedSFT], pad_token_id: int) -> dict[str, t
       input_ids      [B, T]  prompt, response, then pad
       attention_mask [B, T]  1 on real tokens
       response_mask  [B, T]  1 on response tokens (the ones the SFT loss is on)
+      lengths        [B]     real tokens per row (the last one, at lengths - 1, is the EOS)
     """
     lengths = [len(x.prompt_ids) + len(x.response_ids) for x in batch]
     width = max(lengths)
@@ -46,7 +47,37 @@ def collate_sft(batch: Sequence[TokenizedSFT], pad_token_id: int) -> dict[str, t
         input_ids[row, :n] = torch.tensor(item.prompt_ids + item.response_ids)
         attention_mask[row, :n] = 1
         response_mask[row, p:n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "lengths": torch.tensor(lengths, dtype=torch.long)}
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    @property
+    def chosen(self) -> TokenizedSFT:
+        return TokenizedSFT(self.prompt_ids, self.chosen_ids)
+
+    @property
+    def rejected(self) -> TokenizedSFT:
+        return TokenizedSFT(self.prompt_ids, self.rejected_ids)
+
+
+def tokenize_pair(example: PreferenceExample, tokenizer, max_prompt_tokens: int,
+                  max_response_tokens: int) -> TokenizedPair:
+    """Prompt, chosen + EOS and rejected + EOS, capped as in `tokenize_sft`."""
+    chosen = tokenize_sft(SFTExample(example.prompt, example.chosen), tokenizer, max_prompt_tokens, max_response_tokens)
+    rejected = tokenize_sft(SFTExample(example.prompt, example.rejected), tokenizer, max_prompt_tokens,
+                            max_response_tokens)
+    return TokenizedPair(chosen.prompt_ids, chosen.response_ids, rejected.response_ids)
+
+
+def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """All chosen rows, then all rejected rows, in one right-padded batch of 2B (one forward pass)."""
+    return collate_sft([p.chosen for p in batch] + [p.rejected for p in batch], pad_token_id)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

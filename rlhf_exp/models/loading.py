@@ -93,10 +93,33 @@ def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedT
     else:
         model = _from_pretrained(AutoModelForCausalLM, _folder_for(
             OmegaConf.to_container(model_cfg, resolve=True), cache_dir, "model"), "model", **common)
+    if model_cfg.get("num_layers"):
+        keep_first_layers(model, int(model_cfg.num_layers))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.train()
     return model
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    base = model.base_model
+    for holder in (base, getattr(base, "decoder", None)):  # Llama / Qwen / Mistral; OPT
+        layers = getattr(holder, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return holder
+    raise ConfigError("model.num_layers", f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def keep_first_layers(model, num_layers: int) -> None:
+    """Drop all but the first `num_layers` decoder layers (the config follows, so saving works)."""
+    holder = _decoder_layers(model)
+    total = len(holder.layers)
+    if not 0 < num_layers <= total:
+        raise ConfigError("model.num_layers", f"must be in 1..{total} for this model (got {num_layers})")
+    holder.layers = holder.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:num_layers]
 
 
 def _random_init(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):

@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.optim import build_optimizer, build_scheduler
+from rlhf_exp.rollout import generate
 from rlhf_exp.runtime import make_runtime, rng_state, seed_everything, set_rng_state
 from rlhf_exp.tracking import Tracker
 from rlhf_exp.tracking.plots import close, curves_figure
@@ -121,6 +123,31 @@ class Trainer:
         sizes = self.cfg.hardware.get("micro_batch_size") or {}
         return int(sizes.get(use or self.stage.name) or self.stage.batch_size)
 
+    def prepare_data(self, kind: str) -> None:
+        """Tokenizer, then the (train, held-out) split of `kind` ("sft" or "preference"), tokenized.
+
+        Sets self.tokenizer, self.train_set, self.val_set (held-out, cut to stage.eval_examples),
+        self.val_examples (their texts) and self.batches.
+        """
+        from rlhf_exp.data import load_preference_splits, load_sft_splits
+        from rlhf_exp.data.collate import tokenize_pair, tokenize_sft
+        from rlhf_exp.models import load_tokenizer
+
+        data = self.cfg.data
+        self.tokenizer = load_tokenizer(self.model_cfg, self.cfg.paths.cache_dir)
+        load, tokenize = {"sft": (load_sft_splits, tokenize_sft),
+                          "preference": (load_preference_splits, tokenize_pair)}[kind]
+        train, val = load(data, self.tokenizer, self.cfg.seed)
+        if self.stage.get("eval_examples"):
+            val = val[: self.stage.eval_examples]
+        tok = partial(tokenize, tokenizer=self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
+                      max_response_tokens=data.max_response_tokens)
+        self.train_set = [tok(ex) for ex in tqdm(train, desc="tokenize", leave=False)]
+        self.val_set = [tok(ex) for ex in val]
+        self.val_examples = val
+        self.batches = BatchStream(len(self.train_set), self.cfg.seed)
+        self.tracker.set_tags({"data.num_train": len(self.train_set), "data.num_eval": len(self.val_set)})
+
     def setup(self) -> None:
         seed_everything(self.cfg.seed)
         self.setup_data_and_model()
@@ -153,10 +180,24 @@ class Trainer:
                     self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
         if evaluated_at != self.step:
             self.log(self.evaluate())
+        self.on_train_end()
         final = self.save_checkpoint(self.run_dir / "checkpoints" / "final")
         self.tracker.set_tags({"checkpoint_dir": str(final)})
         self.log_curves()
         return dict(self.last_metrics)
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step, advance the schedule, zero the gradients; every stage's update ends here."""
+        lr = self.scheduler.get_last_lr()[0]
+        max_norm = self.stage.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"train/grad_norm": float(grad_norm), "train/lr": lr}
+
+    def on_train_end(self) -> None:
+        """Last changes to the model before the final checkpoint (the RM stores its reward mean)."""
 
     def log(self, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
@@ -173,6 +214,26 @@ class Trainer:
         finally:
             close(fig)
 
+    def log_samples(self, model, examples: Sequence, prompt_ids: Sequence[Sequence[int]]) -> None:
+        """Generate for the first stage.num_samples held-out prompts; log prompt, reference, sample."""
+        n = self.stage.get("num_samples") or 0
+        if not n:
+            return
+        gen = self.stage.generation
+        # Sampling must not move the training RNG, or evaluating would change training.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + self.step)
+            responses = generate(model, self.tokenizer, prompt_ids[:n], max_new_tokens=gen.max_new_tokens,
+                                 temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+                                 autocast=self.runtime.autocast())
+        eos = self.tokenizer.eos_token_id
+        rows = [{"step": self.step, "prompt": ex.prompt[-600:],
+                 "reference": getattr(ex, "completion", None) or getattr(ex, "chosen", ""),
+                 "generation": self.tokenizer.decode(r, skip_special_tokens=True),
+                 "ends_with_eos": bool(r) and r[-1] == eos, "length": len(r)}
+                for ex, r in zip(examples, responses)]
+        self.tracker.log_table(rows, f"samples/step_{self.step:06d}.json")
+
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -183,7 +244,15 @@ class Trainer:
             "rng": rng_state(),
             "history": dict(self.history),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "extra": self.extra_state(),
         }
+
+    def extra_state(self) -> dict[str, Any]:
+        """Stage-specific state a resumed run needs (DPO: the reference log-probs)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
 
     def save_checkpoint(self, folder: Path) -> Path:
         """Model (safetensors) + tokenizer + trainer_state.pt, written beside and renamed into place."""
@@ -211,6 +280,7 @@ class Trainer:
         self.history = defaultdict(list, state["history"])
         self.step = state["step"]
         set_rng_state(state["rng"])
+        self.load_extra_state(state.get("extra", {}))
         log.info("resumed from %s at step %d", folder, self.step)
 
     def close(self) -> None:

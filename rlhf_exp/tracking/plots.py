@@ -26,3 +26,25 @@ def curves_figure(history: dict[str, list[tuple[int, float]]], names: list[str],
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def reliability_figure(table: list[dict], title: str):
+    """Reliability diagram: accuracy against confidence per bin; the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    ax.plot([0.5, 1.0], [0.5, 1.0], linestyle="--", color="grey", label="perfectly calibrated")
+    if table:
+        centres = [(b["lo"] + b["hi"]) / 2 for b in table]
+        ax.bar(centres, [b["accuracy"] for b in table], width=[b["hi"] - b["lo"] for b in table],
+               alpha=0.6, edgecolor="black", label="accuracy")
+        ax.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], marker="o", color="C3",
+                label="mean confidence")
+        for c, b in zip(centres, table):
+            ax.annotate(str(b["count"]), (c, b["accuracy"]), ha="center", va="bottom", fontsize=7)
+    ax.set_xlim(0.5, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("confidence: max(p, 1 - p), p = sigmoid(r_chosen - r_rejected)")
+    ax.set_ylabel("accuracy (labelled chosen wins)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig

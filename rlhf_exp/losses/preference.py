@@ -1,0 +1,53 @@
+"""Preference losses: the reward model's Bradley-Terry loss and DPO with its variants.
+
+All take per-sequence quantities of shape [B] and return per-pair losses [B] (the caller
+averages), so they compose with any batching or accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected - margin), per pair.
+
+    Bradley & Terry 1952 as used for reward models by Ziegler et al. 2019 and Ouyang et al.
+    2022 (InstructGPT, eq. 1); the optional margin follows Llama 2 (Touvron et al. 2023, eq. 2).
+    chosen_rewards, rejected_rewards [B]; margin scalar or [B] -> [B].
+    """
+    return -F.logsigmoid(chosen_rewards - rejected_rewards - margin)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor, *,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference optimization losses, per pair.
+
+    Inputs [B]: log-probs of the chosen / rejected responses, summed over response tokens,
+    under the policy and the frozen reference. With h = (pi_c - ref_c) - (pi_r - ref_r):
+      sigmoid  -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)
+               (Rafailov et al. 2023, eq. 7; ls > 0 is conservative DPO, Mitchell 2023)
+      ipo      (h - 1 / (2 beta))^2            (Azar et al. 2023, eq. 17; summed log-probs)
+      hinge    max(0, 1 - beta h)              (SLiC, Zhao et al. 2023)
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); the implicit rewards
+    beta * (pi - ref) are detached, for logging.
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use one of {DPO_LOSS_TYPES}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

@@ -1,0 +1,102 @@
+"""Scalar reward model: a causal-LM backbone and a `Linear(hidden, 1)` head read at the last
+real token (the EOS). Used by the RM stage, and loaded by GRPO, PPO and evaluation through
+`load_reward_model`.
+
+Why not `AutoModelForSequenceClassification`: it finds the last token as the last one that
+is not the pad token, and with SmolLM2 or Qwen (pad == EOS) that reads the score one token
+before the EOS. Here the position comes from the sequence lengths.
+
+Normalization (Stiennon et al. 2020; Huang et al. 2024): after training, the mean score of the
+SFT reference responses is stored in `reward_mean` and subtracted in `forward`, so a saved
+model scores references at ~0 wherever it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+HEAD_FILE = "reward_head.safetensors"
+META_FILE = "reward_model.json"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float32))
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def last_hidden(self, input_ids: torch.Tensor, lengths: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden state at each row's last real token: [B, T] ids, [B] lengths -> [B, H].
+
+        Rows are right-padded, so with causal attention no real token sees a pad and
+        `attention_mask` may be left out.
+        """
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return hidden[rows, lengths.to(input_ids.device) - 1]
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized scores [B] (fp32)."""
+        hidden = self.last_hidden(input_ids, lengths, attention_mask)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float() - self.reward_mean
+
+    def save_pretrained(self, folder: str | Path, **kwargs) -> None:
+        folder = Path(folder)
+        self.backbone.save_pretrained(folder, safe_serialization=True)
+        save_file({"weight": self.head.weight.detach().contiguous().cpu(),
+                   "bias": self.head.bias.detach().contiguous().cpu(),
+                   "reward_mean": self.reward_mean.detach().reshape(1).cpu()}, str(folder / HEAD_FILE))
+        (folder / META_FILE).write_text(json.dumps({
+            "kind": "rlhf_exp.reward_model", "hidden_size": self.head.in_features,
+            "reward_mean": float(self.reward_mean), "score_position": "last real token (EOS)"}, indent=2) + "\n")
+
+
+def reward_model_from_causal_lm(causal_lm) -> RewardModel:
+    """A fresh head on the causal LM's backbone (its pretrained weights; the LM head is dropped)."""
+    backbone = causal_lm.base_model
+    model = RewardModel(backbone, backbone.config.hidden_size)
+    return model.to(next(backbone.parameters()).device)
+
+
+def is_reward_model_folder(folder: str | Path) -> bool:
+    return (Path(folder) / HEAD_FILE).is_file()
+
+
+def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(RewardModel in eval mode, its tokenizer) from a folder saved by the RM stage."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from rlhf_exp.errors import ConfigError
+
+    folder = Path(folder)
+    if not is_reward_model_folder(folder):
+        raise ConfigError("reward model path", f"{folder} is not a reward model saved by stage=rm (no {HEAD_FILE})")
+    backbone = AutoModel.from_pretrained(folder, dtype=dtype)
+    model = RewardModel(backbone, backbone.config.hidden_size)
+    head = load_file(str(folder / HEAD_FILE))
+    with torch.no_grad():
+        model.head.weight.copy_(head["weight"])
+        model.head.bias.copy_(head["bias"])
+        model.reward_mean.copy_(head["reward_mean"].reshape(()))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,136 @@
+"""Direct preference optimization (DPO; Rafailov et al. 2023) with cDPO label smoothing, IPO
+and hinge variants (`stage.loss_type`), from an SFT checkpoint (`model.init_from`) or the base model.
+
+Reference log-probs: by default computed once before training (`stage.precompute_ref_logps`)
+by the starting policy itself, for exactly the pairs the deterministic batch stream will
+visit and for the held-out pairs, so no reference model stays in memory or runs per step.
+`stage.precompute_ref_logps=false` keeps a frozen copy and scores each batch on the fly.
+Log-probs are summed over response tokens only; chosen and rejected share one forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_exp.data.collate import collate_pairs
+from rlhf_exp.losses import dpo_loss
+from rlhf_exp.metrics import wilson_interval
+from rlhf_exp.models import load_causal_lm
+from rlhf_exp.ops.logprobs import masked_next_token_logprobs
+from rlhf_exp.stages.base import BatchStream, Trainer, chunks
+from rlhf_exp.stages.rm import pair_length
+
+
+class DPOTrainer(Trainer):
+    curve_metrics = ("train/loss", "eval/loss", "eval/accuracy", "eval/margin")
+
+    def setup_data_and_model(self) -> None:
+        cfg = self.cfg
+        self.prepare_data("preference")
+        self.model = load_causal_lm(self.model_cfg, cfg.paths.cache_dir, self.tokenizer).to(self.device)
+        self.reference = None
+        self.ref_train: dict[int, tuple[float, float]] = {}
+        self.ref_val: torch.Tensor | None = None
+        resuming = bool(self.stage.get("resume_from"))
+        if self.stage.precompute_ref_logps and not resuming:
+            self._precompute_reference(self.model)  # the starting policy is the reference
+        elif not self.stage.precompute_ref_logps:
+            start = self.model if not resuming else load_causal_lm(cfg.model, cfg.paths.cache_dir, self.tokenizer)
+            self.reference = copy.deepcopy(start).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ log-probs
+    def pair_logps(self, model, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(chosen [B], rejected [B]) summed response log-probs, and response lengths [2B]."""
+        batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
+        with self.runtime.autocast():
+            # right padding: no real token sees a pad, so no attention mask is needed
+            logps = masked_next_token_logprobs(model, batch["input_ids"].to(self.device), None,
+                                               batch["response_mask"].to(self.device))
+        sums = logps.sum(-1)
+        return sums[: len(pairs)], sums[len(pairs):], batch["response_mask"].sum(-1)
+
+    @torch.no_grad()
+    def _score(self, model, pairs, desc: str) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        out = []
+        for chunk in tqdm(list(chunks(pairs, self.micro_batch_size("eval"))), desc=desc, leave=False):
+            chosen, rejected, _ = self.pair_logps(model, chunk)
+            out.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
+        model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, 2)
+
+    def _precompute_reference(self, model) -> None:
+        """Reference log-probs of the pairs training will visit (the stream is deterministic)."""
+        planned = BatchStream(len(self.train_set), self.cfg.seed)
+        visit = sorted(set(planned.take(self.stage.max_steps * self.stage.batch_size)))
+        scores = self._score(model, [self.train_set[i] for i in visit], "reference log-probs (train)")
+        self.ref_train = {i: (float(c), float(r)) for i, (c, r) in zip(visit, scores)}
+        self.ref_val = self._score(model, self.val_set, "reference log-probs (held-out)")
+
+    def reference_logps(self, indices: list[int], pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference is not None:
+            with torch.no_grad():
+                chosen, rejected, _ = self.pair_logps(self.reference, pairs)
+            return chosen.float(), rejected.float()
+        ref = torch.tensor([self.ref_train[i] for i in indices], device=self.device)
+        return ref[:, 0], ref[:, 1]
+
+    def extra_state(self) -> dict:
+        return {"ref_train": self.ref_train, "ref_val": self.ref_val}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.stage.precompute_ref_logps:
+            self.ref_train, self.ref_val = state["ref_train"], state["ref_val"]
+
+    # ------------------------------------------------------------------ training
+    def _losses(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.stage.beta,
+                        loss_type=self.stage.loss_type, label_smoothing=self.stage.label_smoothing)
+
+    def train_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        indices = self.batches.take(self.stage.batch_size)
+        order = sorted(range(len(indices)), key=lambda k: pair_length(self.train_set[indices[k]]))
+        indices = [indices[k] for k in order]
+        total = len(indices)
+        sums = dict(loss=0.0, right=0, chosen_reward=0.0, rejected_reward=0.0, chosen_logp=0.0, rejected_logp=0.0)
+        for chunk in chunks(indices, self.micro_batch_size()):
+            pairs = [self.train_set[i] for i in chunk]
+            chosen, rejected, _ = self.pair_logps(self.model, pairs)
+            ref_chosen, ref_rejected = self.reference_logps(chunk, pairs)
+            losses, chosen_rewards, rejected_rewards = self._losses(chosen, rejected, ref_chosen, ref_rejected)
+            (losses.sum() / total).backward()
+            sums["loss"] += float(losses.detach().sum())
+            sums["right"] += int((chosen_rewards > rejected_rewards).sum())
+            sums["chosen_reward"] += float(chosen_rewards.sum())
+            sums["rejected_reward"] += float(rejected_rewards.sum())
+            sums["chosen_logp"] += float(chosen.detach().sum())
+            sums["rejected_logp"] += float(rejected.detach().sum())
+        update = self.optimizer_step()
+        return {"train/loss": sums["loss"] / total, "train/accuracy": sums["right"] / total,
+                "train/rewards_chosen": sums["chosen_reward"] / total,
+                "train/rewards_rejected": sums["rejected_reward"] / total,
+                "train/margin": (sums["chosen_reward"] - sums["rejected_reward"]) / total,
+                "train/logps_chosen": sums["chosen_logp"] / total, "train/logps_rejected": sums["rejected_logp"] / total,
+                **update, "train/step_seconds": time.perf_counter() - start}
+
+    def evaluate(self) -> dict[str, float]:
+        policy = self._score(self.model, self.val_set, "held-out log-probs")
+        ref = self.ref_val if self.reference is None else self._score(self.reference, self.val_set, "reference")
+        losses, chosen_rewards, rejected_rewards = self._losses(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1])
+        n, right = len(losses), int((chosen_rewards > rejected_rewards).sum())
+        low, high = wilson_interval(right, n)
+        lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in self.val_set], dtype=torch.float32)
+        self.log_samples(self.model, self.val_examples, [p.prompt_ids for p in self.val_set])
+        return {"eval/loss": float(losses.mean()), "eval/accuracy": right / n, "eval/accuracy_ci_low": low,
+                "eval/accuracy_ci_high": high, "eval/rewards_chosen": float(chosen_rewards.mean()),
+                "eval/rewards_rejected": float(rejected_rewards.mean()),
+                "eval/margin": float((chosen_rewards - rejected_rewards).mean()),
+                "eval/logps_chosen": float(policy[:, 0].mean()), "eval/logps_rejected": float(policy[:, 1].mean()),
+                # how far the policy moved from the reference on held-out responses, per token
+                "eval/abs_logratio_per_token": float(((policy - ref).abs() / lengths).mean())}

@@ -1,0 +1,123 @@
+"""Reward model (RM): a scalar head on a causal-LM backbone, trained with the Bradley-Terry loss.
+
+Follows Stiennon et al. 2020 and Huang et al. 2024 ("The N+ implementation details"): head
+`Linear(H, 1)` with N(0, 1/sqrt(H+1)) init and zero bias, score read at the EOS, loss
+-log sigmoid(r_chosen - r_rejected) (optional margin, Llama 2), and after training the
+mean score of the SFT reference responses is stored in the model and subtracted in forward.
+Evaluation: held-out accuracy with a 95% Wilson interval, loss, score means, margin, and
+calibration (ECE and a reliability plot); the step-0 (untrained head) figures are logged too.
+Deviation: chosen and rejected share one forward pass (concatenated batch).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf_exp.data import load_sft_splits
+from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_sft
+from rlhf_exp.losses import bradley_terry_loss
+from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
+from rlhf_exp.models import load_causal_lm
+from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
+from rlhf_exp.stages.base import Trainer, chunks
+from rlhf_exp.tracking.plots import close, reliability_figure
+
+
+def pair_length(pair) -> int:
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
+class RewardModelTrainer(Trainer):
+    curve_metrics = ("train/loss", "eval/loss", "eval/accuracy")
+
+    def setup_data_and_model(self) -> None:
+        cfg = self.cfg
+        self.prepare_data("preference")
+        # The SFT references whose mean score becomes the model's zero (normalization).
+        sft_train, _ = load_sft_splits(cfg.data, self.tokenizer, cfg.seed)
+        self.reference_set = [tokenize_sft(ex, self.tokenizer, cfg.data.max_prompt_tokens,
+                                           cfg.data.max_response_tokens)
+                              for ex in sft_train[: self.stage.norm_examples]]
+        if self.stage.get("resume_from"):
+            self.model = load_reward_model(self.stage.resume_from, device=self.device)[0].train()
+        else:
+            causal_lm = load_causal_lm(self.cfg.model, cfg.paths.cache_dir, self.tokenizer)
+            self.model = reward_model_from_causal_lm(causal_lm).to(self.device).train()
+        self.tracker.set_tags({"rm.num_layers": self.model.config.num_hidden_layers})
+
+    def pair_scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen scores [B], rejected scores [B]) from one forward over both."""
+        batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
+        with self.runtime.autocast():
+            scores = self.model(batch["input_ids"].to(self.device), batch["lengths"])
+        return scores[: len(pairs)], scores[len(pairs):]
+
+    def train_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        pairs = sorted((self.train_set[i] for i in self.batches.take(self.stage.batch_size)), key=pair_length)
+        total = len(pairs)
+        loss_sum, right, margins, chosen_sum, rejected_sum = 0.0, 0, 0.0, 0.0, 0.0
+        for chunk in chunks(pairs, self.micro_batch_size()):
+            chosen, rejected = self.pair_scores(chunk)
+            loss = bradley_terry_loss(chosen, rejected, self.stage.margin).sum() / total
+            loss.backward()
+            loss_sum += loss.item()
+            chosen, rejected = chosen.detach(), rejected.detach()
+            right += int((chosen > rejected).sum())
+            margins += float((chosen - rejected).sum())
+            chosen_sum += float(chosen.sum())
+            rejected_sum += float(rejected.sum())
+        update = self.optimizer_step()
+        return {"train/loss": loss_sum, "train/accuracy": right / total, "train/margin": margins / total,
+                "train/chosen_score": chosen_sum / total, "train/rejected_score": rejected_sum / total, **update,
+                "train/step_seconds": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        chosen, rejected = [], []
+        for chunk in chunks(pairs, self.micro_batch_size("eval")):
+            c, r = self.pair_scores(chunk)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        self.model.train()
+        return torch.cat(chosen), torch.cat(rejected)
+
+    def evaluate(self) -> dict[str, float]:
+        chosen, rejected = self.scores(self.val_set)
+        n, right = len(chosen), int((chosen > rejected).sum())
+        low, high = wilson_interval(right, n)
+        prob_chosen = torch.sigmoid(chosen - rejected).tolist()
+        table = calibration_bins(prob_chosen, self.stage.calibration_bins)
+        fig = reliability_figure(table, f"RM calibration, step {self.step} ({n} held-out pairs)")
+        try:
+            self.tracker.log_figure(fig, f"plots/reliability_step_{self.step:06d}.png")
+        finally:
+            close(fig)
+        return {"eval/loss": float(bradley_terry_loss(chosen, rejected, self.stage.margin).mean()),
+                "eval/accuracy": right / n, "eval/accuracy_ci_low": low, "eval/accuracy_ci_high": high,
+                "eval/chosen_score": float(chosen.mean()), "eval/rejected_score": float(rejected.mean()),
+                "eval/margin": float((chosen - rejected).mean()), "eval/ece": expected_calibration_error(table)}
+
+    @torch.no_grad()
+    def reference_scores(self) -> torch.Tensor:
+        self.model.eval()
+        out = []
+        for chunk in chunks(self.reference_set, self.micro_batch_size("eval")):
+            batch = collate_sft(chunk, self.tokenizer.pad_token_id)
+            with self.runtime.autocast():
+                out.append(self.model(batch["input_ids"].to(self.device), batch["lengths"]).cpu())
+        self.model.train()
+        return torch.cat(out)
+
+    def on_train_end(self) -> None:
+        """Normalize: the SFT references' mean score becomes 0 in the saved model."""
+        if not self.reference_set:
+            return
+        offset = float(self.reference_scores().mean())
+        self.model.reward_mean += offset
+        after = float(self.reference_scores().mean())
+        self.log({"rm/reward_mean": float(self.model.reward_mean), "rm/reference_score_after_norm": after})
+        self.tracker.set_tags({"rm.reward_mean": f"{float(self.model.reward_mean):.6g}"})

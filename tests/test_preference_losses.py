@@ -1,0 +1,91 @@
+"""Bradley-Terry and DPO losses against values derived by hand (as torchtune's loss tests do)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_exp.losses import bradley_terry_loss, dpo_loss
+from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
+
+
+def softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x)
+    return math.log1p(math.exp(x))
+
+
+def test_bradley_terry_by_hand():
+    losses = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    # -log sigmoid(1) = log(1 + e^-1); -log sigmoid(-1) = log(1 + e)
+    assert losses.tolist() == pytest.approx([softplus(-1.0), softplus(1.0)])
+
+
+def test_bradley_terry_with_margin_by_hand():
+    losses = bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]), margin=0.5)
+    assert losses.item() == pytest.approx(softplus(-0.5))  # -log sigmoid(1 - 0.5)
+    per_pair = bradley_terry_loss(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.0, 2.0]))
+    assert per_pair.tolist() == pytest.approx([softplus(-1.0), softplus(1.0)])
+
+
+# policy chosen -10, rejected -12; reference -11 for both: h = (+1) - (-1) = 2
+PI_C, PI_R, REF_C, REF_R = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0))
+
+
+def test_dpo_sigmoid_by_hand():
+    losses, chosen_rewards, rejected_rewards = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1)
+    assert losses.item() == pytest.approx(softplus(-0.2))  # -log sigmoid(0.1 * 2)
+    assert chosen_rewards.item() == pytest.approx(0.1) and rejected_rewards.item() == pytest.approx(-0.1)
+
+
+def test_dpo_sigmoid_with_label_smoothing_by_hand():
+    losses, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, label_smoothing=0.1)
+    assert losses.item() == pytest.approx(0.9 * softplus(-0.2) + 0.1 * softplus(0.2))
+
+
+def test_ipo_by_hand():
+    losses, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="ipo")
+    assert losses.item() == pytest.approx((2 - 1 / (2 * 0.1)) ** 2)  # (2 - 5)^2 = 9
+
+
+def test_hinge_by_hand():
+    losses, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="hinge")
+    assert losses.item() == pytest.approx(1 - 0.2)
+    far, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=1.0, loss_type="hinge")
+    assert far.item() == 0.0  # beta * h = 2 > 1
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.3])
+def test_dpo_is_log2_when_policy_equals_reference(label_smoothing):
+    logps = torch.tensor([-3.0, -50.0, -7.5])
+    other = torch.tensor([-4.0, -20.0, -9.0])
+    losses, chosen_rewards, _ = dpo_loss(logps, other, logps, other, beta=0.3, label_smoothing=label_smoothing)
+    assert torch.allclose(losses, torch.full((3,), math.log(2.0)))
+    assert torch.all(chosen_rewards == 0)
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected():
+    chosen, rejected = torch.tensor([-10.0], requires_grad=True), torch.tensor([-12.0], requires_grad=True)
+    losses, _, _ = dpo_loss(chosen, rejected, REF_C, REF_R, beta=0.1)
+    losses.sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()
+
+
+def test_unknown_dpo_loss_type_is_refused():
+    with pytest.raises(ValueError, match="unknown DPO loss_type"):
+        dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="kto")
+
+
+def test_wilson_interval_by_hand():
+    low, high = wilson_interval(60, 100)
+    # p = 0.6, n = 100, z = 1.96: centre 0.5962, half-width 0.0945
+    assert (low, high) == pytest.approx((0.5020, 0.6906), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_calibration_table_and_ece_by_hand():
+    # confidences 0.9 (right), 0.9 (wrong: p = 0.1), 0.6 (right), 0.6 (right)
+    table = calibration_bins([0.9, 0.1, 0.6, 0.6], num_bins=5)
+    assert [(b["count"], b["accuracy"]) for b in table] == [(2, 1.0), (2, 0.5)]
+    # |1.0 - 0.6| * 2/4 + |0.5 - 0.9| * 2/4 = 0.4
+    assert expected_calibration_error(table) == pytest.approx(0.4)

@@ -1,0 +1,179 @@
+"""Reward-model and DPO stages on the tiny model: loading, learning signals, normalization, tracking."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import mlflow_runs, tiny_config
+from rlhf_exp.app import resolved, run, run_dir_for
+from rlhf_exp.data.collate import collate_sft
+from rlhf_exp.models import load_causal_lm
+from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
+from rlhf_exp.stages.dpo import DPOTrainer
+from rlhf_exp.stages.rm import RewardModelTrainer
+from rlhf_exp.tracking import Tracker
+
+PAIRS = ["data=hh_rlhf", "data.val_size=16", "data.max_train_examples=64", "data.max_prompt_tokens=48",
+         "data.max_response_tokens=16"]
+
+
+def rm_config(tmp_path, *overrides):
+    return tiny_config(tmp_path, "stage=rm", *PAIRS, "stage.norm_examples=16", "hardware.micro_batch_size.rm=2",
+                       *overrides)
+
+
+def dpo_config(tmp_path, *overrides):
+    return tiny_config(tmp_path, "stage=dpo", *PAIRS, "stage.eval_examples=16", "stage.num_samples=1",
+                       "hardware.micro_batch_size.dpo=2", *overrides)
+
+
+def build(trainer_cls, cfg, tmp_path):
+    cfg = resolved(cfg)
+    trainer = trainer_cls(cfg, Tracker(), run_dir_for(cfg))
+    trainer.setup()
+    return trainer
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def assert_every_step_moves_the_weights(trainer, steps=3):
+    for step in range(steps):
+        before = snapshot(trainer.model)
+        trainer.train_step()
+        after = snapshot(trainer.model)
+        moved = [k for k in before if not torch.equal(before[k], after[k])]
+        assert len(moved) == len(before), f"step {step}: {len(before) - len(moved)} tensors did not move"
+
+
+# ------------------------------------------------------------------ reward model
+
+
+def test_rm_backbone_is_the_pretrained_causal_lm(tmp_path, tokenizer):
+    """Its step-0 hidden states are the causal LM's: the weights are loaded, not re-initialized."""
+    cfg = resolved(tiny_config(tmp_path))
+    torch.manual_seed(3)
+    causal = load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
+    causal.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    trainer = build(RewardModelTrainer, rm_config(tmp_path, f"model.init_from={tmp_path / 'lm'}"), tmp_path)
+    ids = torch.tensor([tokenizer("Hello there, how are you?").input_ids])
+    with torch.no_grad():
+        expected = causal.base_model(input_ids=ids).last_hidden_state
+        got = trainer.model.backbone(input_ids=ids).last_hidden_state
+    assert torch.allclose(expected, got)
+    head = trainer.model.head
+    assert head.weight.shape == (1, 64) and torch.all(head.bias == 0)
+    assert abs(head.weight.std().item() - 1 / math.sqrt(65)) < 0.05
+
+
+def test_rm_score_is_read_at_the_eos_not_before_it(tmp_path, tokenizer):
+    cfg = resolved(tiny_config(tmp_path))
+    model = reward_model_from_causal_lm(load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer)).eval()
+    from rlhf_exp.data.collate import TokenizedSFT
+
+    eos = tokenizer.eos_token_id
+    batch = collate_sft([TokenizedSFT([5, 6, 7], [8, eos]), TokenizedSFT([5], [8, eos])], tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = model(batch["input_ids"], batch["lengths"])
+        alone = model(torch.tensor([[5, 8, eos]]), torch.tensor([3]))
+        before_eos = model(torch.tensor([[5, 8]]), torch.tensor([2]))
+    assert torch.allclose(scores[1], alone[0], atol=1e-6)  # padding (= EOS id) does not move the score
+    assert not torch.allclose(alone, before_eos)
+
+
+def test_num_layers_keeps_the_first_layers(tmp_path, tokenizer):
+    cfg = resolved(tiny_config(tmp_path))
+    torch.manual_seed(0)
+    full = load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
+    full.save_pretrained(tmp_path / "lm")
+    short_cfg = resolved(tiny_config(tmp_path, f"model.init_from={tmp_path / 'lm'}", "model.num_layers=1")).model
+    short = load_causal_lm(short_cfg, cfg.paths.cache_dir, tokenizer)
+    assert short.config.num_hidden_layers == 1 and len(short.model.layers) == 1
+    assert torch.equal(short.model.layers[0].mlp.up_proj.weight, full.model.layers[0].mlp.up_proj.weight)
+    from rlhf_exp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.num_layers"):
+        load_causal_lm(resolved(tiny_config(tmp_path, "model.num_layers=5")).model, cfg.paths.cache_dir, tokenizer)
+
+
+def test_rm_every_gradient_step_changes_the_weights(tmp_path):
+    assert_every_step_moves_the_weights(build(RewardModelTrainer, rm_config(tmp_path, "stage.lr=1e-3"), tmp_path))
+
+
+def test_rm_run_logs_step0_and_final_metrics_and_saves_a_normalized_model(tmp_path):
+    run(rm_config(tmp_path, "stage.max_steps=4", "stage.lr=1e-3", "stage.eval_every=2"))
+    client, runs = mlflow_runs(tmp_path / "mlflow.db")
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    accuracy = client.get_metric_history(r.info.run_id, "eval/accuracy")
+    assert [m.step for m in accuracy] == [0, 2, 4]
+    for name in ("eval/loss", "eval/accuracy_ci_low", "eval/accuracy_ci_high", "eval/chosen_score",
+                 "eval/rejected_score", "eval/margin", "eval/ece", "train/loss", "train/accuracy", "rm/reward_mean"):
+        assert client.get_metric_history(r.info.run_id, name), name
+    plots = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+    assert {"plots/reliability_step_000000.png", "plots/reliability_step_000004.png",
+            "plots/training_curves.png"} <= plots
+
+    # The saved RM, reloaded through the one loader later stages use, scores the SFT references at ~0.
+    folder = Path(r.data.tags["checkpoint_dir"])
+    model, tokenizer = load_reward_model(folder)
+    assert float(model.reward_mean) != 0.0
+    trainer = build(RewardModelTrainer, rm_config(tmp_path / "again"), tmp_path)  # same references
+    batch = collate_sft(trainer.reference_set, tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = model(batch["input_ids"], batch["lengths"])
+    assert abs(scores.mean().item()) < 1e-4
+    assert scores.std().item() > 0
+
+
+# ------------------------------------------------------------------ DPO
+
+
+def test_dpo_loss_is_log2_at_step_0_and_every_step_moves_the_weights(tmp_path):
+    trainer = build(DPOTrainer, dpo_config(tmp_path, "stage.lr=1e-3", "stage.num_samples=0"), tmp_path)
+    metrics = trainer.evaluate()
+    assert metrics["eval/loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics["eval/margin"] == pytest.approx(0.0, abs=1e-4)
+    assert_every_step_moves_the_weights(trainer)
+
+
+def test_dpo_reference_on_the_fly_matches_the_precomputed_one(tmp_path):
+    first = build(DPOTrainer, dpo_config(tmp_path / "a", "stage.lr=1e-3"), tmp_path).train_step()
+    again = build(DPOTrainer, dpo_config(tmp_path / "b", "stage.lr=1e-3", "stage.precompute_ref_logps=false"),
+                  tmp_path).train_step()
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert again["train/loss"] == pytest.approx(first["train/loss"], abs=1e-5)
+
+
+def test_dpo_run_learns_the_training_pairs_and_is_tracked(tmp_path):
+    metrics = run(dpo_config(tmp_path, "stage.lr=1e-3", "stage.max_steps=6", "stage.batch_size=4",
+                             "stage.eval_every=3", "stage.beta=0.5"))
+    client, runs = mlflow_runs(tmp_path / "mlflow.db")
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    for name in ("eval/loss", "eval/accuracy", "eval/margin", "eval/rewards_chosen", "eval/rewards_rejected",
+                 "eval/logps_chosen", "eval/logps_rejected", "eval/abs_logratio_per_token", "train/margin",
+                 "train/accuracy"):
+        assert client.get_metric_history(r.info.run_id, name), name
+    train_loss = [m.value for m in client.get_metric_history(r.info.run_id, "train/loss")]
+    assert train_loss[0] == pytest.approx(math.log(2), abs=1e-3)
+    assert metrics["eval/abs_logratio_per_token"] > 0  # the policy moved away from the reference
+
+
+def test_dpo_resume_reuses_the_reference_logprobs(tmp_path):
+    run(dpo_config(tmp_path / "full", "stage.lr=1e-3", "stage.max_steps=4", "stage.save_every=2",
+                   "stage.num_samples=0", "stage.batch_size=4"))
+    client, runs = mlflow_runs(tmp_path / "full" / "mlflow.db")
+    full = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)]
+    checkpoint = Path(runs[0].data.tags["run_dir"]) / "checkpoints" / "step_000002"
+    run(dpo_config(tmp_path / "resumed", "stage.lr=1e-3", "stage.max_steps=4", "stage.num_samples=0",
+                   "stage.batch_size=4", f"stage.resume_from={checkpoint}"))
+    client, runs = mlflow_runs(tmp_path / "resumed" / "mlflow.db")
+    resumed = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert resumed == pytest.approx(full[2:], rel=1e-5)
