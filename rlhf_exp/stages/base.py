@@ -39,6 +39,12 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start:start + size]
 
 
+def length_order(items: Sequence[T], length) -> list[int]:
+    """Indices of `items` from shortest to longest: chunks of similar length waste less padding.
+    Scores computed in this order go back with `unsorted[order] = scores`."""
+    return sorted(range(len(items)), key=lambda i: length(items[i]))
+
+
 class BatchStream:
     """An endless stream of example indices, reshuffled each epoch from (seed, epoch).
 

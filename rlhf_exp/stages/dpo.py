@@ -21,7 +21,7 @@ from rlhf_exp.losses import dpo_loss
 from rlhf_exp.metrics import wilson_interval
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
-from rlhf_exp.stages.base import BatchStream, Trainer, chunks
+from rlhf_exp.stages.base import BatchStream, Trainer, chunks, length_order
 from rlhf_exp.stages.rm import pair_length
 
 
@@ -55,14 +55,19 @@ class DPOTrainer(Trainer):
 
     @torch.no_grad()
     def _score(self, model, pairs, desc: str) -> torch.Tensor:
+        """[N, 2]: (chosen, rejected) summed log-probs of each pair, in the pairs' order."""
         was_training = model.training
         model.eval()
+        order = length_order(pairs, pair_length)
         out = []
-        for chunk in tqdm(list(chunks(pairs, self.micro_batch_size("eval"))), desc=desc, leave=False):
-            chosen, rejected, _ = self.pair_logps(model, chunk)
+        for chunk in tqdm(list(chunks(order, self.micro_batch_size("eval"))), desc=desc, leave=False):
+            chosen, rejected, _ = self.pair_logps(model, [pairs[i] for i in chunk])
             out.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
         model.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0, 2)
+        scores = torch.zeros(len(pairs), 2)
+        if out:
+            scores[order] = torch.cat(out)
+        return scores
 
     def _precompute_reference(self, model) -> None:
         """Reference log-probs of the pairs training will visit (the stream is deterministic)."""

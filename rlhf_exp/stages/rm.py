@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhf_exp.data import load_sft_splits
 from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_sft
@@ -21,7 +22,7 @@ from rlhf_exp.losses import bradley_terry_loss
 from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
-from rlhf_exp.stages.base import Trainer, chunks
+from rlhf_exp.stages.base import Trainer, chunks, length_order
 from rlhf_exp.tracking.plots import close, reliability_figure
 
 
@@ -76,14 +77,17 @@ class RewardModelTrainer(Trainer):
 
     @torch.no_grad()
     def scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [N], rejected [N]) scores of held-out pairs, in their order."""
         self.model.eval()
-        chosen, rejected = [], []
-        for chunk in chunks(pairs, self.micro_batch_size("eval")):
-            c, r = self.pair_scores(chunk)
-            chosen.append(c.cpu())
-            rejected.append(r.cpu())
+        order = length_order(pairs, pair_length)
+        out = []
+        for chunk in tqdm(list(chunks(order, self.micro_batch_size("eval"))), desc="score held-out pairs",
+                          leave=False):
+            out.append(torch.stack(self.pair_scores([pairs[i] for i in chunk]), dim=-1).cpu())
         self.model.train()
-        return torch.cat(chosen), torch.cat(rejected)
+        scores = torch.empty(len(pairs), 2)
+        scores[order] = torch.cat(out)
+        return scores[:, 0], scores[:, 1]
 
     def evaluate(self) -> dict[str, float]:
         chosen, rejected = self.scores(self.val_set)
@@ -104,13 +108,16 @@ class RewardModelTrainer(Trainer):
     @torch.no_grad()
     def reference_scores(self) -> torch.Tensor:
         self.model.eval()
+        order = length_order(self.reference_set, lambda x: len(x.prompt_ids) + len(x.response_ids))
         out = []
-        for chunk in chunks(self.reference_set, self.micro_batch_size("eval")):
-            batch = collate_sft(chunk, self.tokenizer.pad_token_id)
+        for chunk in chunks(order, self.micro_batch_size("eval")):
+            batch = collate_sft([self.reference_set[i] for i in chunk], self.tokenizer.pad_token_id)
             with self.runtime.autocast():
                 out.append(self.model(batch["input_ids"].to(self.device), batch["lengths"]).cpu())
         self.model.train()
-        return torch.cat(out)
+        scores = torch.empty(len(self.reference_set))
+        scores[order] = torch.cat(out)
+        return scores
 
     def on_train_end(self) -> None:
         """Normalize: the SFT references' mean score becomes 0 in the saved model."""
