@@ -1,0 +1,131 @@
+"""Policy-gradient pieces for GRPO and PPO, as pure functions of tensors.
+
+Shapes: B sequences (prompts x samples), T response tokens; `mask` [B, T] is 1 on real
+response tokens. Log-probs must be taken at the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-7) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024, DeepSeekMath eq. 3 with outcome supervision).
+
+    rewards [P * G], the G samples of each prompt adjacent -> [P * G]:
+    (r - mean of its group) / (std of its group + eps). `scale_by_std=False` is Dr. GRPO
+    (Liu et al. 2025), which drops the std to avoid weighting easy / hard prompts up.
+    The std is the unbiased one (torch's default), as in the DGX Spark seed and TRL.
+    """
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3",
+               clamp: float = 20.0) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman 2020).
+
+    logps, ref_logps [B, T] -> [B, T], with log r = ref_logps - logps clamped to +-clamp:
+      k1 = -log r            (unbiased, high variance, can be negative)
+      k2 = (log r)^2 / 2     (biased, low variance)
+      k3 = r - 1 - log r     (unbiased, low variance, >= 0)
+    """
+    log_ratio = (ref_logps - logps).clamp(-clamp, clamp)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.pow(2)
+    if estimator == "k3":
+        return torch.exp(log_ratio) - 1 - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
+
+
+def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                        clip_ratio: float = 0.2, dual_clip_c: float | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), optionally dual-clipped.
+
+    logps, old_logps [B, T]; advantages [B, T] (or [B, 1], broadcast) -> (loss [B, T], clipped [B, T]).
+    With ratio = exp(logps - old_logps): loss = max(-A ratio, -A clip(ratio, 1 - e, 1 + e)).
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5): where A < 0 the
+    loss is also capped at -A c (c > 1), so a huge ratio on a bad action cannot blow up the step.
+    `clipped` marks tokens where a clip decided the loss (for the clip fraction).
+    """
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
+    loss = torch.maximum(unclipped, clipped)
+    was_clipped = clipped > unclipped
+    if dual_clip_c is not None:
+        cap = -advantages * dual_clip_c
+        capped = (advantages < 0) & (loss > cap)
+        loss = torch.where(advantages < 0, torch.minimum(loss, cap), loss)
+        was_clipped = was_clipped | capped
+    return loss, was_clipped
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "seq-mean-token-mean") -> torch.Tensor:
+    """[B, T] per-token loss -> scalar.
+
+    token-mean           sum over all tokens / number of tokens (long responses weigh more; DAPO)
+    seq-mean-token-mean  mean over sequences of each sequence's token mean (the GRPO paper)
+    """
+    if mode == "token-mean":
+        return masked_mean(loss, mask)
+    if mode == "seq-mean-token-mean":
+        return masked_mean(loss, mask, dim=-1).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}; use one of {LOSS_AGGREGATIONS}")
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (N+ implementation details: whiten advantages)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16), right-padded responses.
+
+    rewards, values, mask [B, T] -> (advantages [B, T], returns = advantages + values [B, T]).
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}; beyond a response's
+    last token V and A are 0.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        live = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * live
+        next_value = values[:, t] * live
+        next_advantage = advantage * live
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float = 0.2) -> torch.Tensor:
+    """PPO value loss with the value clipped around the rollout's (N+ detail; OpenAI baselines).
+
+    [B, T] -> [B, T]: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2).
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)

@@ -1,0 +1,109 @@
+"""GRPO / PPO building blocks against values derived by hand, and GAE against a plain loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_exp.losses.policy import (aggregate_loss, clipped_policy_loss, clipped_value_loss, gae, group_advantages,
+                                    kl_penalty, whiten)
+
+
+def losses_for(ratio: float, advantage: float, dual_clip_c=None):
+    logps = torch.tensor([[math.log(ratio)]])
+    loss, clipped = clipped_policy_loss(logps, torch.zeros(1, 1), torch.tensor([[advantage]]), 0.2, dual_clip_c)
+    return loss.item(), clipped.item()
+
+
+@pytest.mark.parametrize(("ratio", "advantage", "expected", "clipped"), [
+    (1.5, 1.0, -1.2, True),    # A > 0, ratio above 1 + e: the clip caps the gain
+    (0.5, 1.0, -0.5, False),   # A > 0, ratio below 1 - e: pessimistic max keeps -A ratio
+    (5.0, -1.0, 3.0, True),    # A < 0, huge ratio: dual clip caps the loss at -A c = 3
+    (2.0, -1.0, 2.0, False),   # A < 0, ratio 2 < c: plain PPO, max(2, 1.2)
+    (0.5, -1.0, 0.8, True),    # A < 0, ratio below 1 - e: clipped term 0.8 wins
+    (1.0, -2.0, 2.0, False),   # ratio 1: the loss is -A
+])
+def test_dual_clip_by_hand(ratio, advantage, expected, clipped):
+    loss, was_clipped = losses_for(ratio, advantage, dual_clip_c=3.0)
+    assert loss == pytest.approx(expected) and was_clipped == clipped
+
+
+def test_without_dual_clip_a_negative_advantage_is_not_capped():
+    assert losses_for(5.0, -1.0)[0] == pytest.approx(5.0)
+
+
+def test_kl_estimators_by_hand():
+    logps, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])  # log r = log(1/2)
+    assert kl_penalty(logps, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_penalty(logps, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_penalty(logps, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))
+    same = torch.tensor([-1.0, -3.0])
+    for estimator in ("k1", "k2", "k3"):
+        assert torch.all(kl_penalty(same, same, estimator) == 0)
+    assert kl_penalty(torch.tensor([0.0]), torch.tensor([-100.0]), "k3").isfinite().all()  # clamped at 20
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(same, same, "k4")
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    adv = group_advantages(rewards, group_size=3, eps=0.0)
+    s = math.sqrt(12.0)  # unbiased std of (0, 0, 6)
+    assert adv.tolist() == pytest.approx([-1.0, 0.0, 1.0, -2 / s, -2 / s, 4 / s])
+    assert group_advantages(rewards, 3, scale_by_std=False).tolist() == pytest.approx([-1, 0, 1, -2, -2, 4])
+    assert torch.all(group_advantages(torch.ones(4), 4) == 0)  # a group that agrees teaches nothing
+
+
+def test_aggregation_modes_by_hand():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+
+
+def test_whitening_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    out = whiten(values, mask, eps=0.0)
+    k = 1 / math.sqrt(2 / 3)
+    assert out.tolist()[0] == pytest.approx([-k, 0.0, k, 0.0])
+
+
+def gae_by_plain_loop(rewards, values, lengths, gamma, lam):
+    out = []
+    for r, v, n in zip(rewards.tolist(), values.tolist(), lengths):
+        adv = [0.0] * len(r)
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = v[t + 1] if t + 1 < n else 0.0
+            last = r[t] + gamma * next_v - v[t] + gamma * lam * last
+            adv[t] = last
+        out.append(adv)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0)])
+def test_gae_matches_a_plain_loop(gamma, lam):
+    torch.manual_seed(0)
+    lengths = [5, 2, 7]
+    mask = torch.tensor([[1.0] * n + [0.0] * (7 - n) for n in lengths])
+    rewards, values = torch.randn(3, 7) * mask, torch.randn(3, 7) * mask
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    assert torch.allclose(advantages, gae_by_plain_loop(rewards, values, lengths, gamma, lam), atol=1e-6)
+    assert torch.allclose(returns, (advantages + values) * mask)
+
+
+def test_gae_with_lambda_1_and_gamma_1_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1]])
+    advantages, _ = gae(rewards, values, torch.ones(1, 3), 1.0, 1.0)
+    assert advantages.tolist()[0] == pytest.approx([0.5, 0.8, 0.9])
+
+
+def test_clipped_value_loss_by_hand():
+    loss = clipped_value_loss(torch.tensor([1.5]), torch.tensor([1.0]), torch.tensor([2.0]), clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.2 - 2.0) ** 2)  # the clipped value is further from R
+    inside = clipped_value_loss(torch.tensor([1.1]), torch.tensor([1.0]), torch.tensor([2.0]), clip=0.2)
+    assert inside.item() == pytest.approx(0.5 * 0.9 ** 2)
