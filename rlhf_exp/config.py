@@ -74,6 +74,15 @@ _RULES: list[tuple[str, Any, str]] = [
     ("stage.beta", lambda v: v > 0, _POSITIVE),
     ("stage.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
     ("stage.loss_type", lambda v: v in {"sigmoid", "ipo", "hinge"}, "must be one of sigmoid, ipo, hinge"),
+    ("stage.samples_per_prompt", lambda v: v >= 2, "must be >= 2 (advantages compare samples of a prompt)"),
+    ("stage.minibatch_size", lambda v: v > 0, _POSITIVE),
+    ("stage.updates_per_rollout", lambda v: v > 0, _POSITIVE),
+    ("stage.clip_ratio", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("stage.dual_clip_c", lambda v: v is None or v > 1, "must be > 1 (or null: no dual clip)"),
+    ("stage.kl_coef", lambda v: v >= 0, _NON_NEGATIVE),
+    ("stage.kl_estimator", lambda v: v in {"k1", "k2", "k3"}, "must be one of k1, k2, k3"),
+    ("stage.loss_aggregation", lambda v: v in {"token-mean", "seq-mean-token-mean"},
+     "must be token-mean or seq-mean-token-mean"),
     ("model.num_layers", lambda v: v is None or v > 0, _POSITIVE + " (or null: all layers)"),
     ("data.val_size", lambda v: v > 0, _POSITIVE),
     ("data.max_prompt_tokens", lambda v: v > 0, _POSITIVE),
@@ -104,10 +113,13 @@ def validate(cfg: DictConfig) -> None:
         if not good:
             raise ConfigError(key, f"{must} (got {value!r})")
     micro = OmegaConf.select(cfg, f"hardware.micro_batch_size.{cfg.stage.name}")
-    if micro is not None and (micro <= 0 or cfg.stage.batch_size % micro):
+    # RL stages split each optimizer step's minibatch into micro batches; the others the global batch.
+    whole_key = "stage.minibatch_size" if "minibatch_size" in cfg.stage else "stage.batch_size"
+    whole = OmegaConf.select(cfg, whole_key)
+    if micro is not None and (micro <= 0 or whole % micro):
         raise ConfigError(
             f"hardware.micro_batch_size.{cfg.stage.name}",
-            f"must be > 0 and divide stage.batch_size={cfg.stage.batch_size} (got {micro})",
+            f"must be > 0 and divide {whole_key}={whole} (got {micro})",
         )
 
 

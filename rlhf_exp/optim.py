@@ -40,7 +40,9 @@ def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, stage: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup then cosine decay to lr * min_lr_ratio at the last of stage.max_steps."""
+def build_scheduler(optimizer: torch.optim.Optimizer, stage: DictConfig,
+                    total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then cosine decay to lr * min_lr_ratio at the last optimizer step (stage.max_steps by default)."""
+    total = stage.max_steps if total_steps is None else total_steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(
-        step, stage.warmup_steps, stage.max_steps, stage.min_lr_ratio))
+        step, stage.warmup_steps, total, stage.min_lr_ratio))

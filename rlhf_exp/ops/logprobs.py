@@ -47,3 +47,34 @@ def masked_next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: t
     out = torch.zeros(select.shape, dtype=torch.float32, device=hidden.device)
     out[select] = token_logprobs(logits, input_ids[:, 1:][select], temperature)
     return out
+
+
+def response_logprobs(model, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor,
+                      temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs of each response token, aligned to the response: [B, R], R = longest response.
+
+    Rows are right-padded prompt + response (as `collate_sft` builds them). Returns
+    (logps [B, R], mask [B, R], entropy [B, R] or None); entries past a response's end are 0.
+    Only response positions go through the LM head.
+    """
+    batch, width = input_ids.shape
+    columns = torch.arange(width, device=input_ids.device)
+    prompt_lengths, response_lengths = prompt_lengths.to(input_ids.device), response_lengths.to(input_ids.device)
+    target_mask = ((columns >= prompt_lengths[:, None]) &
+                   (columns < (prompt_lengths + response_lengths)[:, None])).long()
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # right padding: no mask
+    select = target_mask[:, 1:].bool()
+    logits = model.get_output_embeddings()(hidden[:, :-1][select]).float() / temperature  # [N, V]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    picked = torch.gather(logits, -1, input_ids[:, 1:][select].unsqueeze(-1)).squeeze(-1) - log_norm
+    longest = int(response_lengths.max())
+    mask = (torch.arange(longest, device=input_ids.device)[None, :] < response_lengths[:, None])
+    logps = torch.zeros(batch, longest, device=input_ids.device)
+    logps[mask] = picked  # row-major order matches `select`
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropy = torch.zeros(batch, longest, device=input_ids.device)
+            entropy[mask] = log_norm - (probs * logits).sum(-1)
+    return logps, mask.float(), entropy

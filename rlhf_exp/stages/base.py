@@ -129,6 +129,10 @@ class Trainer:
         sizes = self.cfg.hardware.get("micro_batch_size") or {}
         return int(sizes.get(use or self.stage.name) or self.stage.batch_size)
 
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps in the whole run (the lr schedule's length); RL stages take several per step."""
+        return self.stage.max_steps
+
     def prepare_data(self, kind: str) -> None:
         """Tokenizer, then the (train, held-out) split of `kind` ("sft" or "preference"), tokenized.
 
@@ -160,7 +164,7 @@ class Trainer:
         if self.cfg.hardware.get("gradient_checkpointing"):
             self.model.gradient_checkpointing_enable()
         self.optimizer = build_optimizer(self.model, self.stage)
-        self.scheduler = build_scheduler(self.optimizer, self.stage)
+        self.scheduler = build_scheduler(self.optimizer, self.stage, self.total_optimizer_steps())
         if self.stage.get("resume_from"):
             self.load_trainer_state(Path(self.stage.resume_from))
 

@@ -1,0 +1,73 @@
+"""Reward sources for online RL (GRPO, PPO), named by `_target_` in the `reward` config group.
+
+A reward function takes the prompts and completions (texts), plus `completion_ids` (the
+policy's token ids), and returns one float per completion. Any user function with that
+signature works: `reward.fn._target_=mypackage.mymodule.my_reward`.
+A completion without EOS gets `reward.missing_eos_score` instead of its score (it replaces,
+never adds: trl#2012).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def length_reward(prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
+                  target_tokens: int = 20, **_) -> list[float]:
+    """-|length - target| / target: 0 at exactly `target_tokens` tokens (the EOS counts), negative elsewhere."""
+    return [-abs(len(ids) - target_tokens) / target_tokens for ids in completion_ids]
+
+
+def keyword_reward(prompts: Sequence[str], completions: Sequence[str], keyword: str = "thanks",
+                   case_sensitive: bool = False, **_) -> list[float]:
+    """1 when the completion contains `keyword`, else 0."""
+    if case_sensitive:
+        return [float(keyword in c) for c in completions]
+    return [float(keyword.lower() in c.lower()) for c in completions]
+
+
+class RewardModelScorer:
+    """A trained reward model (stage=rm) as a reward function.
+
+    Texts are re-encoded with the RM's own tokenizer, so an RM with a different tokenizer from
+    the policy's works; its stored normalization (reward_mean) is applied by the model.
+    """
+
+    def __init__(self, path: str, batch_size: int = 8, max_tokens: int = 1024, device: str = "cpu"):
+        from rlhf_exp.models.reward import load_reward_model
+
+        self.model, self.tokenizer = load_reward_model(path, device=device)
+        self.batch_size, self.max_tokens, self.device = batch_size, max_tokens, device
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+        from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+
+        eos = self.tokenizer.eos_token_id
+        items = []
+        for prompt, completion in zip(prompts, completions):
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+            response_ids = self.tokenizer(completion, add_special_tokens=False).input_ids + [eos]
+            keep = self.max_tokens - len(response_ids)
+            items.append(TokenizedSFT(prompt_ids[-keep:] if keep > 0 else [], response_ids[: self.max_tokens]))
+        scores = []
+        for start in range(0, len(items), self.batch_size):
+            batch = collate_sft(items[start:start + self.batch_size], self.tokenizer.pad_token_id)
+            scores += self.model(batch["input_ids"].to(self.device), batch["lengths"]).tolist()
+        return scores
+
+
+def score_completions(reward_fn, prompts: Sequence[str], completions: Sequence[str],
+                      completion_ids: Sequence[Sequence[int]], has_eos: Sequence[bool],
+                      missing_eos_score: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards [N] with the no-EOS score substituted, raw scores [N])."""
+    raw = torch.tensor(reward_fn(prompts=list(prompts), completions=list(completions),
+                                 completion_ids=[list(i) for i in completion_ids]), dtype=torch.float32)
+    if raw.shape != (len(completions),):
+        raise ValueError(f"reward function returned {tuple(raw.shape)} scores for {len(completions)} completions")
+    rewards = raw.clone()
+    if missing_eos_score is not None:
+        rewards[~torch.tensor(list(has_eos), dtype=torch.bool)] = missing_eos_score
+    return rewards, raw
