@@ -107,3 +107,12 @@ def test_clipped_value_loss_by_hand():
     assert loss.item() == pytest.approx(0.5 * (1.2 - 2.0) ** 2)  # the clipped value is further from R
     inside = clipped_value_loss(torch.tensor([1.1]), torch.tensor([1.0]), torch.tensor([2.0]), clip=0.2)
     assert inside.item() == pytest.approx(0.5 * 0.9 ** 2)
+
+
+def test_ppo_score_lands_on_the_last_real_token_minus_the_kl_penalty():
+    from rlhf_exp.losses.policy import per_token_rewards
+
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]])
+    rewards = per_token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, 2.0 - 0.15], [-1.0 - 0.25, 0.0, 0.0]]))

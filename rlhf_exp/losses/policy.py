@@ -129,3 +129,15 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     """
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """PPO's per-token reward (Ziegler et al. 2019; InstructGPT): -kl_coef x KL on every token,
+    plus the sequence score on the last real response token (the EOS, not the pad after it).
+
+    scores [B], kl [B, T] (a per-token estimate, k1 in the N+ recipe), mask [B, T] -> [B, T].
+    """
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(-1).long() - 1
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
+    return rewards

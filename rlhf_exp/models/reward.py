@@ -58,6 +58,20 @@ class RewardModel(nn.Module):
         hidden = self.last_hidden(input_ids, lengths, attention_mask)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float() - self.reward_mean
 
+    def response_values(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
+                        response_lengths: torch.Tensor) -> torch.Tensor:
+        """Critic values aligned with `ops.logprobs.response_logprobs`: [B, R].
+
+        Value j is read at the position that predicts response token j (prompt_length - 1 + j),
+        i.e. the state before the token is emitted. No normalization offset is applied.
+        """
+        hidden = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state  # right padded: no mask
+        longest = int(response_lengths.max())
+        positions = (prompt_lengths.to(input_ids.device)[:, None] - 1
+                     + torch.arange(longest, device=input_ids.device)[None, :]).clamp(max=input_ids.shape[1] - 1)
+        picked = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
+
     def save_pretrained(self, folder: str | Path, **kwargs) -> None:
         folder = Path(folder)
         self.backbone.save_pretrained(folder, safe_serialization=True)

@@ -15,25 +15,18 @@ re-scored once before the updates.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 
-from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.factory import build
-from rlhf_exp.losses.policy import (aggregate_loss, clipped_policy_loss, group_advantages, kl_penalty,
-                                    masked_mean)
-from rlhf_exp.models import load_causal_lm
-from rlhf_exp.ops.logprobs import response_logprobs
-from rlhf_exp.rewards import score_completions
-from rlhf_exp.rollout import generate
-from rlhf_exp.stages.base import Trainer, chunks
+from rlhf_exp.losses.policy import aggregate_loss, clipped_policy_loss, group_advantages, kl_penalty, masked_mean
+from rlhf_exp.stages.base import chunks
+from rlhf_exp.stages.online import OnlineRLTrainer, pad_rows
 
 
-class GRPOTrainer(Trainer):
-    curve_metrics = ("train/reward_mean", "eval/reward_mean")
+class GRPOTrainer(OnlineRLTrainer):
 
     # ------------------------------------------------------------------ setup
     def setup_data_and_model(self) -> None:
@@ -42,48 +35,10 @@ class GRPOTrainer(Trainer):
         if self.rollout_size % stage.minibatch_size:
             raise ConfigError("stage.minibatch_size", f"must divide the rollout: batch_size x samples_per_prompt = "
                               f"{self.rollout_size} (got {stage.minibatch_size})")
-        self.prepare_data("sft")  # prompts from the data's SFT examples (the references are unused)
-        self.model = load_causal_lm(self.model_cfg, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
-        start = self.model if not stage.get("resume_from") else load_causal_lm(
-            self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
-        self.reference = copy.deepcopy(start).eval().requires_grad_(False)
-        self.reward_fn = build(self.cfg.reward.fn, "reward.fn")
+        self.model = self.setup_policy()
 
     def total_optimizer_steps(self) -> int:
         return self.stage.max_steps * self.stage.updates_per_rollout * (self.rollout_size // self.stage.minibatch_size)
-
-    # ------------------------------------------------------------------ rollout
-    def sample(self, prompt_ids: list[list[int]], samples: int) -> list[list[int]]:
-        gen = self.stage.generation
-        repeated = [ids for ids in prompt_ids for _ in range(samples)]  # a prompt's samples are adjacent
-        return generate(self.model, self.tokenizer, repeated, max_new_tokens=gen.max_new_tokens,
-                        temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                        autocast=self.runtime.autocast())
-
-    def score(self, prompts: list[str], prompt_ids: list[list[int]], responses: list[list[int]]):
-        eos = self.tokenizer.eos_token_id
-        has_eos = [bool(r) and r[-1] == eos for r in responses]
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        rewards, raw = score_completions(self.reward_fn, prompts, texts, responses, has_eos,
-                                         self.cfg.reward.missing_eos_score)
-        return rewards, raw, has_eos, texts
-
-    def logprobs(self, model, items: list[TokenizedSFT], with_entropy: bool = False):
-        batch = collate_sft(items, self.tokenizer.pad_token_id)
-        prompt_lengths = torch.tensor([len(x.prompt_ids) for x in items])
-        response_lengths = torch.tensor([len(x.response_ids) for x in items])
-        with self.runtime.autocast():
-            return response_logprobs(model, batch["input_ids"].to(self.device), prompt_lengths, response_lengths,
-                                     self.stage.generation.temperature, with_entropy)
-
-    @torch.no_grad()
-    def score_rollout(self, model, items: list[TokenizedSFT]) -> list[torch.Tensor]:
-        """Per-sequence response log-probs (1-D tensors) under `model`, without gradients."""
-        out = []
-        for chunk in chunks(items, self.micro_batch_size()):
-            logps, mask, _ = self.logprobs(model, list(chunk))
-            out += [row[: int(m.sum())].float() for row, m in zip(logps, mask)]
-        return out
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -133,8 +88,8 @@ class GRPOTrainer(Trainer):
                 tokens = sum(len(items[k].response_ids) for k in minibatch)
                 for micro in chunks(minibatch, self.micro_batch_size()):
                     logps, mask, entropy = self.logprobs(self.model, [items[k] for k in micro], with_entropy=True)
-                    ref = _pad([ref_logps[position[k]] for k in micro], logps.shape[1])
-                    old = logps.detach() if old_logps is None else _pad(
+                    ref = pad_rows([ref_logps[position[k]] for k in micro], logps.shape[1])
+                    old = logps.detach() if old_logps is None else pad_rows(
                         [old_logps[position[k]] for k in micro], logps.shape[1])
                     adv = advantages[list(micro)].to(logps.device)[:, None]
                     pg_loss, clipped = clipped_policy_loss(logps, old, adv, stage.clip_ratio, stage.dual_clip_c)
@@ -166,34 +121,3 @@ class GRPOTrainer(Trainer):
         out["train/optimizer_steps"] = len(sums["grad_norm"])
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         return {**out, **first}
-
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean reward of one sample per held-out prompt (seeded, not moving the training RNG)."""
-        prompt_ids = [x.prompt_ids for x in self.val_set]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed + 1)  # the same draws at every evaluation
-            responses = self.sample(prompt_ids, 1)
-        prompts = [ex.prompt for ex in self.val_examples]
-        rewards, raw, has_eos, texts = self.score(prompts, prompt_ids, responses)
-        ref_logps = self.score_rollout(self.reference, [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses) if r])
-        pol_logps = self.score_rollout(self.model, [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses) if r])
-        kl = torch.cat([kl_penalty(a, b, "k3") for a, b in zip(pol_logps, ref_logps)]) if pol_logps else torch.zeros(1)
-        n = min(self.stage.get("num_samples") or 0, len(texts))
-        if n:
-            self.tracker.log_table([{"step": self.step, "prompt": prompts[i][-600:], "generation": texts[i],
-                                     "reward": float(rewards[i]), "ends_with_eos": has_eos[i],
-                                     "length": len(responses[i])} for i in range(n)],
-                                   f"samples/step_{self.step:06d}.json")
-        return {"eval/reward_mean": float(rewards.mean()), "eval/score_mean": float(raw.mean()),
-                "eval/eos_rate": sum(has_eos) / len(has_eos),
-                "eval/response_length": sum(len(r) for r in responses) / len(responses),
-                "eval/kl_to_reference": float(kl.mean())}
-
-
-def _pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), width, device=rows[0].device if rows else "cpu")
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out

@@ -1,0 +1,74 @@
+"""PPO on the tiny model: the N+ sanity checks, every minibatch updates, options, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import mlflow_runs, tiny_config
+from rlhf_exp.app import resolved, run_dir_for
+from rlhf_exp.stages.ppo import PPOTrainer
+from rlhf_exp.tracking import Tracker
+
+PPO = ["stage=ppo", "stage.batch_size=4", "stage.minibatch_size=2", "stage.ppo_epochs=2",
+       "stage.generation.max_new_tokens=6", "stage.eval_examples=4", "stage.num_samples=1",
+       "data.max_prompt_tokens=48", "hardware.micro_batch_size.ppo=2", "stage.lr=1e-3",
+       "reward.fn._target_=test_grpo.varied_reward", "~reward.fn.target_tokens", "reward.missing_eos_score=null"]
+
+
+def ppo_trainer(tmp_path, *overrides):
+    cfg = resolved(tiny_config(tmp_path, *PPO, *overrides))
+    trainer = PPOTrainer(cfg, Tracker(), run_dir_for(cfg))
+    trainer.setup()
+    return trainer
+
+
+def test_first_minibatch_ratio_is_one_and_every_minibatch_moves_policy_and_critic(tmp_path):
+    trainer = ppo_trainer(tmp_path)
+    moved, step = [], trainer.optimizer_step
+
+    def checked_step():
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        out = step()
+        changed = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())]
+        moved.append(sum(changed) / len(changed))
+        return out
+
+    trainer.optimizer_step = checked_step
+    metrics = trainer.train_step()
+    assert metrics["train/first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["train/first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert metrics["train/optimizer_steps"] == 4  # 4 sequences / minibatch 2 x 2 epochs
+    assert min(moved) > 0.95, moved  # (the critic's unused LM head is gone; all else moves)
+    for key in ("train/value_loss", "train/policy_loss", "train/kl", "train/entropy", "train/clip_fraction",
+                "train/approx_kl", "train/eos_rate", "train/response_length", "time/generation_s"):
+        assert key in metrics, key
+
+
+def test_ptx_and_ema_options(tmp_path):
+    trainer = ppo_trainer(tmp_path, "stage.ptx_coef=0.5", "stage.ema_decay=0.5")
+    before = [p.detach().clone() for p in trainer.ema.parameters()]
+    metrics = trainer.train_step()
+    assert metrics["train/ptx_loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema.parameters()))
+    assert trainer.eval_policy is trainer.ema
+    folder = trainer.save_checkpoint(tmp_path / "ckpt")
+    assert (folder / "ema" / "model.safetensors").is_file() and (folder / "critic" / "reward_head.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 2  # the actor loads as an LM
+
+
+def test_ppo_cli_two_steps_tiny(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rlhf_exp", "stage=ppo", "hardware=cpu", "stage.max_steps=2",
+                          "model=tiny", "stage.ppo_epochs=1"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
+                              "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = mlflow_runs(tmp_path / "m.db")
+    assert runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/value_loss")) == 2
