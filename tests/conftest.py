@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,14 @@ def mlflow_runs(db_path: Path):
     experiment = client.get_experiment_by_name("rlhf_exp")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
     return client, runs
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m rlhf_exp <args>` in a subprocess, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd or Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900)
+
+
+def tracked_env(tmp_path: Path) -> dict:
+    """MLflow and run folders inside tmp_path."""
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs")}

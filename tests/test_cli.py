@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_runs
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import mlflow_runs, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -20,9 +15,7 @@ def _runs_outside_the_project(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_EXP_MULTIRUNS_DIR", str(tmp_path / "multiruns"))
 
 
-def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+cli = run_cli
 
 
 def test_help_lists_the_config_groups():

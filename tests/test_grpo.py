@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import mlflow_runs, tiny_config
+from conftest import mlflow_runs, run_cli, tiny_config, tracked_env
 from rlhf_exp.app import resolved, run_dir_for
 from rlhf_exp.rewards import keyword_reward, length_reward, score_completions
 from rlhf_exp.rollout.generation import truncate_after_eos
@@ -81,10 +77,7 @@ def test_single_update_reuses_the_rollout_logprobs(tmp_path):
 
 def test_grpo_cli_two_steps_tiny(tmp_path):
     """The issue's command."""
-    out = subprocess.run([sys.executable, "-m", "rlhf_exp", "stage=grpo", "hardware=cpu", "stage.max_steps=2",
-                          "model=tiny"], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
-                              "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs")})
+    out = run_cli("stage=grpo", "hardware=cpu", "stage.max_steps=2", "model=tiny", env=tracked_env(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path / "m.db")
     assert runs[0].info.status == "FINISHED"
