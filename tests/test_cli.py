@@ -21,7 +21,7 @@ cli = run_cli
 def test_help_lists_the_config_groups():
     out = cli("--help")
     assert out.returncode == 0, out.stderr
-    for group in ("model:", "data:", "stage:", "hardware:", "tracking:", "experiment:", "sweep:"):
+    for group in ("model:", "data:", "stage:", "hardware:", "tracking:", "reward:", "experiment:", "sweep:"):
         assert group in out.stdout, group
     assert "smollm2_135m" in out.stdout and "tiny" in out.stdout
 

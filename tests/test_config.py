@@ -12,7 +12,7 @@ from rlhf_exp.config import compose_config, config_group_options, validate
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.tracking.mlflow_tracker import artifact_location, tracking_uri
 
-GROUPS = ["model", "data", "stage", "hardware", "tracking", "paths", "experiment", "sweep"]
+GROUPS = ["model", "data", "stage", "hardware", "tracking", "reward", "paths", "experiment", "sweep"]
 
 
 def all_options():
@@ -33,7 +33,8 @@ def test_each_group_has_the_options_the_issue_names():
     assert {"smollm2_135m", "tiny", "qwen2_5_0_5b", "qwen2_5_1_5b", "mistral_7b", "llama2_7b",
             "opt_1_3b"} <= set(config_group_options("model"))
     assert {"tldr", "hh_rlhf", "jsonl", "sharegpt"} <= set(config_group_options("data"))
-    assert "sft" in config_group_options("stage")
+    assert {"sft", "rm", "dpo", "grpo", "ppo"} <= set(config_group_options("stage"))
+    assert {"length", "keyword", "reward_model"} <= set(config_group_options("reward"))
     assert "cpu" in config_group_options("hardware")
     assert {"mlflow", "none"} <= set(config_group_options("tracking"))
 
