@@ -37,7 +37,7 @@ def reliability_figure(table: list[dict], title: str):
         ax.bar(centres, [b["accuracy"] for b in table], width=[b["hi"] - b["lo"] for b in table],
                alpha=0.6, edgecolor="black", label="accuracy")
         ax.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], marker="o", color="C3",
-                label="mean confidence")
+                label="accuracy at the bin's mean confidence")
         for c, b in zip(centres, table):
             ax.annotate(str(b["count"]), (c, b["accuracy"]), ha="center", va="bottom", fontsize=7)
     ax.set_xlim(0.5, 1.0)
