@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp.config import CONF_DIR, register_resolvers
+from rlhf_exp.config import CONF_DIR, register_resolvers, resolve_auto_hardware
 from rlhf_exp.errors import UserInputError
 
 register_resolvers()
@@ -33,4 +33,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
+    sys.argv = [sys.argv[0], *resolve_auto_hardware(sys.argv[1:])]
     main()

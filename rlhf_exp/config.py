@@ -28,7 +28,45 @@ def _run_id() -> str:
     return os.environ.get("RLHF_EXP_RUN_ID") or _PROCESS_RUN_ID
 
 
+def best_attention() -> str:
+    """flash_attention_2 where the flash-attn package is installed and a GPU is visible, else sdpa."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "sdpa"
+    import torch
+
+    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+
+
+def detect_hardware_profile() -> str:
+    """The hardware profile for this machine: what `hardware=auto` becomes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).upper()
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if "GB10" in name or "SPARK" in name:
+        return "dgx_spark"
+    if "4090" in name or total_gb < 40:
+        return "rtx4090"  # 24 GB class: QLoRA settings
+    return "h100"  # 80 GB class (H100, H200, A100-80GB)
+
+
+def resolve_auto_hardware(overrides: Iterable[str]) -> list[str]:
+    """Command-line overrides with `hardware=auto` (or no hardware choice) made concrete."""
+    overrides = list(overrides)
+    choices = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hardware"]
+    if choices and any(o.split("=", 1)[1] != "auto" for o in choices):
+        return overrides
+    picked = f"hardware={detect_hardware_profile()}"
+    return [o for o in overrides if o not in choices] + [picked]
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("best_attention"):
+        OmegaConf.register_new_resolver("best_attention", best_attention)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("run_id"):
@@ -43,7 +81,7 @@ def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=resolve_auto_hardware(overrides))
 
 
 def config_group_options(group: str) -> list[str]:
@@ -95,8 +133,17 @@ _RULES: list[tuple[str, Any, str]] = [
     ("data.max_prompt_tokens", lambda v: v > 0, _POSITIVE),
     ("data.max_response_tokens", lambda v: v > 0, _POSITIVE),
     ("data.max_train_examples", lambda v: v is None or v > 0, _POSITIVE + " (or null: all)"),
-    ("stage.optimizer", lambda v: v in {"adamw", "adamw_8bit", "paged_adamw_8bit"},
+    ("hardware.optimizer", lambda v: v in {"adamw", "adamw_8bit", "paged_adamw_8bit"},
      "must be one of adamw, adamw_8bit, paged_adamw_8bit"),
+    ("hardware.device", lambda v: v in {"cpu", "cuda"} or str(v).startswith("cuda:"), "must be cpu or cuda[:N]"),
+    ("hardware.memory_gb", lambda v: v is None or v > 0, _POSITIVE + " (or null: detect)"),
+    ("hardware.attn_implementation", lambda v: v in {"sdpa", "eager", "flash_attention_2"},
+     "must be one of sdpa, eager, flash_attention_2"),
+    ("hardware.rollout_backend", lambda v: v == "hf",
+     "must be hf (transformers generate); other backends are not built in yet"),
+    ("hardware.lora.r", lambda v: v > 0, _POSITIVE),
+    ("hardware.lora.alpha", lambda v: v > 0, _POSITIVE),
+    ("hardware.lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("hardware.precision", lambda v: v in {"fp32", "bf16", "fp16"}, "must be one of fp32, bf16, fp16"),
     ("model.source", lambda v: v in {"gguf", "hub", "local", "config"},
      "must be one of gguf, hub, local, config"),
@@ -119,6 +166,8 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(key, f"{must} (got {value!r})")
+    if cfg.hardware.get("load_in_4bit") and not cfg.hardware.lora.enabled:
+        raise ConfigError("hardware.load_in_4bit", "4-bit weights are frozen: set hardware.lora.enabled=true (QLoRA)")
     micro = OmegaConf.select(cfg, f"hardware.micro_batch_size.{cfg.stage.name}")
     # RL stages split each optimizer step's minibatch into micro batches; the others the global batch.
     whole_key = "stage.minibatch_size" if "minibatch_size" in cfg.stage else "stage.batch_size"

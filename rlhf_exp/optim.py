@@ -8,23 +8,24 @@ import torch
 from omegaconf import DictConfig
 
 
-def build_optimizer(model: torch.nn.Module, stage: DictConfig) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW. No weight decay on biases and norms."""
+def build_optimizer(model: torch.nn.Module, stage: DictConfig, name: str = "adamw") -> torch.optim.Optimizer:
+    """`name` (hardware.optimizer): AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW. Only trainable
+    parameters (LoRA: the adapters); no weight decay on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": stage.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     kwargs = dict(lr=stage.lr, betas=tuple(stage.adam_betas))
-    if stage.optimizer == "adamw":
+    if name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     import bitsandbytes as bnb
 
-    if stage.optimizer == "adamw_8bit":
+    if name == "adamw_8bit":
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    if stage.optimizer == "paged_adamw_8bit":
+    if name == "paged_adamw_8bit":
         return bnb.optim.PagedAdamW8bit(groups, **kwargs)
-    raise ValueError(f"unknown optimizer {stage.optimizer!r}")  # validate() catches this first
+    raise ValueError(f"unknown optimizer {name!r}")  # validate() catches this first
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -35,7 +35,7 @@ def test_each_group_has_the_options_the_issue_names():
     assert {"tldr", "hh_rlhf", "jsonl", "sharegpt"} <= set(config_group_options("data"))
     assert {"sft", "rm", "dpo", "grpo", "ppo"} <= set(config_group_options("stage"))
     assert {"length", "keyword", "reward_model"} <= set(config_group_options("reward"))
-    assert "cpu" in config_group_options("hardware")
+    assert {"cpu", "dgx_spark", "h100", "rtx4090", "auto"} <= set(config_group_options("hardware"))
     assert {"mlflow", "none"} <= set(config_group_options("tracking"))
 
 
@@ -70,7 +70,7 @@ def test_unknown_option_and_unknown_key_are_refused_by_name():
     ("stage.lr=0", "stage.lr"),
     ("stage.batch_size=0", "stage.batch_size"),
     ("stage.max_steps=-2", "stage.max_steps"),
-    ("stage.optimizer=sgd", "stage.optimizer"),
+    ("hardware.optimizer=sgd", "hardware.optimizer"),
     ("hardware.precision=fp8", "hardware.precision"),
     ("data.val_size=0", "data.val_size"),
     ("stage.generation.temperature=0", "stage.generation.temperature"),
@@ -93,3 +93,36 @@ def test_mlflow_tracking_uri_from_environment_wins_over_the_default(monkeypatch,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
     assert tracking_uri(cfg.tracking, cfg.paths.root_dir) == f"sqlite:///{tmp_path}/m.db"
     assert artifact_location(cfg.tracking, f"sqlite:///{tmp_path}/m.db") == f"file://{tmp_path}/mlartifacts"
+
+
+def test_hardware_auto_is_cpu_without_a_gpu_and_explicit_profiles_are_kept():
+    from rlhf_exp.config import resolve_auto_hardware
+
+    assert compose_config([]).hardware.name == "cpu"  # this machine has no GPU
+    assert resolve_auto_hardware(["stage=dpo"]) == ["stage=dpo", "hardware=cpu"]
+    assert resolve_auto_hardware(["hardware=auto", "seed=1"]) == ["seed=1", "hardware=cpu"]
+    assert resolve_auto_hardware(["hardware=h100"]) == ["hardware=h100"]
+
+
+def test_seed_profiles_set_what_their_machines_need():
+    h100, rtx = compose_config(["hardware=h100"]).hardware, compose_config(["hardware=rtx4090"]).hardware
+    spark = compose_config(["hardware=dgx_spark"]).hardware
+    assert h100.lora.enabled and not h100.load_in_4bit and h100.memory_gb == 80
+    assert rtx.lora.enabled and rtx.load_in_4bit and rtx.optimizer == "paged_adamw_8bit" and rtx.memory_gb == 24
+    assert spark.optimizer == "adamw_8bit" and not spark.lora.enabled
+    # a stage x hardware special case is its own small file, composed in only for that pair
+    assert compose_config(["hardware=rtx4090", "stage=grpo"]).hardware.micro_batch_size.grpo == 2
+    assert compose_config(["hardware=h100", "stage=grpo"]).hardware.micro_batch_size.grpo == 16
+
+
+def test_a_gpu_profile_without_a_gpu_stops_with_a_clear_message(tmp_path):
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.runtime import make_runtime
+
+    with pytest.raises(ConfigError, match="hardware=h100 needs a CUDA GPU"):
+        make_runtime(compose_config(["hardware=h100"]).hardware)
+
+
+def test_qlora_without_lora_is_refused():
+    with pytest.raises(ConfigError, match="hardware.load_in_4bit"):
+        validate(compose_config(["hardware.load_in_4bit=true"]))

@@ -123,9 +123,9 @@ def test_masked_logprobs_equal_full_logprobs_and_right_padding_needs_no_mask(tmp
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
 def test_bitsandbytes_8bit_adamw_trains(tmp_path, optimizer):
-    metrics = run(tiny_config(tmp_path, f"stage.optimizer={optimizer}", "stage.lr=1e-3", "stage.max_steps=2",
+    metrics = run(tiny_config(tmp_path, f"hardware.optimizer={optimizer}", "stage.lr=1e-3", "stage.max_steps=2",
                               "stage.num_samples=0"))
     client, runs = mlflow_runs(tmp_path / "mlflow.db")
-    assert runs[0].info.status == "FINISHED" and runs[0].data.params["stage.optimizer"] == optimizer
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["hardware.optimizer"] == optimizer
     losses = [m.value for m in client.get_metric_history(runs[0].info.run_id, "eval/loss")]
     assert losses[-1] < losses[0] and metrics["train/loss"] > 0

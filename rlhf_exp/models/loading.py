@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.models.embedded import float_checkpoint
+from rlhf_exp.models.peft import add_adapters, load_adapter_weights, quantization_config, uses_lora, weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +75,32 @@ def load_tokenizer(model_cfg: DictConfig, cache_dir: str) -> PreTrainedTokenizer
 
 def _tokenizer_spec(model_cfg: DictConfig) -> dict[str, Any]:
     if model_cfg.get("init_from"):
-        return {"source": "local", "path": model_cfg.init_from}
+        return {"source": "local", "path": str(weights_folder(model_cfg.init_from))}
     if model_cfg.get("tokenizer"):
         return OmegaConf.to_container(model_cfg.tokenizer, resolve=True)
     return OmegaConf.to_container(model_cfg, resolve=True)
 
 
-def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase):
-    """A causal LM in training mode, weights in `model.dtype`."""
+def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase,
+                   hardware: DictConfig | None = None, adapters: bool = True):
+    """A causal LM in training mode, weights in `model.dtype`.
+
+    With `hardware`: loaded in 4-bit NF4 when `hardware.load_in_4bit`, and wrapped in fresh LoRA
+    adapters when `hardware.lora.enabled` (unless `adapters=False`); `model.adapter_from` (a LoRA
+    checkpoint, set when resuming) loads its adapters.
+    """
     dtype = _dtype(model_cfg.dtype)
+    quantization = quantization_config(hardware)
     common = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation,
                   trust_remote_code=model_cfg.trust_remote_code)
+    if quantization is not None:
+        common["quantization_config"] = quantization
     if model_cfg.get("init_from"):
         model = _from_pretrained(AutoModelForCausalLM, _folder_for(
-            {"source": "local", "path": model_cfg.init_from}, cache_dir, "model.init_from"), "model.init_from", **common)
+            {"source": "local", "path": str(weights_folder(model_cfg.init_from))}, cache_dir, "model.init_from"),
+            "model.init_from", **common)
     elif model_cfg.source == "config":
-        model = _random_init(model_cfg, tokenizer, dtype)
+        model = _random_init(model_cfg, tokenizer, dtype, quantization, cache_dir)
     else:
         model = _from_pretrained(AutoModelForCausalLM, _folder_for(
             OmegaConf.to_container(model_cfg, resolve=True), cache_dir, "model"), "model", **common)
@@ -97,6 +108,10 @@ def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedT
         keep_first_layers(model, int(model_cfg.num_layers))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if adapters and uses_lora(hardware):
+        model = add_adapters(model, hardware)
+        if model_cfg.get("adapter_from"):
+            load_adapter_weights(model, model_cfg.adapter_from)
     model.train()
     return model
 
@@ -122,7 +137,8 @@ def keep_first_layers(model, num_layers: int) -> None:
         model.config.layer_types = model.config.layer_types[:num_layers]
 
 
-def _random_init(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
+def _random_init(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype,
+                 quantization=None, cache_dir: str | None = None):
     if "config" not in model_cfg:
         raise ConfigError("model.config", "source=config needs a `config` mapping (model_type, hidden_size, ...)")
     arch = OmegaConf.to_container(model_cfg.config, resolve=True)
@@ -131,4 +147,16 @@ def _random_init(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, dtyp
         model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **arch)
     config._attn_implementation = model_cfg.attn_implementation
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Its own seed: the same weights whenever the model is built (a QLoRA export rebuilds the base).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(model_cfg.get("init_seed") or 0))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if quantization is None:
+        return model
+    # bitsandbytes quantizes while loading: write the (seeded) random weights once and reload them.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quantization,
+                                                    attn_implementation=model_cfg.attn_implementation)

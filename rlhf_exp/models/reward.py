@@ -83,6 +83,15 @@ class RewardModel(nn.Module):
             "reward_mean": float(self.reward_mean), "score_position": "last real token (EOS)"}, indent=2) + "\n")
 
 
+def load_head(model: RewardModel, folder: str | Path) -> None:
+    """The head and the normalization offset saved beside a backbone."""
+    head = load_file(str(Path(folder) / HEAD_FILE))
+    with torch.no_grad():
+        model.head.weight.copy_(head["weight"])
+        model.head.bias.copy_(head["bias"])
+        model.reward_mean.copy_(head["reward_mean"].reshape(()))
+
+
 def reward_model_from_causal_lm(causal_lm) -> RewardModel:
     """A fresh head on the causal LM's backbone (its pretrained weights; the LM head is dropped)."""
     backbone = causal_lm.base_model
@@ -100,16 +109,14 @@ def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, de
 
     from rlhf_exp.errors import ConfigError
 
-    folder = Path(folder)
+    from rlhf_exp.models.peft import weights_folder
+
+    folder = weights_folder(folder)  # a LoRA checkpoint: its merged/ folder
     if not is_reward_model_folder(folder):
         raise ConfigError("reward model path", f"{folder} is not a reward model saved by stage=rm (no {HEAD_FILE})")
     backbone = AutoModel.from_pretrained(folder, dtype=dtype)
     model = RewardModel(backbone, backbone.config.hidden_size)
-    head = load_file(str(folder / HEAD_FILE))
-    with torch.no_grad():
-        model.head.weight.copy_(head["weight"])
-        model.head.bias.copy_(head["bias"])
-        model.reward_mean.copy_(head["reward_mean"].reshape(()))
+    load_head(model, folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 
+def decoder(model):
+    """The transformer body (no LM head) of a causal LM, a PeftModel around one, or a reference
+    with adapters disabled: what returns `last_hidden_state`."""
+    get_base = getattr(model, "get_base_model", None)
+    return (get_base() if get_base is not None else model).base_model
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(labels) under softmax(logits / temperature).
 
@@ -40,7 +47,7 @@ def masked_next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: t
     The backbone runs once; the LM head runs on the selected positions only. Models whose
     head does more than a linear projection (logit soft-capping) need `next_token_logprobs`.
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state  # [B, T, H]
     select = target_mask[:, 1:].bool()  # [B, T-1]: which next tokens are scored
     logits = model.get_output_embeddings()(hidden[:, :-1][select])  # [N, V]
@@ -62,7 +69,7 @@ def response_logprobs(model, input_ids: torch.Tensor, prompt_lengths: torch.Tens
     prompt_lengths, response_lengths = prompt_lengths.to(input_ids.device), response_lengths.to(input_ids.device)
     target_mask = ((columns >= prompt_lengths[:, None]) &
                    (columns < (prompt_lengths + response_lengths)[:, None])).long()
-    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # right padding: no mask
+    hidden = decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state  # right padding: no mask
     select = target_mask[:, 1:].bool()
     logits = model.get_output_embeddings()(hidden[:, :-1][select]).float() / temperature  # [N, V]
     log_norm = torch.logsumexp(logits, dim=-1)

@@ -8,10 +8,10 @@ metric history; `stage.resume_from=<checkpoint>` continues from it.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import shutil
-import time
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlhf_exp.errors import ConfigError
+from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_peft, merged_float_copy, uses_lora
 from rlhf_exp.optim import build_optimizer, build_scheduler
 from rlhf_exp.rollout import generate
 from rlhf_exp.runtime import make_runtime, rng_state, seed_everything, set_rng_state
@@ -117,13 +118,38 @@ class Trainer:
         return self.runtime.device
 
     @property
+    def lora(self) -> bool:
+        return uses_lora(self.cfg.hardware)
+
+    @property
     def model_cfg(self) -> DictConfig:
-        """cfg.model, pointed at the checkpoint when resuming."""
+        """cfg.model, pointed at the checkpoint when resuming (with LoRA: the base, plus the saved adapters)."""
         if not self.stage.get("resume_from"):
             return self.cfg.model
         model_cfg = OmegaConf.create(OmegaConf.to_container(self.cfg.model, resolve=True))
-        model_cfg.init_from = self.stage.resume_from
+        if self.lora:
+            model_cfg.adapter_from = self.stage.resume_from
+        else:
+            model_cfg.init_from = self.stage.resume_from
         return model_cfg
+
+    def load_policy(self) -> torch.nn.Module:
+        """The trainable causal LM on the device: full weights, or 4-bit / LoRA as the hardware profile says."""
+        from rlhf_exp.models import load_causal_lm
+
+        model = load_causal_lm(self.model_cfg, self.cfg.paths.cache_dir, self.tokenizer, self.cfg.hardware)
+        return model if getattr(model, "is_loaded_in_4bit", False) else model.to(self.device)
+
+    def frozen_reference(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """The starting policy, frozen: with LoRA the policy itself with adapters disabled (no copy),
+        else a copy (reloaded from the start when resuming, since the policy has moved)."""
+        if is_peft(policy):
+            return AdaptersDisabled(policy).eval()
+        from rlhf_exp.models import load_causal_lm
+
+        start = policy if not self.stage.get("resume_from") else load_causal_lm(
+            self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
+        return copy.deepcopy(start).eval().requires_grad_(False)
 
     def micro_batch_size(self, use: str | None = None) -> int:
         sizes = self.cfg.hardware.get("micro_batch_size") or {}
@@ -163,7 +189,7 @@ class Trainer:
         self.setup_data_and_model()
         if self.cfg.hardware.get("gradient_checkpointing"):
             self.model.gradient_checkpointing_enable()
-        self.optimizer = build_optimizer(self.model, self.stage)
+        self.optimizer = build_optimizer(self.model, self.stage, self.cfg.hardware.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.stage, self.total_optimizer_steps())
         if self.stage.get("resume_from"):
             self.load_trainer_state(Path(self.stage.resume_from))
@@ -192,6 +218,8 @@ class Trainer:
             self.log(self.evaluate())
         self.on_train_end()
         final = self.save_checkpoint(self.run_dir / "checkpoints" / "final")
+        if self.lora and self.cfg.hardware.lora.merge_on_save:
+            self.export_merged(final / MERGED)
         self.tracker.set_tags({"checkpoint_dir": str(final)})
         self.log_curves()
         return dict(self.last_metrics)
@@ -278,6 +306,25 @@ class Trainer:
         staging.rename(folder)
         log.info("checkpoint: %s", folder)
         return folder
+
+    def export_merged(self, folder: Path) -> None:
+        """A plain Hugging Face folder with the LoRA adapters merged into float base weights."""
+        merged = self.merged_model()
+        staging = folder.with_name(folder.name + ".partial")
+        merged.save_pretrained(staging, safe_serialization=True)
+        self.tokenizer.save_pretrained(staging)
+        staging.rename(folder)
+        log.info("merged model: %s", folder)
+
+    def merged_model(self) -> torch.nn.Module:
+        """The policy's adapters merged into a float copy of the base; stages with other models override."""
+        return self.merge_policy(self.model)
+
+    def merge_policy(self, policy: torch.nn.Module) -> torch.nn.Module:
+        from rlhf_exp.models import load_causal_lm
+
+        return merged_float_copy(policy, lambda: load_causal_lm(self.cfg.model, self.cfg.paths.cache_dir,
+                                                                self.tokenizer), self.cfg.hardware)
 
     def load_trainer_state(self, folder: Path) -> None:
         path = folder / TRAINER_STATE

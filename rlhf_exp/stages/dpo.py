@@ -4,13 +4,14 @@ and hinge variants (`stage.loss_type`), from an SFT checkpoint (`model.init_from
 Reference log-probs: by default computed once before training (`stage.precompute_ref_logps`)
 by the starting policy itself, for exactly the pairs the deterministic batch stream will
 visit and for the held-out pairs, so no reference model stays in memory or runs per step.
-`stage.precompute_ref_logps=false` keeps a frozen copy and scores each batch on the fly.
+`stage.precompute_ref_logps=false` keeps a frozen copy and scores each batch on the fly (with
+LoRA: the policy with its adapters disabled, and precomputing is exact too, since fresh
+adapters start at zero).
 Log-probs are summed over response tokens only; chosen and rejected share one forward.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -19,7 +20,6 @@ from tqdm.auto import tqdm
 from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
 from rlhf_exp.metrics import wilson_interval
-from rlhf_exp.models import load_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.stages.base import BatchStream, Trainer, chunks, length_order
 from rlhf_exp.stages.rm import pair_length
@@ -29,9 +29,8 @@ class DPOTrainer(Trainer):
     curve_metrics = ("train/loss", "eval/loss", "eval/accuracy", "eval/margin")
 
     def setup_data_and_model(self) -> None:
-        cfg = self.cfg
         self.prepare_data("preference")
-        self.model = load_causal_lm(self.model_cfg, cfg.paths.cache_dir, self.tokenizer).to(self.device)
+        self.model = self.load_policy()
         self.reference = None
         self.ref_train: dict[int, tuple[float, float]] = {}
         self.ref_val: torch.Tensor | None = None
@@ -39,8 +38,7 @@ class DPOTrainer(Trainer):
         if self.stage.precompute_ref_logps and not resuming:
             self._precompute_reference(self.model)  # the starting policy is the reference
         elif not self.stage.precompute_ref_logps:
-            start = self.model if not resuming else load_causal_lm(cfg.model, cfg.paths.cache_dir, self.tokenizer)
-            self.reference = copy.deepcopy(start).eval().requires_grad_(False)
+            self.reference = self.frozen_reference(self.model)
 
     # ------------------------------------------------------------------ log-probs
     def pair_logps(self, model, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,14 +3,11 @@ scoring, response log-probs and the held-out evaluation."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.factory import build
 from rlhf_exp.losses.policy import kl_penalty
-from rlhf_exp.models import load_causal_lm
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.rewards import score_completions
 from rlhf_exp.rollout import generate
@@ -26,10 +23,8 @@ class OnlineRLTrainer(Trainer):
         Returns the policy; the stage decides what `self.model` (the optimized module) holds.
         """
         self.prepare_data("sft")
-        policy = load_causal_lm(self.model_cfg, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
-        start = policy if not self.stage.get("resume_from") else load_causal_lm(
-            self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
-        self.reference = copy.deepcopy(start).eval().requires_grad_(False)
+        policy = self.load_policy()
+        self.reference = self.frozen_reference(policy)  # LoRA: the policy with adapters disabled
         self.reward_fn = build(self.cfg.reward.fn, "reward.fn")
         return policy
 

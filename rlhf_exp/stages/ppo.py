@@ -25,7 +25,10 @@ from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.losses import sft_loss
 from rlhf_exp.losses.policy import (clipped_policy_loss, clipped_value_loss, gae, kl_penalty, masked_mean,
                                     per_token_rewards, whiten)
-from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.models import load_causal_lm
+from rlhf_exp.models.peft import add_adapters, load_adapter_weights
+from rlhf_exp.models.reward import load_head, load_reward_model, reward_model_from_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.stages.base import chunks
 from rlhf_exp.stages.online import OnlineRLTrainer, pad_rows
@@ -51,16 +54,37 @@ class PPOTrainer(OnlineRLTrainer):
     curve_metrics = ("train/reward_mean", "eval/reward_mean", "train/value_loss")
 
     def setup_data_and_model(self) -> None:
+        if self.stage.ema_decay and self.cfg.hardware.get("load_in_4bit"):
+            raise ConfigError("stage.ema_decay", "an EMA copy of a 4-bit policy is not supported; set it to null")
         policy = self.setup_policy()
-        resume = self.stage.get("resume_from")
-        if resume and (Path(resume) / "critic").is_dir():
-            critic = load_reward_model(Path(resume) / "critic", device=self.device)[0].train()
-        elif self.cfg.reward.fn.get("path") and self.stage.critic_init in ("auto", "reward_model"):
-            critic = load_reward_model(self.cfg.reward.fn.path, device=self.device)[0].train()
-        else:
-            critic = reward_model_from_causal_lm(copy.deepcopy(policy)).train()
-        self.model = PolicyAndValue(policy, critic)
+        self.model = PolicyAndValue(policy, self.setup_critic(policy))
         self.ema = copy.deepcopy(policy).eval().requires_grad_(False) if self.stage.ema_decay else None
+
+    def setup_critic(self, policy) -> nn.Module:
+        """From the trained RM (reward=reward_model) or the policy's backbone; with LoRA, adapters on it."""
+        resume = self.stage.get("resume_from")
+        saved_critic = Path(resume) / "critic" if resume else None
+        from_rm = self.cfg.reward.fn.get("path") and self.stage.critic_init in ("auto", "reward_model")
+        if saved_critic is not None and saved_critic.is_dir() and not self.lora:
+            return load_reward_model(saved_critic, device=self.device)[0].train()
+        if from_rm:
+            critic = load_reward_model(self.cfg.reward.fn.path, device=self.device)[0]
+        elif self.lora:  # a separate frozen base for the critic; the policy's base stays the reference
+            critic = reward_model_from_causal_lm(load_causal_lm(
+                self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer, self.cfg.hardware, adapters=False))
+        else:
+            critic = reward_model_from_causal_lm(copy.deepcopy(policy))
+        if self.lora:
+            critic.requires_grad_(False)
+            critic.backbone = add_adapters(critic.backbone, self.cfg.hardware, "FEATURE_EXTRACTION")
+            critic.head.requires_grad_(True)
+            if saved_critic is not None:
+                load_adapter_weights(critic.backbone, saved_critic)
+                load_head(critic, saved_critic)
+        return critic.train()
+
+    def merged_model(self) -> nn.Module:
+        return self.merge_policy(self.model.policy)
 
     @property
     def policy(self):

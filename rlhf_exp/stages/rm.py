@@ -21,7 +21,8 @@ from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_sft
 from rlhf_exp.losses import bradley_terry_loss
 from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
 from rlhf_exp.models import load_causal_lm
-from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
+from rlhf_exp.models.peft import add_adapters, load_adapter_weights, merged_float_copy
+from rlhf_exp.models.reward import RewardModel, load_head, load_reward_model, reward_model_from_causal_lm
 from rlhf_exp.stages.base import Trainer, chunks, length_order
 from rlhf_exp.tracking.plots import close, reliability_figure
 
@@ -41,11 +42,20 @@ class RewardModelTrainer(Trainer):
         self.reference_set = [tokenize_sft(ex, self.tokenizer, cfg.data.max_prompt_tokens,
                                            cfg.data.max_response_tokens)
                               for ex in sft_train[: self.stage.norm_examples]]
-        if self.stage.get("resume_from"):
-            self.model = load_reward_model(self.stage.resume_from, device=self.device)[0].train()
+        resume = self.stage.get("resume_from")
+        if resume and not self.lora:
+            self.model = load_reward_model(resume, device=self.device)[0].train()
         else:
-            causal_lm = load_causal_lm(self.cfg.model, cfg.paths.cache_dir, self.tokenizer)
-            self.model = reward_model_from_causal_lm(causal_lm).to(self.device).train()
+            causal_lm = load_causal_lm(self.cfg.model, cfg.paths.cache_dir, self.tokenizer, cfg.hardware, adapters=False)
+            self.model = reward_model_from_causal_lm(causal_lm)
+            if not getattr(causal_lm, "is_loaded_in_4bit", False):
+                self.model = self.model.to(self.device)
+            if self.lora:  # adapters on the backbone; the head trains in full
+                self.model.backbone = add_adapters(self.model.backbone, cfg.hardware, "FEATURE_EXTRACTION")
+                if resume:
+                    load_adapter_weights(self.model.backbone, resume)
+                    load_head(self.model, resume)
+            self.model.train()
         self.tracker.set_tags({"rm.num_layers": self.model.config.num_hidden_layers})
 
     def pair_scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,3 +138,12 @@ class RewardModelTrainer(Trainer):
         after = float(self.reference_scores().mean())
         self.log({"rm/reward_mean": float(self.model.reward_mean), "rm/reference_score_after_norm": after})
         self.tracker.set_tags({"rm.reward_mean": f"{float(self.model.reward_mean):.6g}"})
+
+    def merged_model(self) -> RewardModel:
+        """The backbone's adapters merged into float weights, with the trained head and offset."""
+        backbone = merged_float_copy(self.model.backbone, lambda: load_causal_lm(
+            self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).base_model, self.cfg.hardware, "FEATURE_EXTRACTION")
+        merged = RewardModel(backbone, self.model.head.in_features)
+        merged.head.load_state_dict(self.model.head.state_dict())
+        merged.reward_mean.copy_(self.model.reward_mean)
+        return merged

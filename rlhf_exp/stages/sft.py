@@ -16,7 +16,6 @@ import torch
 
 from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.losses import sft_loss
-from rlhf_exp.models import load_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.stages.base import Trainer, chunks
 
@@ -24,7 +23,7 @@ from rlhf_exp.stages.base import Trainer, chunks
 class SFTTrainer(Trainer):
     def setup_data_and_model(self) -> None:
         self.prepare_data("sft")
-        self.model = load_causal_lm(self.model_cfg, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
+        self.model = self.load_policy()
 
     def _response_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p of each response token [B, T-1], 0 elsewhere; the mask of those targets [B, T-1])."""

@@ -1,0 +1,184 @@
+"""LoRA and QLoRA (peft + bitsandbytes NF4) for every stage, and merge-and-export.
+
+`hardware.lora.enabled` wraps the trainable model in LoRA adapters; `hardware.load_in_4bit`
+also loads the frozen base in 4-bit NF4 (QLoRA, Dettmers et al. 2023: NF4, double
+quantization, bf16 compute). The reference of DPO / GRPO / PPO is then the same model with its
+adapters disabled (`AdaptersDisabled`), so no second copy is held.
+
+Checkpoint layout with LoRA: the folder holds the adapters (what a resumed run loads onto the
+base); the final checkpoint also gets `merged/`, a plain Hugging Face folder with the adapters
+merged into float base weights (4-bit bases are reloaded in float for this, the usual QLoRA
+export), which `AutoModelForCausalLM.from_pretrained` loads without peft.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED = "merged"
+
+
+def uses_lora(hardware: DictConfig | None) -> bool:
+    return bool(hardware is not None and hardware.get("lora") and hardware.lora.enabled)
+
+
+def quantization_config(hardware: DictConfig | None):
+    """bitsandbytes NF4 config for QLoRA, or None."""
+    if hardware is None or not hardware.get("load_in_4bit"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if hardware.precision == "bf16" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def lora_config(hardware: DictConfig, task_type: str):
+    from peft import LoraConfig
+
+    lora = hardware.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      bias="none", task_type=task_type)
+
+
+def add_adapters(model: nn.Module, hardware: DictConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Freeze `model` and wrap it in fresh LoRA adapters (B = 0, so it starts equal to the base)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_4bit(model):
+        keep_4bit_differentiable(model)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(hardware.get("gradient_checkpointing")))
+    peft_model = get_peft_model(model, lora_config(hardware, task_type))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    log.info("LoRA r=%d on %s: %.2fM trainable of %.1fM parameters", hardware.lora.r, hardware.lora.target_modules,
+             trainable / 1e6, total / 1e6)
+    return peft_model
+
+
+def is_4bit(model: nn.Module) -> bool:
+    """Whether any weight of `model` is a bitsandbytes 4-bit parameter (also for inner modules,
+    which lack the `is_loaded_in_4bit` flag of the model that was loaded)."""
+    return any(type(p).__name__ == "Params4bit" for p in model.parameters())
+
+
+def keep_4bit_differentiable(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On an AVX-512 bf16 CPU, a `Linear4bit` run in eval mode without gradients (an evaluation, a
+    rollout) repacks its weight for `gemv_4bit`, which has no autograd: later training steps
+    then pass no gradient back through the frozen base, so every adapter below the last layer
+    gets a wrong gradient, silently (bitsandbytes 0.50).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
+    """Adapters saved by `save_pretrained` of a PeftModel, loaded onto a freshly wrapped one."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        from rlhf_exp.errors import ConfigError
+
+        raise ConfigError("stage.resume_from", f"{folder} has no LoRA adapters ({ADAPTER_WEIGHTS}); "
+                          "was it saved with hardware.lora.enabled=true?")
+    result = set_peft_model_state_dict(model, load_file(str(path)))
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"adapters in {folder} do not fit this model: unexpected {unexpected[:3]}")
+
+
+def merged_float_copy(peft_model: nn.Module, build_float_base: Callable[[], nn.Module], hardware: DictConfig,
+                      task_type: str = "CAUSAL_LM") -> nn.Module:
+    """The adapters of `peft_model` merged into a float copy of its base.
+
+    A float base is copied; a 4-bit base is rebuilt in float by `build_float_base` (merging into
+    NF4 weights would round the adapters away) and the adapters are copied onto it.
+    """
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    if not is_4bit(peft_model):
+        return copy.deepcopy(peft_model).merge_and_unload()
+    fresh = get_peft_model(build_float_base(), lora_config(hardware, task_type))
+    set_peft_model_state_dict(fresh, adapter_state(peft_model))
+    return fresh.merge_and_unload()
+
+
+def weights_folder(folder: str | Path) -> Path:
+    """Where a checkpoint's full weights are: `merged/` for a LoRA checkpoint, else the folder."""
+    folder = Path(folder)
+    return folder / MERGED if (folder / MERGED).is_dir() else folder
+
+
+class AdaptersDisabled(nn.Module):
+    """The base of a LoRA model as a module: calls run with the adapters switched off.
+
+    The frozen reference of DPO / GRPO / PPO under LoRA, sharing every weight with the policy.
+    Not registered as a child, so it adds no parameters anywhere.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The decoder body, run with adapters disabled (what `ops.logprobs.decoder` calls)."""
+        return _WithAdaptersDisabled(self.peft_model, self.peft_model.get_base_model().base_model)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.peft_model.get_output_embeddings()  # the LM head carries no adapter (all-linear skips it)
+
+
+class _WithAdaptersDisabled(nn.Module):
+    def __init__(self, peft_model: nn.Module, module: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)
+        object.__setattr__(self, "module", module)
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.module(*args, **kwargs)
+
+    @property
+    def device(self):
+        return next(self.peft_model.parameters()).device
