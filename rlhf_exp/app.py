@@ -15,9 +15,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import rlhf_exp
+from rlhf_exp import distributed
 from rlhf_exp.config import PROJECT_ROOT, flatten, validate
 from rlhf_exp.factory import build
-from rlhf_exp.tracking import make_tracker
+from rlhf_exp.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,54 @@ def resolved(cfg: DictConfig) -> DictConfig:
     return out
 
 
+def check_memory(cfg: DictConfig) -> dict[str, float] | None:
+    """plan=true: print the memory plan and return its figures (nothing is run). Otherwise stop
+    a run the plan says will not fit, before any weights are loaded."""
+    from rlhf_exp.errors import UserInputError
+    from rlhf_exp.planner import plan_run
+
+    if not cfg.get("plan") and not cfg.hardware.get("check_memory_plan", True):
+        return None
+    plan = plan_run(cfg)
+    if cfg.get("plan"):
+        print(f"memory plan: stage={cfg.stage.name} model={cfg.model.name} hardware={cfg.hardware.name}\n{plan.table()}")
+        return {"plan/total_gib": plan.total_gib, "plan/tensors_gib": plan.tensors_gib,
+                "plan/fits": float(plan.fits) if plan.fits is not None else float("nan")}
+    if plan.fits is False:
+        tips = "\n".join(f"  - {tip}" for tip in plan.advice(cfg.hardware, cfg.stage.name))
+        raise UserInputError(f"this run is not expected to fit in {plan.available_gib:.1f} GiB "
+                             f"(hardware={cfg.hardware.name}):\n{plan.table()}\nTry:\n{tips}\n"
+                             "(hardware.check_memory_plan=false launches anyway)")
+    return None
+
+
+def check_distributed(cfg: DictConfig) -> None:
+    from rlhf_exp.errors import ConfigError
+
+    world = distributed.world_size()
+    if world == 1:
+        return
+    if cfg.stage.name not in ("sft", "rm", "dpo"):
+        raise ConfigError("stage", f"stage={cfg.stage.name} runs in one process for now; data parallelism "
+                          "(torchrun) covers sft, rm and dpo")
+    if cfg.stage.batch_size % world:
+        raise ConfigError("stage.batch_size", f"must divide evenly over {world} processes (got {cfg.stage.batch_size})")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Run the stage `cfg.stage` names; returns its final metrics."""
+    """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's)."""
     cfg = resolved(cfg)
     validate(cfg)
-    run_dir = run_dir_for(cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    tracker = make_tracker(cfg.tracking, cfg.paths.root_dir)
+    planned = check_memory(cfg)
+    if planned is not None:
+        return planned
+    distributed.init(str(cfg.hardware.device))
+    check_distributed(cfg)
+    # torchrun: rank 0 picks the run folder (its clock and id) and the others use it; only it tracks
+    run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg)) if distributed.is_main() else None))
+    if distributed.is_main():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    tracker = make_tracker(cfg.tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
     run_name = cfg.get("run_name") or f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}"
     tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
             "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
@@ -86,3 +128,5 @@ def run(cfg: DictConfig) -> dict[str, float]:
             except Exception:
                 log.exception("could not log %s", log_file)
         tracker.finish(status)
+        if status == "FINISHED":
+            distributed.close()

@@ -24,8 +24,9 @@ _PROCESS_RUN_ID = secrets.token_hex(3)
 
 
 def _run_id() -> str:
-    # One id per process (all ranks of a torchrun job must agree: they set RLHF_EXP_RUN_ID).
-    return os.environ.get("RLHF_EXP_RUN_ID") or _PROCESS_RUN_ID
+    # One id per process; all ranks of a torchrun job share torchrun's job id (or RLHF_EXP_RUN_ID).
+    shared = os.environ.get("RLHF_EXP_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")[:6]
+    return shared or _PROCESS_RUN_ID
 
 
 def best_attention() -> str:

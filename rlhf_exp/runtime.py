@@ -55,3 +55,39 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _proc_status_bytes(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) * 1024
+    return float("nan")
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Start a new peak-memory window; returns the memory in use now (bytes).
+
+    CUDA: allocated tensor memory. CPU (Linux): resident set size; writing 5 to
+    /proc/self/clear_refs resets the kernel's high-water mark (VmHWM).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return float(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return _proc_status_bytes("VmRSS")
+    except OSError:  # not Linux
+        return float("nan")
+
+
+def peak_memory(device: torch.device) -> float:
+    """Peak memory (bytes) since the last `reset_peak_memory`."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        return _proc_status_bytes("VmHWM")
+    except OSError:
+        return float("nan")

@@ -21,11 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from rlhf_exp import distributed
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_peft, merged_float_copy, uses_lora
 from rlhf_exp.optim import build_optimizer, build_scheduler
 from rlhf_exp.rollout import generate
-from rlhf_exp.runtime import make_runtime, rng_state, seed_everything, set_rng_state
+from rlhf_exp.runtime import (make_runtime, peak_memory, reset_peak_memory, rng_state, seed_everything,
+                              set_rng_state)
 from rlhf_exp.tracking import Tracker
 from rlhf_exp.tracking.plots import close, curves_figure
 
@@ -98,6 +100,8 @@ class Trainer:
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.last_metrics: dict[str, float] = {}
         self.model = self.tokenizer = self.optimizer = self.scheduler = self.batches = None
+        self.memory_baseline = float("nan")
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
 
     # ------------------------------------------------------------------ what a stage writes
     def setup_data_and_model(self) -> None:
@@ -151,6 +155,10 @@ class Trainer:
             self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
         return copy.deepcopy(start).eval().requires_grad_(False)
 
+    def shard(self, items: Sequence[T]) -> Sequence[T]:
+        """This process's share of a global batch (all of it in a single process)."""
+        return items[self.rank::self.world_size]
+
     def micro_batch_size(self, use: str | None = None) -> int:
         sizes = self.cfg.hardware.get("micro_batch_size") or {}
         return int(sizes.get(use or self.stage.name) or self.stage.batch_size)
@@ -183,6 +191,7 @@ class Trainer:
         self.val_examples = val
         self.batches = BatchStream(len(self.train_set), self.cfg.seed)
         self.tracker.set_tags({"data.num_train": len(self.train_set), "data.num_eval": len(self.val_set)})
+        self.memory_baseline = reset_peak_memory(self.device)  # what the models and training add is measured from here
 
     def setup(self) -> None:
         seed_everything(self.cfg.seed)
@@ -216,23 +225,45 @@ class Trainer:
                     self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
         if evaluated_at != self.step:
             self.log(self.evaluate())
+        self.log_memory()
         self.on_train_end()
+        if self.world_size > 1:  # every replica must have taken the same steps
+            digests = distributed.gather_objects(distributed.parameter_digest(self.model))
+            self.tracker.set_tags({"dist.world_size": self.world_size, "dist.parameter_digests": ",".join(digests)})
+            self.log({"dist/replicas_identical": float(len(set(digests)) == 1)})
         final = self.save_checkpoint(self.run_dir / "checkpoints" / "final")
-        if self.lora and self.cfg.hardware.lora.merge_on_save:
+        if self.lora and self.cfg.hardware.lora.merge_on_save and distributed.is_main():
             self.export_merged(final / MERGED)
         self.tracker.set_tags({"checkpoint_dir": str(final)})
-        self.log_curves()
+        if distributed.is_main():
+            self.log_curves()
         return dict(self.last_metrics)
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step, advance the schedule, zero the gradients; every stage's update ends here."""
         lr = self.scheduler.get_last_lr()[0]
+        distributed.sum_gradients(self.model)  # torchrun: the global batch's gradient on every rank
         max_norm = self.stage.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"train/grad_norm": float(grad_norm), "train/lr": lr}
+
+    def log_memory(self) -> None:
+        """Measured peak memory of models + training (from after data loading), beside the plan."""
+        peak = peak_memory(self.device)
+        metrics = {"memory/peak_gib": peak / 2**30, "memory/baseline_gib": self.memory_baseline / 2**30,
+                   "memory/peak_over_baseline_gib": (peak - self.memory_baseline) / 2**30}
+        try:
+            from rlhf_exp.planner import plan_run
+
+            plan = plan_run(self.cfg)
+            metrics.update({"memory/planned_gib": plan.total_gib, "memory/planned_tensors_gib": plan.tensors_gib})
+            self.tracker.log_text(plan.table(), "memory_plan.txt")
+        except Exception:  # the plan is a report here; a gap in it must not fail a finished run
+            log.exception("memory plan failed")
+        self.log(metrics)
 
     def on_train_end(self) -> None:
         """Last changes to the model before the final checkpoint (the RM stores its reward mean)."""
@@ -293,7 +324,9 @@ class Trainer:
         pass
 
     def save_checkpoint(self, folder: Path) -> Path:
-        """Model (safetensors) + tokenizer + trainer_state.pt, written beside and renamed into place."""
+        """Model (safetensors) + tokenizer + trainer_state.pt, written beside and renamed into place (rank 0)."""
+        if not distributed.is_main():
+            return folder
         staging = folder.with_name(folder.name + ".partial")
         if staging.exists():
             shutil.rmtree(staging)

@@ -17,6 +17,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_exp import distributed
 from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
 from rlhf_exp.metrics import wilson_interval
@@ -102,7 +103,7 @@ class DPOTrainer(Trainer):
         indices = [indices[k] for k in order]
         total = len(indices)
         sums = dict(loss=0.0, right=0, chosen_reward=0.0, rejected_reward=0.0, chosen_logp=0.0, rejected_logp=0.0)
-        for chunk in chunks(indices, self.micro_batch_size()):
+        for chunk in chunks(self.shard(indices), self.micro_batch_size()):
             pairs = [self.train_set[i] for i in chunk]
             chosen, rejected, _ = self.pair_logps(self.model, pairs)
             ref_chosen, ref_rejected = self.reference_logps(chunk, pairs)
@@ -114,6 +115,7 @@ class DPOTrainer(Trainer):
             sums["rejected_reward"] += float(rejected_rewards.sum())
             sums["chosen_logp"] += float(chosen.detach().sum())
             sums["rejected_logp"] += float(rejected.detach().sum())
+        sums = distributed.sum_values(sums)
         update = self.optimizer_step()
         return {"train/loss": sums["loss"] / total, "train/accuracy": sums["right"] / total,
                 "train/rewards_chosen": sums["chosen_reward"] / total,

@@ -16,6 +16,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_exp import distributed
 from rlhf_exp.data import load_sft_splits
 from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_sft
 from rlhf_exp.losses import bradley_terry_loss
@@ -70,7 +71,7 @@ class RewardModelTrainer(Trainer):
         pairs = sorted((self.train_set[i] for i in self.batches.take(self.stage.batch_size)), key=pair_length)
         total = len(pairs)
         loss_sum, right, margins, chosen_sum, rejected_sum = 0.0, 0, 0.0, 0.0, 0.0
-        for chunk in chunks(pairs, self.micro_batch_size()):
+        for chunk in chunks(self.shard(pairs), self.micro_batch_size()):
             chosen, rejected = self.pair_scores(chunk)
             loss = bradley_terry_loss(chosen, rejected, self.stage.margin).sum() / total
             loss.backward()
@@ -80,9 +81,11 @@ class RewardModelTrainer(Trainer):
             margins += float((chosen - rejected).sum())
             chosen_sum += float(chosen.sum())
             rejected_sum += float(rejected.sum())
+        sums = distributed.sum_values({"loss": loss_sum, "right": right, "margin": margins, "chosen": chosen_sum,
+                                       "rejected": rejected_sum})
         update = self.optimizer_step()
-        return {"train/loss": loss_sum, "train/accuracy": right / total, "train/margin": margins / total,
-                "train/chosen_score": chosen_sum / total, "train/rejected_score": rejected_sum / total, **update,
+        return {"train/loss": sums["loss"], "train/accuracy": sums["right"] / total, "train/margin": sums["margin"] / total,
+                "train/chosen_score": sums["chosen"] / total, "train/rejected_score": sums["rejected"] / total, **update,
                 "train/step_seconds": time.perf_counter() - start}
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from rlhf_exp import distributed
 from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.losses import sft_loss
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
@@ -40,18 +41,21 @@ class SFTTrainer(Trainer):
         # Similar lengths share a micro batch (less padding); the loss is normalized over the
         # whole global batch, so the order does not change the gradient.
         items.sort(key=lambda x: len(x.prompt_ids) + len(x.response_ids))
-        micro_batches = [collate_sft(c, self.tokenizer.pad_token_id) for c in chunks(items, self.micro_batch_size())]
-        num_tokens = sum(int(b["response_mask"][:, 1:].sum()) for b in micro_batches)
+        # scored targets of the whole global batch (all ranks); a response at position 0 has no predictor
+        num_tokens = sum(len(x.response_ids) - (not x.prompt_ids) for x in items)
+        micro_batches = [collate_sft(c, self.tokenizer.pad_token_id)
+                         for c in chunks(self.shard(items), self.micro_batch_size())]
         loss_sum = 0.0
         for batch in micro_batches:
             logps, mask = self._response_logps(batch)
             loss = sft_loss(logps, mask, num_tokens)
             loss.backward()
             loss_sum += loss.item()
+        totals = distributed.sum_values({"loss": loss_sum, "tokens": sum(int(b["attention_mask"].sum())
+                                                                         for b in micro_batches)})
         update = self.optimizer_step()
         seconds = time.perf_counter() - start
-        all_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        return {"train/loss": loss_sum, **update, "train/tokens_per_s": all_tokens / seconds,
+        return {"train/loss": totals["loss"], **update, "train/tokens_per_s": totals["tokens"] / seconds,
                 "train/step_seconds": seconds}
 
     @torch.no_grad()

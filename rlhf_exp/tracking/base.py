@@ -20,6 +20,9 @@ class Tracker:
     def log_figure(self, figure, artifact_file: str) -> None:
         pass
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         pass
 

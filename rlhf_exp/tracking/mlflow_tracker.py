@@ -78,6 +78,9 @@ class MlflowTracker(Tracker):
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         if rows:
             columns = {key: [row.get(key) for row in rows] for key in rows[0]}

@@ -1,0 +1,80 @@
+"""The memory planner: parameter counts, the seeds' verdicts, and measured CPU peaks within 25%."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import mlflow_runs, run_cli, tiny_config, tracked_env
+from rlhf_exp.app import run
+from rlhf_exp.config import compose_config
+from rlhf_exp.errors import UserInputError
+from rlhf_exp.planner import model_shape, plan_run
+
+# A tiny model with enough width that models and activations, not the interpreter, dominate memory.
+WIDE = ["model.config.hidden_size=512", "model.config.intermediate_size=1536", "model.config.num_hidden_layers=4",
+        "model.config.num_attention_heads=8", "model.config.num_key_value_heads=4", "data.max_prompt_tokens=256",
+        "data.max_response_tokens=64", "stage.num_samples=0", "stage.eval_examples=8", "stage.max_steps=2"]
+
+
+def test_parameter_count_matches_the_instantiated_model(tmp_path):
+    from rlhf_exp.models import load_causal_lm, load_tokenizer
+
+    cfg = tiny_config(tmp_path, *WIDE)
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    model = load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
+    assert model_shape(cfg.model, cfg.paths.cache_dir).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("model", "params_b"), [("smollm2_135m", 0.1345), ("mistral_7b", 7.2416),
+                                                 ("llama2_7b", 6.7384), ("qwen2_5_0_5b", 0.494)])
+def test_parameter_counts_of_known_models(model, params_b):
+    shape = model_shape(compose_config([f"model={model}"]).model)
+    assert shape.params / 1e9 == pytest.approx(params_b, rel=0.01)
+
+
+@pytest.mark.parametrize(("overrides", "fits"), [
+    (["model=mistral_7b", "hardware=h100", "stage=dpo", "data=hh_rlhf"], True),       # the H100 seed: LoRA
+    (["model=llama2_7b", "hardware=rtx4090", "stage=dpo", "data=hh_rlhf"], True),     # the 4090 seed: QLoRA
+    (["model=llama2_7b", "hardware=rtx4090", "stage=sft", "hardware.lora.enabled=false",
+      "hardware.load_in_4bit=false", "hardware.optimizer=adamw"], False),              # full fine-tuning of 7B
+    (["model=qwen2_5_0_5b", "hardware=dgx_spark", "stage=grpo"], True),               # the DGX Spark seed
+])
+def test_seed_configurations_on_paper(overrides, fits):
+    plan = plan_run(compose_config(overrides))
+    assert plan.fits is fits, plan.table()
+
+
+def test_plan_true_prints_the_table_without_a_gpu_or_weights(tmp_path):
+    out = run_cli("stage=dpo", "model=llama2_7b", "hardware=rtx4090", "plan=true", env=tracked_env(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "weights (linear layers NF4)" in out.stdout and "verdict: fits" in out.stdout
+    assert not (tmp_path / "m.db").exists()  # nothing was run or tracked
+
+
+def test_a_run_that_will_not_fit_stops_before_loading_with_advice(tmp_path):
+    with pytest.raises(UserInputError, match="not expected to fit") as error:
+        run(tiny_config(tmp_path, "model=llama2_7b", "hardware.memory_gb=24"))
+    assert "hardware.lora.enabled=true" in str(error.value)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("stage", [
+    ["stage=sft", "hardware.micro_batch_size.sft=4"],
+    ["stage=dpo", "data=hh_rlhf", "data.max_train_examples=64", "hardware.micro_batch_size.dpo=2"],
+    ["stage=grpo", "stage.batch_size=2", "stage.samples_per_prompt=4", "stage.minibatch_size=8",
+     "hardware.micro_batch_size.grpo=4", "stage.generation.max_new_tokens=32", "stage.eval_examples=4"],
+], ids=["sft", "dpo", "grpo"])
+def test_measured_cpu_peak_is_within_25_percent_of_the_plan(tmp_path, stage):
+    """A fresh process per run: the peak (VmHWM) of models + training, from after data loading."""
+    out = run_cli(*_cli_tiny(), *WIDE, *stage, env=tracked_env(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = mlflow_runs(tmp_path / "m.db")
+    metrics = runs[0].data.metrics
+    measured, planned = metrics["memory/peak_over_baseline_gib"], metrics["memory/planned_tensors_gib"]
+    assert abs(measured - planned) <= 0.25 * measured, f"measured {measured:.3f} GiB, planned {planned:.3f} GiB"
+
+
+def _cli_tiny() -> list[str]:
+    from conftest import TINY
+
+    return [o for o in TINY if not o.startswith("stage.max_steps")]
