@@ -32,7 +32,11 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("eval/loss")
 
 
-if __name__ == "__main__":
+def cli() -> None:
     # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
     sys.argv = [sys.argv[0], *resolve_auto_hardware(sys.argv[1:])]
     main()
+
+
+if __name__ == "__main__":
+    cli()
