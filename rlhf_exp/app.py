@@ -38,10 +38,10 @@ def run_dir_for(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         folder = Path(HydraConfig.get().runtime.output_dir)
     else:
-        from rlhf_exp.config import _run_id
+        from rlhf_exp.config import run_id
 
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        folder = Path(cfg.paths.runs_dir) / cfg.stage.name / f"{stamp}_{_run_id()}_{time.monotonic_ns() % 10**6}"
+        folder = Path(cfg.paths.runs_dir) / cfg.stage.name / f"{stamp}_{run_id()}_{time.monotonic_ns() % 10**6}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

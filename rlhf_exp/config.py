@@ -23,7 +23,7 @@ CONF_DIR = PROJECT_ROOT / "conf"
 _PROCESS_RUN_ID = secrets.token_hex(3)
 
 
-def _run_id() -> str:
+def run_id() -> str:
     # One id per process; all ranks of a torchrun job share torchrun's job id (or RLHF_EXP_RUN_ID).
     shared = os.environ.get("RLHF_EXP_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")[:6]
     return shared or _PROCESS_RUN_ID
@@ -71,7 +71,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("run_id"):
-        OmegaConf.register_new_resolver("run_id", _run_id)
+        OmegaConf.register_new_resolver("run_id", run_id)
 
 
 register_resolvers()

@@ -159,6 +159,24 @@ class Trainer:
         """This process's share of a global batch (all of it in a single process)."""
         return items[self.rank::self.world_size]
 
+    @torch.no_grad()
+    def score_in_length_order(self, model, items: Sequence[T], length, score_chunk, desc: str | None = None):
+        """`score_chunk(list of items) -> tensor [n, ...]` over eval micro batches of similar length
+        (less padding), with `model` in eval mode; rows come back in the items' order."""
+        was_training = model.training
+        model.eval()
+        order = length_order(items, length)
+        parts = [score_chunk([items[i] for i in chunk]).float().cpu()
+                 for chunk in tqdm(list(chunks(order, self.micro_batch_size("eval"))), desc=desc, leave=False,
+                                   disable=desc is None)]
+        model.train(was_training)
+        if not parts:
+            return torch.zeros(0)
+        stacked = torch.cat(parts)
+        out = torch.empty_like(stacked)
+        out[order] = stacked
+        return out
+
     def micro_batch_size(self, use: str | None = None) -> int:
         sizes = self.cfg.hardware.get("micro_batch_size") or {}
         return int(sizes.get(use or self.stage.name) or self.stage.batch_size)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf_exp import distributed
 from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
 from rlhf_exp.metrics import wilson_interval
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
-from rlhf_exp.stages.base import BatchStream, Trainer, chunks, length_order
+from rlhf_exp.stages.base import BatchStream, Trainer, chunks
 from rlhf_exp.stages.rm import pair_length
 
 
@@ -55,18 +54,10 @@ class DPOTrainer(Trainer):
     @torch.no_grad()
     def _score(self, model, pairs, desc: str) -> torch.Tensor:
         """[N, 2]: (chosen, rejected) summed log-probs of each pair, in the pairs' order."""
-        was_training = model.training
-        model.eval()
-        order = length_order(pairs, pair_length)
-        out = []
-        for chunk in tqdm(list(chunks(order, self.micro_batch_size("eval"))), desc=desc, leave=False):
-            chosen, rejected, _ = self.pair_logps(model, [pairs[i] for i in chunk])
-            out.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
-        model.train(was_training)
-        scores = torch.zeros(len(pairs), 2)
-        if out:
-            scores[order] = torch.cat(out)
-        return scores
+        if not pairs:
+            return torch.zeros(0, 2)
+        return self.score_in_length_order(model, pairs, pair_length,
+                                          lambda chunk: torch.stack(self.pair_logps(model, chunk)[:2], dim=-1), desc)
 
     def _precompute_reference(self, model) -> None:
         """Reference log-probs of the pairs training will visit (the stream is deterministic)."""

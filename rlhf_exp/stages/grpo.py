@@ -53,7 +53,7 @@ class GRPOTrainer(OnlineRLTrainer):
         t = time.perf_counter()
         repeated_prompts = [p for p in prompts for _ in range(stage.samples_per_prompt)]
         repeated_ids = [p for p in prompt_ids for _ in range(stage.samples_per_prompt)]
-        rewards, raw, has_eos, _ = self.score(repeated_prompts, repeated_ids, responses)
+        rewards, raw, has_eos, _ = self.score(repeated_prompts, responses)
         advantages = group_advantages(rewards, stage.samples_per_prompt, stage.scale_rewards_by_std)
         times["scoring"] = time.perf_counter() - t
 

@@ -44,7 +44,7 @@ class OnlineRLTrainer(Trainer):
                         temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
                         autocast=self.runtime.autocast())
 
-    def score(self, prompts: list[str], prompt_ids: list[list[int]], responses: list[list[int]]):
+    def score(self, prompts: list[str], responses: list[list[int]]):
         eos = self.tokenizer.eos_token_id
         has_eos = [bool(r) and r[-1] == eos for r in responses]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -78,7 +78,7 @@ class OnlineRLTrainer(Trainer):
             torch.manual_seed(self.cfg.seed + 1)  # the same draws at every evaluation
             responses = self.sample(prompt_ids, 1, self.eval_policy)
         prompts = [ex.prompt for ex in self.val_examples]
-        rewards, raw, has_eos, texts = self.score(prompts, prompt_ids, responses)
+        rewards, raw, has_eos, texts = self.score(prompts, responses)
         ref_logps = self.score_rollout(self.reference, [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses) if r])
         pol_logps = self.score_rollout(self.eval_policy, [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses) if r])
         kl = torch.cat([kl_penalty(a, b, "k3") for a, b in zip(pol_logps, ref_logps)]) if pol_logps else torch.zeros(1)

@@ -114,7 +114,7 @@ class PPOTrainer(OnlineRLTrainer):
         times["generation"] = time.perf_counter() - start
 
         t = time.perf_counter()
-        rewards, raw, has_eos, _ = self.score([self.tokenizer.decode(p) for p in prompt_ids], prompt_ids, responses)
+        rewards, raw, has_eos, _ = self.score([self.tokenizer.decode(p) for p in prompt_ids], responses)
         times["scoring"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf_exp import distributed
 from rlhf_exp.data import load_sft_splits
@@ -24,7 +23,7 @@ from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilso
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.peft import add_adapters, load_adapter_weights, merged_float_copy
 from rlhf_exp.models.reward import RewardModel, load_head, load_reward_model, reward_model_from_causal_lm
-from rlhf_exp.stages.base import Trainer, chunks, length_order
+from rlhf_exp.stages.base import Trainer, chunks
 from rlhf_exp.tracking.plots import close, reliability_figure
 
 
@@ -91,15 +90,9 @@ class RewardModelTrainer(Trainer):
     @torch.no_grad()
     def scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen [N], rejected [N]) scores of held-out pairs, in their order."""
-        self.model.eval()
-        order = length_order(pairs, pair_length)
-        out = []
-        for chunk in tqdm(list(chunks(order, self.micro_batch_size("eval"))), desc="score held-out pairs",
-                          leave=False):
-            out.append(torch.stack(self.pair_scores([pairs[i] for i in chunk]), dim=-1).cpu())
-        self.model.train()
-        scores = torch.empty(len(pairs), 2)
-        scores[order] = torch.cat(out)
+        scores = self.score_in_length_order(self.model, pairs, pair_length,
+                                            lambda chunk: torch.stack(self.pair_scores(chunk), dim=-1),
+                                            "score held-out pairs")
         return scores[:, 0], scores[:, 1]
 
     def evaluate(self) -> dict[str, float]:
@@ -118,19 +111,15 @@ class RewardModelTrainer(Trainer):
                 "eval/chosen_score": float(chosen.mean()), "eval/rejected_score": float(rejected.mean()),
                 "eval/margin": float((chosen - rejected).mean()), "eval/ece": expected_calibration_error(table)}
 
-    @torch.no_grad()
     def reference_scores(self) -> torch.Tensor:
-        self.model.eval()
-        order = length_order(self.reference_set, lambda x: len(x.prompt_ids) + len(x.response_ids))
-        out = []
-        for chunk in chunks(order, self.micro_batch_size("eval")):
-            batch = collate_sft([self.reference_set[i] for i in chunk], self.tokenizer.pad_token_id)
+        """Scores [N] of the SFT references (their mean becomes the model's zero)."""
+        def score(chunk):
+            batch = collate_sft(chunk, self.tokenizer.pad_token_id)
             with self.runtime.autocast():
-                out.append(self.model(batch["input_ids"].to(self.device), batch["lengths"]).cpu())
-        self.model.train()
-        scores = torch.empty(len(self.reference_set))
-        scores[order] = torch.cat(out)
-        return scores
+                return self.model(batch["input_ids"].to(self.device), batch["lengths"])
+
+        return self.score_in_length_order(self.model, self.reference_set,
+                                          lambda x: len(x.prompt_ids) + len(x.response_ids), score)
 
     def on_train_end(self) -> None:
         """Normalize: the SFT references' mean score becomes 0 in the saved model."""
