@@ -73,3 +73,31 @@ def test_smollm2_sft_steps_lower_the_training_loss(tmp_path):
     evals = client.get_metric_history(runs[0].info.run_id, "eval/loss")
     assert runs[0].info.status == "FINISHED" and 0 < metrics["eval/loss"] < 10
     assert evals[-1].value < evals[0].value
+
+
+@pytest.mark.smoke
+def test_smollm2_qlora_dpo_runs_and_its_merged_folder_loads_and_generates(tmp_path):
+    """Issue 5: QLoRA DPO on the embedded SmolLM2 on CPU; the merged folder is plain Hugging Face."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import mlflow_runs, tiny_config
+    from rlhf_exp.app import run
+
+    cfg = tiny_config(tmp_path, "model=smollm2_135m", "stage=dpo", "data=hh_rlhf", "data.val_size=8",
+                      "data.max_train_examples=16", "data.max_prompt_tokens=64", "data.max_response_tokens=24",
+                      "stage.max_steps=2", "stage.eval_examples=8", "stage.num_samples=0", "stage.lr=1e-4",
+                      "hardware.precision=bf16", "hardware.micro_batch_size.dpo=2",
+                      "hardware.lora.enabled=true", "hardware.load_in_4bit=true")
+    metrics = run(cfg)
+    client, runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert runs[0].info.status == "FINISHED" and metrics["eval/loss"] > 0
+    merged = Path(runs[0].data.tags["checkpoint_dir"]) / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert sum(p.numel() for p in model.parameters()) > 130e6  # full float weights, no adapters
+    ids = tokenizer("\n\nHuman: What is a good name for a cat?\n\nAssistant:", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1] and tokenizer.decode(out[0, ids.shape[1]:]).strip()
