@@ -195,9 +195,11 @@ def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: b
     plan.add(role, "gradients", count * tbytes)
     state_bytes = 2 * tbytes if hardware.optimizer == "adamw" else 2  # two states; 8-bit: a byte each
     plan.add(role, f"optimizer states ({hardware.optimizer})", count * state_bytes)
-    if hardware.precision != "fp32" and wbytes == 4 and not quantized:
-        # autocast caches a 16-bit copy of each fp32 weight it casts, for the backward pass
-        plan.add(role, "autocast 16-bit weight copies", (shape.linear_params + shape.vocab * shape.hidden) * 2)
+    if hardware.precision != "fp32" and (wbytes == 4 or quantized):
+        # autocast caches a 16-bit copy of each fp32 weight it casts, for the backward pass (4-bit
+        # layers compute through bitsandbytes: only the fp32 LM head is cast)
+        cast = shape.vocab * shape.hidden + (0 if quantized else shape.linear_params)
+        plan.add(role, "autocast 16-bit weight copies", cast * 2)
 
 
 def add_activations(plan: Plan, role: str, shape: Shape, cfg: DictConfig, sequences: int, tokens: int,
@@ -212,6 +214,16 @@ def add_activations(plan: Plan, role: str, shape: Shape, cfg: DictConfig, sequen
         stored = per_layer * shape.layers
         what = "activations"
     plan.add(role, f"{what}: {sequences} seq x {tokens} tok", stored)
+    lora = cfg.hardware.lora
+    if lora.enabled:
+        # each adapted linear keeps its own input: a dropout copy (+ a 1-byte mask) in the residual
+        # dtype, and with 4-bit weights also the base layer's cast to the compute dtype
+        h, i = shape.hidden, shape.intermediate
+        inputs = (6 * h + i) if shape.gated_mlp else (5 * h + i)  # q k v o gate up (down: i)
+        residual = _DTYPE_BYTES[cfg.model.dtype]
+        per_token = inputs * ((residual + 1 if lora.dropout > 0 else 0) + (2 if cfg.hardware.load_in_4bit else 0))
+        layers = 1 if cfg.hardware.gradient_checkpointing else shape.layers
+        plan.add(role, "activations: LoRA inputs, dropout copies", per_token * layers * sequences * tokens)
     if scored_tokens:
         # fp32 logits, their log-softmax and gradient for the scored positions only
         plan.add(role, f"LM-head logits: {scored_tokens} positions", scored_tokens * shape.vocab * 4 * 3)
