@@ -62,7 +62,10 @@ def resolve_auto_hardware(overrides: Iterable[str]) -> list[str]:
     if choices and any(o.split("=", 1)[1] != "auto" for o in choices):
         return overrides
     picked = f"hardware={detect_hardware_profile()}"
-    return [o for o in overrides if o not in choices] + [picked]
+    kept = [o for o in overrides if o not in choices]
+    # beside the other overrides: Hydra's command line takes them as one contiguous group
+    last = max((i for i, o in enumerate(kept) if "=" in o and not o.startswith("-")), default=len(kept) - 1)
+    return kept[: last + 1] + [picked] + kept[last + 1:]
 
 
 def register_resolvers() -> None:

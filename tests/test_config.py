@@ -102,6 +102,9 @@ def test_hardware_auto_is_cpu_without_a_gpu_and_explicit_profiles_are_kept():
     assert resolve_auto_hardware(["stage=dpo"]) == ["stage=dpo", "hardware=cpu"]
     assert resolve_auto_hardware(["hardware=auto", "seed=1"]) == ["seed=1", "hardware=cpu"]
     assert resolve_auto_hardware(["hardware=h100"]) == ["hardware=h100"]
+    # next to the other overrides, so flags after them still parse
+    assert resolve_auto_hardware(["model=tiny", "--cfg", "job"]) == ["model=tiny", "hardware=cpu", "--cfg", "job"]
+    assert resolve_auto_hardware(["--cfg", "job"]) == ["--cfg", "job", "hardware=cpu"]
 
 
 def test_seed_profiles_set_what_their_machines_need():
