@@ -100,7 +100,7 @@ def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedT
             {"source": "local", "path": str(weights_folder(model_cfg.init_from))}, cache_dir, "model.init_from"),
             "model.init_from", **common)
     elif model_cfg.source == "config":
-        model = _random_init(model_cfg, tokenizer, dtype, quantization, cache_dir)
+        model = _random_init(model_cfg, tokenizer, dtype, quantization)
     else:
         model = _from_pretrained(AutoModelForCausalLM, _folder_for(
             OmegaConf.to_container(model_cfg, resolve=True), cache_dir, "model"), "model", **common)
@@ -137,8 +137,7 @@ def keep_first_layers(model, num_layers: int) -> None:
         model.config.layer_types = model.config.layer_types[:num_layers]
 
 
-def _random_init(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype,
-                 quantization=None, cache_dir: str | None = None):
+def _random_init(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, quantization=None):
     if "config" not in model_cfg:
         raise ConfigError("model.config", "source=config needs a `config` mapping (model_type, hidden_size, ...)")
     arch = OmegaConf.to_container(model_cfg.config, resolve=True)

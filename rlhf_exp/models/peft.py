@@ -142,16 +142,18 @@ class AdaptersDisabled(nn.Module):
     """The base of a LoRA model as a module: calls run with the adapters switched off.
 
     The frozen reference of DPO / GRPO / PPO under LoRA, sharing every weight with the policy.
-    Not registered as a child, so it adds no parameters anywhere.
+    Not registered as a child, so it adds no parameters anywhere. `module` (default: the whole
+    model) is what a call runs, e.g. the decoder body.
     """
 
-    def __init__(self, peft_model: nn.Module):
+    def __init__(self, peft_model: nn.Module, module: nn.Module | None = None):
         super().__init__()
         object.__setattr__(self, "peft_model", peft_model)
+        object.__setattr__(self, "module", module if module is not None else peft_model)
 
     def forward(self, *args, **kwargs):
         with self.peft_model.disable_adapter():
-            return self.peft_model(*args, **kwargs)
+            return self.module(*args, **kwargs)
 
     @property
     def config(self):
@@ -160,22 +162,21 @@ class AdaptersDisabled(nn.Module):
     @property
     def base_model(self) -> nn.Module:
         """The decoder body, run with adapters disabled (what `ops.logprobs.decoder` calls)."""
-        return _WithAdaptersDisabled(self.peft_model, self.peft_model.get_base_model().base_model)
+        return AdaptersDisabled(self.peft_model, self.peft_model.get_base_model().base_model)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.peft_model.get_output_embeddings()  # the LM head carries no adapter (all-linear skips it)
 
 
-class _WithAdaptersDisabled(nn.Module):
-    def __init__(self, peft_model: nn.Module, module: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "peft_model", peft_model)
-        object.__setattr__(self, "module", module)
+def add_reward_adapters(model: nn.Module, hardware: DictConfig, saved: str | Path | None = None) -> nn.Module:
+    """A reward model / critic for LoRA training: frozen, adapters on its backbone, the head trained
+    in full; `saved` (a LoRA checkpoint folder of one) restores its adapters and head."""
+    from rlhf_exp.models.reward import load_head
 
-    def forward(self, *args, **kwargs):
-        with self.peft_model.disable_adapter():
-            return self.module(*args, **kwargs)
-
-    @property
-    def device(self):
-        return next(self.peft_model.parameters()).device
+    model.requires_grad_(False)
+    model.backbone = add_adapters(model.backbone, hardware, "FEATURE_EXTRACTION")
+    model.head.requires_grad_(True)
+    if saved is not None:
+        load_adapter_weights(model.backbone, saved)
+        load_head(model, saved)
+    return model

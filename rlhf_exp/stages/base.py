@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rlhf_exp import distributed
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_peft, merged_float_copy, uses_lora
+from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
 from rlhf_exp.optim import build_optimizer, build_scheduler
 from rlhf_exp.rollout import generate
 from rlhf_exp.runtime import (make_runtime, peak_memory, reset_peak_memory, rng_state, seed_everything,
@@ -141,8 +141,11 @@ class Trainer:
         """The trainable causal LM on the device: full weights, or 4-bit / LoRA as the hardware profile says."""
         from rlhf_exp.models import load_causal_lm
 
-        model = load_causal_lm(self.model_cfg, self.cfg.paths.cache_dir, self.tokenizer, self.cfg.hardware)
-        return model if getattr(model, "is_loaded_in_4bit", False) else model.to(self.device)
+        return self.place(load_causal_lm(self.model_cfg, self.cfg.paths.cache_dir, self.tokenizer, self.cfg.hardware))
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` on the run's device; a 4-bit model is already where bitsandbytes put it."""
+        return model if is_4bit(model) else model.to(self.device)
 
     def frozen_reference(self, policy: torch.nn.Module) -> torch.nn.Module:
         """The starting policy, frozen: with LoRA the policy itself with adapters disabled (no copy),

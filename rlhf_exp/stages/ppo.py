@@ -27,8 +27,8 @@ from rlhf_exp.losses.policy import (clipped_policy_loss, clipped_value_loss, gae
                                     per_token_rewards, whiten)
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.models import load_causal_lm
-from rlhf_exp.models.peft import add_adapters, load_adapter_weights
-from rlhf_exp.models.reward import load_head, load_reward_model, reward_model_from_causal_lm
+from rlhf_exp.models.peft import add_reward_adapters
+from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.stages.base import chunks
 from rlhf_exp.stages.online import OnlineRLTrainer, pad_rows
@@ -75,12 +75,7 @@ class PPOTrainer(OnlineRLTrainer):
         else:
             critic = reward_model_from_causal_lm(copy.deepcopy(policy))
         if self.lora:
-            critic.requires_grad_(False)
-            critic.backbone = add_adapters(critic.backbone, self.cfg.hardware, "FEATURE_EXTRACTION")
-            critic.head.requires_grad_(True)
-            if saved_critic is not None:
-                load_adapter_weights(critic.backbone, saved_critic)
-                load_head(critic, saved_critic)
+            add_reward_adapters(critic, self.cfg.hardware, saved_critic)
         return critic.train()
 
     def merged_model(self) -> nn.Module:

@@ -21,8 +21,8 @@ from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_sft
 from rlhf_exp.losses import bradley_terry_loss
 from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
 from rlhf_exp.models import load_causal_lm
-from rlhf_exp.models.peft import add_adapters, load_adapter_weights, merged_float_copy
-from rlhf_exp.models.reward import RewardModel, load_head, load_reward_model, reward_model_from_causal_lm
+from rlhf_exp.models.peft import add_reward_adapters, merged_float_copy
+from rlhf_exp.models.reward import RewardModel, load_reward_model, reward_model_from_causal_lm
 from rlhf_exp.stages.base import Trainer, chunks
 from rlhf_exp.tracking.plots import close, reliability_figure
 
@@ -47,14 +47,9 @@ class RewardModelTrainer(Trainer):
             self.model = load_reward_model(resume, device=self.device)[0].train()
         else:
             causal_lm = load_causal_lm(self.cfg.model, cfg.paths.cache_dir, self.tokenizer, cfg.hardware, adapters=False)
-            self.model = reward_model_from_causal_lm(causal_lm)
-            if not getattr(causal_lm, "is_loaded_in_4bit", False):
-                self.model = self.model.to(self.device)
+            self.model = self.place(reward_model_from_causal_lm(causal_lm))
             if self.lora:  # adapters on the backbone; the head trains in full
-                self.model.backbone = add_adapters(self.model.backbone, cfg.hardware, "FEATURE_EXTRACTION")
-                if resume:
-                    load_adapter_weights(self.model.backbone, resume)
-                    load_head(self.model, resume)
+                add_reward_adapters(self.model, cfg.hardware, resume)
             self.model.train()
         self.tracker.set_tags({"rm.num_layers": self.model.config.num_hidden_layers})
 
