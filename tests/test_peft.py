@@ -138,3 +138,13 @@ def test_qlora_gradients_reach_every_adapter_after_an_evaluation(tmp_path):
     (-logps.sum()).backward()
     grads = {n: p.grad for n, p in trainer.model.named_parameters() if "lora_B" in n}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_lora_resume_from_a_checkpoint_without_adapters_names_the_key(tmp_path):
+    from rlhf_exp.errors import ConfigError
+
+    run(tiny_config(tmp_path / "full", "stage.max_steps=1", "stage.num_samples=0"))
+    client, runs = mlflow_runs(tmp_path / "full" / "mlflow.db")
+    full_checkpoint = runs[0].data.tags["checkpoint_dir"]
+    with pytest.raises(ConfigError, match="stage.resume_from"):
+        run(tiny_config(tmp_path / "lora", *LORA, f"stage.resume_from={full_checkpoint}"))

@@ -78,3 +78,10 @@ def _cli_tiny() -> list[str]:
     from conftest import TINY
 
     return [o for o in TINY if not o.startswith("stage.max_steps")]
+
+
+def test_plan_of_a_model_without_a_known_shape_names_the_key(tmp_path):
+    from rlhf_exp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.arch"):
+        run(tiny_config(tmp_path, "model=mistral_7b", "model.arch=null", "plan=true"))
