@@ -91,6 +91,13 @@ def check_distributed(cfg: DictConfig) -> None:
     if cfg.stage.name not in ("sft", "rm", "dpo"):
         raise ConfigError("stage", f"stage={cfg.stage.name} runs in one process for now; data parallelism "
                           "(torchrun) covers sft, rm and dpo")
+    parallel = cfg.get("parallel") or {}
+    if parallel.get("fsdp") and (cfg.hardware.lora.enabled or cfg.hardware.load_in_4bit):
+        raise ConfigError("parallel", f"parallel={parallel.name} shards full weights; with LoRA / 4-bit the "
+                          "trainable part is small: use parallel=ddp (or zero1)")
+    if parallel.get("shard_optimizer") and cfg.hardware.optimizer != "adamw":
+        raise ConfigError("hardware.optimizer", f"parallel={parallel.name} shards torch's AdamW; "
+                          f"{cfg.hardware.optimizer} (bitsandbytes) is not shardable: use hardware.optimizer=adamw")
     if cfg.stage.batch_size % world:
         raise ConfigError("stage.batch_size", f"must divide evenly over {world} processes (got {cfg.stage.batch_size})")
 

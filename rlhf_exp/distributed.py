@@ -9,15 +9,24 @@ stages call the decoder and LM head separately (only scored positions are projec
 accumulate micro batches, which DDP's forward hooks do not see; bucketed, overlapped
 all-reduce is what larger multi-GPU runs would add. Only rank 0 logs to MLflow and writes
 checkpoints; the run folder is rank 0's, broadcast to the others.
+
+Sharding (`parallel=` group) goes through PyTorch's own engines: `zero1` partitions optimizer
+states with `ZeroRedundancyOptimizer`; `fsdp` / `zero2` wrap every transformer block with FSDP2
+`fully_shard` (its reduce-scatter sums the blocks' gradients; the replicated rest is summed here).
+Checkpoints are always written whole (full state dicts gathered to rank 0): a sharded run's
+model folder loads anywhere; its optimizer state resumes under the same `parallel` mode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 
 
 def world_size() -> int:
@@ -61,14 +70,122 @@ def broadcast_object(value):
 
 
 def sum_gradients(model: torch.nn.Module) -> None:
-    """Sum every trainable parameter's gradient over the ranks (missing ones count as zero)."""
+    """Sum every replicated trainable parameter's gradient over the ranks (missing ones count as
+    zero). FSDP-sharded parameters (DTensors) were already reduce-scattered in backward."""
     if world_size() == 1:
         return
     for param in model.parameters():
-        if param.requires_grad:
+        if param.requires_grad and not isinstance(param, DTensor):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model (its `_no_split_modules` classes), the FSDP units."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_model(model: torch.nn.Module, parallel: DictConfig) -> torch.nn.Module:
+    """FSDP2 over each transformer block when `parallel.fsdp` and several ranks; else `model` as is."""
+    if world_size() == 1 or not parallel.fsdp:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise RuntimeError(f"parallel={parallel.name}: found no transformer blocks (_no_split_modules) "
+                           f"in {type(model).__name__} to shard")
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=bool(parallel.reshard_after_forward))
+        # losses are already divided by the global batch's size: sum the ranks' gradients, not mean
+        block.set_gradient_divide_factor(1.0)
+        block.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; NCCL transfers zero-copy
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """FSDP-wrapped (its parameters are plain tensors while gathered, so look at the modules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """`torch.nn.utils.clip_grad_norm_` that also takes a mix of FSDP shards and replicated grads:
+    the shards' squared norms are summed over the ranks, the replicated ones counted once."""
+    params = [p for p in parameters if p.grad is not None]
+    if not any(isinstance(p, DTensor) for p in params):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if isinstance(p.grad, DTensor):
+            sharded += p.grad.to_local().detach().double().pow(2).sum().cpu()
+        else:
+            replicated += p.grad.detach().double().pow(2).sum().cpu()
+    dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+    total = math.sqrt(float(sharded + replicated))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return total
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict on rank 0 (collective) when the model is FSDP-sharded; None when it is not."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_gathered(model: torch.nn.Module, folder, state: dict[str, torch.Tensor]) -> None:
+    """A gathered whole state written as a Hugging Face folder (config + model.safetensors, sharded
+    past 5 GB), the way `save_pretrained` writes it, without touching the sharded model's own
+    `state_dict` (which `save_pretrained` calls, and which FSDP answers with a collective)."""
+    from huggingface_hub import save_torch_state_dict
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):  # this project's models (the RM) take the gathered state
+        model.save_pretrained(folder, state_dict=state)
+        return
+    # one name per tied tensor (the embedding, not the LM head that shares it), as Hugging Face saves
+    keep = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_torch_state_dict({k: v for k, v in state.items() if k in keep}, folder)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state on rank 0 (collective for sharded optimizers), as one process saves it."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+        return optimizer.state_dict() if is_main() else {}
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a whole optimizer state (from `full_optimizer_state` or a one-process run) on every rank."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 def sum_values(values: dict[str, float]) -> dict[str, float]:
@@ -85,7 +202,9 @@ def parameter_digest(model: torch.nn.Module) -> str:
     """sha256 of all parameters' bytes: equal on every rank iff the replicas are identical."""
     digest = hashlib.sha256()
     for param in model.parameters():
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # FSDP: gathered (collective). A copy either way: a numpy view would pin FSDP's gathered storage
+        whole = param.full_tensor() if isinstance(param, DTensor) else param.detach().clone()
+        digest.update(whole.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -8,9 +8,11 @@ import torch
 from omegaconf import DictConfig
 
 
-def build_optimizer(model: torch.nn.Module, stage: DictConfig, name: str = "adamw") -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, stage: DictConfig, name: str = "adamw",
+                    shard_states: bool = False) -> torch.optim.Optimizer:
     """`name` (hardware.optimizer): AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW. Only trainable
-    parameters (LoRA: the adapters); no weight decay on biases and norms."""
+    parameters (LoRA: the adapters); no weight decay on biases and norms. `shard_states` (parallel=zero1,
+    under torchrun): AdamW's states partitioned over the ranks by PyTorch's ZeroRedundancyOptimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": stage.weight_decay},
@@ -18,6 +20,10 @@ def build_optimizer(model: torch.nn.Module, stage: DictConfig, name: str = "adam
     ]
     kwargs = dict(lr=stage.lr, betas=tuple(stage.adam_betas))
     if name == "adamw":
+        if shard_states and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
         return torch.optim.AdamW(groups, **kwargs)
     import bitsandbytes as bnb
 

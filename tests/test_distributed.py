@@ -30,23 +30,65 @@ def launch(tmp_path: Path, nproc: int, overrides: list[str]) -> subprocess.Compl
                           text=True, timeout=900)
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_torchrun_two_cpu_processes_match_one_process(tmp_path, stage):
-    common = [*STAGES[stage], "stage.batch_size=4", "stage.max_steps=3", "stage.num_samples=0", "stage.lr=1e-3"]
-    results = {}
-    for nproc in (2, 1):
-        out = launch(tmp_path / str(nproc), nproc, common)
-        assert out.returncode == 0, out.stderr[-3000:]
-        client, runs = mlflow_runs(tmp_path / str(nproc) / "m.db")
-        assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # only rank 0 tracks
-        results[nproc] = runs[0]
-    two = results[2]
+def tracked_run(tmp_path: Path, nproc: int, overrides: list[str]):
+    out = launch(tmp_path, nproc, overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = mlflow_runs(tmp_path / "m.db")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # only rank 0 tracks
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process run of each stage, made once and compared with every parallel mode."""
+    made = {}
+
+    def get(stage: str):
+        if stage not in made:
+            made[stage] = tracked_run(tmp_path_factory.mktemp(f"one-{stage}"), 1, common(stage))
+        return made[stage]
+    return get
+
+
+def common(stage: str) -> list[str]:
+    return [*STAGES[stage], "stage.batch_size=4", "stage.max_steps=3", "stage.num_samples=0", "stage.lr=1e-3"]
+
+
+# ddp: replicas; zero1: optimizer states sharded (ZeroRedundancyOptimizer); fsdp / zero2: FSDP2 blocks
+@pytest.mark.parametrize("stage,parallel", [("sft", "ddp"), ("dpo", "ddp"), ("sft", "fsdp"), ("dpo", "zero1"),
+                                            ("dpo", "zero2")])
+def test_torchrun_two_cpu_processes_match_one_process(tmp_path, one_process, stage, parallel):
+    two = tracked_run(tmp_path, 2, [*common(stage), f"parallel={parallel}"])
+    one = one_process(stage)
     digests = two.data.tags["dist.parameter_digests"].split(",")
     assert len(digests) == 2 and digests[0] == digests[1]  # both ranks end with identical parameters
     assert two.data.metrics["dist/replicas_identical"] == 1.0
-    weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in results.values()]
+    weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (two, one)]
     assert weights[0].keys() == weights[1].keys()
-    for name in weights[0]:
+    for name in weights[0]:  # a sharded run's checkpoint is written whole
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
-    losses = [r.data.metrics["train/loss"] for r in results.values()]
+    losses = [r.data.metrics["train/loss"] for r in (two, one)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    grad_norms = [r.data.metrics["train/grad_norm"] for r in (two, one)]
+    assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
+    state = torch.load(Path(two.data.tags["checkpoint_dir"]) / "trainer_state.pt", weights_only=False)
+    assert state["optimizer"]["state"], "the optimizer state is saved whole"
+
+
+def test_fsdp_with_lora_is_refused_with_the_config_key(tmp_path):
+    out = launch(tmp_path, 2, [*common("sft"), "parallel=fsdp", "hardware.lora.enabled=true"])
+    assert out.returncode != 0
+    assert "parallel" in out.stderr and "use parallel=ddp" in out.stderr
+
+
+def test_fsdp_run_resumes_from_its_whole_checkpoint(tmp_path, one_process):
+    """Stopped after step 2 and resumed under FSDP, the run ends with the uninterrupted run's weights
+    (the checkpoint holds the gathered model and optimizer state; every rank loads its shards back)."""
+    full = tracked_run(tmp_path / "full", 2, [*common("sft"), "parallel=fsdp", "stage.save_every=2"])
+    step2 = Path(full.data.tags["run_dir"]) / "checkpoints" / "step_000002"
+    assert (step2 / "trainer_state.pt").is_file()
+    resumed = tracked_run(tmp_path / "resumed", 2, [*common("sft"), "parallel=fsdp", f"stage.resume_from={step2}"])
+    weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (full, resumed)]
+    for name in weights[0]:
+        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-6), name
+    assert resumed.data.metrics["train/loss"] == pytest.approx(full.data.metrics["train/loss"], rel=1e-5)

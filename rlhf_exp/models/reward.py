@@ -72,15 +72,24 @@ class RewardModel(nn.Module):
         picked = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
 
-    def save_pretrained(self, folder: str | Path, **kwargs) -> None:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
+        """Backbone as a Hugging Face folder, head + normalization beside it. `state_dict`: the whole
+        model's state gathered from FSDP shards (keys "backbone.*", "head.*", "reward_mean")."""
         folder = Path(folder)
-        self.backbone.save_pretrained(folder, safe_serialization=True)
-        save_file({"weight": self.head.weight.detach().contiguous().cpu(),
-                   "bias": self.head.bias.detach().contiguous().cpu(),
-                   "reward_mean": self.reward_mean.detach().reshape(1).cpu()}, str(folder / HEAD_FILE))
+        state = state_dict if state_dict is not None else self.state_dict()
+        backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        if state_dict is None:
+            self.backbone.save_pretrained(folder, safe_serialization=True)
+        else:
+            from rlhf_exp.distributed import save_gathered
+
+            save_gathered(self.backbone, folder, backbone_state)
+        save_file({"weight": state["head.weight"].detach().contiguous().cpu(),
+                   "bias": state["head.bias"].detach().contiguous().cpu(),
+                   "reward_mean": state["reward_mean"].detach().reshape(1).cpu()}, str(folder / HEAD_FILE))
         (folder / META_FILE).write_text(json.dumps({
             "kind": "rlhf_exp.reward_model", "hidden_size": self.head.in_features,
-            "reward_mean": float(self.reward_mean), "score_position": "last real token (EOS)"}, indent=2) + "\n")
+            "reward_mean": float(state["reward_mean"]), "score_position": "last real token (EOS)"}, indent=2) + "\n")
 
 
 def load_head(model: RewardModel, folder: str | Path) -> None:

@@ -219,7 +219,11 @@ class Trainer:
         self.setup_data_and_model()
         if self.cfg.hardware.get("gradient_checkpointing"):
             self.model.gradient_checkpointing_enable()
-        self.optimizer = build_optimizer(self.model, self.stage, self.cfg.hardware.optimizer)
+        parallel = self.cfg.get("parallel") or {}
+        if parallel:
+            self.model = distributed.shard_model(self.model, parallel)
+        self.optimizer = build_optimizer(self.model, self.stage, self.cfg.hardware.optimizer,
+                                         shard_states=bool(parallel.get("shard_optimizer")))
         self.scheduler = build_scheduler(self.optimizer, self.stage, self.total_optimizer_steps())
         if self.stage.get("resume_from"):
             self.load_trainer_state(Path(self.stage.resume_from))
@@ -265,7 +269,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         distributed.sum_gradients(self.model)  # torchrun: the global batch's gradient on every rank
         max_norm = self.stage.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = distributed.clip_grad_norm(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -325,10 +329,10 @@ class Trainer:
         self.tracker.log_table(rows, f"samples/step_{self.step:06d}.json")
 
     # ------------------------------------------------------------------ checkpoints
-    def trainer_state(self) -> dict[str, Any]:
+    def trainer_state(self, optimizer_state: dict | None = None) -> dict[str, Any]:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "batches": self.batches.state_dict(),
             "rng": rng_state(),
@@ -345,16 +349,22 @@ class Trainer:
         pass
 
     def save_checkpoint(self, folder: Path) -> Path:
-        """Model (safetensors) + tokenizer + trainer_state.pt, written beside and renamed into place (rank 0)."""
+        """Model (safetensors) + tokenizer + trainer_state.pt, written beside and renamed into place (rank 0).
+        Sharded models and optimizers are gathered whole first (every rank takes part)."""
+        model_state = distributed.full_model_state(self.model)
+        optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
         if not distributed.is_main():
             return folder
         staging = folder.with_name(folder.name + ".partial")
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        self.model.save_pretrained(staging, safe_serialization=True)
+        if model_state is None:
+            self.model.save_pretrained(staging, safe_serialization=True)
+        else:
+            distributed.save_gathered(self.model, staging, model_state)
         self.tokenizer.save_pretrained(staging)
-        torch.save(self.trainer_state(), staging / TRAINER_STATE)
+        torch.save(self.trainer_state(optimizer_state), staging / TRAINER_STATE)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
@@ -385,7 +395,7 @@ class Trainer:
         if not path.is_file():
             raise ConfigError("stage.resume_from", f"{folder} is not a checkpoint of this project (no {TRAINER_STATE})")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["batches"])
         self.history = defaultdict(list, state["history"])
