@@ -173,12 +173,34 @@ def trainable_params(shape: Shape, hardware: DictConfig, reward_head: bool) -> i
     return count + (shape.hidden + 1 if reward_head else 0)
 
 
+def sharding(cfg: DictConfig, trains: bool) -> tuple[int, float, bool]:
+    """(ranks N, fraction of the weights FSDP shards, whether optimizer states are sharded) for the
+    model a torchrun `parallel=` mode trains; (1, 0, False) in one process."""
+    parallel = cfg.get("parallel") or {}
+    ranks = int(parallel.get("processes") or 1)
+    if not trains or ranks == 1:
+        return 1, 0.0, False
+    return ranks, (1.0 if parallel.get("fsdp") else 0.0), bool(parallel.get("fsdp") or parallel.get("shard_optimizer"))
+
+
 def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: bool, quantized: bool,
               reward_head: bool = False, weight_bytes: int | None = None) -> None:
-    """Weights, and for a trained model its gradients, optimizer states and autocast copies."""
+    """Weights, and for a trained model its gradients, optimizer states and autocast copies (per rank
+    under a sharded `parallel` mode: FSDP keeps 1/N of the transformer blocks plus one gathered block)."""
     hardware = cfg.hardware
     wbytes = weight_bytes or _DTYPE_BYTES[cfg.model.dtype]
     params = shape.params - (shape.vocab * shape.hidden if reward_head and not shape.tied else 0)
+    ranks, fsdp, shard_states = sharding(cfg, trains)
+    if fsdp:
+        blocks = shape.params - shape.embedding_params
+        per_rank = params - blocks + blocks / ranks  # embeddings and heads stay replicated
+        plan.add(role, f"weights ({wbytes * 8}-bit; blocks 1/{ranks})", per_rank * wbytes)
+        plan.add(role, "one gathered transformer block", blocks / shape.layers * wbytes)
+        plan.add(role, f"gradients (blocks 1/{ranks})", per_rank * wbytes)
+        plan.add(role, f"optimizer states ({hardware.optimizer}; blocks 1/{ranks})", per_rank * 2 * wbytes)
+        if hardware.precision != "fp32" and wbytes == 4:
+            plan.add(role, "autocast 16-bit weight copies", (shape.vocab * shape.hidden + shape.linear_params) * 2)
+        return
     if quantized:
         # bitsandbytes NF4 for the linear layers; the rest is cast to fp32 for training (peft)
         plan.add(role, "weights (linear layers NF4)", shape.linear_params * NF4_BYTES)
@@ -194,7 +216,10 @@ def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: b
         plan.add(role, f"LoRA adapters (r={hardware.lora.r}, {count / 1e6:.1f}M)", count * tbytes)
     plan.add(role, "gradients", count * tbytes)
     state_bytes = 2 * tbytes if hardware.optimizer == "adamw" else 2  # two states; 8-bit: a byte each
-    plan.add(role, f"optimizer states ({hardware.optimizer})", count * state_bytes)
+    if shard_states:
+        plan.add(role, f"optimizer states ({hardware.optimizer}; 1/{ranks}, zero1)", count * state_bytes / ranks)
+    else:
+        plan.add(role, f"optimizer states ({hardware.optimizer})", count * state_bytes)
     if hardware.precision != "fp32" and (wbytes == 4 or quantized):
         # autocast caches a 16-bit copy of each fp32 weight it casts, for the backward pass (4-bit
         # layers compute through bitsandbytes: only the fp32 LM head is cast)

@@ -44,6 +44,25 @@ def test_seed_configurations_on_paper(overrides, fits):
     assert plan.fits is fits, plan.table()
 
 
+def test_sharded_modes_divide_what_they_shard_over_the_ranks():
+    """Full fine-tuning of Mistral-7B on 8 H100s: zero1 divides the optimizer states by 8, fsdp
+    also the blocks' weights and gradients; activations are each rank's own in every mode."""
+    def rows(parallel: str) -> dict[str, float]:
+        plan = plan_run(compose_config(["model=mistral_7b", "hardware=h100", "hardware.lora.enabled=false",
+                                        "stage=sft", f"parallel={parallel}", "parallel.processes=8"]))
+        return {what.split(" (")[0]: b for model, what, b in plan.rows if model == "policy"}
+
+    ddp, zero1, fsdp = rows("ddp"), rows("zero1"), rows("fsdp")
+    assert zero1["optimizer states"] == pytest.approx(ddp["optimizer states"] / 8)
+    assert zero1["weights"] == ddp["weights"] and zero1["gradients"] == ddp["gradients"]
+    embeddings = 2 * 32000 * 4096 * 2  # untied input and output embeddings, bf16: replicated
+    for what in ("weights", "gradients"):
+        assert fsdp[what] == pytest.approx(embeddings + (ddp[what] - embeddings) / 8)
+    assert fsdp["optimizer states"] == pytest.approx(2 * fsdp["weights"])
+    assert fsdp["one gathered transformer block"] < ddp["weights"] / 30
+    assert [k for k in fsdp if k.startswith("activations")] == [k for k in ddp if k.startswith("activations")]
+
+
 def test_plan_true_prints_the_table_without_a_gpu_or_weights(tmp_path):
     out = run_cli("stage=dpo", "model=llama2_7b", "hardware=rtx4090", "plan=true", env=tracked_env(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
