@@ -75,10 +75,17 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, one_process, sta
     assert state["optimizer"]["state"], "the optimizer state is saved whole"
 
 
-def test_fsdp_with_lora_is_refused_with_the_config_key(tmp_path):
-    out = launch(tmp_path, 2, [*common("sft"), "parallel=fsdp", "hardware.lora.enabled=true"])
+@pytest.mark.parametrize("overrides,key,advice", [
+    ([*common("sft"), "parallel=fsdp", "hardware.lora.enabled=true"], "parallel", "use parallel=ddp"),
+    ([*common("sft"), "parallel=zero1", "hardware.optimizer=adamw_8bit"], "hardware.optimizer",
+     "use hardware.optimizer=adamw"),
+    (["stage=grpo", "stage.max_steps=1"], "stage", "covers sft, rm and dpo"),
+])
+def test_what_several_processes_cannot_run_is_refused_with_the_config_key(tmp_path, overrides, key, advice):
+    out = launch(tmp_path, 2, overrides)
     assert out.returncode != 0
-    assert "parallel" in out.stderr and "use parallel=ddp" in out.stderr
+    assert f"config key `{key}`" in out.stderr
+    assert advice in out.stderr
 
 
 def test_fsdp_run_resumes_from_its_whole_checkpoint(tmp_path, one_process):
