@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = {
     "sft": ["stage=sft", "hardware.micro_batch_size.sft=1"],
     "dpo": ["stage=dpo", *PAIRS, "stage.eval_examples=8", "hardware.micro_batch_size.dpo=1"],
+    "rm": ["stage=rm", *PAIRS, "stage.eval_examples=8", "stage.norm_examples=16", "hardware.micro_batch_size.rm=1"],
 }
 
 
@@ -54,16 +55,19 @@ def common(stage: str) -> list[str]:
     return [*STAGES[stage], "stage.batch_size=4", "stage.max_steps=3", "stage.num_samples=0", "stage.lr=1e-3"]
 
 
-# ddp: replicas; zero1: optimizer states sharded (ZeroRedundancyOptimizer); fsdp / zero2: FSDP2 blocks
-@pytest.mark.parametrize("stage,parallel", [("sft", "ddp"), ("dpo", "ddp"), ("sft", "fsdp"), ("dpo", "zero1"),
-                                            ("dpo", "zero2")])
+# ddp: replicas; zero1: replicas with optimizer states sharded (ZeroRedundancyOptimizer); fsdp / zero2:
+# FSDP2 blocks (the RM: its own save path for the gathered state)
+@pytest.mark.parametrize("stage,parallel", [("sft", "ddp"), ("dpo", "zero1"), ("sft", "fsdp"), ("dpo", "zero2"),
+                                            ("rm", "fsdp")])
 def test_torchrun_two_cpu_processes_match_one_process(tmp_path, one_process, stage, parallel):
     two = tracked_run(tmp_path, 2, [*common(stage), f"parallel={parallel}"])
     one = one_process(stage)
     digests = two.data.tags["dist.parameter_digests"].split(",")
     assert len(digests) == 2 and digests[0] == digests[1]  # both ranks end with identical parameters
     assert two.data.metrics["dist/replicas_identical"] == 1.0
-    weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (two, one)]
+    files = ["model.safetensors"] + (["reward_head.safetensors"] if stage == "rm" else [])
+    weights = [{f"{f}:{k}": v for f in files for k, v in load_file(str(Path(r.data.tags["checkpoint_dir"]) / f)).items()}
+               for r in (two, one)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:  # a sharded run's checkpoint is written whole
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
