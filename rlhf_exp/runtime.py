@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import random
 from dataclasses import dataclass
 
@@ -69,18 +72,29 @@ def reset_peak_memory(device: torch.device) -> float:
     """Start a new peak-memory window; returns the memory in use now (bytes).
 
     CUDA: allocated tensor memory. CPU (Linux): resident set size; writing 5 to
-    /proc/self/clear_refs resets the kernel's high-water mark (VmHWM).
+    /proc/self/clear_refs resets the kernel's high-water mark (VmHWM). Freed memory
+    glibc still holds (data loading's) is handed back first: otherwise later tensors
+    reuse it unseen, and how much depends on the thread count (one heap per thread).
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return float(torch.cuda.memory_allocated(device))
+    gc.collect()
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
         return _proc_status_bytes("VmRSS")
     except OSError:  # not Linux
         return float("nan")
+
+
+def _malloc_trim() -> None:
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
 
 
 def peak_memory(device: torch.device) -> float:
