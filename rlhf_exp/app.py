@@ -92,10 +92,17 @@ def check_distributed(cfg: DictConfig) -> None:
         raise ConfigError("stage", f"stage={cfg.stage.name} runs in one process for now; data parallelism "
                           "(torchrun) covers sft, rm and dpo")
     parallel = cfg.get("parallel") or {}
-    if parallel.get("fsdp") and (cfg.hardware.lora.enabled or cfg.hardware.load_in_4bit):
+    zero_stage = distributed.deepspeed_stage(parallel)
+    if zero_stage:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("parallel", f"parallel={parallel.name} needs DeepSpeed: pip install -e '.[deepspeed]' "
+                              "(or use PyTorch's own parallel=zero2 / fsdp)")
+    if (parallel.get("fsdp") or zero_stage == 3) and (cfg.hardware.lora.enabled or cfg.hardware.load_in_4bit):
         raise ConfigError("parallel", f"parallel={parallel.name} shards full weights; with LoRA / 4-bit the "
                           "trainable part is small: use parallel=ddp (or zero1)")
-    if parallel.get("shard_optimizer") and cfg.hardware.optimizer != "adamw":
+    if (parallel.get("shard_optimizer") or zero_stage) and cfg.hardware.optimizer != "adamw":
         raise ConfigError("hardware.optimizer", f"parallel={parallel.name} shards torch's AdamW; "
                           f"{cfg.hardware.optimizer} (bitsandbytes) is not shardable: use hardware.optimizer=adamw")
     if cfg.stage.batch_size % world:

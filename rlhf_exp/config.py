@@ -25,7 +25,10 @@ _PROCESS_RUN_ID = secrets.token_hex(3)
 
 def run_id() -> str:
     # One id per process; all ranks of a torchrun job share torchrun's job id (or RLHF_EXP_RUN_ID).
+    # `accelerate launch` passes the id "none" to every job: its ranks share their parent, the launcher.
     shared = os.environ.get("RLHF_EXP_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")[:6]
+    if shared == "none":
+        shared = f"p{os.getppid()}"
     return shared or _PROCESS_RUN_ID
 
 

@@ -15,6 +15,11 @@ states with `ZeroRedundancyOptimizer`; `fsdp` / `zero2` wrap every transformer b
 `fully_shard` (its reduce-scatter sums the blocks' gradients; the replicated rest is summed here).
 Checkpoints are always written whole (full state dicts gathered to rank 0): a sharded run's
 model folder loads anywhere; its optimizer state resumes under the same `parallel` mode.
+
+`deepspeed_zero2` / `deepspeed_zero3` hand the model and optimizer to DeepSpeed's engine instead
+(`deepspeed.initialize`): the stages' backward and optimizer step go through it
+(`Trainer.backward`, `Trainer.optimizer_step`); the model folder is still written whole, and the
+optimizer state is DeepSpeed's own partitioned checkpoint beside it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ def close() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
 
 
 def broadcast_object(value):
@@ -202,10 +212,62 @@ def parameter_digest(model: torch.nn.Module) -> str:
     """sha256 of all parameters' bytes: equal on every rank iff the replicas are identical."""
     digest = hashlib.sha256()
     for param in model.parameters():
-        # FSDP: gathered (collective). A copy either way: a numpy view would pin FSDP's gathered storage
-        whole = param.full_tensor() if isinstance(param, DTensor) else param.detach().clone()
-        digest.update(whole.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        with _gathered_by_deepspeed(param):
+            # FSDP: gathered (collective). A copy either way: a numpy view would pin FSDP's gathered storage
+            whole = param.full_tensor() if isinstance(param, DTensor) else param.detach().clone()
+        digest.update(whole.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ DeepSpeed (parallel=deepspeed_*)
+def deepspeed_stage(parallel) -> int:
+    """The ZeRO stage of a `deepspeed_*` parallel mode; 0 for PyTorch's own modes."""
+    config = (parallel or {}).get("deepspeed") or {}
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, parallel: DictConfig,
+                     max_grad_norm: float | None):
+    """`deepspeed.initialize` over the model and the stage's torch optimizer (ZeRO partitions its states).
+
+    The stages accumulate micro batches themselves and divide every loss by the global batch, so
+    DeepSpeed sees one micro batch per step (its accumulation off) and `deepspeed_backward` undoes its
+    mean over the ranks. Clipping is DeepSpeed's (`gradient_clipping`), at the stage's max_grad_norm."""
+    import deepspeed
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(parallel.deepspeed, resolve=True)
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, managed_gradient_accumulation=False,
+                  gradient_clipping=float(max_grad_norm or 0.0), zero_allow_untested_optimizer=True,
+                  steps_per_print=2**31 - 1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    return engine
+
+
+def deepspeed_backward(engine, loss: torch.Tensor) -> None:
+    # What `engine.forward` does first (the stages call the module's parts directly): without it ZeRO-3
+    # never advances its micro step and each micro batch's gradient overwrites the last one's.
+    engine.optimizer.clear_backward_seen_flag()
+    engine.backward(loss * world_size())  # DeepSpeed averages gradients over the ranks; the stages sum
+
+
+def deepspeed_model_state(engine) -> dict[str, torch.Tensor] | None:
+    """ZeRO-3: the whole state dict on rank 0, gathered one layer at a time (collective); None below
+    stage 3, where every rank holds the whole weights."""
+    if engine.zero_optimization_stage() < 3:
+        return None
+    return engine._zero3_consolidated_16bit_state_dict()  # as accelerate and the HF Trainer gather it
+
+
+def _gathered_by_deepspeed(param: torch.nn.Parameter):
+    """A ZeRO-3 partitioned parameter gathered whole inside the block (collective); else nothing."""
+    import contextlib
+
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param])
 
 
 def gather_objects(value) -> list:

@@ -175,12 +175,17 @@ def trainable_params(shape: Shape, hardware: DictConfig, reward_head: bool) -> i
 
 def sharding(cfg: DictConfig, trains: bool) -> tuple[int, float, bool]:
     """(ranks N, fraction of the weights FSDP shards, whether optimizer states are sharded) for the
-    model a torchrun `parallel=` mode trains; (1, 0, False) in one process."""
+    model a torchrun `parallel=` mode trains (DeepSpeed ZeRO-3 as fsdp, ZeRO-2 as zero1); (1, 0, False)
+    in one process."""
     parallel = cfg.get("parallel") or {}
     ranks = int(parallel.get("processes") or 1)
     if not trains or ranks == 1:
         return 1, 0.0, False
-    return ranks, (1.0 if parallel.get("fsdp") else 0.0), bool(parallel.get("fsdp") or parallel.get("shard_optimizer"))
+    from rlhf_exp.distributed import deepspeed_stage
+
+    zero_stage = deepspeed_stage(parallel)  # DeepSpeed: stage 3 as fsdp; stage 2's gradients counted whole
+    shards_weights = bool(parallel.get("fsdp")) or zero_stage == 3
+    return ranks, (1.0 if shards_weights else 0.0), bool(shards_weights or parallel.get("shard_optimizer") or zero_stage)
 
 
 def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: bool, quantized: bool,

@@ -23,16 +23,19 @@ STAGES = {
 }
 
 
-def launch(tmp_path: Path, nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+def launch(tmp_path: Path, nproc: int, overrides: list[str], launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    prefix = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"],
+              # accelerate's GPU launcher is torchrun underneath; --multi_gpu only picks it (the ranks use gloo on CPU)
+              "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines=1",
+                             f"--num_processes={nproc}", "--mixed_precision=no", "--dynamo_backend=no"],
+              }[launcher] if nproc > 1 else [sys.executable]
     env = {**os.environ, **tracked_env(tmp_path), "OMP_NUM_THREADS": "1"}
     return subprocess.run([*prefix, "-m", "rlhf_exp", *TINY, *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
 
-def tracked_run(tmp_path: Path, nproc: int, overrides: list[str]):
-    out = launch(tmp_path, nproc, overrides)
+def tracked_run(tmp_path: Path, nproc: int, overrides: list[str], launcher: str = "torchrun"):
+    out = launch(tmp_path, nproc, overrides, launcher)
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path / "m.db")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # only rank 0 tracks
@@ -56,9 +59,9 @@ def common(stage: str) -> list[str]:
 
 
 # ddp: replicas; zero1: replicas with optimizer states sharded (ZeroRedundancyOptimizer); fsdp / zero2:
-# FSDP2 blocks (the RM: its own save path for the gathered state)
+# FSDP2 blocks (the RM: its own save path for the gathered state); deepspeed_*: DeepSpeed's engine
 @pytest.mark.parametrize("stage,parallel", [("sft", "ddp"), ("dpo", "zero1"), ("sft", "fsdp"), ("dpo", "zero2"),
-                                            ("rm", "fsdp")])
+                                            ("rm", "fsdp"), ("sft", "deepspeed_zero3"), ("dpo", "deepspeed_zero2")])
 def test_torchrun_two_cpu_processes_match_one_process(tmp_path, one_process, stage, parallel):
     two = tracked_run(tmp_path, 2, [*common(stage), f"parallel={parallel}"])
     one = one_process(stage)
@@ -75,14 +78,31 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, one_process, sta
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     grad_norms = [r.data.metrics["train/grad_norm"] for r in (two, one)]
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
-    state = torch.load(Path(two.data.tags["checkpoint_dir"]) / "trainer_state.pt", weights_only=False)
-    assert state["optimizer"]["state"], "the optimizer state is saved whole"
+    folder = Path(two.data.tags["checkpoint_dir"])
+    if parallel.startswith("deepspeed"):  # DeepSpeed's own checkpoint: one optimizer partition per rank
+        assert len(list((folder / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
+    else:
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        assert state["optimizer"]["state"], "the optimizer state is saved whole"
+
+
+def test_accelerate_launch_runs_the_same_job(tmp_path, one_process):
+    """`accelerate launch --num_processes 2 -m rlhf_exp ...`: two ranks, one run folder of the job's own."""
+    two = tracked_run(tmp_path, 2, [*common("sft"), "parallel=ddp"], launcher="accelerate")
+    assert two.data.tags["dist.world_size"] == "2"
+    digests = two.data.tags["dist.parameter_digests"].split(",")
+    assert digests[0] == digests[1]
+    assert not two.data.tags["run_dir"].endswith("_none")  # accelerate's job id is "none" for every job
+    weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (two, one_process("sft"))]
+    for name in weights[0]:
+        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
 
 
 @pytest.mark.parametrize("overrides,key,advice", [
     ([*common("sft"), "parallel=fsdp", "hardware.lora.enabled=true"], "parallel", "use parallel=ddp"),
     ([*common("sft"), "parallel=zero1", "hardware.optimizer=adamw_8bit"], "hardware.optimizer",
      "use hardware.optimizer=adamw"),
+    ([*common("sft"), "parallel=deepspeed_zero3", "hardware.lora.enabled=true"], "parallel", "use parallel=ddp"),
     (["stage=grpo", "stage.max_steps=1"], "stage", "covers sft, rm and dpo"),
 ])
 def test_what_several_processes_cannot_run_is_refused_with_the_config_key(tmp_path, overrides, key, advice):
@@ -92,13 +112,16 @@ def test_what_several_processes_cannot_run_is_refused_with_the_config_key(tmp_pa
     assert advice in out.stderr
 
 
-def test_fsdp_run_resumes_from_its_whole_checkpoint(tmp_path, one_process):
-    """Stopped after step 2 and resumed under FSDP, the run ends with the uninterrupted run's weights
-    (the checkpoint holds the gathered model and optimizer state; every rank loads its shards back)."""
-    full = tracked_run(tmp_path / "full", 2, [*common("sft"), "parallel=fsdp", "stage.save_every=2"])
+@pytest.mark.parametrize("parallel", ["fsdp", "deepspeed_zero3"])
+def test_sharded_run_resumes_from_its_checkpoint(tmp_path, parallel):
+    """Stopped after step 2 and resumed, the run ends with the uninterrupted run's weights. fsdp: the
+    checkpoint holds the gathered model and optimizer state and every rank loads its shards back;
+    deepspeed_zero3: the gathered model, and DeepSpeed's own partitioned optimizer checkpoint."""
+    full = tracked_run(tmp_path / "full", 2, [*common("sft"), f"parallel={parallel}", "stage.save_every=2"])
     step2 = Path(full.data.tags["run_dir"]) / "checkpoints" / "step_000002"
     assert (step2 / "trainer_state.pt").is_file()
-    resumed = tracked_run(tmp_path / "resumed", 2, [*common("sft"), "parallel=fsdp", f"stage.resume_from={step2}"])
+    resumed = tracked_run(tmp_path / "resumed", 2, [*common("sft"), f"parallel={parallel}",
+                                                    f"stage.resume_from={step2}"])
     weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (full, resumed)]
     for name in weights[0]:
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-6), name

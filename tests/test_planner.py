@@ -61,6 +61,9 @@ def test_sharded_modes_divide_what_they_shard_over_the_ranks():
     assert fsdp["optimizer states"] == pytest.approx(2 * fsdp["weights"])
     assert fsdp["one gathered transformer block"] < ddp["weights"] / 30
     assert [k for k in fsdp if k.startswith("activations")] == [k for k in ddp if k.startswith("activations")]
+    # DeepSpeed: ZeRO-3 planned as fsdp; ZeRO-2's optimizer states divided, its gradients counted whole
+    assert rows("deepspeed_zero3") == fsdp
+    assert rows("deepspeed_zero2") == zero1
 
 
 def test_plan_true_prints_the_table_without_a_gpu_or_weights(tmp_path):

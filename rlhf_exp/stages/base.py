@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRAINER_STATE = "trainer_state.pt"
+DEEPSPEED_STATE = "deepspeed"  # parallel=deepspeed_*: DeepSpeed's partitioned optimizer checkpoint
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -101,6 +102,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.model = self.tokenizer = self.optimizer = self.scheduler = self.batches = None
         self.memory_baseline = float("nan")
+        self.engine = None  # DeepSpeed's engine under parallel=deepspeed_* with several processes
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
 
     # ------------------------------------------------------------------ what a stage writes
@@ -225,6 +227,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.stage, self.cfg.hardware.optimizer,
                                          shard_states=bool(parallel.get("shard_optimizer")))
         self.scheduler = build_scheduler(self.optimizer, self.stage, self.total_optimizer_steps())
+        if self.world_size > 1 and distributed.deepspeed_stage(parallel):
+            self.engine = distributed.deepspeed_engine(self.model, self.optimizer, parallel, self.stage.max_grad_norm)
         if self.stage.get("resume_from"):
             self.load_trainer_state(Path(self.stage.resume_from))
 
@@ -264,9 +268,20 @@ class Trainer:
             self.log_curves()
         return dict(self.last_metrics)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Every stage's backward: autograd's, or DeepSpeed's (which reduces partitioned gradients)."""
+        if self.engine is None:
+            loss.backward()
+        else:
+            distributed.deepspeed_backward(self.engine, loss)
+
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step, advance the schedule, zero the gradients; every stage's update ends here."""
         lr = self.scheduler.get_last_lr()[0]
+        if self.engine is not None:  # DeepSpeed clips, steps its partitioned optimizer and zeroes
+            self.engine.step()
+            self.scheduler.step()
+            return {"train/grad_norm": float(self.engine.get_global_grad_norm()), "train/lr": lr}
         distributed.sum_gradients(self.model)  # torchrun: the global batch's gradient on every rank
         max_norm = self.stage.max_grad_norm or float("inf")
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), max_norm)
@@ -351,14 +366,21 @@ class Trainer:
     def save_checkpoint(self, folder: Path) -> Path:
         """Model (safetensors) + tokenizer + trainer_state.pt, written beside and renamed into place (rank 0).
         Sharded models and optimizers are gathered whole first (every rank takes part)."""
-        model_state = distributed.full_model_state(self.model)
-        optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
+        staging = folder.with_name(folder.name + ".partial")
+        if distributed.is_main():
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        if self.engine is not None:
+            model_state, optimizer_state = distributed.deepspeed_model_state(self.engine), {}
+            distributed.barrier()  # the staging folder exists; every rank writes its partition into it
+            self.engine.save_checkpoint(str(staging / DEEPSPEED_STATE), tag="state")
+            distributed.barrier()
+        else:
+            model_state = distributed.full_model_state(self.model)
+            optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
         if not distributed.is_main():
             return folder
-        staging = folder.with_name(folder.name + ".partial")
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
         if model_state is None:
             self.model.save_pretrained(staging, safe_serialization=True)
         else:
@@ -395,7 +417,16 @@ class Trainer:
         if not path.is_file():
             raise ConfigError("stage.resume_from", f"{folder} is not a checkpoint of this project (no {TRAINER_STATE})")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        made_by_deepspeed = (folder / DEEPSPEED_STATE).is_dir()
+        if (self.engine is not None) != made_by_deepspeed:
+            made = "a deepspeed_* parallel mode" if made_by_deepspeed else "a parallel mode other than DeepSpeed's"
+            raise ConfigError("parallel", f"{folder}'s optimizer state was saved under {made} and does not load "
+                              f"under parallel={self.cfg.parallel.name} here: resume under the mode that made it")
+        if self.engine is not None:  # DeepSpeed's partitioned optimizer state (the weights came with the model)
+            self.engine.load_checkpoint(str(folder / DEEPSPEED_STATE), tag="state", load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+        else:
+            distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["batches"])
         self.history = defaultdict(list, state["history"])
@@ -406,5 +437,7 @@ class Trainer:
 
     def close(self) -> None:
         """Free the models so the next run in this process starts clean."""
-        self.model = self.optimizer = self.scheduler = None
+        if self.engine is not None:
+            self.engine.destroy()  # its hooks and communication buffers
+        self.model = self.optimizer = self.scheduler = self.engine = None
         gc.collect()

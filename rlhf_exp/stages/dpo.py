@@ -99,7 +99,7 @@ class DPOTrainer(Trainer):
             chosen, rejected, _ = self.pair_logps(self.model, pairs)
             ref_chosen, ref_rejected = self.reference_logps(chunk, pairs)
             losses, chosen_rewards, rejected_rewards = self._losses(chosen, rejected, ref_chosen, ref_rejected)
-            (losses.sum() / total).backward()
+            self.backward(losses.sum() / total)
             sums["loss"] += float(losses.detach().sum())
             sums["right"] += int((chosen_rewards > rejected_rewards).sum())
             sums["chosen_reward"] += float(chosen_rewards.sum())

@@ -99,7 +99,7 @@ class GRPOTrainer(OnlineRLTrainer):
                         loss = (per_token * mask).sum() / tokens
                     else:
                         loss = aggregate_loss(per_token, mask, stage.loss_aggregation) * len(micro) / len(minibatch)
-                    loss.backward()
+                    self.backward(loss)
                     with torch.no_grad():
                         log_ratio = (logps - old) * mask
                         ratio = torch.exp(log_ratio)[mask.bool()]

@@ -161,7 +161,7 @@ class PPOTrainer(OnlineRLTrainer):
                     ptx = self.ptx_loss(len(micro)) if stage.ptx_coef else None
                     if ptx is not None:
                         loss = loss + stage.ptx_coef * ptx * len(micro) / len(minibatch)
-                    loss.backward()
+                    self.backward(loss)
                     with torch.no_grad():
                         log_ratio = (logps - old) * m
                         sums["policy_loss"].append(float(masked_mean(pg_loss, m)))

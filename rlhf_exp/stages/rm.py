@@ -68,7 +68,7 @@ class RewardModelTrainer(Trainer):
         for chunk in chunks(self.shard(pairs), self.micro_batch_size()):
             chosen, rejected = self.pair_scores(chunk)
             loss = bradley_terry_loss(chosen, rejected, self.stage.margin).sum() / total
-            loss.backward()
+            self.backward(loss)
             loss_sum += loss.item()
             chosen, rejected = chosen.detach(), rejected.detach()
             right += int((chosen > rejected).sum())

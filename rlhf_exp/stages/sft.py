@@ -49,7 +49,7 @@ class SFTTrainer(Trainer):
         for batch in micro_batches:
             logps, mask = self._response_logps(batch)
             loss = sft_loss(logps, mask, num_tokens)
-            loss.backward()
+            self.backward(loss)
             loss_sum += loss.item()
         totals = distributed.sum_values({"loss": loss_sum, "tokens": sum(int(b["attention_mask"].sum())
                                                                          for b in micro_batches)})
