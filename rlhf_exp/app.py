@@ -88,11 +88,18 @@ def check_distributed(cfg: DictConfig) -> None:
     world = distributed.world_size()
     if world == 1:
         return
-    if cfg.stage.name not in ("sft", "rm", "dpo"):
+    if cfg.stage.name not in ("sft", "rm", "dpo", "grpo"):
         raise ConfigError("stage", f"stage={cfg.stage.name} runs in one process for now; data parallelism "
-                          "(torchrun) covers sft, rm and dpo")
+                          "(torchrun) covers sft, rm, dpo and grpo")
     parallel = cfg.get("parallel") or {}
     zero_stage = distributed.deepspeed_stage(parallel)
+    if cfg.stage.name == "grpo":
+        if parallel.get("fsdp") or zero_stage:
+            raise ConfigError("parallel", f"stage=grpo samples with the whole model on every rank: use parallel=ddp "
+                              f"or zero1 (got parallel={parallel.name})")
+        if cfg.stage.minibatch_size % world:
+            raise ConfigError("stage.minibatch_size", f"must divide evenly over {world} processes "
+                              f"(got {cfg.stage.minibatch_size})")
     if zero_stage:
         import importlib.util
 

@@ -288,6 +288,8 @@ def plan_run(cfg: DictConfig) -> Plan:
         if not lora:
             add_model(plan, "reference", shape, cfg, trains=False, quantized=quantized)
         rollout = stage.batch_size * stage.get("samples_per_prompt", 1)
+        if name == "grpo":  # under torchrun each rank samples its share of the prompts
+            rollout //= int((cfg.get("parallel") or {}).get("processes") or 1)
         kv_bytes = 2 if hardware.precision != "fp32" else 4
         kv = rollout * (prompt + new) * shape.layers * 2 * shape.kv_heads * shape.head_dim * kv_bytes
         plan.add("policy", f"KV cache: rollout of {rollout} x {prompt + new} tok", kv)

@@ -98,12 +98,36 @@ def test_accelerate_launch_runs_the_same_job(tmp_path, one_process):
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
 
 
+# Greedy rollouts (top_k=1) are the same whichever rank samples them, so two ranks must take the one
+# process's steps exactly. Identical samples give zero group advantages; the k1 KL term's gradient
+# (kl_coef x grad of the response log-probs, token-mean over the global minibatch) is what trains.
+GRPO = ["stage=grpo", "reward=length", "stage.samples_per_prompt=2", "stage.minibatch_size=8",
+        "stage.updates_per_rollout=1", "stage.generation.top_k=1", "stage.kl_estimator=k1", "stage.kl_coef=0.5",
+        "stage.max_steps=2", "stage.eval_examples=4", "stage.num_samples=0", "stage.lr=1e-3",
+        "hardware.micro_batch_size.grpo=2"]
+
+
+def test_grpo_two_ranks_match_one_process(tmp_path):
+    one = tracked_run(tmp_path / "one", 1, GRPO)
+    two = tracked_run(tmp_path / "two", 2, [*GRPO, "parallel=ddp"])
+    digests = two.data.tags["dist.parameter_digests"].split(",")
+    assert digests[0] == digests[1]
+    assert two.data.metrics["train/rollout_sequences"] == one.data.metrics["train/rollout_sequences"] == 8
+    for name in ("train/grad_norm", "train/loss", "train/kl", "train/response_length"):
+        assert two.data.metrics[name] == pytest.approx(one.data.metrics[name], rel=1e-4, abs=1e-6), name
+    assert one.data.metrics["train/grad_norm"] > 0  # the KL term really trained
+    weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (two, one)]
+    for name in weights[0]:
+        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
+
+
 @pytest.mark.parametrize("overrides,key,advice", [
     ([*common("sft"), "parallel=fsdp", "hardware.lora.enabled=true"], "parallel", "use parallel=ddp"),
     ([*common("sft"), "parallel=zero1", "hardware.optimizer=adamw_8bit"], "hardware.optimizer",
      "use hardware.optimizer=adamw"),
     ([*common("sft"), "parallel=deepspeed_zero3", "hardware.lora.enabled=true"], "parallel", "use parallel=ddp"),
-    (["stage=grpo", "stage.max_steps=1"], "stage", "covers sft, rm and dpo"),
+    (["stage=ppo", "stage.max_steps=1"], "stage", "covers sft, rm, dpo and grpo"),
+    (["stage=grpo", "stage.max_steps=1", "parallel=fsdp"], "parallel", "use parallel=ddp or zero1"),
 ])
 def test_what_several_processes_cannot_run_is_refused_with_the_config_key(tmp_path, overrides, key, advice):
     out = launch(tmp_path, 2, overrides)

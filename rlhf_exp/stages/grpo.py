@@ -11,6 +11,9 @@ aggregated per `stage.loss_aggregation`.
 Deviations: with one pass and one minibatch per rollout, the rollout's log-probs are the
 update's own (ratio exactly 1) and no extra forward is made; otherwise the rollout is
 re-scored once before the updates.
+Under torchrun (parallel=ddp / zero1) each rank samples, scores and trains on its share of the
+prompts (whole groups, so advantages stay local) and every minibatch is the ranks' shares
+together: losses are normalized by the global minibatch's tokens (or sequences), gradients summed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 
 import torch
 
+from rlhf_exp import distributed
 from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.losses.policy import aggregate_loss, clipped_policy_loss, group_advantages, kl_penalty, masked_mean
@@ -44,7 +48,7 @@ class GRPOTrainer(OnlineRLTrainer):
     def train_step(self) -> dict[str, float]:
         stage, times = self.stage, {}
         start = time.perf_counter()
-        indices = self.batches.take(stage.batch_size)
+        indices = self.shard(self.batches.take(stage.batch_size))  # this rank's prompts (all in one process)
         prompt_ids = [self.train_set[i].prompt_ids for i in indices]
         prompts = [self.tokenizer.decode(p) for p in prompt_ids]
         responses = self.sample(prompt_ids, stage.samples_per_prompt)
@@ -70,10 +74,15 @@ class GRPOTrainer(OnlineRLTrainer):
         stats = self.update(items, keep, advantages, ref_logps, old_logps)
         times["update"] = time.perf_counter() - t
 
-        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
-        return {"train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
-                "train/score_mean": float(raw.mean()), "train/eos_rate": sum(has_eos) / len(has_eos),
-                "train/response_length": float(lengths.mean()), **stats,
+        rewards = rewards.double()
+        total = distributed.sum_values({"n": len(responses), "reward": float(rewards.sum()),
+                                        "reward_sq": float((rewards ** 2).sum()), "score": float(raw.sum()),
+                                        "eos": sum(has_eos), "length": sum(len(r) for r in responses)})
+        n, mean = total["n"], total["reward"] / total["n"]
+        std = max(total["reward_sq"] - n * mean ** 2, 0.0) / max(n - 1, 1)  # unbiased, as torch.std
+        return {"train/reward_mean": mean, "train/reward_std": std ** 0.5, "train/score_mean": total["score"] / n,
+                "train/eos_rate": total["eos"] / n, "train/response_length": total["length"] / n,
+                "train/rollout_sequences": n, **stats,
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": time.perf_counter() - start}
 
     def update(self, items, keep, advantages, ref_logps, old_logps) -> dict[str, float]:
@@ -82,10 +91,15 @@ class GRPOTrainer(OnlineRLTrainer):
                                                         "ratio_mean", "ratio_max", "ratio_min", "grad_norm")}
         first = {}
         position = {k: j for j, k in enumerate(keep)}
+        kept = set(keep)
         for epoch in range(stage.updates_per_rollout):
-            order = [keep[j] for j in torch.randperm(len(keep)).tolist()]
-            for minibatch in chunks(order, stage.minibatch_size):
-                tokens = sum(len(items[k].response_ids) for k in minibatch)
+            # minibatches over the whole rollout (every rank steps as often); empty responses left out of each
+            order = torch.randperm(len(items)).tolist()
+            for share in chunks(order, stage.minibatch_size // self.world_size):
+                minibatch = [k for k in share if k in kept]
+                size = distributed.sum_values({"tokens": sum(len(items[k].response_ids) for k in minibatch),
+                                               "sequences": len(minibatch)})  # of the global minibatch
+                tokens, sequences = size["tokens"], size["sequences"]
                 for micro in chunks(minibatch, self.micro_batch_size()):
                     logps, mask, entropy = self.logprobs(self.model, [items[k] for k in micro], with_entropy=True)
                     ref = pad_rows([ref_logps[position[k]] for k in micro], logps.shape[1])
@@ -98,12 +112,12 @@ class GRPOTrainer(OnlineRLTrainer):
                     if stage.loss_aggregation == "token-mean":  # exact over the minibatch's tokens
                         loss = (per_token * mask).sum() / tokens
                     else:
-                        loss = aggregate_loss(per_token, mask, stage.loss_aggregation) * len(micro) / len(minibatch)
+                        loss = aggregate_loss(per_token, mask, stage.loss_aggregation) * len(micro) / sequences
                     self.backward(loss)
                     with torch.no_grad():
                         log_ratio = (logps - old) * mask
                         ratio = torch.exp(log_ratio)[mask.bool()]
-                        sums["loss"].append(float(loss) * len(minibatch) / len(micro))
+                        sums["loss"].append(float(loss) * sequences / len(micro))
                         sums["kl"].append(float(masked_mean(kl, mask)))
                         sums["entropy"].append(float(masked_mean(entropy, mask)))
                         sums["clip_fraction"].append(float(masked_mean(clipped.float(), mask)))
@@ -115,9 +129,15 @@ class GRPOTrainer(OnlineRLTrainer):
                         first = {"train/first_minibatch_ratio": float(ratio.mean()),
                                  "train/first_minibatch_approx_kl": sums["approx_kl"][-1]}
                 sums["grad_norm"].append(self.optimizer_step()["train/grad_norm"])
-        out = {f"train/{k}": sum(v) / len(v) for k, v in sums.items() if v and k not in ("ratio_max", "ratio_min")}
-        out["train/ratio_max"] = max(sums["ratio_max"]) if sums["ratio_max"] else 1.0
-        out["train/ratio_min"] = min(sums["ratio_min"]) if sums["ratio_min"] else 1.0
+        # means over every rank's micro batches; the ratio's extremes over all of them
+        ranks = distributed.gather_objects({k: v for k, v in sums.items() if k != "grad_norm"})
+        out = {}
+        for k in sums:
+            values = sums[k] if k == "grad_norm" else [x for r in ranks for x in r[k]]
+            if k in ("ratio_max", "ratio_min"):
+                out[f"train/{k}"] = (max if k == "ratio_max" else min)(values) if values else 1.0
+            elif values:
+                out[f"train/{k}"] = sum(values) / len(values)
         out["train/optimizer_steps"] = len(sums["grad_norm"])
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         return {**out, **first}
