@@ -106,7 +106,7 @@ def check_distributed(cfg: DictConfig) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("parallel", f"parallel={parallel.name} needs DeepSpeed: pip install -e '.[deepspeed]' "
                               "(or use PyTorch's own parallel=zero2 / fsdp)")
-    if (parallel.get("fsdp") or zero_stage == 3) and (cfg.hardware.lora.enabled or cfg.hardware.load_in_4bit):
+    if distributed.shards_weights(parallel) and (cfg.hardware.lora.enabled or cfg.hardware.load_in_4bit):
         raise ConfigError("parallel", f"parallel={parallel.name} shards full weights; with LoRA / 4-bit the "
                           "trainable part is small: use parallel=ddp (or zero1)")
     if (parallel.get("shard_optimizer") or zero_stage) and cfg.hardware.optimizer != "adamw":

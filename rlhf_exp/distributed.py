@@ -24,13 +24,14 @@ optimizer state is DeepSpeed's own partitioned checkpoint beside it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 
@@ -226,6 +227,11 @@ def deepspeed_stage(parallel) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
+def shards_weights(parallel) -> bool:
+    """Whether the mode partitions the weights over the ranks: fsdp / zero2 (FSDP2), deepspeed_zero3."""
+    return bool((parallel or {}).get("fsdp")) or deepspeed_stage(parallel) == 3
+
+
 def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, parallel: DictConfig,
                      max_grad_norm: float | None):
     """`deepspeed.initialize` over the model and the stage's torch optimizer (ZeRO partitions its states).
@@ -234,7 +240,6 @@ def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
     DeepSpeed sees one micro batch per step (its accumulation off) and `deepspeed_backward` undoes its
     mean over the ranks. Clipping is DeepSpeed's (`gradient_clipping`), at the stage's max_grad_norm."""
     import deepspeed
-    from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(parallel.deepspeed, resolve=True)
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, managed_gradient_accumulation=False,
@@ -261,8 +266,6 @@ def deepspeed_model_state(engine) -> dict[str, torch.Tensor] | None:
 
 def _gathered_by_deepspeed(param: torch.nn.Parameter):
     """A ZeRO-3 partitioned parameter gathered whole inside the block (collective); else nothing."""
-    import contextlib
-
     if not hasattr(param, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp.distributed import deepspeed_stage, shards_weights
+
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 * 1.0 + 1 / (64 * 256) * 4  # 4-bit weights, 8-bit absmax per 64, fp32 per 256 blocks
 # Process / device overhead outside tensors: CUDA context and allocator slack on a GPU; on a
@@ -178,14 +180,16 @@ def sharding(cfg: DictConfig, trains: bool) -> tuple[int, float, bool]:
     model a torchrun `parallel=` mode trains (DeepSpeed ZeRO-3 as fsdp, ZeRO-2 as zero1); (1, 0, False)
     in one process."""
     parallel = cfg.get("parallel") or {}
-    ranks = int(parallel.get("processes") or 1)
+    ranks = processes(cfg)
     if not trains or ranks == 1:
         return 1, 0.0, False
-    from rlhf_exp.distributed import deepspeed_stage
+    weights = shards_weights(parallel)  # DeepSpeed ZeRO-2's gradients are counted whole
+    return ranks, (1.0 if weights else 0.0), bool(weights or parallel.get("shard_optimizer") or deepspeed_stage(parallel))
 
-    zero_stage = deepspeed_stage(parallel)  # DeepSpeed: stage 3 as fsdp; stage 2's gradients counted whole
-    shards_weights = bool(parallel.get("fsdp")) or zero_stage == 3
-    return ranks, (1.0 if shards_weights else 0.0), bool(shards_weights or parallel.get("shard_optimizer") or zero_stage)
+
+def processes(cfg: DictConfig) -> int:
+    """The ranks a torchrun run has (`parallel.processes`: WORLD_SIZE, or set for plan=true)."""
+    return int((cfg.get("parallel") or {}).get("processes") or 1)
 
 
 def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: bool, quantized: bool,
@@ -289,7 +293,7 @@ def plan_run(cfg: DictConfig) -> Plan:
             add_model(plan, "reference", shape, cfg, trains=False, quantized=quantized)
         rollout = stage.batch_size * stage.get("samples_per_prompt", 1)
         if name == "grpo":  # under torchrun each rank samples its share of the prompts
-            rollout //= int((cfg.get("parallel") or {}).get("processes") or 1)
+            rollout //= processes(cfg)
         kv_bytes = 2 if hardware.precision != "fp32" else 4
         kv = rollout * (prompt + new) * shape.layers * 2 * shape.kv_heads * shape.head_dim * kv_bytes
         plan.add("policy", f"KV cache: rollout of {rollout} x {prompt + new} tok", kv)
