@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf_exp.config import CONF_DIR, register_resolvers, resolve_auto_hardware
-from rlhf_exp.errors import UserInputError
+from rlhf_exp.errors import ReportedError
 
 register_resolvers()
 log = logging.getLogger("rlhf_exp")
@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics = run(cfg)
-    except UserInputError as exc:
+    except ReportedError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

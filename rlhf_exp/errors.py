@@ -1,7 +1,13 @@
-"""Errors that mean "the input is wrong", reported as one clear line instead of a traceback."""
+"""Errors reported as one clear line instead of a traceback: wrong input, or a machine that ran out of room."""
+
+import errno
 
 
-class UserInputError(ValueError):
+class ReportedError(Exception):
+    """An error whose message says all the user needs; the entrypoint prints it and exits with status 2."""
+
+
+class UserInputError(ReportedError, ValueError):
     """Bad input from the user: a config value, a data file, a field. The message names it."""
 
 
@@ -20,3 +26,21 @@ class DataError(UserInputError):
         self.path, self.line = str(path), line
         where = f"{path}, line {line}" if line is not None else f"{path}"
         super().__init__(f"{where}: {problem}")
+
+
+class DiskFullError(ReportedError, OSError):
+    """The disk filled while writing `path`; what was written before is intact and the partial write is removed."""
+
+    def __init__(self, path, free_bytes: int):
+        self.path = str(path)
+        super().__init__(errno.ENOSPC, f"no space left on the device while writing {path} "
+                         f"({free_bytes / 2**20:.0f} MiB free after removing the partial write); earlier "
+                         "checkpoints are intact: free some space and resume with stage.resume_from=<checkpoint>")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the text of an error a writer (safetensors) raised in its place."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)

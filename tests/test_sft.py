@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,31 @@ def test_failed_run_is_marked_failed_and_the_next_run_in_the_process_starts(tmp_
     run(tiny_config(tmp_path, "stage.max_steps=1"))
     _, runs = mlflow_runs(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+
+
+def test_a_full_disk_keeps_the_earlier_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch):
+    from rlhf_exp.errors import DiskFullError, ReportedError
+    from rlhf_exp.stages import base
+
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:  # step 2's checkpoint is written; the final one finds the disk full
+            with open(path, "wb") as half_written:
+                half_written.write(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(base.torch, "save", save_until_the_disk_fills)
+    with pytest.raises(DiskFullError, match=r"no space left on the device while writing .*checkpoints.final ") as caught:
+        run(tiny_config(tmp_path, "stage.max_steps=4", "stage.save_every=2", "stage.num_samples=0"))
+    assert isinstance(caught.value, ReportedError)  # the entrypoint prints it as one line and exits 2
+    checkpoints = Path(calls[0]).parent.parent
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000002"]  # no partial folder left behind
+    assert torch.load(checkpoints / "step_000002" / "trainer_state.pt", weights_only=False)["step"] == 2
+    _, runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert runs[-1].info.status == "FAILED"
 
 
 def _train_losses(tmp_path, name, *overrides):

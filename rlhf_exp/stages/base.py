@@ -13,6 +13,7 @@ import gc
 import logging
 import shutil
 from collections import defaultdict
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlhf_exp import distributed
-from rlhf_exp.errors import ConfigError
+from rlhf_exp.errors import ConfigError, DiskFullError, is_disk_full
 from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
 from rlhf_exp.optim import build_optimizer, build_scheduler
 from rlhf_exp.rollout import generate
@@ -36,6 +37,29 @@ T = TypeVar("T")
 
 TRAINER_STATE = "trainer_state.pt"
 DEEPSPEED_STATE = "deepspeed"  # parallel=deepspeed_*: DeepSpeed's partitioned optimizer checkpoint
+
+
+def staging_folder(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".partial")
+
+
+@contextmanager
+def written_into_place(folder: Path) -> Iterator[Path]:
+    """Yields `<folder>.partial` to write into and renames it to `folder` when the block ends, so a run
+    that dies mid-write leaves the previous `folder` whole. A failed write removes the partial folder
+    (a full disk is then reported in one line, with the space left)."""
+    staging = staging_folder(folder)
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            raise DiskFullError(folder, shutil.disk_usage(folder.parent).free) from error
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -366,9 +390,9 @@ class Trainer:
     def save_checkpoint(self, folder: Path) -> Path:
         """Model (safetensors) + tokenizer + trainer_state.pt, written beside and renamed into place (rank 0).
         Sharded models and optimizers are gathered whole first (every rank takes part)."""
-        staging = folder.with_name(folder.name + ".partial")
+        staging = staging_folder(folder)
         if distributed.is_main():
-            if staging.exists():
+            if staging.exists():  # left by a run that died mid-write
                 shutil.rmtree(staging)
             staging.mkdir(parents=True)
         if self.engine is not None:
@@ -381,25 +405,22 @@ class Trainer:
             optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
         if not distributed.is_main():
             return folder
-        if model_state is None:
-            self.model.save_pretrained(staging, safe_serialization=True)
-        else:
-            distributed.save_gathered(self.model, staging, model_state)
-        self.tokenizer.save_pretrained(staging)
-        torch.save(self.trainer_state(optimizer_state), staging / TRAINER_STATE)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        with written_into_place(folder) as staging:
+            if model_state is None:
+                self.model.save_pretrained(staging, safe_serialization=True)
+            else:
+                distributed.save_gathered(self.model, staging, model_state)
+            self.tokenizer.save_pretrained(staging)
+            torch.save(self.trainer_state(optimizer_state), staging / TRAINER_STATE)
         log.info("checkpoint: %s", folder)
         return folder
 
     def export_merged(self, folder: Path) -> None:
         """A plain Hugging Face folder with the LoRA adapters merged into float base weights."""
         merged = self.merged_model()
-        staging = folder.with_name(folder.name + ".partial")
-        merged.save_pretrained(staging, safe_serialization=True)
-        self.tokenizer.save_pretrained(staging)
-        staging.rename(folder)
+        with written_into_place(folder) as staging:
+            merged.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
         log.info("merged model: %s", folder)
 
     def merged_model(self) -> torch.nn.Module:
