@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,8 +33,29 @@ TINY = [
 ]
 
 
+_EMPTY_MLFLOW_DB: list[Path] = []
+
+
+def empty_mlflow_db(path: Path) -> Path:
+    """`path` as a copy of an empty MLflow database (unless it exists): creating one runs its ~100
+    schema migrations (1-2 s), and nearly every test tracks into a database of its own. Tests
+    that run the CLI (`tracked_env`) still let MLflow create theirs."""
+    if not _EMPTY_MLFLOW_DB:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="rlhf_exp-mlflow-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        MlflowClient(f"sqlite:///{folder / 'empty.db'}").search_experiments()
+        _EMPTY_MLFLOW_DB.append(folder / "empty.db")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_EMPTY_MLFLOW_DB[0], path)
+    return path
+
+
 def tiny_config(tmp_path: Path, *overrides: str):
     """The real composed config, shrunk, with runs and MLflow inside `tmp_path`."""
+    empty_mlflow_db(tmp_path / "mlflow.db")
     return compose_config([
         *TINY,
         f"paths.runs_dir={tmp_path / 'runs'}",

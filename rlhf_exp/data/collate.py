@@ -24,8 +24,11 @@ class TokenizedSFT:
 def tokenize_sft(example: SFTExample, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> TokenizedSFT:
     """Prompt ids (long prompts keep their end) and response ids + EOS (cut to the response cap)."""
     prompt_ids = tokenizer(example.prompt, add_special_tokens=False).input_ids[-max_prompt_tokens:]
-    response_ids = tokenizer(example.completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return TokenizedSFT(prompt_ids, response_ids[:max_response_tokens])
+    return TokenizedSFT(prompt_ids, _response_ids(example.completion, tokenizer, max_response_tokens))
+
+
+def _response_ids(text: str, tokenizer, max_response_tokens: int) -> list[int]:
+    return (tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[:max_response_tokens]
 
 
 def collate_sft(batch: Sequence[TokenizedSFT], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -68,11 +71,10 @@ class TokenizedPair:
 
 def tokenize_pair(example: PreferenceExample, tokenizer, max_prompt_tokens: int,
                   max_response_tokens: int) -> TokenizedPair:
-    """Prompt, chosen + EOS and rejected + EOS, capped as in `tokenize_sft`."""
+    """Prompt, chosen + EOS and rejected + EOS, capped as in `tokenize_sft` (the prompt tokenized once)."""
     chosen = tokenize_sft(SFTExample(example.prompt, example.chosen), tokenizer, max_prompt_tokens, max_response_tokens)
-    rejected = tokenize_sft(SFTExample(example.prompt, example.rejected), tokenizer, max_prompt_tokens,
-                            max_response_tokens)
-    return TokenizedPair(chosen.prompt_ids, chosen.response_ids, rejected.response_ids)
+    rejected_ids = _response_ids(example.rejected, tokenizer, max_response_tokens)
+    return TokenizedPair(chosen.prompt_ids, chosen.response_ids, rejected_ids)
 
 
 def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ Responses exclude the EOS token, which the tokenizer step appends as an id.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -78,22 +79,56 @@ def tldr_prompt(subreddit: str, title: str, post: str, tokenizer, max_tokens: in
     while length("") > max_tokens * 3 // 4 and title:  # a title too long for the budget: cut it by tokens
         title_ids = tokenizer(title, add_special_tokens=False).input_ids
         title = tokenizer.decode(title_ids[: len(title_ids) * 3 // 4]).strip()
-    if length("") > max_tokens:
+    overhead = length("")
+    if overhead > max_tokens:
         raise ConfigError("data.max_prompt_tokens", f"{max_tokens} tokens cannot hold the TL;DR template")
-    while length(post) > max_tokens and "\n" in post:
-        post = post[: post.rindex("\n")].rstrip()
-    if length(post) > max_tokens:
-        overhead = length("")
-        ids = tokenizer(post, add_special_tokens=False).input_ids
-        keep = max_tokens - overhead
-        # decode-then-encode can merge tokens differently: step back until it fits
-        while keep > 0 and length(tokenizer.decode(ids[:keep])) > max_tokens:
-            keep -= 1
-        post = tokenizer.decode(ids[:keep]) if keep > 0 else ""
-    return render(post)
+    if length(post) <= max_tokens:
+        return render(post)
+    # Cutting at the last newline until it fits = keeping the longest newline-ended prefix that fits.
+    # Tokens grow with the prefix, so a binary search finds it in log(newlines) tokenizations
+    # (a linear scan from the end took ~10 per post at 64 tokens: most of a small run's start-up).
+    prefixes = sorted({post[:at].rstrip() for at, char in enumerate(post) if char == "\n"}, key=len)
+    fitting, low, high = None, 0, len(prefixes) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        if length(prefixes[middle]) <= max_tokens:
+            fitting, low = prefixes[middle], middle + 1
+        else:
+            high = middle - 1
+    if fitting is not None:
+        return render(fitting)
+    post = prefixes[0] if prefixes else post  # no newline cut fits: cut the first paragraph by tokens
+    ids = tokenizer(post, add_special_tokens=False).input_ids
+    keep = max_tokens - overhead
+    # decode-then-encode can merge tokens differently: step back until it fits
+    while keep > 0 and length(tokenizer.decode(ids[:keep])) > max_tokens:
+        keep -= 1
+    return render(tokenizer.decode(ids[:keep]) if keep > 0 else "")
+
+
+# Fitting the posts tokenizes each several times: seconds a run. Runs in one process (a Hydra
+# multirun, the tests) ask for the same prompts again, so they are kept per tokenizer and budget.
+_TLDR_PROMPTS: dict[tuple[str, int], dict[tuple[str, str, str], str]] = {}
+_TLDR_PROMPT_BUDGETS_KEPT = 4
+
+
+def _tldr_prompt_memo(tokenizer, max_tokens: int) -> dict[tuple[str, str, str], str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: no cheap fingerprint, no memo
+        return {}
+    key = (hashlib.sha256(backend.to_str().encode()).hexdigest(), int(max_tokens))
+    if key not in _TLDR_PROMPTS:
+        while len(_TLDR_PROMPTS) >= _TLDR_PROMPT_BUDGETS_KEPT:
+            _TLDR_PROMPTS.pop(next(iter(_TLDR_PROMPTS)))
+        _TLDR_PROMPTS[key] = {}
+    return _TLDR_PROMPTS[key]
 
 
 class TldrFormat(DataFormat):
+    def __init__(self, cfg: DictConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self._prompts = _tldr_prompt_memo(tokenizer, cfg.max_prompt_tokens)
+
     def _posts(self) -> Iterator[tuple[Record, dict]]:
         """(record, {subreddit, title, post, summary}) from the configured source."""
         if self.cfg.source == "vendored":
@@ -117,8 +152,10 @@ class TldrFormat(DataFormat):
         return match.groupdict()
 
     def _prompt(self, fields: dict) -> str:
-        return tldr_prompt(fields["subreddit"], fields["title"], fields["post"], self.tokenizer,
-                           self.cfg.max_prompt_tokens)
+        key = (fields["subreddit"], fields["title"], fields["post"])
+        if key not in self._prompts:
+            self._prompts[key] = tldr_prompt(*key, self.tokenizer, self.cfg.max_prompt_tokens)
+        return self._prompts[key]
 
     def sft_examples(self) -> list[SFTExample]:
         seen, out = set(), []
