@@ -83,6 +83,20 @@ def test_tldr_post_is_cut_at_newline_boundaries(tokenizer):
     kept = prompt[prompt.index("POST: ") + 6: prompt.index("\n\nTL;DR:")]
     assert post.startswith(kept) and post[len(kept)] == "\n"  # cut exactly before a newline
     assert kept.count("\n") >= 1
+    one_more = post[: post.index("\n", len(kept) + 1)]  # the longest cut that fits is kept
+    longer = TLDR_TEMPLATE.format(subreddit="test", title="A title", post=one_more)
+    assert len(tokenizer(longer, add_special_tokens=False).input_ids) > 150
+
+
+def test_tldr_prompts_kept_in_the_process_follow_the_token_budget(tokenizer):
+    def prompts(max_tokens):
+        return [e.prompt for e in get_format(data_cfg("tldr", f"data.max_prompt_tokens={max_tokens}"),
+                                             tokenizer).sft_examples()]
+
+    short, long, short_again = prompts(64), prompts(256), prompts(64)
+    assert short == short_again and short != long
+    assert max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in short) <= 64
+    assert max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in long) > 64
 
 
 def test_tldr_post_without_newlines_is_cut_by_tokens(tokenizer):
