@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+import copy
+
+import pytest
 
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft, left_pad, tokenize_sft
 from rlhf_exp.data.formats import SFTExample
@@ -40,4 +42,43 @@ def test_tokenize_sft_appends_eos_caps_the_response_and_keeps_the_prompt_end(tok
     cut = tokenize_sft(ex, tokenizer, max_prompt_tokens=3, max_response_tokens=4)
     assert cut.prompt_ids == full.prompt_ids[-3:]
     assert cut.response_ids == full.response_ids[:4]
-    assert torch.tensor(cut.prompt_ids).numel() == 3
+
+
+@pytest.fixture
+def bos_tokenizer(tokenizer):
+    """SmolLM2's tokenizer made to add a BOS as Llama-2's and Mistral's encodings do."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.convert_tokens_to_ids("<|im_start|>"))])
+    assert tok("hello").input_ids[0] == tok.bos_token_id  # the fixture really adds one
+    return tok
+
+
+def test_prompts_start_with_bos_where_the_tokenizer_adds_one_and_keep_it_when_cut(bos_tokenizer, tokenizer):
+    ex = SFTExample("one two three four five six seven eight", " a summary")
+    bos = bos_tokenizer.bos_token_id
+    full = tokenize_sft(ex, bos_tokenizer, max_prompt_tokens=100, max_response_tokens=100)
+    assert full.prompt_ids[0] == bos and full.prompt_ids.count(bos) == 1
+    assert bos not in full.response_ids
+    cut = tokenize_sft(ex, bos_tokenizer, max_prompt_tokens=4, max_response_tokens=100)
+    assert len(cut.prompt_ids) == 4 and cut.prompt_ids[0] == bos and cut.prompt_ids[1:] == full.prompt_ids[-3:]
+    plain = tokenize_sft(ex, tokenizer, max_prompt_tokens=100, max_response_tokens=100)  # SmolLM2 adds none
+    assert plain.prompt_ids == full.prompt_ids[1:]
+
+
+def test_chat_responses_end_with_the_templates_end_of_turn_token(tokenizer):
+    """Qwen2.5 base: EOS <|endoftext|>, but a chat turn ends with <|im_end|>; so do Llama-3's <|eot_id|>."""
+    from rlhf_exp.data.tokens import end_of_turn_id, stop_token_ids
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "<|endoftext|>"
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != im_end
+    assert end_of_turn_id(tok) == im_end
+    item = tokenize_sft(SFTExample("prompt", "reply"), tok, 32, 32, end_id=end_of_turn_id(tok))
+    assert item.response_ids[-1] == im_end and tok.eos_token_id not in item.response_ids
+    assert set(stop_token_ids(tok, chat=True)) == {tok.eos_token_id, im_end}
+    assert stop_token_ids(tok, chat=False) == [tok.eos_token_id]
+    assert end_of_turn_id(tokenizer) == tokenizer.eos_token_id  # SmolLM2-Instruct: the two are one token

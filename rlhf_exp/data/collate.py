@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from rlhf_exp.data.formats import PreferenceExample, SFTExample
+from rlhf_exp.data.tokens import encode_prompt
 
 
 @dataclass(frozen=True)
@@ -21,14 +22,17 @@ class TokenizedSFT:
     response_ids: list[int]
 
 
-def tokenize_sft(example: SFTExample, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> TokenizedSFT:
-    """Prompt ids (long prompts keep their end) and response ids + EOS (cut to the response cap)."""
-    prompt_ids = tokenizer(example.prompt, add_special_tokens=False).input_ids[-max_prompt_tokens:]
-    return TokenizedSFT(prompt_ids, _response_ids(example.completion, tokenizer, max_response_tokens))
+def tokenize_sft(example: SFTExample, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
+                 end_id: int | None = None) -> TokenizedSFT:
+    """Prompt ids (`encode_prompt`) and response ids + `end_id` (EOS by default; a chat turn's end for
+    chat data), cut to the response cap."""
+    return TokenizedSFT(encode_prompt(example.prompt, tokenizer, max_prompt_tokens),
+                        _response_ids(example.completion, tokenizer, max_response_tokens, end_id))
 
 
-def _response_ids(text: str, tokenizer, max_response_tokens: int) -> list[int]:
-    return (tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[:max_response_tokens]
+def _response_ids(text: str, tokenizer, max_response_tokens: int, end_id: int | None = None) -> list[int]:
+    end = tokenizer.eos_token_id if end_id is None else end_id
+    return (tokenizer(text, add_special_tokens=False).input_ids + [end])[:max_response_tokens]
 
 
 def collate_sft(batch: Sequence[TokenizedSFT], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -70,10 +74,11 @@ class TokenizedPair:
 
 
 def tokenize_pair(example: PreferenceExample, tokenizer, max_prompt_tokens: int,
-                  max_response_tokens: int) -> TokenizedPair:
-    """Prompt, chosen + EOS and rejected + EOS, capped as in `tokenize_sft` (the prompt tokenized once)."""
-    chosen = tokenize_sft(SFTExample(example.prompt, example.chosen), tokenizer, max_prompt_tokens, max_response_tokens)
-    rejected_ids = _response_ids(example.rejected, tokenizer, max_response_tokens)
+                  max_response_tokens: int, end_id: int | None = None) -> TokenizedPair:
+    """Prompt, chosen + end and rejected + end, capped as in `tokenize_sft` (the prompt tokenized once)."""
+    chosen = tokenize_sft(SFTExample(example.prompt, example.chosen), tokenizer, max_prompt_tokens,
+                          max_response_tokens, end_id)
+    rejected_ids = _response_ids(example.rejected, tokenizer, max_response_tokens, end_id)
     return TokenizedPair(chosen.prompt_ids, chosen.response_ids, rejected_ids)
 
 

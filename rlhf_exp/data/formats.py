@@ -13,6 +13,7 @@ from typing import Iterator
 
 from omegaconf import DictConfig
 
+from rlhf_exp.data.tokens import bos_prefix
 from rlhf_exp.data.sources import Record, read_csv, read_hub, read_json_or_jsonl, read_jsonl, vendored
 from rlhf_exp.errors import ConfigError, DataError
 
@@ -34,6 +35,9 @@ class PreferenceExample:
 
 class DataFormat:
     """Base: subclasses implement the kinds of examples their data has."""
+
+    #: responses are chat turns (they end with the template's end-of-turn token, not EOS)
+    chat = False
 
     def __init__(self, cfg: DictConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -153,8 +157,9 @@ class TldrFormat(DataFormat):
 
     def _prompt(self, fields: dict) -> str:
         key = (fields["subreddit"], fields["title"], fields["post"])
-        if key not in self._prompts:
-            self._prompts[key] = tldr_prompt(*key, self.tokenizer, self.cfg.max_prompt_tokens)
+        if key not in self._prompts:  # room for the BOS the tokenizer may put first (data.collate.encode_prompt)
+            budget = self.cfg.max_prompt_tokens - len(bos_prefix(self.tokenizer))
+            self._prompts[key] = tldr_prompt(*key, self.tokenizer, budget)
         return self._prompts[key]
 
     def sft_examples(self) -> list[SFTExample]:
@@ -273,6 +278,8 @@ def to_message(turn: dict, rec: Record) -> dict:
 
 
 class ShareGptFormat(DataFormat):
+    chat = True
+
     def _records(self) -> Iterator[Record]:
         if self.cfg.source == "vendored":
             return read_json_or_jsonl(vendored("sharegpt-demo/dpo_en_demo.json.gz"))

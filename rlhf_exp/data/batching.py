@@ -1,0 +1,60 @@
+"""Which examples a step sees: a resumable shuffled stream, chunks, and length order."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence, TypeVar
+
+import torch
+
+from rlhf_exp.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def length_order(items: Sequence[T], length) -> list[int]:
+    """Indices of `items` from shortest to longest: chunks of similar length waste less padding.
+    Scores computed in this order go back with `unsorted[order] = scores`."""
+    return sorted(range(len(items)), key=lambda i: length(items[i]))
+
+
+class BatchStream:
+    """An endless stream of example indices, reshuffled each epoch from (seed, epoch).
+
+    Its position (epoch, cursor) is part of the checkpoint, so a resumed run sees exactly the
+    examples the uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, seed: int):
+        if size <= 0:
+            raise ValueError("no training examples")
+        self.size, self.seed, self.epoch, self.cursor = size, seed, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.cursor == self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["size"] != self.size:
+            raise ConfigError("stage.resume_from", f"checkpoint was made on {state['size']} training examples, "
+                              f"this run has {self.size}: the data config differs")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation()

@@ -1,0 +1,52 @@
+"""What a tokenizer does that the data must follow: the BOS its own encoding adds, and the token a chat
+template ends a turn with. Found by tokenizing once per tokenizer."""
+
+from __future__ import annotations
+
+import weakref
+
+# per tokenizer: what its own encoding adds and how its chat turns end (tokenizing to find out is not free)
+_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] where the tokenizer's own encoding starts every text with it (Llama-2, Mistral), else []."""
+    if tokenizer not in _BOS:
+        bos = tokenizer.bos_token_id
+        adds = bos is not None and tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos]
+        _BOS[tokenizer] = [bos] if adds else []
+    return _BOS[tokenizer]
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template ends an assistant turn with (<|im_end|>, Llama-3's <|eot_id|>, Gemma's
+    <end_of_turn>), which is not always the EOS (Qwen2.5 base: EOS <|endoftext|>); EOS without a template."""
+    if tokenizer not in _END_OF_TURN:
+        found = tokenizer.eos_token_id
+        if getattr(tokenizer, "chat_template", None):
+            reply = "Q7x reply Q7x"
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": reply}], tokenize=False)
+            after = tokenizer(text.split(reply, 1)[1], add_special_tokens=False).input_ids
+            special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+            found = next((i for i in after[:2] if i in special), found)
+        _END_OF_TURN[tokenizer] = found
+    return _END_OF_TURN[tokenizer]
+
+
+def stop_token_ids(tokenizer, chat: bool) -> list[int]:
+    """What ends a response: EOS, and for chat data also the template's end of turn."""
+    end = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
+    return [tokenizer.eos_token_id] + ([end] if end != tokenizer.eos_token_id else [])
+
+
+def encode_prompt(text: str, tokenizer, max_tokens: int) -> list[int]:
+    """Prompt ids, cut from the front to `max_tokens` (long prompts keep their end), with the tokenizer's
+    BOS first where its encoding adds one and the text does not already start with it."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = bos_prefix(tokenizer)
+    if bos and ids[:1] == bos:
+        bos = []
+    keep = max(max_tokens - len(bos), 0)
+    return bos + (ids[len(ids) - keep:] if keep else [])
