@@ -116,3 +116,33 @@ def test_ppo_score_lands_on_the_last_real_token_minus_the_kl_penalty():
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]])
     rewards = per_token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
     assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, 2.0 - 0.15], [-1.0 - 0.25, 0.0, 0.0]]))
+
+
+def test_dr_grpo_aggregations_by_hand():
+    """verl's names: a sequence's token sum, averaged over sequences; Dr. GRPO divides by a constant
+    (the generation budget) instead of each response's length, which is the length bias it removes."""
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_tokens=8).item() == pytest.approx((6 + 4) / 8 / 2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        aggregate_loss(loss, mask, "seq-mean-token-sum-norm")
+
+
+def test_seq_mean_token_mean_weighs_short_responses_up_and_dr_grpo_does_not():
+    """The same per-token loss on a long and a short response: a per-sequence mean gives each token of
+    the short one 3x the weight; Dr. GRPO's constant normalizer gives every token the same weight."""
+    per_token = torch.ones(2, 3, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    grad, = torch.autograd.grad(aggregate_loss(per_token, mask, "seq-mean-token-mean"), per_token)
+    assert grad[1, 0] == pytest.approx(3 * grad[0, 0])
+    grad, = torch.autograd.grad(aggregate_loss(per_token, mask, "seq-mean-token-sum-norm", max_tokens=3), per_token)
+    assert grad[1, 0] == pytest.approx(grad[0, 0])
+
+
+def test_k3_value_is_clamped_like_verl():
+    """A token the reference finds e^15 times likelier gives k3 = e^15 - 16 ~ 3.3M: one such token
+    would swamp the batch's loss. verl clamps the k3 value to 10."""
+    k3 = kl_penalty(torch.tensor([0.0]), torch.tensor([15.0]), "k3")
+    assert k3.item() == pytest.approx(10.0)
+    assert kl_penalty(torch.tensor([0.0]), torch.tensor([1.0]), "k3").item() == pytest.approx(math.e - 2)

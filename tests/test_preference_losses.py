@@ -44,7 +44,7 @@ def test_dpo_sigmoid_with_label_smoothing_by_hand():
 
 
 def test_ipo_by_hand():
-    losses, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="ipo")
+    losses, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="ipo_sum")
     assert losses.item() == pytest.approx((2 - 1 / (2 * 0.1)) ** 2)  # (2 - 5)^2 = 9
 
 
@@ -89,3 +89,15 @@ def test_calibration_table_and_ece_by_hand():
     assert [(b["count"], b["accuracy"]) for b in table] == [(2, 1.0), (2, 0.5)]
     # |1.0 - 0.6| * 2/4 + |0.5 - 0.9| * 2/4 = 0.4
     assert expected_calibration_error(table) == pytest.approx(0.4)
+
+
+def test_ipo_on_per_token_average_log_ratios_by_hand():
+    """TRL's IPO: log-ratios averaged over each response's tokens (chosen 5 tokens, rejected 4)."""
+    losses, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="ipo",
+                            chosen_lengths=torch.tensor([5.0]), rejected_lengths=torch.tensor([4.0]))
+    h = 1 / 5 - (-1 / 4)
+    assert losses.item() == pytest.approx((h - 1 / (2 * 0.1)) ** 2)
+    summed, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="ipo_sum")
+    assert summed.item() == pytest.approx((2 - 5) ** 2)  # the summed form (Azar et al. on sequence log-probs)
+    with pytest.raises(ValueError, match="lengths"):
+        dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="ipo")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -35,13 +35,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3",
-               clamp: float = 20.0) -> torch.Tensor:
+               clamp: float = 20.0, k3_max: float = 10.0) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman 2020).
 
     logps, ref_logps [B, T] -> [B, T], with log r = ref_logps - logps clamped to +-clamp:
       k1 = -log r            (unbiased, high variance, can be negative)
       k2 = (log r)^2 / 2     (biased, low variance)
-      k3 = r - 1 - log r     (unbiased, low variance, >= 0)
+      k3 = r - 1 - log r     (unbiased, low variance, >= 0), capped at k3_max as verl does: r grows
+                             as e^log r, so one token the reference finds far likelier would swamp a batch
     """
     log_ratio = (ref_logps - logps).clamp(-clamp, clamp)
     if estimator == "k1":
@@ -49,7 +50,7 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k
     if estimator == "k2":
         return 0.5 * log_ratio.pow(2)
     if estimator == "k3":
-        return torch.exp(log_ratio) - 1 - log_ratio
+        return (torch.exp(log_ratio) - 1 - log_ratio).clamp(max=k3_max)
     raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
 
 
@@ -77,17 +78,33 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     return loss, was_clipped
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "seq-mean-token-mean") -> torch.Tensor:
-    """[B, T] per-token loss -> scalar.
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "seq-mean-token-mean", *,
+                   max_tokens: int | None = None, num_sequences: float | None = None,
+                   num_tokens: float | None = None) -> torch.Tensor:
+    """[B, T] per-token loss -> scalar (verl's names).
 
-    token-mean           sum over all tokens / number of tokens (long responses weigh more; DAPO)
-    seq-mean-token-mean  mean over sequences of each sequence's token mean (the GRPO paper)
+    token-mean               sum over all tokens / number of tokens (DAPO: long responses weigh more)
+    seq-mean-token-mean      mean over sequences of each sequence's token mean (the GRPO paper; a short
+                             response's tokens weigh more: the length bias Dr. GRPO points out)
+    seq-mean-token-sum       mean over sequences of each sequence's token sum
+    seq-mean-token-sum-norm  mean over sequences of token sum / max_tokens, a constant (Dr. GRPO, Liu et al.
+                             2025, with the generation budget as the constant; verl divides the batch's sum)
+    When `loss` is one micro batch of a larger minibatch, pass the minibatch's `num_sequences` /
+    `num_tokens`: the micro batches' results then add up to the minibatch's.
     """
     if mode == "token-mean":
-        return masked_mean(loss, mask)
+        denominator = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+        return (loss * mask).sum() / denominator
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; use one of {LOSS_AGGREGATIONS}")
+    per_sequence = (loss * mask).sum(-1)  # [B] token sums
     if mode == "seq-mean-token-mean":
-        return masked_mean(loss, mask, dim=-1).mean()
-    raise ValueError(f"unknown loss aggregation {mode!r}; use one of {LOSS_AGGREGATIONS}")
+        per_sequence = per_sequence / mask.sum(-1).clamp(min=1)
+    elif mode == "seq-mean-token-sum-norm":
+        if not max_tokens:
+            raise ValueError("seq-mean-token-sum-norm needs max_tokens (the generation budget)")
+        per_sequence = per_sequence / max_tokens
+    return per_sequence.sum() / (len(per_sequence) if num_sequences is None else num_sequences)
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -139,5 +156,6 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     """
     rewards = -kl_coef * kl * mask
     last = mask.sum(-1).long() - 1
-    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
+    rows = torch.nonzero(last >= 0).squeeze(-1)  # an empty response has no token to carry its score
+    rewards[rows, last[rows]] += scores[rows]
     return rewards

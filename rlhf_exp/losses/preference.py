@@ -21,23 +21,27 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(chosen_rewards - rejected_rewards - margin)
 
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "ipo_sum", "hinge")
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor, *,
              beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct preference optimization losses, per pair.
 
     Inputs [B]: log-probs of the chosen / rejected responses, summed over response tokens,
-    under the policy and the frozen reference. With h = (pi_c - ref_c) - (pi_r - ref_r):
+    under the policy and the frozen reference, and (for ipo) the responses' token counts.
+    With h = (pi_c - ref_c) - (pi_r - ref_r):
       sigmoid  -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)
                (Rafailov et al. 2023, eq. 7; ls > 0 is conservative DPO, Mitchell 2023)
-      ipo      (h - 1 / (2 beta))^2            (Azar et al. 2023, eq. 17; summed log-probs)
+      ipo      (h' - 1 / (2 beta))^2 with h' on per-token average log-ratios (TRL's IPO): the target
+               1 / (2 beta) then means the same per token for a 10- and a 100-token response
+      ipo_sum  (h - 1 / (2 beta))^2            (Azar et al. 2023, eq. 17, on summed log-probs)
       hinge    max(0, 1 - beta h)              (SLiC, Zhao et al. 2023)
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); the implicit rewards
-    beta * (pi - ref) are detached, for logging.
+    beta * (pi - ref) (summed log-ratios) are detached, for logging.
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
@@ -45,6 +49,11 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("loss_type ipo averages log-ratios per token: pass chosen_lengths and rejected_lengths")
+        per_token = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    elif loss_type == "ipo_sum":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
