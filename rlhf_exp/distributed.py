@@ -209,6 +209,17 @@ def sum_values(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, packed.tolist()))
 
 
+def sum_by_key(values: dict[str, float]) -> dict[str, float]:
+    """Like `sum_values`, for dicts whose keys may differ between ranks (a rank with nothing to add)."""
+    if world_size() == 1:
+        return dict(values)
+    total: dict[str, float] = {}
+    for part in gather_objects(values):
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
 def parameter_digest(model: torch.nn.Module) -> str:
     """sha256 of all parameters' bytes: equal on every rank iff the replicas are identical."""
     digest = hashlib.sha256()

@@ -7,6 +7,8 @@ import math
 import torch
 from omegaconf import DictConfig
 
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+
 
 def build_optimizer(model: torch.nn.Module, stage: DictConfig, name: str = "adamw",
                     shard_states: bool = False) -> torch.optim.Optimizer:

@@ -20,18 +20,34 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.models.embedded import float_checkpoint
+from rlhf_exp.runtime import dtype_of
 from rlhf_exp.models.peft import add_adapters, load_adapter_weights, quantization_config, uses_lora, weights_folder
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off everywhere, whether a module (nn.Dropout, LoRA's) or a rate kept as a number (Llama's
+    attention_dropout; OPT's dropout, activation_dropout and layerdrop). The preference and RL stages do
+    this by default, as TRL and the N+ paper do: dropout noise between two forwards of the same policy
+    makes the first PPO ratio differ from 1 and adds noise to every log-ratio and KL."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        rates = [name for name, value in vars(module).items()
+                 if isinstance(value, float) and (name.endswith("dropout") or name == "layerdrop")]
+        for name in rates:
+            setattr(module, name, 0.0)
+    return model
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError("model.dtype", f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Trainable parameters in fp32 (master weights); frozen ones stay as loaded. bf16 keeps 8 bits of
+    mantissa: bf16(0.02) + 1e-5 == 0.02, so a bf16 weight updated in place at lr 1e-5 mostly never moves.
+    Compute stays in bf16 through autocast (hardware.precision)."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def _folder_for(spec: dict[str, Any], cache_dir: str, key: str) -> str:
@@ -89,7 +105,7 @@ def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedT
     adapters when `hardware.lora.enabled` (unless `adapters=False`); `model.adapter_from` (a LoRA
     checkpoint, set when resuming) loads its adapters.
     """
-    dtype = _dtype(model_cfg.dtype)
+    dtype = dtype_of(model_cfg.dtype)
     quantization = quantization_config(hardware)
     common = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation,
                   trust_remote_code=model_cfg.trust_remote_code)

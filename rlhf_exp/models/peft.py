@@ -37,7 +37,10 @@ def quantization_config(hardware: DictConfig | None):
         return None
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if hardware.precision == "bf16" else torch.float32
+    from rlhf_exp.runtime import choose_precision
+
+    precision = choose_precision(hardware.precision, str(hardware.device))[0]
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute)
 

@@ -26,12 +26,14 @@ META_FILE = "reward_model.json"
 
 
 class RewardModel(nn.Module):
+    """The head has no bias (as TRL's and OpenRLHF's): under the Bradley-Terry loss a bias cancels between
+    chosen and rejected (its gradient is zero up to rounding), and `reward_mean` already sets the offset."""
+
     def __init__(self, backbone: nn.Module, hidden_size: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
+        self.head = nn.Linear(hidden_size, 1, bias=False)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden_size + 1))
-        nn.init.zeros_(self.head.bias)
         self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float32))
 
     @property
@@ -84,8 +86,7 @@ class RewardModel(nn.Module):
             from rlhf_exp.distributed import save_gathered
 
             save_gathered(self.backbone, folder, backbone_state)
-        save_file({"weight": state["head.weight"].detach().contiguous().cpu(),
-                   "bias": state["head.bias"].detach().contiguous().cpu(),
+        save_file({"weight": state["head.weight"].detach().float().contiguous().cpu(),
                    "reward_mean": state["reward_mean"].detach().reshape(1).cpu()}, str(folder / HEAD_FILE))
         (folder / META_FILE).write_text(json.dumps({
             "kind": "rlhf_exp.reward_model", "hidden_size": self.head.in_features,
@@ -93,12 +94,15 @@ class RewardModel(nn.Module):
 
 
 def load_head(model: RewardModel, folder: str | Path) -> None:
-    """The head and the normalization offset saved beside a backbone."""
+    """The head and the normalization offset saved beside a backbone. A head saved with a bias (before the
+    bias was dropped) folds it into the offset: w.h + b - mean = w.h - (mean - b)."""
     head = load_file(str(Path(folder) / HEAD_FILE))
     with torch.no_grad():
         model.head.weight.copy_(head["weight"])
-        model.head.bias.copy_(head["bias"])
-        model.reward_mean.copy_(head["reward_mean"].reshape(()))
+        offset = head["reward_mean"].reshape(())
+        if "bias" in head:
+            offset = offset - head["bias"].reshape(())
+        model.reward_mean.copy_(offset)
 
 
 def reward_model_from_causal_lm(causal_lm) -> RewardModel:
@@ -113,7 +117,8 @@ def is_reward_model_folder(folder: str | Path) -> bool:
 
 
 def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(RewardModel in eval mode, its tokenizer) from a folder saved by the RM stage."""
+    """(RewardModel in eval mode, its tokenizer or None) from a folder saved by the RM stage (or a PPO
+    checkpoint's critic/, which has no tokenizer of its own)."""
     from transformers import AutoModel, AutoTokenizer
 
     from rlhf_exp.errors import ConfigError
@@ -126,7 +131,9 @@ def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, de
     backbone = AutoModel.from_pretrained(folder, dtype=dtype)
     model = RewardModel(backbone, backbone.config.hidden_size)
     load_head(model, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = None
+    if (folder / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

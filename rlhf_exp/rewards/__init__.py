@@ -32,31 +32,47 @@ class RewardModelScorer:
     """A trained reward model (stage=rm) as a reward function.
 
     Texts are re-encoded with the RM's own tokenizer, so an RM with a different tokenizer from
-    the policy's works; its stored normalization (reward_mean) is applied by the model.
+    the policy's works; its stored normalization (reward_mean) is applied by the model. It runs
+    on the policy's device and precision (conf/reward/reward_model.yaml), frozen weights in the
+    compute dtype.
     """
 
-    def __init__(self, path: str, batch_size: int = 8, max_tokens: int = 1024, device: str = "cpu"):
+    def __init__(self, path: str, batch_size: int = 8, max_tokens: int = 1024, device: str = "cpu",
+                 precision: str = "fp32"):
         from rlhf_exp.models.reward import load_reward_model
+        from rlhf_exp.runtime import choose_precision
 
-        self.model, self.tokenizer = load_reward_model(path, device=device)
+        compute = choose_precision(precision, str(device))[0]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute, torch.float32)
+        self.model, self.tokenizer = load_reward_model(path, dtype=dtype, device=device)
         self.batch_size, self.max_tokens, self.device = batch_size, max_tokens, device
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
         from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+        from rlhf_exp.data.tokens import encode_prompt
 
         eos = self.tokenizer.eos_token_id
         items = []
         for prompt, completion in zip(prompts, completions):
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-            response_ids = self.tokenizer(completion, add_special_tokens=False).input_ids + [eos]
-            keep = self.max_tokens - len(response_ids)
-            items.append(TokenizedSFT(prompt_ids[-keep:] if keep > 0 else [], response_ids[: self.max_tokens]))
+            response_ids = (self.tokenizer(completion, add_special_tokens=False).input_ids + [eos])[: self.max_tokens]
+            prompt_ids = encode_prompt(prompt, self.tokenizer, self.max_tokens - len(response_ids))
+            items.append(TokenizedSFT(prompt_ids, response_ids))
         scores = []
         for start in range(0, len(items), self.batch_size):
             batch = collate_sft(items[start:start + self.batch_size], self.tokenizer.pad_token_id)
             scores += self.model(batch["input_ids"].to(self.device), batch["lengths"]).tolist()
         return scores
+
+
+def score_responses(reward_fn, tokenizer, prompts: Sequence[str], responses: Sequence[Sequence[int]],
+                    stop_token_ids: Sequence[int], missing_eos_score: float | None):
+    """(rewards with the no-EOS score substituted, raw scores, whether each response stopped, texts) of
+    sampled responses (ids); a response stopped if it ends with a stop token (EOS, or a chat turn's end)."""
+    stopped = [bool(r) and r[-1] in stop_token_ids for r in responses]
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    rewards, raw = score_completions(reward_fn, prompts, texts, responses, stopped, missing_eos_score)
+    return rewards, raw, stopped, texts
 
 
 def score_completions(reward_fn, prompts: Sequence[str], completions: Sequence[str],

@@ -1,5 +1,6 @@
-"""Generation (and, with the RL stages, scoring)."""
+"""Rollouts: sampling (the project's own loop, with the run's generator) and the typed rollout batch."""
 
-from rlhf_exp.rollout.generation import generate
+from rlhf_exp.rollout.batch import Rollout
+from rlhf_exp.rollout.generation import generate, sample, truncate_after_stop
 
-__all__ = ["generate"]
+__all__ = ["Rollout", "generate", "sample", "truncate_after_stop"]

@@ -1,4 +1,11 @@
-"""Batched sampling with the KV cache from left-padded prompts."""
+"""Batched sampling with the KV cache from left-padded prompts, drawing from a generator the caller owns.
+
+Why not `model.generate`: it samples from the global random stream (`torch.multinomial` without a
+generator), so anything else that draws from or reseeds that stream (dropout, an evaluation, a
+library) changes a run's rollouts; on a GPU an evaluation's `torch.manual_seed` reset every CUDA
+generator and training came to depend on how often it evaluated. Here every draw comes from the
+`generator` passed in: a run's rollouts depend on its seed alone.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +16,83 @@ import torch
 from rlhf_exp.data.collate import left_pad
 
 
-def truncate_after_eos(tokens: Sequence[int], eos_token_id: int) -> tuple[list[int], bool]:
-    """(tokens up to and including the first EOS, whether an EOS was found)."""
+def truncate_after_stop(tokens: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """(tokens up to and including the first stop token, whether one was found)."""
     tokens = list(tokens)
-    if eos_token_id in tokens:
-        return tokens[: tokens.index(eos_token_id) + 1], True
+    for at, token in enumerate(tokens):
+        if token in stop_token_ids:
+            return tokens[: at + 1], True
     return tokens, False
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, do_sample: bool = True, autocast=None) -> list[list[int]]:
-    """Responses (ids, ending at the first EOS when there is one) for each prompt.
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[B, V] logits with everything outside the top k and the nucleus p set to -inf (HF's order: k, then p).
 
-    EOS and pad ids are passed explicitly, and `min_new_tokens` is never set (it forbids EOS).
-    Position ids follow the attention mask, so left padding does not shift positions.
+    top_k 0 and top_p 1 keep everything; the most likely token is always kept.
     """
-    batch = left_pad(prompts, tokenizer.pad_token_id)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the more likely ones already reach top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop_token_ids: Sequence[int],
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None, autocast=None) -> list[list[int]]:
+    """Responses (ids, ending at the first stop token when there is one) for each prompt.
+
+    Prompts are left-padded; position ids follow the attention mask, so padding does not shift
+    positions. Rows that have stopped get pad tokens until every row has stopped or
+    `max_new_tokens` is reached. `min_new_tokens` does not exist here (it forbids EOS).
+    """
+    if not prompts:
+        return []
     device = next(model.parameters()).device
+    batch = left_pad(prompts, pad_token_id)
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    position_ids = batch["position_ids"].to(device)
+    stops = torch.tensor(list(stop_token_ids), device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    past, new_tokens = None, []
     was_training = model.training
     model.eval()
     try:
-        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-            out = model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
-                top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        for _ in range(max_new_tokens):
+            with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+                out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = filter_logits(out.logits[:, -1].float() / temperature, top_k, top_p)
+            token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+            token = token.masked_fill(done, pad_token_id)
+            new_tokens.append(token)
+            done |= torch.isin(token, stops)
+            if bool(done.all()):
+                break
+            input_ids = token[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
     finally:
         model.train(was_training)
-    width = batch["input_ids"].shape[1]
-    return [truncate_after_eos(row[width:].tolist(), tokenizer.eos_token_id)[0] for row in out]
+    rows = torch.stack(new_tokens, dim=1).tolist()
+    return [truncate_after_stop(row, stop_token_ids)[0] for row in rows]
+
+
+def sample(model, prompt_ids: Sequence[Sequence[int]], samples: int, generation, *, pad_token_id: int,
+           stop_token_ids: Sequence[int], generator: torch.Generator | None, autocast=None) -> list[list[int]]:
+    """`samples` responses per prompt (a prompt's samples adjacent) with the settings of `generation`
+    (max_new_tokens, temperature, top_k, top_p: the stage's `generation` block)."""
+    repeated = [ids for ids in prompt_ids for _ in range(samples)]
+    return generate(model, repeated, pad_token_id=pad_token_id, stop_token_ids=stop_token_ids,
+                    max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
+                    top_k=generation.top_k, top_p=generation.top_p, generator=generator, autocast=autocast)
