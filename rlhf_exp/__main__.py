@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp.config import CONF_DIR, register_resolvers, resolve_auto_hardware
+from rlhf_exp.config import CONF_DIR, register_resolvers, register_schemas, resolve_auto_hardware
 from rlhf_exp.errors import ReportedError
 
 register_resolvers()
@@ -35,6 +35,7 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
     sys.argv = [sys.argv[0], *resolve_auto_hardware(sys.argv[1:])]
+    register_schemas()  # the typed schemas the group YAMLs name
     main()
 
 

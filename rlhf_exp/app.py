@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import rlhf_exp
 from rlhf_exp import distributed
-from rlhf_exp.config import PROJECT_ROOT, flatten, validate
-from rlhf_exp.factory import build
+from rlhf_exp.config import PROJECT_ROOT, config_group_options, flatten, resolved, validate
+from rlhf_exp.runtime import choose_precision
+from rlhf_exp.stages import stage_spec
 from rlhf_exp.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,6 @@ def run_dir_for(cfg: DictConfig) -> Path:
     return folder
 
 
-def resolved(cfg: DictConfig) -> DictConfig:
-    """A plain copy with every interpolation resolved (and without Hydra's own node)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
-    out = OmegaConf.create(container)
-    OmegaConf.set_struct(out, True)
-    return out
-
-
 def check_memory(cfg: DictConfig) -> dict[str, float] | None:
     """plan=true: print the memory plan and return its figures (nothing is run). Otherwise stop
     a run the plan says will not fit, before any weights are loaded."""
@@ -75,7 +67,7 @@ def check_memory(cfg: DictConfig) -> dict[str, float] | None:
         return {"plan/total_gib": plan.total_gib, "plan/tensors_gib": plan.tensors_gib,
                 "plan/fits": float(plan.fits) if plan.fits is not None else float("nan")}
     if plan.fits is False:
-        tips = "\n".join(f"  - {tip}" for tip in plan.advice(cfg.hardware, cfg.stage.name))
+        tips = "\n".join(f"  - {tip}" for tip in plan.advice(cfg.hardware, stage_spec(cfg.stage.name).micro_batch))
         raise UserInputError(f"this run is not expected to fit in {plan.available_gib:.1f} GiB "
                              f"(hardware={cfg.hardware.name}):\n{plan.table()}\nTry:\n{tips}\n"
                              "(hardware.check_memory_plan=false launches anyway)")
@@ -83,23 +75,23 @@ def check_memory(cfg: DictConfig) -> dict[str, float] | None:
 
 
 def check_distributed(cfg: DictConfig) -> None:
+    """Under torchrun: what the stage says it runs under (its StageSpec), then what any mode needs."""
     from rlhf_exp.errors import ConfigError
 
     world = distributed.world_size()
     if world == 1:
         return
-    if cfg.stage.name not in ("sft", "rm", "dpo", "grpo"):
-        raise ConfigError("stage", f"stage={cfg.stage.name} runs in one process for now; data parallelism "
-                          "(torchrun) covers sft, rm, dpo and grpo")
+    spec = stage_spec(cfg.stage.name)
     parallel = cfg.get("parallel") or {}
+    if not spec.parallel:
+        several = [name for name in config_group_options("stage") if stage_spec(name).parallel]
+        raise ConfigError("stage", f"stage={spec.name} runs in one process for now; data parallelism (torchrun) "
+                          f"covers {', '.join(several)}")
+    if parallel.get("name") not in spec.parallel:
+        why = f" {spec.parallel_note}" if spec.parallel_note else ""
+        raise ConfigError("parallel", f"stage={spec.name}{why}: use parallel={' or '.join(spec.parallel)} "
+                          f"(got parallel={parallel.get('name')})")
     zero_stage = distributed.deepspeed_stage(parallel)
-    if cfg.stage.name == "grpo":
-        if parallel.get("fsdp") or zero_stage:
-            raise ConfigError("parallel", f"stage=grpo samples with the whole model on every rank: use parallel=ddp "
-                              f"or zero1 (got parallel={parallel.name})")
-        if cfg.stage.minibatch_size % world:
-            raise ConfigError("stage.minibatch_size", f"must divide evenly over {world} processes "
-                              f"(got {cfg.stage.minibatch_size})")
     if zero_stage:
         import importlib.util
 
@@ -112,14 +104,18 @@ def check_distributed(cfg: DictConfig) -> None:
     if (parallel.get("shard_optimizer") or zero_stage) and cfg.hardware.optimizer != "adamw":
         raise ConfigError("hardware.optimizer", f"parallel={parallel.name} shards torch's AdamW; "
                           f"{cfg.hardware.optimizer} (bitsandbytes) is not shardable: use hardware.optimizer=adamw")
-    if cfg.stage.batch_size % world:
-        raise ConfigError("stage.batch_size", f"must divide evenly over {world} processes (got {cfg.stage.batch_size})")
+    for key in dict.fromkeys(("batch_size", spec.batch_key)):
+        if cfg.stage[key] % world:
+            raise ConfigError(f"stage.{key}", f"must divide evenly over {world} processes (got {cfg.stage[key]})")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's)."""
+    requested_precision = str(cfg.hardware.precision)
     cfg = resolved(cfg)
     validate(cfg)
+    precision_reason = choose_precision(requested_precision, str(cfg.hardware.device))[1]
+    log.info("precision: %s (%s)", cfg.hardware.precision, precision_reason)
     planned = check_memory(cfg)
     if planned is not None:
         return planned
@@ -133,12 +129,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     run_name = cfg.get("run_name") or f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}"
     tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
             "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
-            "run_dir": str(run_dir)}
+            "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason}
     trainer, status = None, "FAILED"
     tracker.start(run_name, flatten(cfg), tags)
     try:
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
-        trainer = build(cfg.stage.trainer, "stage.trainer", cfg=cfg, tracker=tracker, run_dir=run_dir)
+        trainer = stage_spec(cfg.stage.name).trainer(cfg=cfg, tracker=tracker, run_dir=run_dir)
         metrics = trainer.fit()
         status = "FINISHED"
         log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))

@@ -7,7 +7,6 @@ works without Hydra's `@main`, so tests and tools can `compose_config([...])` an
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 from pathlib import Path
@@ -83,10 +82,33 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+_SCHEMAS_REGISTERED: list[bool] = []
+
+
+def register_schemas() -> None:
+    """The typed schemas in Hydra's ConfigStore, where the group YAMLs name them in their defaults:
+    schema/{model,data,hardware} (rlhf_exp.schema) and schema/stage/<name> for every conf/stage/<name>.yaml
+    (the `config` its rlhf_exp/stages/<name>.py declares)."""
+    if _SCHEMAS_REGISTERED:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    from rlhf_exp.schema import GROUP_SCHEMAS
+    from rlhf_exp.stages import stage_spec
+
+    store = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group="schema", name=group, node=schema)
+    for name in config_group_options("stage"):
+        store.store(group="schema/stage", name=name, node=stage_spec(name).config)
+    _SCHEMAS_REGISTERED.append(True)
+
+
 def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
     """The config `python -m rlhf_exp <overrides>` would run with (without the `hydra` node)."""
     from hydra import compose, initialize_config_dir
 
+    register_schemas()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=resolve_auto_hardware(overrides))
 
@@ -96,94 +118,56 @@ def config_group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-# (key, test, what it must be). Checked before any data or weights are loaded.
-_POSITIVE = "must be > 0"
-_NON_NEGATIVE = "must be >= 0"
-_RULES: list[tuple[str, Any, str]] = [
-    ("stage.lr", lambda v: v > 0 and math.isfinite(v), _POSITIVE),
-    ("stage.max_steps", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.batch_size", lambda v: v > 0, _POSITIVE),
-    ("stage.warmup_steps", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    ("stage.weight_decay", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.max_grad_norm", lambda v: v is None or v > 0, _POSITIVE + " (or null: no clipping)"),
-    ("stage.eval_every", lambda v: v is None or v > 0, _POSITIVE + " (or null)"),
-    ("stage.eval_examples", lambda v: v is None or v > 0, _POSITIVE + " (or null: the whole split)"),
-    ("stage.num_samples", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.save_every", lambda v: v is None or v > 0, _POSITIVE + " (or null)"),
-    ("stage.generation.temperature", lambda v: v > 0, _POSITIVE),
-    ("stage.generation.max_new_tokens", lambda v: v > 0, _POSITIVE),
-    ("stage.margin", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.norm_examples", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.calibration_bins", lambda v: v > 0, _POSITIVE),
-    ("stage.beta", lambda v: v > 0, _POSITIVE),
-    ("stage.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
-    ("stage.loss_type", lambda v: v in {"sigmoid", "ipo", "hinge"}, "must be one of sigmoid, ipo, hinge"),
-    ("stage.samples_per_prompt", lambda v: v >= 2, "must be >= 2 (advantages compare samples of a prompt)"),
-    ("stage.minibatch_size", lambda v: v > 0, _POSITIVE),
-    ("stage.updates_per_rollout", lambda v: v > 0, _POSITIVE),
-    ("stage.clip_ratio", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("stage.dual_clip_c", lambda v: v is None or v > 1, "must be > 1 (or null: no dual clip)"),
-    ("stage.kl_coef", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.kl_estimator", lambda v: v in {"k1", "k2", "k3"}, "must be one of k1, k2, k3"),
-    ("stage.loss_aggregation", lambda v: v in {"token-mean", "seq-mean-token-mean"},
-     "must be token-mean or seq-mean-token-mean"),
-    ("stage.ppo_epochs", lambda v: v > 0, _POSITIVE),
-    ("stage.gamma", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    ("stage.lam", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    ("stage.vf_coef", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.ptx_coef", lambda v: v >= 0, _NON_NEGATIVE),
-    ("stage.ema_decay", lambda v: v is None or 0 < v < 1, "must be in (0, 1) (or null: no EMA)"),
-    ("stage.critic_init", lambda v: v in {"auto", "reward_model", "policy"}, "must be auto, reward_model or policy"),
-    ("model.num_layers", lambda v: v is None or v > 0, _POSITIVE + " (or null: all layers)"),
-    ("data.val_size", lambda v: v > 0, _POSITIVE),
-    ("data.max_prompt_tokens", lambda v: v > 0, _POSITIVE),
-    ("data.max_response_tokens", lambda v: v > 0, _POSITIVE),
-    ("data.max_train_examples", lambda v: v is None or v > 0, _POSITIVE + " (or null: all)"),
-    ("hardware.optimizer", lambda v: v in {"adamw", "adamw_8bit", "paged_adamw_8bit"},
-     "must be one of adamw, adamw_8bit, paged_adamw_8bit"),
-    ("hardware.device", lambda v: v in {"cpu", "cuda"} or str(v).startswith("cuda:"), "must be cpu or cuda[:N]"),
-    ("hardware.memory_gb", lambda v: v is None or v > 0, _POSITIVE + " (or null: detect)"),
-    ("hardware.attn_implementation", lambda v: v in {"sdpa", "eager", "flash_attention_2"},
-     "must be one of sdpa, eager, flash_attention_2"),
-    ("hardware.rollout_backend", lambda v: v == "hf",
-     "must be hf (transformers generate); other backends are not built in yet"),
-    ("hardware.lora.r", lambda v: v > 0, _POSITIVE),
-    ("hardware.lora.alpha", lambda v: v > 0, _POSITIVE),
-    ("hardware.lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("hardware.precision", lambda v: v in {"fp32", "bf16", "fp16"}, "must be one of fp32, bf16, fp16"),
-    ("model.source", lambda v: v in {"gguf", "hub", "local", "config"},
-     "must be one of gguf, hub, local, config"),
-]
+def resolved(cfg: DictConfig) -> DictConfig:
+    """The config a run runs with: a plain copy without Hydra's node, every interpolation resolved, and
+    the automatic choices made: hardware.precision=auto becomes what this machine runs fastest, and
+    model.disable_dropout=null the stage's default. Idempotent."""
+    from rlhf_exp.runtime import choose_precision
+    from rlhf_exp.stages import stage_spec
+
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    if "hydra" in plain:
+        plain.pop("hydra")
+    if OmegaConf.select(plain, "hardware.precision") == "auto":
+        plain.hardware.precision = choose_precision("auto", str(plain.hardware.device))[0]
+    if "model" in plain and plain.model.get("disable_dropout") is None:
+        plain.model.disable_dropout = stage_spec(plain.stage.name).disable_dropout
+    out = OmegaConf.create(OmegaConf.to_container(plain, resolve=True))
+    OmegaConf.set_struct(out, True)
+    return out
 
 
 def validate(cfg: DictConfig) -> None:
-    """Stop with a message naming the key before any work starts."""
+    """Stop with a message naming the key before any work starts: every field's rule in the schemas
+    (the stage's own and model / data / hardware), the micro batch, then the stage's cross-key checks."""
+    from rlhf_exp.schema import GROUP_SCHEMAS, rules
+    from rlhf_exp.stages import stage_spec
+    from rlhf_exp.stages.spec import micro_batch
+
+    spec = stage_spec(cfg.stage.name)
+    checked = rules(spec.config, "stage") + [rule for group, schema in GROUP_SCHEMAS.items()
+                                             for rule in rules(schema, group)]
     absent = object()
-    for key, ok, must in _RULES:
+    for key, rule in checked:
         try:
             value = OmegaConf.select(cfg, key, default=absent, throw_on_missing=True)
         except Exception as exc:  # a ??? left unset, or a broken interpolation
             raise ConfigError(key, f"has no value ({exc.__class__.__name__}); set it on the command line") from None
         if value is absent:
-            continue  # this stage has no such key
+            continue
         try:
-            good = ok(value)
+            good = rule.test(value)
         except TypeError:
             good = False
         if not good:
-            raise ConfigError(key, f"{must} (got {value!r})")
+            raise ConfigError(key, f"{rule.must} (got {value!r})")
     if cfg.hardware.get("load_in_4bit") and not cfg.hardware.lora.enabled:
         raise ConfigError("hardware.load_in_4bit", "4-bit weights are frozen: set hardware.lora.enabled=true (QLoRA)")
-    micro = OmegaConf.select(cfg, f"hardware.micro_batch_size.{cfg.stage.name}")
-    # RL stages split each optimizer step's minibatch into micro batches; the others the global batch.
-    whole_key = "stage.minibatch_size" if "minibatch_size" in cfg.stage else "stage.batch_size"
-    whole = OmegaConf.select(cfg, whole_key)
-    if micro is not None and (micro <= 0 or whole % micro):
-        raise ConfigError(
-            f"hardware.micro_batch_size.{cfg.stage.name}",
-            f"must be > 0 and divide {whole_key}={whole} (got {micro})",
-        )
+    micro, whole = micro_batch(cfg, spec.micro_batch), cfg.stage[spec.batch_key]
+    if whole % micro:
+        raise ConfigError(f"hardware.micro_batch_size.{spec.micro_batch}",
+                          f"must divide stage.{spec.batch_key}={whole} (got {micro})")
+    spec.checks(cfg)
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

@@ -111,12 +111,12 @@ class Plan:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    def advice(self, hardware: DictConfig, stage_name: str) -> list[str]:
-        """What to change, cheapest first, for a run that does not fit."""
+    def advice(self, hardware: DictConfig, micro_key: str) -> list[str]:
+        """What to change, cheapest first, for a run that does not fit (`micro_key`: the stage's micro batch)."""
         tips = []
-        micro = OmegaConf.select(hardware, f"micro_batch_size.{stage_name}")
+        micro = OmegaConf.select(hardware, f"micro_batch_size.{micro_key}")
         if micro and micro > 1:
-            tips.append(f"a smaller micro batch: hardware.micro_batch_size.{stage_name}={max(1, micro // 2)}")
+            tips.append(f"a smaller micro batch: hardware.micro_batch_size.{micro_key}={max(1, micro // 2)}")
         if not hardware.gradient_checkpointing:
             tips.append("hardware.gradient_checkpointing=true")
         if hardware.optimizer == "adamw":
@@ -195,9 +195,13 @@ def processes(cfg: DictConfig) -> int:
 def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: bool, quantized: bool,
               reward_head: bool = False, weight_bytes: int | None = None) -> None:
     """Weights, and for a trained model its gradients, optimizer states and autocast copies (per rank
-    under a sharded `parallel` mode: FSDP keeps 1/N of the transformer blocks plus one gathered block)."""
+    under a sharded `parallel` mode: FSDP keeps 1/N of the transformer blocks plus one gathered block).
+    A fully trained model's weights are fp32 masters (hardware.master_weights=fp32) whatever model.dtype."""
     hardware = cfg.hardware
+    lora = hardware.lora.enabled
     wbytes = weight_bytes or _DTYPE_BYTES[cfg.model.dtype]
+    if trains and not lora and hardware.get("master_weights", "fp32") == "fp32":
+        wbytes = 4
     params = shape.params - (shape.vocab * shape.hidden if reward_head and not shape.tied else 0)
     ranks, fsdp, shard_states = sharding(cfg, trains)
     if fsdp:
@@ -218,7 +222,6 @@ def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: b
         plan.add(role, f"weights ({wbytes * 8}-bit)", params * wbytes)
     if not trains:
         return
-    lora = hardware.lora.enabled
     count = trainable_params(shape, hardware, reward_head)
     tbytes = 4 if lora else wbytes  # adapters are fp32
     if lora:
@@ -264,49 +267,28 @@ def add_activations(plan: Plan, role: str, shape: Shape, cfg: DictConfig, sequen
 
 
 def plan_run(cfg: DictConfig) -> Plan:
-    """The memory plan of the run `cfg` describes."""
-    stage, data, hardware = cfg.stage, cfg.data, cfg.hardware
+    """The memory plan of the run `cfg` describes: the models and activations its stage declares
+    (`StageSpec.memory`), then what the runtime adds."""
+    from rlhf_exp.stages import stage_spec
+
+    hardware = cfg.hardware
     device = "cuda" if str(hardware.device).startswith("cuda") else "cpu"
     plan = Plan(available_gib=_available_gib(hardware, device), device=device)
-    shape = model_shape(cfg.model, cfg.paths.cache_dir)
-    quantized = bool(hardware.get("load_in_4bit"))
-    lora = bool(hardware.lora.enabled)
-    micro = int(OmegaConf.select(hardware, f"micro_batch_size.{stage.name}") or stage.batch_size)
-    prompt, response = int(data.max_prompt_tokens), int(data.max_response_tokens) + 1
-    name = stage.name
-    policy_role = "reward model" if name == "rm" else "policy"
-    add_model(plan, policy_role, shape, cfg, trains=True, quantized=quantized, reward_head=name == "rm")
-
-    if name == "sft":
-        add_activations(plan, "policy", shape, cfg, micro, prompt + response, micro * response)
-    elif name == "rm":
-        add_activations(plan, "reward model", shape, cfg, 2 * micro, prompt + response, 0)
-    elif name == "dpo":
-        if not stage.precompute_ref_logps and not lora:
-            add_model(plan, "reference", shape, cfg, trains=False, quantized=quantized)
-        plan.notes.append("DPO reference: " + ("precomputed log-probs, no model held" if stage.precompute_ref_logps
-                                               else "adapters disabled (no copy)" if lora else "a frozen copy"))
-        add_activations(plan, "policy", shape, cfg, 2 * micro, prompt + response, 2 * micro * response)
-    elif name in ("grpo", "ppo"):
-        new = int(stage.generation.max_new_tokens)
-        if not lora:
-            add_model(plan, "reference", shape, cfg, trains=False, quantized=quantized)
-        rollout = stage.batch_size * stage.get("samples_per_prompt", 1)
-        if name == "grpo":  # under torchrun each rank samples its share of the prompts
-            rollout //= processes(cfg)
+    memory = stage_spec(cfg.stage.name).memory(cfg)
+    policy = model_shape(cfg.model, cfg.paths.cache_dir)
+    shapes = {"policy": policy, "reward": _reward_shape(cfg, policy)}
+    for held in memory.models:
+        quantized = bool(hardware.get("load_in_4bit")) if held.quantized is None else held.quantized
+        add_model(plan, held.role, shapes[held.shape], cfg, trains=held.trains, quantized=quantized,
+                  reward_head=held.reward_head, weight_bytes=held.weight_bytes)
+    if memory.kv_cache is not None:
+        sequences, tokens = memory.kv_cache
         kv_bytes = 2 if hardware.precision != "fp32" else 4
-        kv = rollout * (prompt + new) * shape.layers * 2 * shape.kv_heads * shape.head_dim * kv_bytes
-        plan.add("policy", f"KV cache: rollout of {rollout} x {prompt + new} tok", kv)
-        add_activations(plan, "policy", shape, cfg, micro, prompt + new, micro * new)
-        reward_shape = _reward_shape(cfg, shape)
-        if reward_shape is not None:
-            add_model(plan, "reward model", reward_shape, cfg, trains=False, quantized=False, reward_head=True,
-                      weight_bytes=4)
-        if name == "ppo":
-            critic = reward_shape or shape
-            add_model(plan, "critic", critic, cfg, trains=True, quantized=quantized and reward_shape is None,
-                      reward_head=True, weight_bytes=4 if reward_shape is not None else None)
-            add_activations(plan, "critic", critic, cfg, micro, prompt + new, 0)
+        kv = sequences * tokens * policy.layers * 2 * policy.kv_heads * policy.head_dim * kv_bytes
+        plan.add("policy", f"KV cache: rollout of {sequences} x {tokens} tok", kv)
+    for act in memory.activations:
+        add_activations(plan, act.role, shapes[act.shape], cfg, act.sequences, act.tokens, act.scored_tokens)
+    plan.notes += memory.notes
     if device == "cpu":
         transient = sum(b for _, what, b in plan.rows if what.startswith(("activations", "LM-head", "KV cache")))
         plan.add("runtime", "freed activations glibc malloc keeps (~1x)", CPU_ALLOCATOR_SLACK * transient)
@@ -314,10 +296,11 @@ def plan_run(cfg: DictConfig) -> Plan:
     return plan
 
 
-def _reward_shape(cfg: DictConfig, policy_shape: Shape) -> Shape | None:
+def _reward_shape(cfg: DictConfig, policy_shape: Shape) -> Shape:
+    """The shape of the reward model at reward.fn.path (the policy's when it has none or is not on disk yet)."""
     path = OmegaConf.select(cfg, "reward.fn.path", default=None)
     if not path:
-        return None
+        return policy_shape
     from rlhf_exp.models.peft import weights_folder
 
     config = weights_folder(path) / "config.json"

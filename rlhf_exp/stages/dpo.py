@@ -1,5 +1,7 @@
 """Direct preference optimization (DPO; Rafailov et al. 2023) with cDPO label smoothing, IPO
 and hinge variants (`stage.loss_type`), from an SFT checkpoint (`model.init_from`) or the base model.
+IPO's default is TRL's length-normalized form (`ipo`: per-token average log-ratios, so its target
+margin 1/(2 beta) means the same for short and long responses); `ipo_sum` is the summed form.
 
 Reference log-probs: by default computed once before training (`stage.precompute_ref_logps`)
 by the starting policy itself, for exactly the pairs the deterministic batch stream will
@@ -13,16 +15,36 @@ Log-probs are summed over response tokens only; chosen and rejected share one fo
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
 from rlhf_exp import distributed
+from rlhf_exp.data.batching import BatchStream, chunks
 from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
+from rlhf_exp.losses.preference import DPO_LOSS_TYPES
 from rlhf_exp.metrics import wilson_interval
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
-from rlhf_exp.stages.base import BatchStream, Trainer, chunks
+from rlhf_exp.schema import StageConfig, in_range, key, one_of, positive
+from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.rm import pair_length
+from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, micro_batch, \
+    sequence_tokens
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    beta: float = key(positive())
+    label_smoothing: float = key(in_range(0, 0.5, "[)"))  # > 0: conservative DPO (cDPO)
+    loss_type: str = key(one_of(DPO_LOSS_TYPES))
+    precompute_ref_logps: bool = key()                   # false: keep a frozen reference, score every batch
+
+
+def pair_lengths(pairs) -> torch.Tensor:
+    """[N, 2] response token counts (chosen, rejected): IPO averages log-ratios over them."""
+    return torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], dtype=torch.float32)
 
 
 class DPOTrainer(Trainer):
@@ -83,9 +105,11 @@ class DPOTrainer(Trainer):
             self.ref_train, self.ref_val = state["ref_train"], state["ref_val"]
 
     # ------------------------------------------------------------------ training
-    def _losses(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+    def _losses(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, lengths: torch.Tensor):
+        lengths = lengths.to(policy_chosen.device)
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.stage.beta,
-                        loss_type=self.stage.loss_type, label_smoothing=self.stage.label_smoothing)
+                        loss_type=self.stage.loss_type, label_smoothing=self.stage.label_smoothing,
+                        chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])
 
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
@@ -98,7 +122,8 @@ class DPOTrainer(Trainer):
             pairs = [self.train_set[i] for i in chunk]
             chosen, rejected, _ = self.pair_logps(self.model, pairs)
             ref_chosen, ref_rejected = self.reference_logps(chunk, pairs)
-            losses, chosen_rewards, rejected_rewards = self._losses(chosen, rejected, ref_chosen, ref_rejected)
+            losses, chosen_rewards, rejected_rewards = self._losses(chosen, rejected, ref_chosen, ref_rejected,
+                                                                    pair_lengths(pairs))
             self.backward(losses.sum() / total)
             sums["loss"] += float(losses.detach().sum())
             sums["right"] += int((chosen_rewards > rejected_rewards).sum())
@@ -113,15 +138,16 @@ class DPOTrainer(Trainer):
                 "train/rewards_rejected": sums["rejected_reward"] / total,
                 "train/margin": (sums["chosen_reward"] - sums["rejected_reward"]) / total,
                 "train/logps_chosen": sums["chosen_logp"] / total, "train/logps_rejected": sums["rejected_logp"] / total,
-                **update, "train/step_seconds": time.perf_counter() - start}
+                **update, "time/step_s": time.perf_counter() - start}
 
     def evaluate(self) -> dict[str, float]:
         policy = self._score(self.model, self.val_set, "held-out log-probs")
         ref = self.ref_val if self.reference is None else self._score(self.reference, self.val_set, "reference")
-        losses, chosen_rewards, rejected_rewards = self._losses(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1])
+        losses, chosen_rewards, rejected_rewards = self._losses(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
+                                                                pair_lengths(self.val_set))
         n, right = len(losses), int((chosen_rewards > rejected_rewards).sum())
         low, high = wilson_interval(right, n)
-        lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in self.val_set], dtype=torch.float32)
+        lengths = pair_lengths(self.val_set)
         self.log_samples(self.model, self.val_examples, [p.prompt_ids for p in self.val_set])
         return {"eval/loss": float(losses.mean()), "eval/accuracy": right / n, "eval/accuracy_ci_low": low,
                 "eval/accuracy_ci_high": high, "eval/rewards_chosen": float(chosen_rewards.mean()),
@@ -130,3 +156,18 @@ class DPOTrainer(Trainer):
                 "eval/logps_chosen": float(policy[:, 0].mean()), "eval/logps_rejected": float(policy[:, 1].mean()),
                 # how far the policy moved from the reference on held-out responses, per token
                 "eval/abs_logratio_per_token": float(((policy - ref).abs() / lengths).mean())}
+
+
+def memory(cfg: DictConfig) -> StageMemory:
+    micro = micro_batch(cfg, "dpo")
+    prompt, response = sequence_tokens(cfg)
+    precomputed, lora = cfg.stage.precompute_ref_logps, cfg.hardware.lora.enabled
+    models = [HeldModel("policy", trains=True)] + ([] if precomputed or lora else [HeldModel("reference")])
+    note = ("precomputed log-probs, no model held" if precomputed
+            else "adapters disabled (no copy)" if lora else "a frozen copy")
+    return StageMemory(models, [Activations("policy", "policy", 2 * micro, prompt + response, 2 * micro * response)],
+                       notes=[f"DPO reference: {note}"])
+
+
+STAGE = StageSpec(name="dpo", config=DPOConfig, trainer=DPOTrainer, micro_batch="dpo", memory=memory,
+                  parallel=EVERY_PARALLEL_MODE)

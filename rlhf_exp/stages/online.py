@@ -1,17 +1,45 @@
-"""What GRPO and PPO share: prompts, a frozen reference, the reward source, sampling,
-scoring, response log-probs and the held-out evaluation."""
+"""What GRPO and PPO share: prompts, a frozen reference, the reward source, sampling from the run's own
+generator, scoring, response log-probs, the held-out evaluation, and one update loop over a `Rollout`.
+
+A stage builds its rollout and supplies `minibatch_loss`; `update` does the rest: epochs of shuffled
+minibatches (every rank's share together), micro batches, backward, an optimizer step per minibatch (none
+for a minibatch of only empty responses), the first minibatch's ratio / approx-KL sanity check (N+), and
+statistics that are exact token-weighted means over every micro batch and rank.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections import defaultdict
 
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp import distributed
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.factory import build
 from rlhf_exp.losses.policy import kl_penalty
 from rlhf_exp.ops.logprobs import response_logprobs
-from rlhf_exp.rewards import score_completions
-from rlhf_exp.rollout import generate
-from rlhf_exp.stages.base import Trainer, chunks
+from rlhf_exp.rewards import score_responses
+from rlhf_exp.rollout import Rollout
+from rlhf_exp.rollout.batch import pad_rows, response_mask
+from rlhf_exp.stages.base import Trainer
+from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, micro_batch, sequence_tokens
+
+Stats = dict[str, tuple[float, float]]  # name -> (sum, count): means that add up exactly over micro batches and ranks
+
+
+def policy_stats(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                 clipped: torch.Tensor, entropy: torch.Tensor | None) -> Stats:
+    """Per-token diagnostics of a micro batch ([B, R] tensors): ratio to the sampling policy, approx-KL to it,
+    clip fraction, entropy, and `kl`: the k3 estimate of KL(policy || reference), the same in GRPO and PPO."""
+    with torch.no_grad():
+        log_ratio = (logps - old_logps) * mask
+        tokens = float(mask.sum())
+        per_token = {"ratio_mean": torch.exp(log_ratio), "approx_kl": 0.5 * log_ratio ** 2,
+                     "clip_fraction": clipped.float(), "kl": kl_penalty(logps, ref_logps, "k3")}
+        if entropy is not None:
+            per_token["entropy"] = entropy
+        return {name: (float((value * mask).sum()), tokens) for name, value in per_token.items()}
 
 
 class OnlineRLTrainer(Trainer):
@@ -37,22 +65,16 @@ class OnlineRLTrainer(Trainer):
         """The model evaluation samples from (PPO: the EMA of the actor when kept)."""
         return self.policy
 
-    def sample(self, prompt_ids: list[list[int]], samples: int, model=None) -> list[list[int]]:
-        gen = self.stage.generation
-        repeated = [ids for ids in prompt_ids for _ in range(samples)]  # a prompt's samples are adjacent
-        return generate(model or self.policy, self.tokenizer, repeated, max_new_tokens=gen.max_new_tokens,
-                        temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                        autocast=self.runtime.autocast())
+    def sample(self, prompt_ids, samples, model=None, generator=None) -> list[list[int]]:
+        return super().sample(prompt_ids, samples, model if model is not None else self.policy, generator)
 
     def score(self, prompts: list[str], responses: list[list[int]]):
-        eos = self.tokenizer.eos_token_id
-        has_eos = [bool(r) and r[-1] == eos for r in responses]
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        rewards, raw = score_completions(self.reward_fn, prompts, texts, responses, has_eos,
-                                         self.cfg.reward.missing_eos_score)
-        return rewards, raw, has_eos, texts
+        """(rewards with the no-EOS score substituted, raw scores, whether each response stopped, texts)."""
+        return score_responses(self.reward_fn, self.tokenizer, prompts, responses, self.stop_token_ids,
+                               self.cfg.reward.missing_eos_score)
 
     def logprobs(self, model, items: list[TokenizedSFT], with_entropy: bool = False):
+        """(log-probs [B, R], mask [B, R], entropy [B, R] or None) of the responses, at the sampling temperature."""
         batch = collate_sft(items, self.tokenizer.pad_token_id)
         prompt_lengths = torch.tensor([len(x.prompt_ids) for x in items])
         response_lengths = torch.tensor([len(x.response_ids) for x in items])
@@ -61,42 +83,123 @@ class OnlineRLTrainer(Trainer):
                                      self.stage.generation.temperature, with_entropy)
 
     @torch.no_grad()
-    def score_rollout(self, model, items: list[TokenizedSFT]) -> list[torch.Tensor]:
-        """Per-sequence response log-probs (1-D tensors) under `model`, without gradients."""
-        out = []
-        for chunk in chunks(items, self.micro_batch_size()):
-            logps, mask, _ = self.logprobs(model, list(chunk))
-            out += [row[: int(m.sum())].float() for row, m in zip(logps, mask)]
-        return out
+    def rollout_logprobs(self, model, items: list[TokenizedSFT]) -> torch.Tensor:
+        """[B, R] response log-probs under `model` (zero rows for empty responses), without gradients."""
+        rows = [torch.zeros(0, device=self.device)] * len(items)
+        kept = [k for k, item in enumerate(items) if item.response_ids]
+        for start in range(0, len(kept), self.micro_batch_size()):
+            chunk = kept[start:start + self.micro_batch_size()]
+            logps, mask, _ = self.logprobs(model, [items[k] for k in chunk])
+            for k, row, m in zip(chunk, logps, mask):
+                rows[k] = row[: int(m.sum())].float()
+        return pad_rows(rows, max((len(x.response_ids) for x in items), default=0), self.device)
+
+    def make_rollout(self, items: list[TokenizedSFT], with_old_logps: bool = True) -> Rollout:
+        """The rollout's masks and reference log-probs (and the sampling policy's, unless the update's own
+        first forward will be them); advantages are filled in by the stage."""
+        mask = response_mask(items, self.device)
+        return Rollout(items=items, mask=mask, ref_logps=self.rollout_logprobs(self.reference, items),
+                       advantages=torch.zeros_like(mask),
+                       old_logps=self.rollout_logprobs(self.policy, items) if with_old_logps else None)
+
+    # ------------------------------------------------------------------ the update
+    def minibatch_loss(self, micro: Rollout, size: dict[str, float]) -> tuple[torch.Tensor, Stats]:
+        """A micro batch's share of its minibatch's loss (`size`: the whole minibatch's "tokens" and
+        "sequences" over every rank), and its statistics."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step (PPO: the EMA)."""
+
+    def update(self, rollout: Rollout, epochs: int) -> dict[str, float]:
+        """`epochs` passes over `rollout` in minibatches of stage.minibatch_size sequences (every rank's
+        share together), one optimizer step each."""
+        share = self.stage.minibatch_size // self.world_size
+        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        losses, grad_norms, first = [], [], {}
+        for _ in range(epochs):
+            order = torch.randperm(len(rollout), generator=self.random.shuffle).tolist()
+            for start in range(0, len(order), share):
+                minibatch = rollout.select(order[start:start + share])  # empty responses left out
+                size = distributed.sum_values({"tokens": minibatch.tokens, "sequences": len(minibatch)})
+                if size["sequences"] == 0:
+                    continue  # nothing to learn from: no step (Adam's momentum would still move the weights)
+                flat = {"loss": 0.0}
+                for micro in minibatch.chunks(self.micro_batch_size()):
+                    loss, stats = self.minibatch_loss(micro, size)
+                    self.backward(loss)
+                    flat["loss"] += loss.item()
+                    for name, (total, count) in stats.items():
+                        flat[f"{name}:sum"] = flat.get(f"{name}:sum", 0.0) + total
+                        flat[f"{name}:count"] = flat.get(f"{name}:count", 0.0) + count
+                flat = distributed.sum_by_key(flat)  # this minibatch over every rank
+                losses.append(flat.pop("loss"))
+                for name in {k.rsplit(":", 1)[0] for k in flat}:
+                    totals[name][0] += flat[f"{name}:sum"]
+                    totals[name][1] += flat[f"{name}:count"]
+                if not first:  # sanity (N+): before any update the ratio is 1 and the approx-KL 0
+                    first = {"train/first_minibatch_ratio": flat["ratio_mean:sum"] / flat["ratio_mean:count"],
+                             "train/first_minibatch_approx_kl": flat["approx_kl:sum"] / flat["approx_kl:count"]}
+                grad_norms.append(self.optimizer_step()["train/grad_norm"])
+                self.after_optimizer_step()
+        out = {f"train/{name}": total / count for name, (total, count) in totals.items() if count}
+        if losses:
+            out["train/loss"] = sum(losses) / len(losses)
+            out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["train/optimizer_steps"] = len(grad_norms)
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        return {**out, **first}
+
+    def rollout_metrics(self, rewards: torch.Tensor, raw: torch.Tensor, stopped: list[bool],
+                        responses: list[list[int]]) -> dict[str, float]:
+        """Reward, score, EOS rate and length of this step's samples, over every rank."""
+        rewards = rewards.double()
+        total = distributed.sum_values({"n": len(responses), "reward": float(rewards.sum()),
+                                        "reward_sq": float((rewards ** 2).sum()), "score": float(raw.sum()),
+                                        "eos": sum(stopped), "length": sum(len(r) for r in responses)})
+        n, mean = total["n"], total["reward"] / total["n"]
+        variance = max(total["reward_sq"] - n * mean ** 2, 0.0) / max(n - 1, 1)  # unbiased, as torch.std
+        return {"train/reward_mean": mean, "train/reward_std": variance ** 0.5, "train/score_mean": total["score"] / n,
+                "train/eos_rate": total["eos"] / n, "train/response_length": total["length"] / n,
+                "train/rollout_sequences": n}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean reward of one sample per held-out prompt (seeded, not moving the training RNG)."""
+        """Mean reward of one sample per held-out prompt, drawn from a fresh generator with the same seed at
+        every evaluation (so evaluations compare, and no training stream moves)."""
         prompt_ids = [x.prompt_ids for x in self.val_set]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed + 1)  # the same draws at every evaluation
-            responses = self.sample(prompt_ids, 1, self.eval_policy)
+        responses = self.sample(prompt_ids, 1, self.eval_policy, generator=self.random.fresh(1))
         prompts = [ex.prompt for ex in self.val_examples]
-        rewards, raw, has_eos, texts = self.score(prompts, responses)
-        ref_logps = self.score_rollout(self.reference, [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses) if r])
-        pol_logps = self.score_rollout(self.eval_policy, [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses) if r])
-        kl = torch.cat([kl_penalty(a, b, "k3") for a, b in zip(pol_logps, ref_logps)]) if pol_logps else torch.zeros(1)
+        rewards, raw, stopped, texts = self.score(prompts, responses)
+        items = [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses)]
+        mask = response_mask(items, self.device)
+        kl = kl_penalty(self.rollout_logprobs(self.eval_policy, items), self.rollout_logprobs(self.reference, items),
+                        "k3")
         n = min(self.stage.get("num_samples") or 0, len(texts))
         if n:
             self.tracker.log_table([{"step": self.step, "prompt": prompts[i][-600:], "generation": texts[i],
-                                     "reward": float(rewards[i]), "ends_with_eos": has_eos[i],
+                                     "reward": float(rewards[i]), "ends_with_eos": stopped[i],
                                      "length": len(responses[i])} for i in range(n)],
                                    f"samples/step_{self.step:06d}.json")
         return {"eval/reward_mean": float(rewards.mean()), "eval/score_mean": float(raw.mean()),
-                "eval/eos_rate": sum(has_eos) / len(has_eos),
+                "eval/eos_rate": sum(stopped) / len(stopped),
                 "eval/response_length": sum(len(r) for r in responses) / len(responses),
-                "eval/kl_to_reference": float(kl.mean())}
+                "eval/kl": float((kl * mask).sum() / mask.sum().clamp(min=1))}
 
 
-
-def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), width, device=rows[0].device if rows else "cpu")
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
+def online_memory(cfg: DictConfig, stage_key: str, rollout_sequences: int, extra: list[HeldModel],
+                  extra_activations: list[Activations] = ()) -> StageMemory:
+    """Policy (trained), reference (unless LoRA: adapters disabled), the reward model when the reward is one,
+    a rollout's KV cache, and one micro batch's activations through the policy."""
+    micro = micro_batch(cfg, stage_key)
+    prompt, _ = sequence_tokens(cfg)
+    new = int(cfg.stage.generation.max_new_tokens)
+    models = [HeldModel("policy", trains=True)]
+    if not cfg.hardware.lora.enabled:
+        models.append(HeldModel("reference"))
+    if OmegaConf.select(cfg, "reward.fn.path", default=None):  # a trained RM scores, in the compute dtype
+        models.append(HeldModel("reward model", shape="reward", reward_head=True, quantized=False,
+                                weight_bytes=4 if cfg.hardware.precision == "fp32" else 2))
+    return StageMemory(models + extra, [Activations("policy", "policy", micro, prompt + new, micro * new),
+                                        *extra_activations], kv_cache=(rollout_sequences, prompt + new))

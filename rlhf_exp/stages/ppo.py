@@ -7,31 +7,59 @@ the last response token (the EOS when there is one; trl#3750 put it on the pad a
 GAE (gamma 1, lambda 0.95), advantages whitened (not rewards), clipped value loss, several
 epochs of minibatches, one optimizer over policy and critic (N+'s PolicyAndValueWrapper).
 Options: PPO-ptx (`stage.ptx_coef`, the SFT loss on reference responses mixed in), and an
-EMA of the actor (`stage.ema_decay`) that evaluation samples from and the checkpoint keeps.
-The critic starts from the trained reward model when `reward=reward_model`, else from the
-policy's backbone with a fresh scalar head.
+EMA of the actor (`stage.ema_decay`, kept in fp32) that evaluation samples from and the checkpoint
+keeps (`ema/`); a resumed run continues both. The critic starts from the trained reward model when
+the reward is one (`stage.critic_init`), else from the policy's backbone with a fresh scalar head.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from rlhf_exp.data.batching import BatchStream
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
-from rlhf_exp.losses import sft_loss
-from rlhf_exp.losses.policy import (clipped_policy_loss, clipped_value_loss, gae, kl_penalty, masked_mean,
-                                    per_token_rewards, whiten)
 from rlhf_exp.errors import ConfigError
+from rlhf_exp.losses import sft_loss
+from rlhf_exp.losses.policy import clipped_policy_loss, clipped_value_loss, gae, kl_penalty, per_token_rewards, whiten
 from rlhf_exp.models import load_causal_lm
-from rlhf_exp.models.peft import add_reward_adapters
+from rlhf_exp.models.peft import add_reward_adapters, is_peft, load_adapter_weights
 from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
-from rlhf_exp.stages.base import chunks
-from rlhf_exp.stages.online import OnlineRLTrainer, pad_rows
+from rlhf_exp.rollout import Rollout
+from rlhf_exp.rollout.batch import pad_rows
+from rlhf_exp.schema import OnlineRLConfig, in_range, key, non_negative, one_of, optional, positive
+from rlhf_exp.stages.online import OnlineRLTrainer, Stats, online_memory, policy_stats
+from rlhf_exp.stages.spec import Activations, HeldModel, micro_batch, sequence_tokens, StageSpec
+
+EMA = "ema"
+CRITIC_INITS = ("auto", "reward_model", "policy")
+
+
+@dataclass
+class PPOConfig(OnlineRLConfig):
+    ppo_epochs: int = key(positive())
+    gamma: float = key(in_range(0, 1, "(]"))
+    lam: float = key(in_range(0, 1))
+    whiten_advantages: bool = key()
+    vf_coef: float = key(non_negative())
+    cliprange_value: float = key(positive())
+    ptx_coef: float = key(non_negative())      # > 0: PPO-ptx
+    ema_decay: Optional[float] = key(optional(in_range(0, 1, "()"), "no EMA"))
+    critic_init: str = key(one_of(CRITIC_INITS))
+
+
+def critic_source(cfg: DictConfig) -> str:
+    """Where the critic starts: "reward_model" (the RM at reward.fn.path) or "policy" (its backbone)."""
+    has_rm = bool(OmegaConf.select(cfg, "reward.fn.path", default=None))
+    return "reward_model" if has_rm and cfg.stage.critic_init in ("auto", "reward_model") else "policy"
 
 
 class PolicyAndValue(nn.Module):
@@ -54,20 +82,18 @@ class PPOTrainer(OnlineRLTrainer):
     curve_metrics = ("train/reward_mean", "eval/reward_mean", "train/value_loss")
 
     def setup_data_and_model(self) -> None:
-        if self.stage.ema_decay and self.cfg.hardware.get("load_in_4bit"):
-            raise ConfigError("stage.ema_decay", "an EMA copy of a 4-bit policy is not supported; set it to null")
         policy = self.setup_policy()
         self.model = PolicyAndValue(policy, self.setup_critic(policy))
-        self.ema = copy.deepcopy(policy).eval().requires_grad_(False) if self.stage.ema_decay else None
+        self.ema = self.setup_ema(policy) if self.stage.ema_decay else None
+        self.ptx_stream = BatchStream(len(self.train_set), self.cfg.seed + 7)
 
     def setup_critic(self, policy) -> nn.Module:
-        """From the trained RM (reward=reward_model) or the policy's backbone; with LoRA, adapters on it."""
+        """From the trained RM or the policy's backbone (`critic_source`); with LoRA, adapters on it."""
         resume = self.stage.get("resume_from")
         saved_critic = Path(resume) / "critic" if resume else None
-        from_rm = self.cfg.reward.fn.get("path") and self.stage.critic_init in ("auto", "reward_model")
         if saved_critic is not None and saved_critic.is_dir() and not self.lora:
-            return load_reward_model(saved_critic, device=self.device)[0].train()
-        if from_rm:
+            return self.trainable(load_reward_model(saved_critic, device=self.device)[0]).train()
+        if critic_source(self.cfg) == "reward_model":
             critic = load_reward_model(self.cfg.reward.fn.path, device=self.device)[0]
         elif self.lora:  # a separate frozen base for the critic; the policy's base stays the reference
             critic = reward_model_from_causal_lm(load_causal_lm(
@@ -76,7 +102,22 @@ class PPOTrainer(OnlineRLTrainer):
             critic = reward_model_from_causal_lm(copy.deepcopy(policy))
         if self.lora:
             add_reward_adapters(critic, self.cfg.hardware, saved_critic)
-        return critic.train()
+        return self.trainable(critic).train()
+
+    def setup_ema(self, policy) -> nn.Module:
+        """An fp32 copy of the actor (a bf16 EMA cannot move: lerp by 1 - 0.992 is below its resolution);
+        a resumed run continues the one its checkpoint saved."""
+        ema = copy.deepcopy(policy).float().eval().requires_grad_(False)
+        saved = Path(self.stage.resume_from) / EMA if self.stage.get("resume_from") else None
+        if saved is not None and saved.is_dir():
+            if is_peft(ema):
+                load_adapter_weights(ema, saved)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                state = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).state_dict()
+                ema.load_state_dict(state)
+        return ema
 
     def merged_model(self) -> nn.Module:
         return self.merge_policy(self.model.policy)
@@ -94,11 +135,23 @@ class PPOTrainer(OnlineRLTrainer):
         return self.stage.max_steps * self.stage.ppo_epochs * per_rollout
 
     def values(self, items: list[TokenizedSFT]) -> torch.Tensor:
+        """Critic values [B, R], aligned with the response log-probs."""
         batch = collate_sft(items, self.tokenizer.pad_token_id)
         with self.runtime.autocast():
             return self.model.critic.response_values(
                 batch["input_ids"].to(self.device), torch.tensor([len(x.prompt_ids) for x in items]),
                 torch.tensor([len(x.response_ids) for x in items]))
+
+    @torch.no_grad()
+    def rollout_values(self, items: list[TokenizedSFT]) -> torch.Tensor:
+        """[B, R] critic values at sampling time (zero rows for empty responses)."""
+        rows = [torch.zeros(0, device=self.device)] * len(items)
+        kept = [k for k, item in enumerate(items) if item.response_ids]
+        for start in range(0, len(kept), self.micro_batch_size()):
+            chunk = kept[start:start + self.micro_batch_size()]
+            for k, row in zip(chunk, self.values([items[k] for k in chunk])):
+                rows[k] = row[: len(items[k].response_ids)].float()
+        return pad_rows(rows, max((len(x.response_ids) for x in items), default=0), self.device)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -109,86 +162,51 @@ class PPOTrainer(OnlineRLTrainer):
         times["generation"] = time.perf_counter() - start
 
         t = time.perf_counter()
-        rewards, raw, has_eos, _ = self.score([self.tokenizer.decode(p) for p in prompt_ids], responses)
+        rewards, raw, stopped, _ = self.score([self.tokenizer.decode(p) for p in prompt_ids], responses)
         times["scoring"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        keep = [k for k, r in enumerate(responses) if r]
-        items = [TokenizedSFT(prompt_ids[k], responses[k]) for k in keep]
-        width = max(len(x.response_ids) for x in items)
-        old_logps = pad_rows(self.score_rollout(self.policy, items), width)
-        ref_logps = pad_rows(self.score_rollout(self.reference, items), width)
-        mask = pad_rows([torch.ones(len(x.response_ids)) for x in items], width).to(old_logps.device)
+        rollout = self.make_rollout([TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses)])
+        mask = rollout.mask
         with torch.no_grad():
-            old_values = pad_rows([row for c in chunks(items, self.micro_batch_size()) for row in self.values(list(c))],
-                                  width) * mask
-            kl = kl_penalty(old_logps, ref_logps, "k1") * mask
-            scores = rewards[keep].to(kl.device)
-            token_rewards = per_token_rewards(scores, kl, mask, stage.kl_coef)
-            advantages, returns = gae(token_rewards, old_values, mask, stage.gamma, stage.lam)
-            if stage.whiten_advantages:
-                advantages = whiten(advantages, mask)
+            rollout.old_values = self.rollout_values(rollout.items) * mask
+            kl = kl_penalty(rollout.old_logps, rollout.ref_logps, "k1") * mask
+            token_rewards = per_token_rewards(rewards.to(self.device), kl, mask, stage.kl_coef)
+            advantages, rollout.returns = gae(token_rewards, rollout.old_values, mask, stage.gamma, stage.lam)
+            rollout.advantages = whiten(advantages, mask) if stage.whiten_advantages else advantages
         times["reference_and_values"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        stats = self.update(items, old_logps, old_values, advantages, returns, mask)
+        stats = self.update(rollout, stage.ppo_epochs)
         times["update"] = time.perf_counter() - t
-        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
-        return {"train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
-                "train/score_mean": float(raw.mean()), "train/eos_rate": sum(has_eos) / len(has_eos),
-                "train/response_length": float(lengths.mean()),
-                "train/kl": float((kl.sum(-1)).mean()), "train/non_score_reward": float(token_rewards.sum(-1).mean()
-                                                                                        - scores.mean()),
-                **stats, **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": time.perf_counter() - start}
+        return {**self.rollout_metrics(rewards, raw, stopped, responses), **stats,
+                "train/non_score_reward": float((-stage.kl_coef * kl).sum(-1).mean()),
+                **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": time.perf_counter() - start}
 
-    def update(self, items, old_logps, old_values, advantages, returns, mask) -> dict[str, float]:
+    def minibatch_loss(self, micro: Rollout, size: dict[str, float]) -> tuple[torch.Tensor, Stats]:
         stage = self.stage
-        sums = {k: [] for k in ("policy_loss", "value_loss", "ptx_loss", "entropy", "clip_fraction",
-                                "value_clip_fraction", "approx_kl", "ratio_mean", "grad_norm")}
-        first = {}
-        for epoch in range(stage.ppo_epochs):
-            for minibatch in chunks(torch.randperm(len(items)).tolist(), stage.minibatch_size):
-                tokens = float(mask[minibatch].sum())
-                for micro in chunks(minibatch, self.micro_batch_size()):
-                    micro = list(micro)
-                    logps, m, entropy = self.logprobs(self.policy, [items[k] for k in micro], with_entropy=True)
-                    width = logps.shape[1]
-                    old, adv, ret = old_logps[micro, :width], advantages[micro, :width], returns[micro, :width]
-                    values = self.values([items[k] for k in micro])
-                    pg_loss, clipped = clipped_policy_loss(logps, old, adv, stage.clip_ratio, stage.dual_clip_c)
-                    vf_loss = clipped_value_loss(values, old_values[micro, :width], ret, stage.cliprange_value)
-                    loss = ((pg_loss + stage.vf_coef * vf_loss) * m).sum() / tokens
-                    ptx = self.ptx_loss(len(micro)) if stage.ptx_coef else None
-                    if ptx is not None:
-                        loss = loss + stage.ptx_coef * ptx * len(micro) / len(minibatch)
-                    self.backward(loss)
-                    with torch.no_grad():
-                        log_ratio = (logps - old) * m
-                        sums["policy_loss"].append(float(masked_mean(pg_loss, m)))
-                        sums["value_loss"].append(float(masked_mean(vf_loss, m)))
-                        sums["ptx_loss"].append(float(ptx) if ptx is not None else 0.0)
-                        sums["entropy"].append(float(masked_mean(entropy, m)))
-                        sums["clip_fraction"].append(float(masked_mean(clipped.float(), m)))
-                        value_clipped = (values - old_values[micro, :width]).abs() > stage.cliprange_value
-                        sums["value_clip_fraction"].append(float(masked_mean(value_clipped.float(), m)))
-                        sums["approx_kl"].append(float(masked_mean(0.5 * log_ratio ** 2, m)))
-                        sums["ratio_mean"].append(float(masked_mean(torch.exp(log_ratio), m)))
-                    if not first:  # sanity (N+): before any update the ratio is 1 and approx KL 0
-                        first = {"train/first_minibatch_ratio": sums["ratio_mean"][-1],
-                                 "train/first_minibatch_approx_kl": sums["approx_kl"][-1]}
-                sums["grad_norm"].append(self.optimizer_step()["train/grad_norm"])
-                self.update_ema()
-        out = {f"train/{k}": sum(v) / len(v) for k, v in sums.items() if v}
-        out["train/optimizer_steps"] = len(sums["grad_norm"])
-        return {**out, **first}
+        logps, mask, entropy = self.logprobs(self.policy, micro.items, with_entropy=True)
+        values = self.values(micro.items)
+        pg_loss, clipped = clipped_policy_loss(logps, micro.old_logps, micro.advantages, stage.clip_ratio,
+                                               stage.dual_clip_c)
+        vf_loss = clipped_value_loss(values, micro.old_values, micro.returns, stage.cliprange_value)
+        loss = ((pg_loss + stage.vf_coef * vf_loss) * mask).sum() / size["tokens"]
+        stats = policy_stats(logps, micro.old_logps, micro.ref_logps, mask, clipped, entropy)
+        tokens = float(mask.sum())
+        with torch.no_grad():
+            value_clipped = ((values - micro.old_values).abs() > stage.cliprange_value).float()
+            stats.update(policy_loss=(float((pg_loss * mask).sum()), tokens),
+                         value_loss=(float((vf_loss * mask).sum()), tokens),
+                         value_clip_fraction=(float((value_clipped * mask).sum()), tokens))
+        if stage.ptx_coef:
+            ptx = self.ptx_loss(len(micro))
+            loss = loss + stage.ptx_coef * ptx * len(micro) / size["sequences"]
+            stats["ptx_loss"] = (ptx.item() * len(micro), float(len(micro)))
+        return loss, stats
 
     def ptx_loss(self, count: int) -> torch.Tensor:
         """InstructGPT's PPO-ptx: the SFT loss on `count` reference examples of the prompt data."""
-        if not hasattr(self, "_ptx_stream"):
-            from rlhf_exp.stages.base import BatchStream
-
-            self._ptx_stream = BatchStream(len(self.train_set), self.cfg.seed + 7)
-        batch = collate_sft([self.train_set[i] for i in self._ptx_stream.take(count)], self.tokenizer.pad_token_id)
+        batch = collate_sft([self.train_set[i] for i in self.ptx_stream.take(count)], self.tokenizer.pad_token_id)
         with self.runtime.autocast():
             logps = masked_next_token_logprobs(self.policy, batch["input_ids"].to(self.device), None,
                                                batch["response_mask"].to(self.device))
@@ -196,14 +214,43 @@ class PPOTrainer(OnlineRLTrainer):
         return sft_loss(logps, mask, mask.sum())
 
     @torch.no_grad()
-    def update_ema(self) -> None:
+    def after_optimizer_step(self) -> None:
         if self.ema is None:
             return
         for ema_param, param in zip(self.ema.parameters(), self.policy.parameters()):
-            ema_param.lerp_(param.detach(), 1.0 - self.stage.ema_decay)
+            ema_param.lerp_(param.detach().float(), 1.0 - self.stage.ema_decay)
 
-    def save_checkpoint(self, folder: Path) -> Path:
-        folder = super().save_checkpoint(folder)
+    # ------------------------------------------------------------------ checkpoints
+    def extra_state(self) -> dict:
+        return {"ptx_stream": self.ptx_stream.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "ptx_stream" in state:
+            self.ptx_stream.load_state_dict(state["ptx_stream"])
+
+    def write_extra_files(self, folder: Path) -> None:
         if self.ema is not None:
-            self.ema.save_pretrained(folder / "ema", safe_serialization=True)
-        return folder
+            self.ema.save_pretrained(folder / EMA, safe_serialization=True)
+
+
+def checks(cfg: DictConfig) -> None:
+    if cfg.stage.ema_decay and cfg.hardware.get("load_in_4bit"):
+        raise ConfigError("stage.ema_decay", "an EMA copy of a 4-bit policy is not supported; set it to null")
+    if cfg.stage.critic_init == "reward_model" and critic_source(cfg) != "reward_model":
+        raise ConfigError("stage.critic_init", "reward_model needs a trained reward model: "
+                          "reward=reward_model reward.fn.path=<rm checkpoint>")
+
+
+def memory(cfg: DictConfig):
+    micro = micro_batch(cfg, "ppo")
+    prompt, _ = sequence_tokens(cfg)
+    tokens = prompt + int(cfg.stage.generation.max_new_tokens)
+    from_rm = critic_source(cfg) == "reward_model"
+    critic = HeldModel("critic", shape="reward" if from_rm else "policy", trains=True, reward_head=True,
+                       quantized=False if from_rm else None)
+    extra = [critic] + ([HeldModel("EMA of the actor", weight_bytes=4)] if cfg.stage.ema_decay else [])
+    return online_memory(cfg, "ppo", cfg.stage.batch_size, extra, [Activations("critic", critic.shape, micro, tokens, 0)])
+
+
+STAGE = StageSpec(name="ppo", config=PPOConfig, trainer=PPOTrainer, micro_batch="ppo", memory=memory,
+                  batch_key="minibatch_size", checks=checks)

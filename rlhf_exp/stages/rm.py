@@ -6,25 +6,40 @@ Follows Stiennon et al. 2020 and Huang et al. 2024 ("The N+ implementation detai
 mean score of the SFT reference responses is stored in the model and subtracted in forward.
 Evaluation: held-out accuracy with a 95% Wilson interval, loss, score means, margin, and
 calibration (ECE and a reliability plot); the step-0 (untrained head) figures are logged too.
-Deviation: chosen and rejected share one forward pass (concatenated batch).
+Deviations: chosen and rejected share one forward pass (concatenated batch); the head has no bias
+(TRL's and OpenRLHF's have none: under Bradley-Terry its gradient cancels, and the stored mean sets
+the offset).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
 from rlhf_exp import distributed
 from rlhf_exp.data import load_sft_splits
+from rlhf_exp.data.batching import chunks
 from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_sft
 from rlhf_exp.losses import bradley_terry_loss
 from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.peft import add_reward_adapters, merged_float_copy
 from rlhf_exp.models.reward import RewardModel, load_reward_model, reward_model_from_causal_lm
-from rlhf_exp.stages.base import Trainer, chunks
+from rlhf_exp.schema import StageConfig, key, non_negative, positive
+from rlhf_exp.stages.base import Trainer
+from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, micro_batch, \
+    sequence_tokens
 from rlhf_exp.tracking.plots import close, reliability_figure
+
+
+@dataclass
+class RMConfig(StageConfig):
+    margin: float = key(non_negative())          # Bradley-Terry margin (Llama 2); 0: plain BT
+    norm_examples: int = key(non_negative())     # SFT references whose mean score becomes the RM's zero
+    calibration_bins: int = key(positive())
 
 
 def pair_length(pair) -> int:
@@ -40,17 +55,17 @@ class RewardModelTrainer(Trainer):
         # The SFT references whose mean score becomes the model's zero (normalization).
         sft_train, _ = load_sft_splits(cfg.data, self.tokenizer, cfg.seed)
         self.reference_set = [tokenize_sft(ex, self.tokenizer, cfg.data.max_prompt_tokens,
-                                           cfg.data.max_response_tokens)
+                                           cfg.data.max_response_tokens, self.stop_token_ids[-1])
                               for ex in sft_train[: self.stage.norm_examples]]
         resume = self.stage.get("resume_from")
         if resume and not self.lora:
-            self.model = load_reward_model(resume, device=self.device)[0].train()
+            model = load_reward_model(resume, device=self.device)[0]
         else:
             causal_lm = load_causal_lm(self.cfg.model, cfg.paths.cache_dir, self.tokenizer, cfg.hardware, adapters=False)
-            self.model = self.place(reward_model_from_causal_lm(causal_lm))
+            model = self.place(reward_model_from_causal_lm(causal_lm))
             if self.lora:  # adapters on the backbone; the head trains in full
-                add_reward_adapters(self.model, cfg.hardware, resume)
-            self.model.train()
+                add_reward_adapters(model, cfg.hardware, resume)
+        self.model = self.trainable(model).train()
         self.tracker.set_tags({"rm.num_layers": self.model.config.num_hidden_layers})
 
     def pair_scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +95,7 @@ class RewardModelTrainer(Trainer):
         update = self.optimizer_step()
         return {"train/loss": sums["loss"], "train/accuracy": sums["right"] / total, "train/margin": sums["margin"] / total,
                 "train/chosen_score": sums["chosen"] / total, "train/rejected_score": sums["rejected"] / total, **update,
-                "train/step_seconds": time.perf_counter() - start}
+                "time/step_s": time.perf_counter() - start}
 
     @torch.no_grad()
     def scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,3 +149,14 @@ class RewardModelTrainer(Trainer):
         merged.head.load_state_dict(self.model.head.state_dict())
         merged.reward_mean.copy_(self.model.reward_mean)
         return merged
+
+
+def memory(cfg: DictConfig) -> StageMemory:
+    micro = micro_batch(cfg, "rm")
+    prompt, response = sequence_tokens(cfg)
+    return StageMemory([HeldModel("reward model", trains=True, reward_head=True)],
+                       [Activations("reward model", "policy", 2 * micro, prompt + response, 0)])
+
+
+STAGE = StageSpec(name="rm", config=RMConfig, trainer=RewardModelTrainer, micro_batch="rm", memory=memory,
+                  parallel=EVERY_PARALLEL_MODE)

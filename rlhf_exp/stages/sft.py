@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
 from rlhf_exp import distributed
+from rlhf_exp.data.batching import chunks
 from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.losses import sft_loss
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
-from rlhf_exp.stages.base import Trainer, chunks
+from rlhf_exp.schema import StageConfig
+from rlhf_exp.stages.base import Trainer
+from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, micro_batch, \
+    sequence_tokens
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """SFT has only the keys every stage has (conf/stage/base/common.yaml)."""
 
 
 class SFTTrainer(Trainer):
@@ -56,7 +67,7 @@ class SFTTrainer(Trainer):
         update = self.optimizer_step()
         seconds = time.perf_counter() - start
         return {"train/loss": totals["loss"], **update, "train/tokens_per_s": totals["tokens"] / seconds,
-                "train/step_seconds": seconds}
+                "time/step_s": seconds}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -70,3 +81,14 @@ class SFTTrainer(Trainer):
         loss = nll / max(count, 1)
         self.log_samples(self.model, self.val_examples, [x.prompt_ids for x in self.val_set])
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def memory(cfg: DictConfig) -> StageMemory:
+    micro = micro_batch(cfg, "sft")
+    prompt, response = sequence_tokens(cfg)
+    return StageMemory([HeldModel("policy", trains=True)],
+                       [Activations("policy", "policy", micro, prompt + response, micro * response)])
+
+
+STAGE = StageSpec(name="sft", config=SFTConfig, trainer=SFTTrainer, micro_batch="sft", memory=memory,
+                  parallel=EVERY_PARALLEL_MODE, disable_dropout=False)

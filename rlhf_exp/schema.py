@@ -1,0 +1,197 @@
+"""Typed schemas of the config groups: types and checks live here, values live in `conf/`.
+
+Each schema is registered in Hydra's ConfigStore (`rlhf_exp.config.register_schemas`) and named
+at the top of the group's YAML files (`- /schema/hardware@_here_`), so a wrong type or an unknown
+key fails at composition with the key named. Value checks (`Rule`) run before any data or
+weights are loaded (`rlhf_exp.config.validate`). Allowed values come from the module that acts on
+them (loss types from the losses, optimizers from `optim`, ...), so each list exists once.
+
+A stage's schema subclasses `StageConfig` in its own `rlhf_exp/stages/<name>.py`.
+Fields without a default are set by the YAML; `None` defaults mark keys that only some options use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, get_type_hints
+
+from omegaconf import MISSING
+
+from rlhf_exp.data.formats import FORMATS
+from rlhf_exp.optim import OPTIMIZERS
+from rlhf_exp.runtime import DTYPES, PRECISIONS
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: `test(value)` is true for a good value; `must` says so to the user."""
+
+    test: Callable[[Any], bool]
+    must: str
+
+
+def key(rule: Rule | None = None, default: Any = MISSING):
+    """A schema field with its check."""
+    return field(default=default, metadata={"rule": rule} if rule else {})
+
+
+def positive(note: str = "") -> Rule:
+    return Rule(lambda v: v > 0 and math.isfinite(v), "must be > 0" + note)
+
+
+def non_negative() -> Rule:
+    return Rule(lambda v: v >= 0, "must be >= 0")
+
+
+def in_range(low: float, high: float, closed: str = "[]") -> Rule:
+    """low .. high, with `closed` saying which ends are included: "[]", "[)", "(]" or "()"."""
+    left, right = closed
+
+    def test(v):
+        return (v >= low if left == "[" else v > low) and (v <= high if right == "]" else v < high)
+    return Rule(test, f"must be in {left}{low:g}, {high:g}{right}")
+
+
+def one_of(values: Sequence[str]) -> Rule:
+    return Rule(lambda v: v in values, "must be one of " + ", ".join(values))
+
+
+def optional(rule: Rule, meaning: str) -> Rule:
+    """`rule`, or null (which means `meaning`)."""
+    return Rule(lambda v: v is None or rule.test(v), f"{rule.must} (or null: {meaning})")
+
+
+# ------------------------------------------------------------------ stage
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling for rollouts and held-out samples."""
+
+    max_new_tokens: int = key(positive())
+    temperature: float = key(positive())
+    top_k: int = key(non_negative())           # 0: no top-k filtering
+    top_p: float = key(in_range(0, 1, "(]"))   # 1: no nucleus filtering
+
+
+@dataclass
+class StageConfig:
+    """Keys every stage has (values: conf/stage/base/common.yaml)."""
+
+    name: str = MISSING
+    max_steps: int = key(non_negative())
+    batch_size: int = key(positive())
+    lr: float = key(positive())
+    min_lr_ratio: float = key(in_range(0, 1))
+    warmup_steps: int = key(non_negative())
+    weight_decay: float = key(non_negative())
+    adam_betas: List[float] = key(Rule(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                       "must be two values in [0, 1)"))
+    max_grad_norm: Optional[float] = key(optional(positive(), "no clipping"))
+    eval_every: Optional[int] = key(optional(positive(), "only at the start and the end"))
+    eval_examples: Optional[int] = key(optional(positive(), "the whole held-out split"))
+    num_samples: int = key(non_negative())
+    save_every: Optional[int] = key(optional(positive(), "only the final checkpoint"))
+    resume_from: Optional[str] = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class OnlineRLConfig(StageConfig):
+    """Keys GRPO and PPO share: rollouts, the clipped surrogate, the KL to the reference."""
+
+    minibatch_size: int = key(positive())
+    clip_ratio: float = key(in_range(0, 1, "()"))
+    dual_clip_c: Optional[float] = key(optional(Rule(lambda v: v > 1, "must be > 1"), "no dual clip"))
+    kl_coef: float = key(non_negative())
+
+
+# ------------------------------------------------------------------ model, data, hardware
+
+
+MODEL_SOURCES = ("gguf", "hub", "local", "config")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+MASTER_WEIGHTS = ("fp32", "model_dtype")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = key(one_of(MODEL_SOURCES))
+    path: Optional[str] = None
+    tokenizer: Optional[Dict[str, Any]] = None
+    dtype: str = key(one_of(tuple(DTYPES)))
+    attn_implementation: str = key(one_of(ATTENTION))
+    trust_remote_code: bool = MISSING
+    init_from: Optional[str] = None
+    num_layers: Optional[int] = key(optional(positive(), "all layers"), default=None)
+    # null: what the stage says (off for the preference and RL stages, as TRL and the N+ paper do)
+    disable_dropout: Optional[bool] = None
+    arch: Optional[Dict[str, Any]] = None
+    # source=gguf
+    gguf_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    # source=config
+    config: Optional[Dict[str, Any]] = None
+    init_seed: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    format: str = key(one_of(tuple(FORMATS)))
+    source: str = key(one_of(("vendored", "hub", "file")))
+    val_size: int = key(positive())
+    max_train_examples: Optional[int] = key(optional(positive(), "all of them"))
+    max_prompt_tokens: int = key(positive())
+    max_response_tokens: int = key(positive())
+    path: Optional[str] = None
+    subsets: Optional[List[str]] = None
+    fields: Optional[Dict[str, str]] = None
+    hub: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = MISSING
+    r: int = key(positive())
+    alpha: float = key(positive())
+    dropout: float = key(in_range(0, 1, "[)"))
+    target_modules: Any = MISSING
+    merge_on_save: bool = MISSING
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: str = key(Rule(lambda v: v == "cpu" or v == "cuda" or str(v).startswith("cuda:"),
+                           "must be cpu or cuda[:N]"))
+    memory_gb: Optional[float] = key(optional(positive(), "what this machine has"))
+    precision: str = key(one_of(("auto", *PRECISIONS)))
+    master_weights: str = key(one_of(MASTER_WEIGHTS))
+    attn_implementation: str = key(one_of(ATTENTION))
+    num_threads: Optional[int] = key(optional(positive(), "torch's default"))
+    micro_batch_size: Dict[str, int] = key(Rule(lambda v: all(n > 0 for n in v.values()), "every value must be > 0"))
+    gradient_checkpointing: bool = MISSING
+    optimizer: str = key(one_of(OPTIMIZERS))
+    load_in_4bit: bool = MISSING
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    rollout_backend: str = key(Rule(lambda v: v == "hf", "must be hf (the built-in sampler); others are not built in yet"))
+    check_memory_plan: bool = MISSING
+
+
+GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "hardware": HardwareConfig}
+
+
+def rules(schema: type, prefix: str) -> list[tuple[str, Rule]]:
+    """(full key, rule) for every checked field of `schema`, nested schemas included."""
+    hints = get_type_hints(schema)
+    out = []
+    for f in fields(schema):
+        name = f"{prefix}.{f.name}"
+        if is_dataclass(hints.get(f.name)):
+            out += rules(hints[f.name], name)
+        elif "rule" in f.metadata:
+            out.append((name, f.metadata["rule"]))
+    return out

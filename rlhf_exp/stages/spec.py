@@ -1,0 +1,83 @@
+"""What a stage declares about itself, in its own file (`STAGE = StageSpec(...)` in stages/<name>.py).
+
+Everything outside the stage that needs to know about it reads this: the config (the typed schema
+of conf/stage/<name>.yaml), validation (cross-key checks), the entrypoint (the trainer, the parallel
+modes it runs under), the memory planner (the models it holds and the activations it keeps) and
+the hardware profiles (which micro-batch size it uses). A new stage is one Python file with a
+`StageSpec` and one YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp.errors import ConfigError
+
+# the parallel= options (conf/parallel/): those that keep whole weights on every rank, and all of them
+REPLICATED_WEIGHTS = ("ddp", "zero1")
+EVERY_PARALLEL_MODE = ("ddp", "zero1", "zero2", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """A model the stage holds, for the memory planner."""
+
+    role: str                      # policy, reference, reward model, critic, EMA ...
+    shape: str = "policy"          # "policy": cfg.model's shape; "reward": the reward model's (reward.fn.path)
+    trains: bool = False
+    reward_head: bool = False      # a scalar head instead of the LM head
+    quantized: bool | None = None  # None: 4-bit as hardware.load_in_4bit says
+    weight_bytes: int | None = None  # bytes per weight as held; None: model.dtype's (what trains: see master_weights)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """One micro batch's forward and backward through a held model."""
+
+    role: str
+    shape: str
+    sequences: int
+    tokens: int          # per sequence (the longest)
+    scored_tokens: int   # positions projected onto the vocabulary (0: a scalar head)
+
+
+@dataclass
+class StageMemory:
+    models: list[HeldModel]
+    activations: list[Activations]
+    kv_cache: tuple[int, int] | None = None  # (sequences, tokens) of a rollout's KV cache, on the policy
+    notes: list[str] = field(default_factory=list)
+
+
+def no_checks(cfg: DictConfig) -> None:
+    """Cross-key checks a stage has none of."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    config: type                   # the schema of conf/stage/<name>.yaml (a StageConfig subclass)
+    trainer: type                  # the Trainer subclass that runs it
+    micro_batch: str               # which hardware.micro_batch_size.<key> sizes its micro batches
+    memory: Callable[[DictConfig], StageMemory]
+    batch_key: str = "batch_size"  # the stage key micro batches split (and ranks divide)
+    parallel: tuple[str, ...] = ()  # parallel= modes it runs under with several processes; () = one process
+    parallel_note: str = ""        # why the others are refused
+    disable_dropout: bool = True   # the default of model.disable_dropout
+    checks: Callable[[DictConfig], None] = no_checks  # cross-key checks, before any work (ConfigError naming the key)
+
+
+def micro_batch(cfg: DictConfig, key: str) -> int:
+    size = OmegaConf.select(cfg, f"hardware.micro_batch_size.{key}")
+    if size is None:
+        raise ConfigError(f"hardware.micro_batch_size.{key}", f"hardware={cfg.hardware.name} sets no micro batch "
+                          f"size for {key!r}; add it to the profile or on the command line")
+    return int(size)
+
+
+def sequence_tokens(cfg: DictConfig) -> tuple[int, int]:
+    """(prompt tokens, response tokens + the EOS) at their configured caps."""
+    return int(cfg.data.max_prompt_tokens), int(cfg.data.max_response_tokens) + 1
