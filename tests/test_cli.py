@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_runs, run_cli
+from helpers import mlflow_runs, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,8 @@ def test_help_lists_the_config_groups():
 def test_cfg_job_prints_the_composed_config():
     out = cli("model=tiny", "stage.lr=0.001", "--cfg", "job")
     assert out.returncode == 0, out.stderr
-    assert "name: tiny" in out.stdout and "lr: 0.001" in out.stdout and "_target_: rlhf_exp.stages.sft.SFTTrainer" in out.stdout
+    assert "name: tiny" in out.stdout and "lr: 0.001" in out.stdout and "name: sft" in out.stdout
+    assert "precision: auto" in out.stdout and "master_weights: fp32" in out.stdout
 
 
 def test_sft_tiny_three_steps_leaves_one_finished_run_with_loss_metrics(tmp_path):

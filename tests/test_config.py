@@ -26,7 +26,46 @@ def test_every_group_option_composes_resolves_and_validates(group, option):
     cfg = compose_config([f"{group}={option}"])
     plain = resolved(cfg)  # every interpolation resolves
     validate(plain)
-    assert OmegaConf.select(cfg, "stage.trainer._target_").startswith("rlhf_exp.stages.")
+    assert plain.hardware.precision in ("fp32", "bf16", "fp16")  # auto was made concrete
+
+
+@pytest.mark.parametrize("stage", config_group_options("stage"))
+def test_each_stage_is_its_module_and_its_yaml(stage):
+    """conf/stage/<name>.yaml composes onto the schema rlhf_exp/stages/<name>.py declares, whose trainer runs it."""
+    from rlhf_exp.schema import StageConfig
+    from rlhf_exp.stages import stage_spec
+    from rlhf_exp.stages.base import Trainer
+
+    spec = stage_spec(stage)
+    assert spec.name == stage and issubclass(spec.trainer, Trainer) and issubclass(spec.config, StageConfig)
+    cfg = compose_config([f"stage={stage}"])
+    assert OmegaConf.get_type(cfg.stage) is spec.config
+    assert spec.micro_batch in cfg.hardware.micro_batch_size and spec.batch_key in cfg.stage
+
+
+def test_an_unknown_stage_names_the_files_a_stage_needs():
+    from rlhf_exp.stages import stage_spec
+
+    with pytest.raises(ConfigError, match=r"rlhf_exp/stages/orpo.py .*conf/stage/orpo.yaml"):
+        stage_spec("orpo")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("stage.lr=fast", "stage.lr"),                        # a wrong type
+    ("stage.max_steps=1.5", "stage.max_steps"),
+    ("hardware.lora.r=four", "hardware.lora.r"),
+    ("data.max_prompt_tokens=[1]", "data.max_prompt_tokens"),
+])
+def test_a_wrong_type_fails_at_composition_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config([override])
+    assert key in str(info.value) + str(info.value.__cause__)
+
+
+def test_a_key_of_another_stage_is_refused_at_composition():
+    with pytest.raises(ConfigCompositionException, match="stage.beta"):
+        compose_config(["stage=sft", "stage.beta=0.1"])  # beta is DPO's
+    assert compose_config(["stage=dpo", "stage.beta=0.3"]).stage.beta == 0.3
 
 
 def test_each_group_has_the_options_the_issue_names():
@@ -71,10 +110,13 @@ def test_unknown_option_and_unknown_key_are_refused_by_name():
     ("stage.batch_size=0", "stage.batch_size"),
     ("stage.max_steps=-2", "stage.max_steps"),
     ("hardware.optimizer=sgd", "hardware.optimizer"),
-    ("hardware.precision=fp8", "hardware.precision"),
     ("data.val_size=0", "data.val_size"),
     ("stage.generation.temperature=0", "stage.generation.temperature"),
     ("hardware.micro_batch_size.sft=3", "hardware.micro_batch_size.sft"),
+    ("stage.lr=nan", "stage.lr"),
+    ("hardware.precision=fp8", "hardware.precision"),
+    ("hardware.master_weights=bf16", "hardware.master_weights"),
+    ("model.dtype=float8", "model.dtype"),
 ])
 def test_bad_values_are_named_before_any_work(override, key):
     cfg = resolved(compose_config(["model=tiny", override]))

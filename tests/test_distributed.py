@@ -12,10 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, mlflow_runs, tracked_env
-from test_rm_dpo import PAIRS
+from helpers import PAIRS, ROOT, TINY, mlflow_runs, tracked_env
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGES = {
     "sft": ["stage=sft", "hardware.micro_batch_size.sft=1"],
     "dpo": ["stage=dpo", *PAIRS, "stage.eval_examples=8", "hardware.micro_batch_size.dpo=1"],
@@ -126,7 +124,7 @@ def test_grpo_two_ranks_match_one_process(tmp_path):
     ([*common("sft"), "parallel=zero1", "hardware.optimizer=adamw_8bit"], "hardware.optimizer",
      "use hardware.optimizer=adamw"),
     ([*common("sft"), "parallel=deepspeed_zero3", "hardware.lora.enabled=true"], "parallel", "use parallel=ddp"),
-    (["stage=ppo", "stage.max_steps=1"], "stage", "covers sft, rm, dpo and grpo"),
+    (["stage=ppo", "stage.max_steps=1"], "stage", "covers dpo, grpo, rm, sft"),
     (["stage=grpo", "stage.max_steps=1", "parallel=fsdp"], "parallel", "use parallel=ddp or zero1"),
 ])
 def test_what_several_processes_cannot_run_is_refused_with_the_config_key(tmp_path, overrides, key, advice):

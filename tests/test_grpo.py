@@ -5,30 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import mlflow_runs, run_cli, tiny_config, tracked_env
-from rlhf_exp.app import resolved, run_dir_for
+from helpers import GRPO, VARIED, mlflow_runs, metric_history, run_cli, tiny_config, tracked_env, trainer_for
 from rlhf_exp.rewards import keyword_reward, length_reward, score_completions
-from rlhf_exp.rollout.generation import truncate_after_eos
+from rlhf_exp.rollout.generation import truncate_after_stop
 from rlhf_exp.stages.grpo import GRPOTrainer
-from rlhf_exp.tracking import Tracker
-
-GRPO = ["stage=grpo", "stage.batch_size=2", "stage.samples_per_prompt=4", "stage.generation.max_new_tokens=6",
-        "stage.eval_examples=4", "stage.num_samples=2", "data.max_prompt_tokens=48", "reward.fn.target_tokens=3"]
-
-
-def varied_reward(prompts, completions, completion_ids, **_):
-    """Differs between samples of a random model, so advantages are non-zero (a user function by `_target_`)."""
-    return [(sum(ids) % 7) / 7.0 for ids in completion_ids]
-
-
-VARIED = ["reward.fn._target_=test_grpo.varied_reward", "~reward.fn.target_tokens", "reward.missing_eos_score=null"]
 
 
 def grpo_trainer(tmp_path, *overrides):
-    cfg = resolved(tiny_config(tmp_path, *GRPO, *overrides))
-    trainer = GRPOTrainer(cfg, Tracker(), run_dir_for(cfg))
-    trainer.setup()
-    return trainer
+    return trainer_for(GRPOTrainer, tmp_path, *GRPO, *overrides)
 
 
 def test_missing_eos_score_replaces_the_reward_not_adds_to_it():
@@ -43,8 +27,9 @@ def test_missing_eos_score_replaces_the_reward_not_adds_to_it():
 def test_rule_rewards_and_eos_truncation():
     assert length_reward([], [], [[1] * 20, [1] * 10], target_tokens=20) == [0.0, -0.5]
     assert keyword_reward([], ["Thanks!", "no"], keyword="thanks") == [1.0, 0.0]
-    assert truncate_after_eos([5, 2, 7, 2], eos_token_id=2) == ([5, 2], True)
-    assert truncate_after_eos([5, 7], eos_token_id=2) == ([5, 7], False)
+    assert truncate_after_stop([5, 2, 7, 2], stop_token_ids=[2]) == ([5, 2], True)
+    assert truncate_after_stop([5, 7], stop_token_ids=[2]) == ([5, 7], False)
+    assert truncate_after_stop([5, 9, 2], stop_token_ids=[2, 9]) == ([5, 9], True)  # EOS or a chat turn's end
 
 
 def test_first_minibatch_ratio_is_one_and_every_minibatch_moves_the_weights(tmp_path):
@@ -69,10 +54,35 @@ def test_first_minibatch_ratio_is_one_and_every_minibatch_moves_the_weights(tmp_
         assert key in metrics, key
 
 
-def test_single_update_reuses_the_rollout_logprobs(tmp_path):
-    trainer = grpo_trainer(tmp_path, "stage.minibatch_size=8")
-    metrics = trainer.train_step()
-    assert metrics["train/optimizer_steps"] == 1 and metrics["train/ratio_mean"] == 1.0
+def test_a_single_update_takes_the_step_a_recomputed_rollout_would_and_skips_that_forward(tmp_path):
+    """One pass, one minibatch: the update's own forward gives the old log-probs (no scoring pass). The
+    step must equal the one taken with the old log-probs scored by a forward of their own."""
+    reused = grpo_trainer(tmp_path / "a", "stage.minibatch_size=8", "stage.lr=1e-3", *VARIED)
+    scored = grpo_trainer(tmp_path / "b", "stage.minibatch_size=8", "stage.lr=1e-3", *VARIED)
+    calls = {"policy": 0}
+    rollout_logprobs = reused.rollout_logprobs
+
+    def counted(model, items):
+        calls["policy"] += model is reused.model
+        return rollout_logprobs(model, items)
+
+    reused.rollout_logprobs = counted
+    make_rollout = scored.make_rollout
+    scored.make_rollout = lambda items, with_old_logps=True: make_rollout(items, with_old_logps=True)
+    gradients = {}
+    for name, trainer in (("reused", reused), ("scored", scored)):  # gradients, not weights: Adam's first
+        step = trainer.optimizer_step                              # step turns rounding into full steps
+
+        def captured(trainer=trainer, step=step, name=name):
+            gradients[name] = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+            return step()
+        trainer.optimizer_step = captured
+    first, second = reused.train_step(), scored.train_step()
+    assert calls["policy"] == 0 and first["train/optimizer_steps"] == 1
+    for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy"):
+        assert first[key] == pytest.approx(second[key], rel=1e-5, abs=1e-7), key
+    difference = (gradients["reused"] - gradients["scored"]).norm() / gradients["reused"].norm()
+    assert gradients["reused"].norm() > 0 and difference < 1e-5
 
 
 def test_grpo_cli_two_steps_tiny(tmp_path):
@@ -81,5 +91,35 @@ def test_grpo_cli_two_steps_tiny(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path / "m.db")
     assert runs[0].info.status == "FINISHED"
-    assert len(client.get_metric_history(runs[0].info.run_id, "train/reward_mean")) == 2
+    assert len(metric_history(client, runs[0], "train/reward_mean")) == 2
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/reward_mean")] == [0, 2]
+
+
+def test_a_minibatch_of_only_empty_responses_takes_no_optimizer_step(tmp_path):
+    """Nothing to learn from: no Adam step (its momentum would still move the weights under torchrun,
+    where missing gradients are summed as zeros) and no step of the lr schedule."""
+    trainer = grpo_trainer(tmp_path, "stage.minibatch_size=4", *VARIED)
+    trainer.sample = lambda prompt_ids, samples, model=None: [[] for _ in range(len(prompt_ids) * samples)]
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.train_step()
+    assert metrics["train/optimizer_steps"] == 0 and trainer.scheduler.last_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_the_reward_model_scorer_runs_on_the_policys_device_and_precision(tmp_path, tokenizer):
+    from rlhf_exp.config import resolved
+    from rlhf_exp.factory import build
+    from rlhf_exp.models import load_causal_lm
+    from rlhf_exp.models.reward import reward_model_from_causal_lm
+
+    cfg = resolved(tiny_config(tmp_path))
+    folder = tmp_path / "rm"
+    reward_model_from_causal_lm(load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = resolved(tiny_config(tmp_path, "stage=grpo", "reward=reward_model", f"reward.fn.path={folder}",
+                               "hardware.precision=bf16"))
+    scorer = build(cfg.reward.fn, "reward.fn")
+    weights = next(scorer.model.parameters())
+    assert weights.device.type == cfg.hardware.device and weights.dtype == torch.bfloat16
+    scores = scorer(prompts=["a prompt"], completions=["a reply"])
+    assert len(scores) == 1

@@ -62,10 +62,10 @@ def test_embedded_smollm2_float_copy_matches_the_gguf(tmp_path):
 
 @pytest.mark.smoke
 def test_smollm2_sft_steps_lower_the_training_loss(tmp_path):
-    from conftest import mlflow_runs, tiny_config
+    from helpers import mlflow_runs, tiny_config
     from rlhf_exp.app import run
 
-    cfg = tiny_config(tmp_path, "model=smollm2_135m", "hardware.precision=bf16", "stage.max_steps=4",
+    cfg = tiny_config(tmp_path, "model=smollm2_135m", "hardware.precision=auto", "stage.max_steps=4",
                       "stage.lr=5e-5", "stage.warmup_steps=1", "stage.eval_examples=8", "stage.num_samples=1",
                       "data.max_prompt_tokens=128", "data.max_response_tokens=24", "stage.save_every=null")
     metrics = run(cfg)
@@ -82,13 +82,13 @@ def test_smollm2_qlora_dpo_runs_and_its_merged_folder_loads_and_generates(tmp_pa
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import mlflow_runs, tiny_config
+    from helpers import mlflow_runs, tiny_config
     from rlhf_exp.app import run
 
     cfg = tiny_config(tmp_path, "model=smollm2_135m", "stage=dpo", "data=hh_rlhf", "data.val_size=8",
                       "data.max_train_examples=16", "data.max_prompt_tokens=64", "data.max_response_tokens=24",
                       "stage.max_steps=2", "stage.eval_examples=8", "stage.num_samples=0", "stage.lr=1e-4",
-                      "hardware.precision=bf16", "hardware.micro_batch_size.dpo=2",
+                      "hardware.precision=auto", "hardware.micro_batch_size.dpo=2",
                       "hardware.lora.enabled=true", "hardware.load_in_4bit=true")
     metrics = run(cfg)
     client, runs = mlflow_runs(tmp_path / "mlflow.db")

@@ -9,26 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import mlflow_runs, tiny_config
-from rlhf_exp.app import resolved, run, run_dir_for
+from helpers import GRPO, LORA, PAIRS, VARIED, mlflow_runs, tiny_config, trainer_for
+from rlhf_exp.app import run
 from rlhf_exp.models.peft import AdaptersDisabled, is_peft
 from rlhf_exp.models.reward import load_reward_model
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs, next_token_logprobs
 from rlhf_exp.stages.dpo import DPOTrainer
 from rlhf_exp.stages.sft import SFTTrainer
-from rlhf_exp.tracking import Tracker
-from test_grpo import GRPO, VARIED
-from test_rm_dpo import PAIRS
 
-LORA = ["hardware.lora.enabled=true", "hardware.lora.r=4", "hardware.lora.dropout=0.0", "stage.lr=5e-3"]
 QLORA = [*LORA, "hardware.load_in_4bit=true"]
-
-
-def trainer_for(cls, tmp_path, *overrides):
-    cfg = resolved(tiny_config(tmp_path, *overrides))
-    trainer = cls(cfg, Tracker(), run_dir_for(cfg))
-    trainer.setup()
-    return trainer
 
 
 def test_lora_trains_only_adapters_and_merges_into_a_plain_model(tmp_path):

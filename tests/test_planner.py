@@ -1,10 +1,10 @@
-"""The memory planner: parameter counts, the seeds' verdicts, and measured CPU peaks within 25%."""
+"""The memory planner: parameter counts, the seeds' verdicts, and the plan as an upper bound of measured CPU peaks."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import mlflow_runs, run_cli, tiny_config, tracked_env
+from helpers import mlflow_runs, run_cli, tiny_config, tracked_env
 from rlhf_exp.app import run
 from rlhf_exp.config import compose_config
 from rlhf_exp.errors import UserInputError
@@ -55,7 +55,7 @@ def test_sharded_modes_divide_what_they_shard_over_the_ranks():
     ddp, zero1, fsdp = rows("ddp"), rows("zero1"), rows("fsdp")
     assert zero1["optimizer states"] == pytest.approx(ddp["optimizer states"] / 8)
     assert zero1["weights"] == ddp["weights"] and zero1["gradients"] == ddp["gradients"]
-    embeddings = 2 * 32000 * 4096 * 2  # untied input and output embeddings, bf16: replicated
+    embeddings = 2 * 32000 * 4096 * 4  # untied input and output embeddings, fp32 master weights: replicated
     for what in ("weights", "gradients"):
         assert fsdp[what] == pytest.approx(embeddings + (ddp[what] - embeddings) / 8)
     assert fsdp["optimizer states"] == pytest.approx(2 * fsdp["weights"])
@@ -86,19 +86,24 @@ def test_a_run_that_will_not_fit_stops_before_loading_with_advice(tmp_path):
     ["stage=grpo", "stage.batch_size=2", "stage.samples_per_prompt=4", "stage.minibatch_size=8",
      "hardware.micro_batch_size.grpo=4", "stage.generation.max_new_tokens=32", "stage.eval_examples=4"],
 ], ids=["sft", "dpo", "grpo"])
-def test_measured_cpu_peak_is_within_25_percent_of_the_plan(tmp_path, stage):
-    """A fresh process per run: the peak (VmHWM) of models + training, from after data loading.
-    Two threads, whatever the machine has: glibc keeps a heap per thread, so the figure is the same here and in CI."""
+def test_the_plan_bounds_the_measured_cpu_peak_from_above(tmp_path, stage):
+    """A fresh process per run: the peak (VmHWM) of models + training, from after data loading, against the
+    plan. The plan is an upper bound (it catches a model or buffer the planner forgot: measured would exceed
+    it) that is not loose by more than half (it catches a component counted twice). How much freed memory
+    glibc keeps, which the plan models as one activations' worth, differs between CPUs and kernels (an
+    AVX2 EPYC measured 0.98 GiB for SFT here, an AVX-512 box ~1.2): a tighter band held on one machine only.
+    Two threads, whatever the machine has: glibc keeps a heap per thread."""
     out = run_cli(*_cli_tiny(), *WIDE, *stage, "hardware.num_threads=2", env=tracked_env(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path / "m.db")
     metrics = runs[0].data.metrics
     measured, planned = metrics["memory/peak_over_baseline_gib"], metrics["memory/planned_tensors_gib"]
-    assert abs(measured - planned) <= 0.25 * measured, f"measured {measured:.3f} GiB, planned {planned:.3f} GiB"
+    assert measured <= 1.1 * planned and planned <= 1.5 * measured, \
+        f"measured {measured:.3f} GiB, planned {planned:.3f} GiB"
 
 
 def _cli_tiny() -> list[str]:
-    from conftest import TINY
+    from helpers import TINY
 
     return [o for o in TINY if not o.startswith("stage.max_steps")]
 

@@ -5,22 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import mlflow_runs, run_cli, tiny_config, tracked_env
-from rlhf_exp.app import resolved, run_dir_for
+from helpers import PPO, mlflow_runs, metric_history, run_cli, tracked_env, trainer_for
 from rlhf_exp.stages.ppo import PPOTrainer
-from rlhf_exp.tracking import Tracker
-
-PPO = ["stage=ppo", "stage.batch_size=4", "stage.minibatch_size=2", "stage.ppo_epochs=2",
-       "stage.generation.max_new_tokens=6", "stage.eval_examples=4", "stage.num_samples=1",
-       "data.max_prompt_tokens=48", "hardware.micro_batch_size.ppo=2", "stage.lr=1e-3",
-       "reward.fn._target_=test_grpo.varied_reward", "~reward.fn.target_tokens", "reward.missing_eos_score=null"]
 
 
 def ppo_trainer(tmp_path, *overrides):
-    cfg = resolved(tiny_config(tmp_path, *PPO, *overrides))
-    trainer = PPOTrainer(cfg, Tracker(), run_dir_for(cfg))
-    trainer.setup()
-    return trainer
+    return trainer_for(PPOTrainer, tmp_path, *PPO, *overrides)
 
 
 def test_first_minibatch_ratio_is_one_and_every_minibatch_moves_policy_and_critic(tmp_path):
@@ -65,4 +55,4 @@ def test_ppo_cli_two_steps_tiny(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path / "m.db")
     assert runs[0].info.status == "FINISHED"
-    assert len(client.get_metric_history(runs[0].info.run_id, "train/value_loss")) == 2
+    assert len(metric_history(client, runs[0], "train/value_loss")) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import mlflow_runs, tiny_config
+from helpers import PAIRS, mlflow_runs, snapshot, tiny_config
 from rlhf_exp.app import resolved, run, run_dir_for
 from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.models import load_causal_lm
@@ -16,10 +16,6 @@ from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_l
 from rlhf_exp.stages.dpo import DPOTrainer
 from rlhf_exp.stages.rm import RewardModelTrainer
 from rlhf_exp.tracking import Tracker
-
-PAIRS = ["data=hh_rlhf", "data.val_size=16", "data.max_train_examples=64", "data.max_prompt_tokens=48",
-         "data.max_response_tokens=16"]
-
 
 def rm_config(tmp_path, *overrides):
     return tiny_config(tmp_path, "stage=rm", *PAIRS, "stage.norm_examples=16", "hardware.micro_batch_size.rm=2",
@@ -36,10 +32,6 @@ def build(trainer_cls, cfg, tmp_path):
     trainer = trainer_cls(cfg, Tracker(), run_dir_for(cfg))
     trainer.setup()
     return trainer
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
 def assert_every_step_moves_the_weights(trainer, steps=3):
@@ -68,7 +60,7 @@ def test_rm_backbone_is_the_pretrained_causal_lm(tmp_path, tokenizer):
         got = trainer.model.backbone(input_ids=ids).last_hidden_state
     assert torch.allclose(expected, got)
     head = trainer.model.head
-    assert head.weight.shape == (1, 64) and torch.all(head.bias == 0)
+    assert head.weight.shape == (1, 64) and head.bias is None
     assert abs(head.weight.std().item() - 1 / math.sqrt(65)) < 0.05
 
 
@@ -103,7 +95,12 @@ def test_num_layers_keeps_the_first_layers(tmp_path, tokenizer):
 
 
 def test_rm_every_gradient_step_changes_the_weights(tmp_path):
-    assert_every_step_moves_the_weights(build(RewardModelTrainer, rm_config(tmp_path, "stage.lr=1e-3"), tmp_path))
+    """Every trainable tensor has a real gradient, so every Adam step moves it. A bias on the head did not:
+    under Bradley-Terry its gradient cancels between chosen and rejected up to rounding, and Adam turned
+    that rounding into full-size steps on some machines and thread schedules and not on others."""
+    trainer = build(RewardModelTrainer, rm_config(tmp_path, "stage.lr=1e-3"), tmp_path)
+    assert [name for name, _ in trainer.model.head.named_parameters()] == ["weight"]
+    assert_every_step_moves_the_weights(trainer)
 
 
 def test_rm_run_logs_step0_and_final_metrics_and_saves_a_normalized_model(tmp_path):
@@ -129,7 +126,6 @@ def test_rm_run_logs_step0_and_final_metrics_and_saves_a_normalized_model(tmp_pa
     with torch.no_grad():
         scores = model(batch["input_ids"], batch["lengths"])
     assert abs(scores.mean().item()) < 1e-4
-    assert scores.std().item() > 0
 
 
 # ------------------------------------------------------------------ DPO
@@ -151,9 +147,9 @@ def test_dpo_reference_on_the_fly_matches_the_precomputed_one(tmp_path):
     assert again["train/loss"] == pytest.approx(first["train/loss"], abs=1e-5)
 
 
-def test_dpo_run_learns_the_training_pairs_and_is_tracked(tmp_path):
-    metrics = run(dpo_config(tmp_path, "stage.lr=1e-3", "stage.max_steps=6", "stage.batch_size=4",
-                             "stage.eval_every=3", "stage.beta=0.5"))
+def test_dpo_run_logs_its_metrics_from_log2(tmp_path):
+    run(dpo_config(tmp_path, "stage.lr=1e-3", "stage.max_steps=6", "stage.batch_size=4", "stage.eval_every=3",
+                   "stage.beta=0.5"))
     client, runs = mlflow_runs(tmp_path / "mlflow.db")
     r = runs[0]
     assert r.info.status == "FINISHED"
@@ -163,7 +159,16 @@ def test_dpo_run_learns_the_training_pairs_and_is_tracked(tmp_path):
         assert client.get_metric_history(r.info.run_id, name), name
     train_loss = [m.value for m in client.get_metric_history(r.info.run_id, "train/loss")]
     assert train_loss[0] == pytest.approx(math.log(2), abs=1e-3)
-    assert metrics["eval/abs_logratio_per_token"] > 0  # the policy moved away from the reference
+
+
+def test_dpo_learns_the_pairs_it_trains_on(tmp_path):
+    """Four pairs, seen every step: the loss on them falls well below log 2 (a chosen / rejected mix-up
+    or a wrong sign would raise it)."""
+    trainer = build(DPOTrainer, dpo_config(tmp_path, "data.max_train_examples=4", "stage.batch_size=4",
+                                           "stage.lr=1e-3", "stage.beta=0.5", "stage.num_samples=0"), tmp_path)
+    losses = [trainer.train_step()["train/loss"] for _ in range(6)]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert losses[-1] < math.log(2) - 0.1, losses
 
 
 def test_dpo_resume_reuses_the_reference_logprobs(tmp_path):

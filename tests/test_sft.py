@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import mlflow_runs, tiny_config
+from helpers import mlflow_runs, tiny_config
 from rlhf_exp.app import resolved, run
 from rlhf_exp.data.collate import collate_sft, tokenize_sft
 from rlhf_exp.data.formats import SFTExample

@@ -1,0 +1,121 @@
+"""What several test files use: the real composed config shrunk to a tiny model, runs in-process or by
+the CLI, MLflow read-back, and the stage settings the tests share."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlhf_exp.config import compose_config, resolved
+from rlhf_exp.tracking import Tracker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A run small enough for a few seconds on 2 cores, with every code path of a real run.
+TINY = [
+    "model=tiny",
+    "hardware=cpu",
+    "hardware.precision=fp32",
+    "stage.max_steps=3",
+    "stage.batch_size=4",
+    "hardware.micro_batch_size.sft=2",
+    "stage.eval_examples=8",
+    "stage.num_samples=2",
+    "stage.generation.max_new_tokens=8",
+    "data.max_prompt_tokens=64",
+    "data.max_response_tokens=16",
+]
+
+# preference pairs for rm / dpo
+PAIRS = ["data=hh_rlhf", "data.val_size=16", "data.max_train_examples=64", "data.max_prompt_tokens=48",
+         "data.max_response_tokens=16"]
+GRPO = ["stage=grpo", "stage.batch_size=2", "stage.samples_per_prompt=4", "stage.generation.max_new_tokens=6",
+        "stage.eval_examples=4", "stage.num_samples=2", "data.max_prompt_tokens=48", "reward.fn.target_tokens=3"]
+
+
+def varied_reward(prompts, completions, completion_ids, **_):
+    """Differs between samples of a random model, so advantages are non-zero (a user function by `_target_`)."""
+    return [(sum(ids) % 7) / 7.0 for ids in completion_ids]
+
+
+VARIED = ["reward.fn._target_=helpers.varied_reward", "~reward.fn.target_tokens", "reward.missing_eos_score=null"]
+PPO = ["stage=ppo", "stage.batch_size=4", "stage.minibatch_size=2", "stage.ppo_epochs=2",
+       "stage.generation.max_new_tokens=6", "stage.eval_examples=4", "stage.num_samples=1",
+       "data.max_prompt_tokens=48", "hardware.micro_batch_size.ppo=2", "stage.lr=1e-3", *VARIED]
+LORA = ["hardware.lora.enabled=true", "hardware.lora.r=4", "hardware.lora.dropout=0.0", "stage.lr=5e-3"]
+
+_EMPTY_MLFLOW_DB: list[Path] = []
+
+
+def empty_mlflow_db(path: Path) -> Path:
+    """`path` as a copy of an empty MLflow database (unless it exists): creating one runs its ~100
+    schema migrations (1-2 s), and nearly every test tracks into a database of its own. Tests
+    that run the CLI (`tracked_env`) still let MLflow create theirs."""
+    if not _EMPTY_MLFLOW_DB:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="rlhf_exp-mlflow-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        MlflowClient(f"sqlite:///{folder / 'empty.db'}").search_experiments()
+        _EMPTY_MLFLOW_DB.append(folder / "empty.db")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_EMPTY_MLFLOW_DB[0], path)
+    return path
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    """The real composed config, shrunk, with runs and MLflow inside `tmp_path`."""
+    empty_mlflow_db(tmp_path / "mlflow.db")
+    return compose_config([
+        *TINY,
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ])
+
+
+def trainer_for(cls, tmp_path: Path, *overrides: str):
+    """A stage trainer of the tiny config, set up (data, models, optimizer) but not run."""
+    from rlhf_exp.app import run_dir_for
+
+    cfg = resolved(tiny_config(tmp_path, *overrides))
+    trainer = cls(cfg, Tracker(), run_dir_for(cfg))
+    trainer.setup()
+    return trainer
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """Trainable tensors, copied."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def mlflow_runs(db_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db_path}")
+    experiment = client.get_experiment_by_name("rlhf_exp")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+    return client, runs
+
+
+def metric_history(client, run, name: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m rlhf_exp <args>` in a subprocess, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=900)
+
+
+def tracked_env(tmp_path: Path) -> dict:
+    """MLflow and run folders inside tmp_path."""
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs")}
