@@ -15,16 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import torch
 
-from rlhf_exp.config import compose_config
+from rlhf_exp.config import compose_config, resolved
+from rlhf_exp.data import load_sft_splits
+from rlhf_exp.data.tokens import encode_prompt, stop_token_ids
+from rlhf_exp.data.formats import FORMATS
 from rlhf_exp.factory import build
-from rlhf_exp.models import load_causal_lm
-from rlhf_exp.stages.online import OnlineRLTrainer
-from rlhf_exp.tracking import Tracker
+from rlhf_exp.models import load_causal_lm, load_tokenizer
+from rlhf_exp.rewards import score_responses
+from rlhf_exp.rollout import sample
+from rlhf_exp.runtime import make_runtime
 
 
 def paired(diff: torch.Tensor) -> tuple[float, float, float]:
@@ -42,21 +45,26 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg = compose_config(["stage=grpo", "data=tldr", "reward=reward_model", f"reward.fn.path={args.rm}",
-                          f"stage.eval_examples={args.prompts}", *args.overrides])
-    trainer = OnlineRLTrainer(cfg, Tracker(), tempfile.mkdtemp())
-    trainer.prepare_data("sft")
-    trainer.reward_fn = build(cfg.reward.fn, "reward.fn")
-    prompt_ids = [x.prompt_ids for x in trainer.val_set]
-    prompts = [ex.prompt for ex in trainer.val_examples]
+    cfg = resolved(compose_config(["stage=grpo", "data=tldr", "reward=reward_model", f"reward.fn.path={args.rm}",
+                                   *args.overrides]))
+    runtime = make_runtime(cfg.hardware)
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    _, held_out = load_sft_splits(cfg.data, tokenizer, cfg.seed)
+    held_out = held_out[: args.prompts]
+    prompt_ids = [encode_prompt(ex.prompt, tokenizer, cfg.data.max_prompt_tokens) for ex in held_out]
+    prompts = [ex.prompt for ex in held_out]
+    stops = stop_token_ids(tokenizer, FORMATS[cfg.data.format].chat)
+    reward_fn = build(cfg.reward.fn, "reward.fn")
     results = {}
     for folder in args.policies.split(","):
         cfg.model.init_from = folder
-        trainer.model = load_causal_lm(cfg.model, cfg.paths.cache_dir, trainer.tokenizer).to(trainer.device).eval()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 1)
-            responses = trainer.sample(prompt_ids, 1)
-        rewards, raw, has_eos, texts = trainer.score(prompts, responses)
+        model = load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer).to(runtime.device).eval()
+        # the same draws for every policy: a generator of its own, seeded the same way
+        generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed + 1)
+        responses = sample(model, prompt_ids, 1, cfg.stage.generation, pad_token_id=tokenizer.pad_token_id,
+                           stop_token_ids=stops, generator=generator, autocast=runtime.autocast())
+        rewards, raw, has_eos, texts = score_responses(reward_fn, tokenizer, prompts, responses, stops,
+                                                       cfg.reward.missing_eos_score)
         results[folder] = {"score": raw, "reward": rewards, "eos": torch.tensor(has_eos, dtype=torch.float32),
                            "length": torch.tensor([len(r) for r in responses], dtype=torch.float32), "texts": texts}
     base_name, base = next(iter(results.items()))
