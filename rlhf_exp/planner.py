@@ -253,14 +253,16 @@ def add_activations(plan: Plan, role: str, shape: Shape, cfg: DictConfig, sequen
     plan.add(role, f"{what}: {sequences} seq x {tokens} tok", stored)
     lora = cfg.hardware.lora
     if lora.enabled:
-        # each adapted linear keeps its own input: a dropout copy (+ a 1-byte mask) in the residual
-        # dtype, and with 4-bit weights also the base layer's cast to the compute dtype
+        # each adapted linear keeps its own input: a dropout copy (+ a 1-byte mask) in the residual dtype
+        # while dropout is on (not in rm / dpo / grpo / ppo by default: p=0 returns the input itself),
+        # and with 4-bit weights the base layer's cast to the compute dtype
         h, i = shape.hidden, shape.intermediate
         inputs = (6 * h + i) if shape.gated_mlp else (5 * h + i)  # q k v o gate up (down: i)
         residual = _DTYPE_BYTES[cfg.model.dtype]
-        per_token = inputs * ((residual + 1 if lora.dropout > 0 else 0) + (2 if cfg.hardware.load_in_4bit else 0))
+        dropout_on = lora.dropout > 0 and not cfg.model.get("disable_dropout")
+        per_token = inputs * ((residual + 1 if dropout_on else 0) + (2 if cfg.hardware.load_in_4bit else 0))
         layers = 1 if cfg.hardware.gradient_checkpointing else shape.layers
-        plan.add(role, "activations: LoRA inputs, dropout copies", per_token * layers * sequences * tokens)
+        plan.add(role, "activations: LoRA inputs (dropout copies, 4-bit casts)", per_token * layers * sequences * tokens)
     if scored_tokens:
         # fp32 logits, their log-softmax and gradient for the scored positions only
         plan.add(role, f"LM-head logits: {scored_tokens} positions", scored_tokens * shape.vocab * 4 * 3)

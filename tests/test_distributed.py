@@ -12,7 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PAIRS, ROOT, TINY, mlflow_runs, tracked_env
+from helpers import PAIRS, ROOT, TINY, mlflow_runs, tiny_config, tracked_env
+from rlhf_exp import app
+from rlhf_exp.config import resolved
+from rlhf_exp.errors import ConfigError
 
 STAGES = {
     "sft": ["stage=sft", "hardware.micro_batch_size.sft=1"],
@@ -42,12 +45,15 @@ def tracked_run(tmp_path: Path, nproc: int, overrides: list[str], launcher: str 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The one-process run of each stage, made once and compared with every parallel mode."""
+    """The one-process run of each stage (in this process: no start-up to pay), made once and compared
+    with every parallel mode."""
     made = {}
 
     def get(stage: str):
         if stage not in made:
-            made[stage] = tracked_run(tmp_path_factory.mktemp(f"one-{stage}"), 1, common(stage))
+            folder = tmp_path_factory.mktemp(f"one-{stage}")
+            app.run(tiny_config(folder, *common(stage)))
+            made[stage] = mlflow_runs(folder / "mlflow.db")[1][0]
         return made[stage]
     return get
 
@@ -81,7 +87,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, one_process, sta
         assert len(list((folder / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
     else:
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
-        assert state["optimizer"]["state"], "the optimizer state is saved whole"
+        assert state["engine"]["optimizer"]["state"], "the optimizer state is saved whole"
 
 
 def test_accelerate_launch_runs_the_same_job(tmp_path, one_process):
@@ -124,14 +130,23 @@ def test_grpo_two_ranks_match_one_process(tmp_path):
     ([*common("sft"), "parallel=zero1", "hardware.optimizer=adamw_8bit"], "hardware.optimizer",
      "use hardware.optimizer=adamw"),
     ([*common("sft"), "parallel=deepspeed_zero3", "hardware.lora.enabled=true"], "parallel", "use parallel=ddp"),
-    (["stage=ppo", "stage.max_steps=1"], "stage", "covers dpo, grpo, rm, sft"),
     (["stage=grpo", "stage.max_steps=1", "parallel=fsdp"], "parallel", "use parallel=ddp or zero1"),
+    (["stage=grpo", "stage.batch_size=3", "stage.minibatch_size=12", "hardware.micro_batch_size.grpo=4"],
+     "stage.batch_size", "must divide evenly over 2 processes"),
 ])
-def test_what_several_processes_cannot_run_is_refused_with_the_config_key(tmp_path, overrides, key, advice):
-    out = launch(tmp_path, 2, overrides)
-    assert out.returncode != 0
-    assert f"config key `{key}`" in out.stderr
-    assert advice in out.stderr
+def test_what_several_processes_cannot_run_is_refused_with_the_config_key(tmp_path, monkeypatch, overrides, key, advice):
+    """The checks a run makes once torchrun has started its ranks, as two ranks see them (the one real
+    launch is the next test)."""
+    monkeypatch.setattr(app.distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError) as error:
+        app.check_distributed(resolved(tiny_config(tmp_path, *overrides)))
+    assert error.value.key == key and advice in str(error.value)
+
+
+def test_torchrun_refuses_a_stage_that_runs_in_one_process_by_name(tmp_path):
+    out = launch(tmp_path, 2, ["stage=ppo", "stage.max_steps=1"])
+    assert out.returncode != 0  # torchrun reports its ranks' exit (2) as its own failure
+    assert "config key `stage`" in out.stderr and "covers dpo, grpo, rm, sft" in out.stderr
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "deepspeed_zero3"])
