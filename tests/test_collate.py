@@ -34,6 +34,15 @@ def test_left_pad_for_generation_by_hand():
     assert out["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
+@pytest.mark.parametrize("spare", [1, 5, 9])  # budgets between the prompt's length and twice it, and beyond
+def test_a_prompt_within_its_budget_is_kept_whole(tokenizer, spare):
+    """A cut taken as ids[len - budget:] goes negative for such budgets and keeps the prompt's tail only."""
+    prompt = "one two three four five six seven eight"
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    item = tokenize_sft(SFTExample(prompt, " a"), tokenizer, max_prompt_tokens=len(ids) + spare, max_response_tokens=8)
+    assert item.prompt_ids == ids
+
+
 def test_tokenize_sft_appends_eos_caps_the_response_and_keeps_the_prompt_end(tokenizer):
     ex = SFTExample("one two three four five six seven eight", " a summary that is rather long indeed")
     full = tokenize_sft(ex, tokenizer, max_prompt_tokens=100, max_response_tokens=100)

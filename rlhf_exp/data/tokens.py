@@ -49,4 +49,4 @@ def encode_prompt(text: str, tokenizer, max_tokens: int) -> list[int]:
     if bos and ids[:1] == bos:
         bos = []
     keep = max(max_tokens - len(bos), 0)
-    return bos + (ids[len(ids) - keep:] if keep else [])
+    return bos + (ids[max(len(ids) - keep, 0):] if keep else [])
