@@ -21,8 +21,8 @@ import torch
 
 from rlhf_exp.config import compose_config, resolved
 from rlhf_exp.data import load_sft_splits
-from rlhf_exp.data.tokens import encode_prompt, stop_token_ids
 from rlhf_exp.data.formats import FORMATS
+from rlhf_exp.data.tokens import encode_prompt, stop_token_ids
 from rlhf_exp.factory import build
 from rlhf_exp.models import load_causal_lm, load_tokenizer
 from rlhf_exp.rewards import score_responses

@@ -117,6 +117,7 @@ class OnlineRLTrainer(Trainer):
         share = self.stage.minibatch_size // self.world_size
         totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         losses, grad_norms, first = [], [], {}
+        lr = self.scheduler.get_last_lr()[0]
         for _ in range(epochs):
             order = torch.randperm(len(rollout), generator=self.random.shuffle).tolist()
             for start in range(0, len(order), share):
@@ -140,14 +141,16 @@ class OnlineRLTrainer(Trainer):
                 if not first:  # sanity (N+): before any update the ratio is 1 and the approx-KL 0
                     first = {"train/first_minibatch_ratio": flat["ratio_mean:sum"] / flat["ratio_mean:count"],
                              "train/first_minibatch_approx_kl": flat["approx_kl:sum"] / flat["approx_kl:count"]}
-                grad_norms.append(self.optimizer_step()["train/grad_norm"])
+                step = self.optimizer_step()
+                grad_norms.append(step["train/grad_norm"])
+                lr = step["train/lr"]  # the lr of the last step taken, as every stage reports it
                 self.after_optimizer_step()
         out = {f"train/{name}": total / count for name, (total, count) in totals.items() if count}
         if losses:
             out["train/loss"] = sum(losses) / len(losses)
             out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/optimizer_steps"] = len(grad_norms)
-        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        out["train/lr"] = lr
         return {**out, **first}
 
     def rollout_metrics(self, rewards: torch.Tensor, raw: torch.Tensor, stopped: list[bool],
