@@ -69,8 +69,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop
     try:
         for _ in range(max_new_tokens):
             with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+                # logits_to_keep=1: only the last position is sampled from; a prefill that projected every
+                # prompt position held [B, prompt, V] logits (0.4 GB for 8 TL;DR prompts, 49k vocabulary)
                 out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past, use_cache=True)
+                            past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
             logits = filter_logits(out.logits[:, -1].float() / temperature, top_k, top_p)
             token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
