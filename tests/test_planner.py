@@ -88,17 +88,20 @@ def test_a_run_that_will_not_fit_stops_before_loading_with_advice(tmp_path):
 ], ids=["sft", "dpo", "grpo"])
 def test_the_plan_bounds_the_measured_cpu_peak_from_above(tmp_path, stage):
     """A fresh process per run: the peak (VmHWM) of models + training, from after data loading, against the
-    plan. The plan is an upper bound (it catches a model or buffer the planner forgot: measured would exceed
-    it) that is not loose by more than half (it catches a component counted twice). How much freed memory
-    glibc keeps, which the plan models as one activations' worth, differs between CPUs and kernels (an
-    AVX2 EPYC measured 0.98 GiB for SFT here, an AVX-512 box ~1.2): a tighter band held on one machine only.
+    plan. The plan is an upper bound (it catches forgotten gradients or optimizer states; a forgotten frozen
+    copy as small as GRPO's reference, 11% of its plan, only where glibc keeps little) that is not loose by
+    more than half (it catches a component counted twice). The live tensors match the plan within a few
+    percent (GRPO, sampled with mallinfo2: 0.745 GiB live at the peak against 0.721 planned); the slack is
+    for what glibc keeps of freed memory, which the plan models as one activations' worth and which differs
+    with CPU, kernel and workload (an AVX2 EPYC measured 0.98 GiB for SFT, an AVX-512 box ~1.2; GRPO's
+    rollouts left 0.38 GiB kept against 0.30 planned: measured 1.07-1.14x its plan over six runs).
     Two threads, whatever the machine has: glibc keeps a heap per thread."""
     out = run_cli(*_cli_tiny(), *WIDE, *stage, "hardware.num_threads=2", env=tracked_env(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path / "m.db")
     metrics = runs[0].data.metrics
     measured, planned = metrics["memory/peak_over_baseline_gib"], metrics["memory/planned_tensors_gib"]
-    assert measured <= 1.1 * planned and planned <= 1.5 * measured, \
+    assert measured <= 1.2 * planned and planned <= 1.5 * measured, \
         f"measured {measured:.3f} GiB, planned {planned:.3f} GiB"
 
 
