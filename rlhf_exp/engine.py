@@ -6,15 +6,19 @@ The stages only call `backward(loss)` for each micro batch and `step()` once per
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from rlhf_exp import distributed
-from rlhf_exp.errors import ConfigError
+from rlhf_exp.errors import ConfigError, NonFiniteError
 from rlhf_exp.optim import build_optimizer, build_scheduler
 
+# stage.on_nonfinite: a NaN / inf gradient norm stops the run before the update (stop) or drops that update
+# and goes on (skip_step; the schedule still advances). fp16's scaler skips overflowing steps by itself.
+NONFINITE_POLICIES = ("stop", "skip_step")
 DEEPSPEED_STATE = "deepspeed"  # parallel=deepspeed_*: DeepSpeed's partitioned optimizer checkpoint in a checkpoint
 
 
@@ -22,6 +26,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, stage: DictConfig, hardware: DictConfig, parallel: DictConfig,
                  precision: str, device: torch.device, total_steps: int):
         self.model, self.max_grad_norm = model, stage.max_grad_norm
+        self.on_nonfinite = stage.get("on_nonfinite") or "stop"
         self.optimizer = build_optimizer(model, stage, hardware.optimizer,
                                          shard_states=bool((parallel or {}).get("shard_optimizer")))
         self.scheduler = build_scheduler(self.optimizer, stage, total_steps)
@@ -46,15 +51,24 @@ class Engine:
         """Clip, step, advance the schedule, zero the gradients: every stage's update ends here."""
         lr = self.scheduler.get_last_lr()[0]
         if self.deepspeed is not None:  # DeepSpeed clips, steps its partitioned optimizer and zeroes
-            self.deepspeed.step()
+            self.deepspeed.step()  # its norm is known only after its step: a non-finite one stops the run here
             self.scheduler.step()
-            return {"train/grad_norm": float(self.deepspeed.get_global_grad_norm()), "train/lr": lr}
+            grad_norm = float(self.deepspeed.get_global_grad_norm())
+            if not math.isfinite(grad_norm):
+                raise NonFiniteError("train/grad_norm", grad_norm)
+            return {"train/grad_norm": grad_norm, "train/lr": lr}
         distributed.sum_gradients(self.model)  # torchrun: the global batch's gradient on every rank
         metrics = {"train/lr": lr}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             metrics["train/grad_scale"] = float(self.scaler.get_scale())
-        grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm or float("inf"))
+        grad_norm = float(distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm or float("inf")))
+        if self.scaler is None and not math.isfinite(grad_norm):  # every rank sees the same summed norm
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.on_nonfinite == "stop":
+                raise NonFiniteError("train/grad_norm", grad_norm)
+            self.scheduler.step()
+            return {"train/grad_norm": grad_norm, "train/skipped_steps": 1.0, **metrics}
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
             self.scaler.update()
@@ -62,7 +76,7 @@ class Engine:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"train/grad_norm": float(grad_norm), **metrics}
+        return {"train/grad_norm": grad_norm, **metrics}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -28,6 +28,21 @@ class DataError(UserInputError):
         super().__init__(f"{where}: {problem}")
 
 
+class NonFiniteError(ReportedError, ArithmeticError):
+    """Training produced a NaN or infinite loss or gradient norm (stage.on_nonfinite=stop). The step that
+    produced it was not applied and nothing was written after it."""
+
+    def __init__(self, metric: str, value: float, step: int | None = None, last_checkpoint=None):
+        self.metric, self.value, self.step, self.last_checkpoint = metric, value, step, last_checkpoint
+        kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+        at = f"step {step}: " if step is not None else ""
+        super().__init__(f"{at}{metric} is {value} (stage.on_nonfinite=stop): this step's update was not applied "
+                         f"and {kept}; lower stage.lr, or set stage.on_nonfinite=skip_step to skip such steps")
+
+    def at_step(self, step: int, last_checkpoint) -> "NonFiniteError":
+        return NonFiniteError(self.metric, self.value, step, last_checkpoint)
+
+
 class DiskFullError(ReportedError, OSError):
     """The disk filled while writing `path`; what was written before is intact and the partial write is removed."""
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, get_type_hints
 from omegaconf import MISSING
 
 from rlhf_exp.data.formats import FORMATS
+from rlhf_exp.engine import NONFINITE_POLICIES
 from rlhf_exp.optim import OPTIMIZERS
 from rlhf_exp.runtime import DTYPES, PRECISIONS
 
@@ -94,6 +95,7 @@ class StageConfig:
     num_samples: int = key(non_negative())
     save_every: Optional[int] = key(optional(positive(), "only the final checkpoint"))
     resume_from: Optional[str] = None
+    on_nonfinite: str = key(one_of(NONFINITE_POLICIES))
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 

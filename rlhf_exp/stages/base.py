@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import math
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from rlhf_exp import checkpoint, distributed
 from rlhf_exp.data.batching import BatchStream, chunks, length_order
 from rlhf_exp.engine import Engine
+from rlhf_exp.errors import NonFiniteError
 from rlhf_exp.memory import PeakMemory
 from rlhf_exp.models.loading import disable_dropout, upcast_trainable
 from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
@@ -52,6 +54,7 @@ class Trainer:
         self.runtime = make_runtime(cfg.hardware)
         self.random = RandomStreams(cfg.seed, self.runtime.device)
         self.memory = PeakMemory(self.runtime.device)
+        self.last_checkpoint: Path | None = None  # what a run stopped by a NaN leaves to resume from
         self.step = 0
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.last_metrics: dict[str, float] = {}
@@ -219,7 +222,7 @@ class Trainer:
         with tqdm(total=max_steps, initial=self.step, desc=f"{self.stage.name}", unit="step",
                   dynamic_ncols=True) as bar:
             while self.step < max_steps:
-                metrics = self.train_step()
+                metrics = self.checked(self.train_step)
                 self.step += 1
                 self.log(metrics)
                 bar.update(1)
@@ -245,6 +248,19 @@ class Trainer:
         if distributed.is_main():
             self.log_curves()
         return dict(self.last_metrics)
+
+    def checked(self, train_step) -> dict[str, float]:
+        """One training step under stage.on_nonfinite: a non-finite gradient norm (the engine, before the
+        update) or loss stops the run naming the step, with nothing written after the last finite checkpoint."""
+        last = self.last_checkpoint or self.stage.get("resume_from")
+        try:
+            metrics = train_step()
+        except NonFiniteError as error:
+            raise error.at_step(self.step + 1, last) from None
+        loss = metrics.get("train/loss")
+        if self.stage.get("on_nonfinite", "stop") == "stop" and loss is not None and not math.isfinite(loss):
+            raise NonFiniteError("train/loss", loss, self.step + 1, last)
+        return metrics
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -323,8 +339,9 @@ class Trainer:
         """Stage-specific files written into the checkpoint folder before it is moved into place (PPO: the EMA)."""
 
     def save_checkpoint(self, folder: Path) -> Path:
-        return checkpoint.save(folder, model=self.model, tokenizer=self.tokenizer, engine=self.engine,
-                               trainer_state=self.trainer_state, extra_files=self.write_extra_files)
+        self.last_checkpoint = checkpoint.save(folder, model=self.model, tokenizer=self.tokenizer, engine=self.engine,
+                                               trainer_state=self.trainer_state, extra_files=self.write_extra_files)
+        return self.last_checkpoint
 
     def export_merged(self, folder: Path) -> None:
         """A plain Hugging Face folder with the LoRA adapters merged into float base weights."""

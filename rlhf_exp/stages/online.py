@@ -116,7 +116,7 @@ class OnlineRLTrainer(Trainer):
         share together), one optimizer step each."""
         share = self.stage.minibatch_size // self.world_size
         totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        losses, grad_norms, first = [], [], {}
+        losses, grad_norms, first, skipped = [], [], {}, 0.0
         lr = self.scheduler.get_last_lr()[0]
         for _ in range(epochs):
             order = torch.randperm(len(rollout), generator=self.random.shuffle).tolist()
@@ -142,6 +142,7 @@ class OnlineRLTrainer(Trainer):
                     first = {"train/first_minibatch_ratio": flat["ratio_mean:sum"] / flat["ratio_mean:count"],
                              "train/first_minibatch_approx_kl": flat["approx_kl:sum"] / flat["approx_kl:count"]}
                 step = self.optimizer_step()
+                skipped += step.get("train/skipped_steps", 0.0)
                 grad_norms.append(step["train/grad_norm"])
                 lr = step["train/lr"]  # the lr of the last step taken, as every stage reports it
                 self.after_optimizer_step()
@@ -150,6 +151,8 @@ class OnlineRLTrainer(Trainer):
             out["train/loss"] = sum(losses) / len(losses)
             out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/optimizer_steps"] = len(grad_norms)
+        if skipped:
+            out["train/skipped_steps"] = skipped
         out["train/lr"] = lr
         return {**out, **first}
 
