@@ -55,7 +55,7 @@ class Engine:
             self.scheduler.step()
             grad_norm = float(self.deepspeed.get_global_grad_norm())
             if not math.isfinite(grad_norm):
-                raise NonFiniteError("train/grad_norm", grad_norm)
+                raise NonFiniteError("train/grad_norm", grad_norm, applied=True)
             return {"train/grad_norm": grad_norm, "train/lr": lr}
         distributed.sum_gradients(self.model)  # torchrun: the global batch's gradient on every rank
         metrics = {"train/lr": lr}

@@ -32,15 +32,18 @@ class NonFiniteError(ReportedError, ArithmeticError):
     """Training produced a NaN or infinite loss or gradient norm (stage.on_nonfinite=stop). The step that
     produced it was not applied and nothing was written after it."""
 
-    def __init__(self, metric: str, value: float, step: int | None = None, last_checkpoint=None):
+    def __init__(self, metric: str, value: float, step: int | None = None, last_checkpoint=None,
+                 applied: bool = False):
         self.metric, self.value, self.step, self.last_checkpoint = metric, value, step, last_checkpoint
+        self.applied = applied  # DeepSpeed reports its norm only after its step
         kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
         at = f"step {step}: " if step is not None else ""
-        super().__init__(f"{at}{metric} is {value} (stage.on_nonfinite=stop): this step's update was not applied "
+        update = "was applied, nothing was written after it," if applied else "was not applied"
+        super().__init__(f"{at}{metric} is {value} (stage.on_nonfinite=stop): this step's update {update} "
                          f"and {kept}; lower stage.lr, or set stage.on_nonfinite=skip_step to skip such steps")
 
     def at_step(self, step: int, last_checkpoint) -> "NonFiniteError":
-        return NonFiniteError(self.metric, self.value, step, last_checkpoint)
+        return NonFiniteError(self.metric, self.value, step, last_checkpoint, self.applied)
 
 
 class DiskFullError(ReportedError, OSError):
