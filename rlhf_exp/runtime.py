@@ -19,7 +19,6 @@ from rlhf_exp.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -85,11 +84,11 @@ class Runtime:
         """Mixed precision for forward passes; trained weights stay fp32 (hardware.master_weights)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST[self.precision])
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return _AUTOCAST.get(self.precision, torch.float32)
+        return DTYPES[self.precision]
 
 
 def make_runtime(hardware: DictConfig) -> Runtime:

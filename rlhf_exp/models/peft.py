@@ -37,10 +37,9 @@ def quantization_config(hardware: DictConfig | None):
         return None
     from transformers import BitsAndBytesConfig
 
-    from rlhf_exp.runtime import choose_precision
+    from rlhf_exp.runtime import DTYPES, choose_precision
 
-    precision = choose_precision(hardware.precision, str(hardware.device))[0]
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    compute = DTYPES[choose_precision(hardware.precision, str(hardware.device))[0]]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute)
 

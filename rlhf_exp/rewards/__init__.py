@@ -40,10 +40,9 @@ class RewardModelScorer:
     def __init__(self, path: str, batch_size: int = 8, max_tokens: int = 1024, device: str = "cpu",
                  precision: str = "fp32"):
         from rlhf_exp.models.reward import load_reward_model
-        from rlhf_exp.runtime import choose_precision
+        from rlhf_exp.runtime import DTYPES, choose_precision
 
-        compute = choose_precision(precision, str(device))[0]
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute, torch.float32)
+        dtype = DTYPES[choose_precision(precision, str(device))[0]]
         self.model, self.tokenizer = load_reward_model(path, dtype=dtype, device=device)
         self.batch_size, self.max_tokens, self.device = batch_size, max_tokens, device
 

@@ -258,7 +258,7 @@ class Trainer:
         except NonFiniteError as error:
             raise error.at_step(self.step + 1, last) from None
         loss = metrics.get("train/loss")
-        if self.stage.get("on_nonfinite", "stop") == "stop" and loss is not None and not math.isfinite(loss):
+        if self.engine.on_nonfinite == "stop" and loss is not None and not math.isfinite(loss):
             raise NonFiniteError("train/loss", loss, self.step + 1, last)
         return metrics
 
