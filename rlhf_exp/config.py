@@ -7,6 +7,8 @@ works without Hydra's `@main`, so tests and tools can `compose_config([...])` an
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import secrets
 from pathlib import Path
@@ -140,13 +142,18 @@ def resolved(cfg: DictConfig) -> DictConfig:
 def validate(cfg: DictConfig) -> None:
     """Stop with a message naming the key before any work starts: every field's rule in the schemas
     (the stage's own and model / data / hardware), the micro batch, then the stage's cross-key checks."""
-    from rlhf_exp.schema import GROUP_SCHEMAS, rules
+    from rlhf_exp.schema import GROUP_SCHEMAS, RootConfig, rules, unknown_keys
     from rlhf_exp.stages import stage_spec
     from rlhf_exp.stages.spec import micro_batch
 
     spec = stage_spec(cfg.stage.name)
-    checked = rules(spec.config, "stage") + [rule for group, schema in GROUP_SCHEMAS.items()
-                                             for rule in rules(schema, group)]
+    schemas = {"stage": spec.config, **GROUP_SCHEMAS}
+    for group, schema in schemas.items():
+        extra = unknown_keys(cfg[group], schema, group)
+        if extra:
+            raise ConfigError(extra[0], f"is not a key of {group}={cfg[group].get('name')} "
+                              f"(known: {', '.join(f.name for f in dataclasses.fields(schema))})")
+    checked = rules(RootConfig, "") + [rule for group, schema in schemas.items() for rule in rules(schema, group)]
     absent = object()
     for key, rule in checked:
         try:
@@ -161,6 +168,7 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(key, f"{rule.must} (got {value!r})")
+    check_init_from(cfg.model)
     if cfg.hardware.get("load_in_4bit") and not cfg.hardware.lora.enabled:
         raise ConfigError("hardware.load_in_4bit", "4-bit weights are frozen: set hardware.lora.enabled=true (QLoRA)")
     micro, whole = micro_batch(cfg, spec.micro_batch), cfg.stage[spec.batch_key]
@@ -168,6 +176,19 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.micro_batch_size.{spec.micro_batch}",
                           f"must divide stage.{spec.batch_key}={whole} (got {micro})")
     spec.checks(cfg)
+
+
+def check_init_from(model: DictConfig) -> None:
+    """model.init_from must be a folder with a model in it (a checkpoint of an earlier run)."""
+    from rlhf_exp.models.peft import weights_folder
+
+    if not model.get("init_from"):
+        return
+    folder = weights_folder(model.init_from)
+    if not (folder / "config.json").is_file():
+        what = "does not exist" if not folder.exists() else "holds no model (no config.json)"
+        raise ConfigError("model.init_from", f"{folder} {what}: name a checkpoint folder of an earlier run "
+                          "(<run>/checkpoints/final)")
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

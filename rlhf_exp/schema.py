@@ -183,7 +183,34 @@ class HardwareConfig:
     check_memory_plan: bool = MISSING
 
 
+def integer() -> Rule:
+    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool), "must be an integer")
+
+
+@dataclass
+class RootConfig:
+    """The top-level keys of conf/config.yaml that are not groups."""
+
+    seed: int = key(integer())
+    run_name: Optional[str] = None
+    plan: bool = key(Rule(lambda v: isinstance(v, bool), "must be true or false"))
+
+
 GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "hardware": HardwareConfig}
+
+
+def unknown_keys(node: Any, schema: type, prefix: str) -> list[str]:
+    """Keys of `node` that `schema` does not declare (a `+stage.foo=1` slips past Hydra's struct check),
+    nested schemas included; free-form dict fields (`model.arch`) hold any key."""
+    hints = get_type_hints(schema)
+    names = {f.name for f in fields(schema)}
+    out = []
+    for name in node.keys():
+        if name not in names:
+            out.append(f"{prefix}.{name}")
+        elif is_dataclass(hints.get(name)) and node.get(name) is not None:
+            out += unknown_keys(node[name], hints[name], f"{prefix}.{name}")
+    return out
 
 
 def rules(schema: type, prefix: str) -> list[tuple[str, Rule]]:
@@ -191,7 +218,7 @@ def rules(schema: type, prefix: str) -> list[tuple[str, Rule]]:
     hints = get_type_hints(schema)
     out = []
     for f in fields(schema):
-        name = f"{prefix}.{f.name}"
+        name = f"{prefix}.{f.name}" if prefix else f.name
         if is_dataclass(hints.get(f.name)):
             out += rules(hints[f.name], name)
         elif "rule" in f.metadata:

@@ -117,6 +117,16 @@ def test_unknown_option_and_unknown_key_are_refused_by_name():
     ("hardware.precision=fp8", "hardware.precision"),
     ("hardware.master_weights=bf16", "hardware.master_weights"),
     ("model.dtype=float8", "model.dtype"),
+    # issue 11's bad configs: each named before anything loads, one line, exit 2 through the CLI
+    ("seed=abc", "seed"),
+    ("stage.generation.top_k=-1", "stage.generation.top_k"),
+    ("stage.generation.top_p=2.0", "stage.generation.top_p"),
+    ("stage.adam_betas=[2,3]", "stage.adam_betas"),
+    ("hardware.num_threads=-1", "hardware.num_threads"),
+    ("+stage.foo=1", "stage.foo"),
+    ("+hardware.lora.rank=8", "hardware.lora.rank"),
+    ("model.init_from=/", "model.init_from"),
+    ("model.init_from=/no/such/folder", "model.init_from"),
 ])
 def test_bad_values_are_named_before_any_work(override, key):
     cfg = resolved(compose_config(["model=tiny", override]))
