@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from omegaconf import DictConfig
 
+from rlhf_exp.errors import UserInputError
 from rlhf_exp.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
@@ -34,12 +42,66 @@ def artifact_location(tracking: DictConfig, uri: str) -> str | None:
     return None
 
 
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def leftover_migration_tables(db: Path) -> list[str]:
+    """Alembic's `_alembic_tmp_*` tables: they live only while a migration runs, so one found under the
+    lock was left by a migration that died (and makes every later one fail with "already exists")."""
+    with closing(sqlite3.connect(db)) as conn:
+        return [name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'")]
+
+
+def upgrade_sqlite(uri: str, db: Path, why: str) -> None:
+    """`mlflow db upgrade` on a copy-backed database; refuses with what to do if it fails."""
+    backup = db.with_name(f"{db.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copy2(db, backup)
+    leftovers = leftover_migration_tables(db)
+    with closing(sqlite3.connect(db)) as conn:
+        for table in leftovers:
+            conn.execute(f'DROP TABLE "{table}"')
+        conn.commit()
+    log.warning("tracking database %s: %s; repairing it (backup: %s)", db, why, backup)
+    done = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserInputError(f"tracking database {db} is half-migrated ({why}) and could not be repaired "
+                             f"({last}). Move it aside (mv {db} {db}.broken) to start a new one, or restore "
+                             f"{backup}, or set tracking.tracking_uri to another database")
+
+
+def ready_client(uri: str):
+    """An MlflowClient whose database exists and is migrated. A new SQLite file is created and migrated once,
+    under a file lock beside it: parallel first starts (a joblib sweep, several shells) otherwise race
+    in MLflow's migrations and leave the file half-migrated. A half-migrated file is repaired, or refused."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=600):
+        if db.is_file() and db.stat().st_size and leftover_migration_tables(db):
+            upgrade_sqlite(uri, db, "a migration died part-way: its _alembic_tmp_ tables are still there")
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            client.search_experiments(max_results=1)  # opens the store: creates and migrates a new file
+        except MlflowException as error:
+            if "out-of-date database schema" not in str(error):
+                raise
+            upgrade_sqlite(uri, db, "its schema is older than this MLflow's")
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+    return client
+
+
 class MlflowTracker(Tracker):
     def __init__(self, tracking: DictConfig, root_dir: str):
-        from mlflow.tracking import MlflowClient
-
         self.uri = tracking_uri(tracking, root_dir)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = ready_client(self.uri)
         self.experiment_name = tracking.experiment_name
         self.artifact_location = artifact_location(tracking, self.uri)
         self.run_id = None
@@ -65,7 +127,6 @@ class MlflowTracker(Tracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
