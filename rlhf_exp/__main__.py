@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from rlhf_exp.config import CONF_DIR, register_resolvers, register_schemas, resolve_auto_hardware
 from rlhf_exp.errors import ReportedError
+from rlhf_exp.stopping import RunStopped
 
 register_resolvers()
 log = logging.getLogger("rlhf_exp")
@@ -28,6 +29,8 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as stop:  # SIGTERM / SIGINT: checkpointed, closed KILLED, resume command printed
+        sys.exit(stop.exit_code)
     # A sweeper (Optuna) minimises the value returned here.
     return metrics.get("eval/loss")
 

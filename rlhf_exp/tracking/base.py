@@ -7,6 +7,7 @@ from typing import Any
 
 class Tracker:
     run_id: str | None = None
+    uri: str | None = None  # where the runs are (a tracking URI)
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         pass
@@ -28,6 +29,10 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
+
+    def close_abandoned(self, run_id: str, note: str) -> bool:
+        """Mark run `run_id`, if the tracker still shows it RUNNING (its process was SIGKILLed), KILLED."""
+        return False
 
     def finish(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED. Called in `finally`: must not raise."""

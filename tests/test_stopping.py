@@ -1,0 +1,86 @@
+"""Runs stopped by a signal (issue 11.3): SIGTERM / SIGINT checkpoint at a step boundary and close the
+run KILLED with the resume command printed; a run a SIGKILL left RUNNING is closed when resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, TINY, mlflow_runs, run_cli, tracked_env
+
+# steps slow enough to land a signal mid-run, with a checkpoint every 2 steps to wait for
+LONG = [*TINY, "stage.max_steps=400", "stage.save_every=2", "stage.eval_every=null", "stage.num_samples=0",
+        "hydra.job_logging.root.level=WARNING"]
+
+
+def start_cli(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rlhf_exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **tracked_env(tmp_path)})
+
+
+def wait_for(paths_glob, root: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = sorted(root.glob(paths_glob))
+        if found:
+            return found[0]
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (rc {process.returncode}) first:\n{process.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"no {paths_glob} under {root} in {timeout} s")
+
+
+@pytest.mark.parametrize(("signum", "then_resume"), [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_a_signal_checkpoints_closes_the_run_killed_and_prints_the_resume_command(tmp_path, signum, then_resume):
+    """Before: SIGTERM ended the process (rc 143) with its MLflow run RUNNING forever and no checkpoint;
+    SIGINT (KeyboardInterrupt) closed it KILLED, but with nothing to resume from past the last save."""
+    job = start_cli(tmp_path, *LONG)
+    wait_for("**/checkpoints/step_000002/trainer_state.pt", tmp_path / "runs", job)
+    job.send_signal(signum)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 128 + signum, err[-3000:]
+    _, [run] = mlflow_runs(tmp_path / "m.db")
+    assert run.info.status == "KILLED"
+    stopped_at = int(run.data.tags["stopped_at_step"])
+    assert 2 <= stopped_at < 400 and run.data.tags["stopped_by"] == signal.Signals(signum).name
+    checkpoint = Path(run.data.tags["checkpoint_dir"])
+    assert checkpoint.name == f"step_{stopped_at:06d}"
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["step"] == stopped_at
+    assert "Traceback" not in err
+    command = err.split("resume with:\n", 1)[1].strip().splitlines()[0]
+    assert command.startswith("python -m rlhf_exp model=tiny") and command.endswith(f"stage.resume_from={checkpoint}")
+    if not then_resume:  # (the same path as SIGTERM from here: one resume is enough for the suite's time)
+        return
+
+    # the printed command, as typed (fewer steps, so it ends soon), continues from that step
+    args = command.split()[3:]
+    resumed = run_cli(*[a for a in args if not a.startswith("stage.max_steps=")], f"stage.max_steps={stopped_at + 2}",
+                      env=tracked_env(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, runs = mlflow_runs(tmp_path / "m.db")
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    steps = sorted(m.step for m in client.get_metric_history(runs[1].info.run_id, "train/loss"))
+    assert steps == [stopped_at + 1, stopped_at + 2]  # from the checkpoint, not from step 0
+
+
+def test_a_run_left_running_by_sigkill_is_marked_killed_when_its_folder_is_resumed(tmp_path):
+    job = start_cli(tmp_path, *LONG)
+    checkpoint = wait_for("**/checkpoints/step_000002/trainer_state.pt", tmp_path / "runs", job).parent
+    job.kill()  # SIGKILL: no handler runs, the run stays RUNNING
+    job.communicate(timeout=60)
+    _, [run] = mlflow_runs(tmp_path / "m.db")
+    assert run.info.status == "RUNNING"
+
+    resumed = run_cli(*LONG, "stage.max_steps=3", f"stage.resume_from={checkpoint}", env=tracked_env(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, runs = mlflow_runs(tmp_path / "m.db")
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    assert "SIGKILL" in runs[0].data.tags["killed_note"] and runs[1].info.run_id in runs[0].data.tags["killed_note"]
