@@ -7,21 +7,29 @@ blocks the next run in the same process (sweeps, tests).
 
 from __future__ import annotations
 
+import json
 import logging
+import shlex
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 import rlhf_exp
-from rlhf_exp import distributed
+from rlhf_exp import distributed, stopping
+from rlhf_exp.checkpoint import check_resumable
 from rlhf_exp.config import PROJECT_ROOT, config_group_options, flatten, resolved, validate
+from rlhf_exp.redact import redact, redact_yaml_files
 from rlhf_exp.runtime import choose_precision
 from rlhf_exp.stages import stage_spec
 from rlhf_exp.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
+
+RUN_RECORD = "tracking.json"  # in the run folder: the tracker run it logged to
 
 
 def git_commit() -> str:
@@ -109,6 +117,48 @@ def check_distributed(cfg: DictConfig) -> None:
             raise ConfigError(f"stage.{key}", f"must divide evenly over {world} processes (got {cfg.stage[key]})")
 
 
+def redact_hydra_files() -> None:
+    """Hydra wrote `.hydra/` (and a sweep's multirun.yaml) before the run started: hide secrets there too."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir:
+        redact_yaml_files(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        redact_yaml_files(Path(hydra_cfg.sweep.dir))
+
+
+def resume_command(checkpoint: Path | str) -> str:
+    """The command line of this run with stage.resume_from=<checkpoint> (Hydra's overrides, as typed)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "stage.resume_from"]
+    return shlex.join(["python", "-m", "rlhf_exp", *kept, f"stage.resume_from={checkpoint}"])
+
+
+def record_run(tracker: Tracker, run_dir: Path, cfg: DictConfig) -> None:
+    """Write which tracker run this folder is (RUN_RECORD); when resuming, close the run of the folder
+    resumed from if a SIGKILL (or an OOM kill, a power cut) left it RUNNING."""
+    if tracker.run_id is None:
+        return
+    (run_dir / RUN_RECORD).write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri}))
+    resumed = cfg.stage.get("resume_from")
+    record = Path(resumed).parent.parent / RUN_RECORD if resumed else None  # <run>/checkpoints/<name>
+    if record is None or not record.is_file():
+        return
+    earlier = json.loads(record.read_text())
+    if earlier.get("tracking_uri") != tracker.uri or earlier["run_id"] == tracker.run_id:
+        return
+    if tracker.close_abandoned(earlier["run_id"], f"its process died without closing it (SIGKILL, an OOM kill); "
+                                                  f"marked KILLED when resumed by run {tracker.run_id}"):
+        log.warning("run %s of %s was left RUNNING by a process that died: marked KILLED",
+                    earlier["run_id"], record.parent)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's)."""
     requested_precision = str(cfg.hardware.precision)
@@ -116,6 +166,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     precision_reason = choose_precision(requested_precision, str(cfg.hardware.device))[1]
     log.info("precision: %s (%s)", cfg.hardware.precision, precision_reason)
+    if cfg.stage.get("resume_from"):
+        check_resumable(Path(cfg.stage.resume_from), cfg, stage_spec(cfg.stage.name).resume_fixed)
     planned = check_memory(cfg)
     if planned is not None:
         return planned
@@ -123,22 +175,35 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_distributed(cfg)
     # torchrun: rank 0 picks the run folder (its clock and id) and the others use it; only it tracks
     run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg)) if distributed.is_main() else None))
+    written = redact(OmegaConf.to_container(cfg, resolve=True))  # the config as stored: no secrets
     if distributed.is_main():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))
+        redact_hydra_files()
     tracker = make_tracker(cfg.tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
     run_name = cfg.get("run_name") or f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}"
     tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
             "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason}
     trainer, status = None, "FAILED"
-    tracker.start(run_name, flatten(cfg), tags)
+    tracker.start(run_name, flatten(written), tags)
     try:
+        record_run(tracker, run_dir, cfg)
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
         trainer = stage_spec(cfg.stage.name).trainer(cfg=cfg, tracker=tracker, run_dir=run_dir)
-        metrics = trainer.fit()
+        with stopping.stop_at_step_boundary():
+            metrics = trainer.fit()
         status = "FINISHED"
         log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         return metrics
+    except stopping.RunStopped as stop:
+        status = "KILLED"
+        tracker.set_tags({"stopped_by": signal.Signals(stop.signum).name, "stopped_at_step": stop.step,
+                          **({"checkpoint_dir": str(stop.checkpoint)} if stop.checkpoint else {})})
+        if distributed.is_main():
+            log.warning("%s", stop)
+            if stop.checkpoint:
+                print(f"{stop}\nresume with:\n  {resume_command(stop.checkpoint)}", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         status = "KILLED"
         raise

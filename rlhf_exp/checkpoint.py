@@ -7,13 +7,16 @@ part), so a sharded run's model folder loads anywhere.
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import distributed
 from rlhf_exp.engine import Engine
@@ -22,6 +25,14 @@ from rlhf_exp.errors import ConfigError, DiskFullError, is_disk_full
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
+RUN_CONFIG = "run_config.json"  # the run's config (secrets redacted), read before anything loads on resume
+
+# What a resumed run may change: when it stops, what it evaluates, samples and saves, what a NaN does.
+# Everything else in the stage's groups (StageSpec.resume_fixed) and these hardware keys would train
+# a different run (a changed stage.lr used to keep the old schedule silently), so it is refused.
+CHANGEABLE_ON_RESUME = ("stage.max_steps", "stage.eval_every", "stage.eval_examples", "stage.num_samples",
+                        "stage.save_every", "stage.resume_from", "stage.on_nonfinite")
+FIXED_HARDWARE = ("hardware.lora", "hardware.load_in_4bit", "hardware.optimizer", "hardware.master_weights")
 
 
 def staging_folder(folder: Path) -> Path:
@@ -68,13 +79,54 @@ def save(folder: Path, *, model: torch.nn.Module, tokenizer, engine: Engine,
             distributed.save_gathered(model, staging, model_state)
         tokenizer.save_pretrained(staging)
         extra_files(staging)
-        torch.save(trainer_state(engine_state), staging / TRAINER_STATE)
+        state = trainer_state(engine_state)
+        torch.save(state, staging / TRAINER_STATE)
+        (staging / RUN_CONFIG).write_text(json.dumps(state["config"], indent=1, default=str))
     log.info("checkpoint: %s", folder)
     return folder
 
 
+def saved_config(folder: Path) -> dict[str, Any]:
+    if (folder / RUN_CONFIG).is_file():
+        return json.loads((folder / RUN_CONFIG).read_text())
+    return load_trainer_state(folder)["config"]  # checkpoints written before run_config.json
+
+
+def check_resumable(folder: Path, cfg: DictConfig, fixed_groups: Sequence[str]) -> None:
+    """Refuse to resume `folder` under a config that differs where a resumed run cannot change,
+    naming each differing key with its saved and new value."""
+    from rlhf_exp.config import flatten
+    from rlhf_exp.redact import redact
+
+    saved = flatten(saved_config(folder))
+    now = flatten(redact(OmegaConf.to_container(cfg, resolve=True)))
+    if saved.get("stage.name") != now["stage.name"]:
+        raise ConfigError("stage.resume_from", f"{folder} is a checkpoint of stage={saved.get('stage.name')}, and "
+                          f"this run is stage={now['stage.name']}: to start a {now['stage.name']} run from its "
+                          f"weights, use model.init_from={folder}")
+    scope = tuple(f"{group}." if group != "seed" else group for group in fixed_groups) + FIXED_HARDWARE
+
+    def fixed(key: str) -> bool:
+        return key.startswith(scope) and key not in CHANGEABLE_ON_RESUME
+
+    differing = [f"{key}: {saved.get(key, '<absent>')} -> {now.get(key, '<absent>')}"
+                 for key in sorted(set(saved) | set(now)) if fixed(key) and saved.get(key) != now.get(key)]
+    if differing:
+        raise ConfigError("stage.resume_from", f"{folder} was written with other settings, which a resumed run "
+                          f"cannot change: {'; '.join(differing)}. Resume with the checkpoint's values, or start "
+                          f"a new run from its weights (model.init_from={folder}); on resume only "
+                          f"{', '.join(k.split('.', 1)[1] for k in CHANGEABLE_ON_RESUME)} of the stage may change")
+
+
 def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """trainer_state.pt, read as tensors and plain values only (weights_only): unpickling anything else
+    would run code a crafted checkpoint chose, so such a file is refused."""
     path = folder / TRAINER_STATE
     if not path.is_file():
         raise ConfigError("stage.resume_from", f"{folder} is not a checkpoint of this project (no {TRAINER_STATE})")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError("stage.resume_from", f"{path} holds objects other than tensors and plain values, so it "
+                          f"was not loaded (it could run code): not a checkpoint this project wrote ({first})") from None

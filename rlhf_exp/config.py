@@ -142,6 +142,7 @@ def resolved(cfg: DictConfig) -> DictConfig:
 def validate(cfg: DictConfig) -> None:
     """Stop with a message naming the key before any work starts: every field's rule in the schemas
     (the stage's own and model / data / hardware), the micro batch, then the stage's cross-key checks."""
+    from rlhf_exp.factory import check_targets
     from rlhf_exp.schema import GROUP_SCHEMAS, RootConfig, rules, unknown_keys
     from rlhf_exp.stages import stage_spec
     from rlhf_exp.stages.spec import micro_batch
@@ -168,6 +169,7 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(key, f"{rule.must} (got {value!r})")
+    check_targets(cfg, cfg.allowed_targets)
     check_init_from(cfg.model)
     if cfg.hardware.get("load_in_4bit") and not cfg.hardware.lora.enabled:
         raise ConfigError("hardware.load_in_4bit", "4-bit weights are frozen: set hardware.lora.enabled=true (QLoRA)")

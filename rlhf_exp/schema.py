@@ -193,6 +193,8 @@ class RootConfig:
 
     seed: int = key(integer())
     run_name: Optional[str] = None
+    allowed_targets: List[str] = key(Rule(lambda v: all(isinstance(p, str) and p.strip(".") == p and p for p in v),
+                                          "must be a list of module names (mypackage.rewards)"))
     plan: bool = key(Rule(lambda v: isinstance(v, bool), "must be true or false"))
 
 

@@ -118,7 +118,7 @@ def test_the_reward_model_scorer_runs_on_the_policys_device_and_precision(tmp_pa
     tokenizer.save_pretrained(folder)
     cfg = resolved(tiny_config(tmp_path, "stage=grpo", "reward=reward_model", f"reward.fn.path={folder}",
                                "hardware.precision=bf16"))
-    scorer = build(cfg.reward.fn, "reward.fn")
+    scorer = build(cfg.reward.fn, "reward.fn", cfg.allowed_targets)
     weights = next(scorer.model.parameters())
     assert weights.device.type == cfg.hardware.device and weights.dtype == torch.bfloat16
     scores = scorer(prompts=["a prompt"], completions=["a reply"])

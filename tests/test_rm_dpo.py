@@ -182,3 +182,23 @@ def test_dpo_resume_reuses_the_reference_logprobs(tmp_path):
     client, runs = mlflow_runs(tmp_path / "resumed" / "mlflow.db")
     resumed = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)]
     assert resumed == pytest.approx(full[2:], rel=1e-5)
+
+
+def test_dpo_resumed_with_more_steps_scores_the_added_pairs_under_the_starting_policy(tmp_path):
+    """Before: `KeyError: 383` at the first step past the original stage.max_steps (the precomputed
+    reference log-probs covered only the original steps)."""
+    opts = ("stage.lr=1e-3", "stage.num_samples=0", "stage.batch_size=4", "stage.eval_every=null")
+    whole = build(DPOTrainer, dpo_config(tmp_path / "whole", *opts, "stage.max_steps=4"), tmp_path)
+    expected = dict(whole.ref_train)
+    whole.close()
+    run(dpo_config(tmp_path / "short", *opts, "stage.max_steps=2"))
+    _, [short] = mlflow_runs(tmp_path / "short" / "mlflow.db")
+    resumed = build(DPOTrainer, dpo_config(tmp_path / "more", *opts, "stage.max_steps=4",
+                                           f"stage.resume_from={short.data.tags['checkpoint_dir']}"), tmp_path)
+    assert resumed.step == 2 and sorted(resumed.ref_train) == sorted(expected)
+    assert len(expected) > len(torch.load(Path(short.data.tags["checkpoint_dir"]) / "trainer_state.pt")["extra"]
+                               ["ref_train"])  # some pairs are new to the resumed run
+    for i, (chosen, rejected) in expected.items():  # the starting policy's, not the moved policy's
+        assert resumed.ref_train[i] == pytest.approx((chosen, rejected), rel=1e-5, abs=1e-5)
+    for _ in range(2):
+        assert math.isfinite(resumed.train_step()["train/loss"])

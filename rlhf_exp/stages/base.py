@@ -24,11 +24,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from rlhf_exp import checkpoint, distributed
+from rlhf_exp import checkpoint, distributed, stopping
 from rlhf_exp.data.batching import BatchStream, chunks, length_order
 from rlhf_exp.engine import Engine
 from rlhf_exp.errors import NonFiniteError
 from rlhf_exp.memory import PeakMemory
+from rlhf_exp.redact import redact
 from rlhf_exp.models.loading import disable_dropout, upcast_trainable
 from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
 from rlhf_exp.rollout import sample
@@ -218,10 +219,11 @@ class Trainer:
         max_steps, eval_every = self.stage.max_steps, self.stage.eval_every
         if self.step == 0:
             self.log(self.evaluate())  # step-0 figures: the gain is visible against them
-        evaluated_at = self.step
+        evaluated_at = started_at = self.step
         with tqdm(total=max_steps, initial=self.step, desc=f"{self.stage.name}", unit="step",
                   dynamic_ncols=True) as bar:
             while self.step < max_steps:
+                self.stop_if_signalled(started_at)
                 metrics = self.checked(self.train_step)
                 self.step += 1
                 self.log(metrics)
@@ -248,6 +250,18 @@ class Trainer:
         if distributed.is_main():
             self.log_curves()
         return dict(self.last_metrics)
+
+    def stop_if_signalled(self, started_at: int) -> None:
+        """After SIGTERM / SIGINT (any rank's): checkpoint here, at a step boundary, and raise RunStopped."""
+        signum = stopping.received()
+        if self.world_size > 1:
+            signum = next((s for s in distributed.gather_objects(signum) if s), None)
+        if signum is None:
+            return
+        folder = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        if self.step > started_at and self.last_checkpoint != folder:
+            self.save_checkpoint(folder)
+        raise stopping.RunStopped(signum, self.step, self.last_checkpoint or self.stage.get("resume_from"))
 
     def checked(self, train_step) -> dict[str, float]:
         """One training step under stage.on_nonfinite: a non-finite gradient norm (the engine, before the
@@ -324,7 +338,7 @@ class Trainer:
             "rng": rng_state(),
             "random": self.random.state_dict(),
             "history": dict(self.history),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": redact(OmegaConf.to_container(self.cfg, resolve=True)),
             "extra": self.extra_state(),
         }
 

@@ -81,13 +81,20 @@ class DPOTrainer(Trainer):
         return self.score_in_length_order(model, pairs, pair_length,
                                           lambda chunk: torch.stack(self.pair_logps(model, chunk)[:2], dim=-1), desc)
 
-    def _precompute_reference(self, model) -> None:
-        """Reference log-probs of the pairs training will visit (the stream is deterministic)."""
+    def planned_visits(self) -> list[int]:
+        """Training pairs the run's stage.max_steps will visit (the stream is deterministic)."""
         planned = BatchStream(len(self.train_set), self.cfg.seed)
-        visit = sorted(set(planned.take(self.stage.max_steps * self.stage.batch_size)))
-        scores = self._score(model, [self.train_set[i] for i in visit], "reference log-probs (train)")
-        self.ref_train = {i: (float(c), float(r)) for i, (c, r) in zip(visit, scores)}
-        self.ref_val = self._score(model, self.val_set, "reference log-probs (held-out)")
+        return sorted(set(planned.take(self.stage.max_steps * self.stage.batch_size)))
+
+    def _precompute_reference(self, model, visit: list[int] | None = None, desc: str = "train") -> None:
+        """Reference log-probs of the pairs training will visit (`visit`: only those; the held-out ones
+        too when scoring all of them)."""
+        whole = visit is None
+        visit = self.planned_visits() if whole else visit
+        scores = self._score(model, [self.train_set[i] for i in visit], f"reference log-probs ({desc})")
+        self.ref_train.update({i: (float(c), float(r)) for i, (c, r) in zip(visit, scores)})
+        if whole:
+            self.ref_val = self._score(model, self.val_set, "reference log-probs (held-out)")
 
     def reference_logps(self, indices: list[int], pairs) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is not None:
@@ -101,8 +108,14 @@ class DPOTrainer(Trainer):
         return {"ref_train": self.ref_train, "ref_val": self.ref_val}
 
     def load_extra_state(self, state: dict) -> None:
-        if self.stage.precompute_ref_logps:
-            self.ref_train, self.ref_val = state["ref_train"], state["ref_val"]
+        if not self.stage.precompute_ref_logps:
+            return
+        self.ref_train, self.ref_val = dict(state["ref_train"]), state["ref_val"]
+        added = [i for i in self.planned_visits() if i not in self.ref_train]
+        if added:  # resumed with a larger stage.max_steps: score the new pairs under the starting policy
+            reference = self.frozen_reference(self.model)
+            self._precompute_reference(reference, added, f"{len(added)} pairs of the added steps")
+            del reference
 
     # ------------------------------------------------------------------ training
     def _losses(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, lengths: torch.Tensor):

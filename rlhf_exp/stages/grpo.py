@@ -126,4 +126,5 @@ def memory(cfg: DictConfig):
 
 STAGE = StageSpec(name="grpo", config=GRPOConfig, trainer=GRPOTrainer, micro_batch="grpo", memory=memory,
                   batch_key="minibatch_size", parallel=REPLICATED_WEIGHTS, checks=checks,
-                  parallel_note="samples with the whole model on every rank")
+                  parallel_note="samples with the whole model on every rank",
+                  resume_fixed=("stage", "model", "data", "seed", "reward"))

@@ -53,7 +53,7 @@ class OnlineRLTrainer(Trainer):
         self.prepare_data("sft")
         policy = self.load_policy()
         self.reference = self.frozen_reference(policy)  # LoRA: the policy with adapters disabled
-        self.reward_fn = build(self.cfg.reward.fn, "reward.fn")
+        self.reward_fn = build(self.cfg.reward.fn, "reward.fn", self.cfg.allowed_targets)
         return policy
 
     @property

@@ -253,4 +253,5 @@ def memory(cfg: DictConfig):
 
 
 STAGE = StageSpec(name="ppo", config=PPOConfig, trainer=PPOTrainer, micro_batch="ppo", memory=memory,
-                  batch_key="minibatch_size", checks=checks)
+                  batch_key="minibatch_size", checks=checks,
+                  resume_fixed=("stage", "model", "data", "seed", "reward"))

@@ -68,6 +68,8 @@ class StageSpec:
     parallel_note: str = ""        # why the others are refused
     disable_dropout: bool = True   # the default of model.disable_dropout
     checks: Callable[[DictConfig], None] = no_checks  # cross-key checks, before any work (ConfigError naming the key)
+    # config groups (and `seed`) a resumed run must keep: they define what it trains on and how
+    resume_fixed: tuple[str, ...] = ("stage", "model", "data", "seed")
 
 
 def micro_batch(cfg: DictConfig, key: str) -> int:

@@ -151,6 +151,18 @@ class MlflowTracker(Tracker):
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
 
+    def close_abandoned(self, run_id: str, note: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return False
+        except MlflowException:  # deleted, or another tracking database
+            return False
+        self.client.set_tag(run_id, "killed_note", note)
+        self.client.set_terminated(run_id, status="KILLED")
+        return True
+
     def finish(self, status: str) -> None:
         if self.run_id is None:
             return

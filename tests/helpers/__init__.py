@@ -45,7 +45,7 @@ def varied_reward(prompts, completions, completion_ids, **_):
     return [(sum(ids) % 7) / 7.0 for ids in completion_ids]
 
 
-VARIED = ["reward.fn._target_=helpers.varied_reward", "~reward.fn.target_tokens", "reward.missing_eos_score=null"]
+VARIED = ["reward.fn._target_=helpers.varied_reward", "allowed_targets=[helpers]", "~reward.fn.target_tokens", "reward.missing_eos_score=null"]
 PPO = ["stage=ppo", "stage.batch_size=4", "stage.minibatch_size=2", "stage.ppo_epochs=2",
        "stage.generation.max_new_tokens=6", "stage.eval_examples=4", "stage.num_samples=1",
        "data.max_prompt_tokens=48", "hardware.micro_batch_size.ppo=2", "stage.lr=1e-3", *VARIED]

@@ -1,0 +1,120 @@
+"""Nobody else's code runs (issue 11.6): crafted checkpoints and config targets are refused."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from helpers import GRPO, TINY, run_cli, tracked_env
+
+
+class _RunsCode:
+    """Unpickling this runs os.system: what a crafted file carries."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_trainer_state_would_run_code_is_refused_unrun(tmp_path):
+    """Before: trainer_state.pt was read with torch.load(weights_only=False), so resuming ran its code."""
+    from rlhf_exp.checkpoint import TRAINER_STATE, load_trainer_state
+    from rlhf_exp.errors import ConfigError
+
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 3, "engine": _RunsCode(marker)}, tmp_path / TRAINER_STATE)
+    with pytest.raises(ConfigError, match="stage.resume_from.*objects other than tensors"):
+        load_trainer_state(tmp_path)
+    assert not marker.exists()
+
+
+def test_the_trainer_state_this_project_writes_loads_with_weights_only(tmp_path):
+    """Every stream a resume restores (numpy's too) is kept as tensors and plain values."""
+    import random
+
+    import numpy as np
+
+    from rlhf_exp.runtime import rng_state, set_rng_state
+
+    torch.save({"rng": rng_state()}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_config_target_outside_the_allowed_modules_is_refused_before_anything_runs(tmp_path):
+    """Before: reward.fn._target_=torch.load with a pickle ran its code through the CLI (Hydra's own
+    blocklist stops os.system and builtins.eval, not this)."""
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "reward.pkl"
+    crafted.write_bytes(pickle.dumps(_RunsCode(marker)))
+    done = run_cli(*TINY, *GRPO, "reward.fn._target_=torch.load", "~reward.fn.target_tokens",
+                   f"+reward.fn.f={crafted}", "+reward.fn.weights_only=false", env=tracked_env(tmp_path))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "config key `reward.fn._target_`: 'torch.load' is outside the modules" in done.stderr
+    assert "allowed_targets=[torch]" in done.stderr  # how to allow it on purpose
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()
+    assert shutil.which("touch")  # (the marker would have been written had the pickle been loaded)
+
+
+def test_allowed_targets_lets_a_named_module_run_and_only_it():
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.factory import check_targets
+
+    cfg = {"reward": {"fn": {"_target_": "mypackage.rewards.score"}}, "x": [{"_target_": "rlhf_exp.rewards.f"}]}
+    check_targets(cfg, ["mypackage.rewards"])
+    with pytest.raises(ConfigError, match="reward.fn._target_"):
+        check_targets(cfg, ["mypackage.rew"])  # a prefix is a whole module path, not any string start
+    with pytest.raises(ConfigError, match=r"x\[0\]._target_"):
+        check_targets({"x": [{"_target_": "os.system"}]}, [])
+
+
+def test_secrets_in_config_values_are_written_nowhere(tmp_path):
+    """Before: +model.hub_token=... (or ${oc.env:HF_TOKEN}) was stored verbatim in MLflow params, the config
+    artifact, trainer_state.pt and .hydra/. Every file the run leaves (the SQLite database included) is read."""
+    api_key = "sk-" + "a1B2" * 10
+    env_token = "hf_" + "Zx9Q" * 9
+    password = "pa55-w0rd-x"
+    unused_env = "hf_" + "Un5e" * 9  # in the environment, named by nothing: must stay out as before
+    done = run_cli("-m", *TINY, "stage.max_steps=1", "stage.num_samples=0",
+                   f"+reward.fn.api_key={api_key}", "+reward.fn.note=${oc.env:JUDGE_TOKEN}",
+                   f"+reward.fn.endpoint=https://user:{password}@judge.example/v1",
+                   env={**tracked_env(tmp_path), "RLHF_EXP_MULTIRUNS_DIR": str(tmp_path / "multi"),
+                        "JUDGE_TOKEN": env_token, "HF_TOKEN": unused_env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    written = {p.relative_to(tmp_path).as_posix() for p in files}
+    assert any(name.endswith(".hydra/overrides.yaml") for name in written)
+    assert any(name.endswith("multirun.yaml") for name in written)
+    assert any(name.endswith("trainer_state.pt") for name in written)
+    assert any("mlartifacts" in name and name.endswith("config.yaml") for name in written)
+    for path in files:
+        content = path.read_bytes()
+        for secret in (api_key, env_token, password, unused_env):
+            assert secret.encode() not in content, f"{secret} written to {path}"
+    from helpers import mlflow_runs
+
+    _, [run] = mlflow_runs(tmp_path / "m.db")
+    assert run.data.params["reward.fn.api_key"] == "***redacted***"
+    assert run.data.params["reward.fn.endpoint"] == "https://user:***redacted***@judge.example/v1"
+    assert run.data.params["stage.max_steps"] == "1"  # the rest as it was
+
+
+def test_compose_publishes_the_unauthenticated_mlflow_server_on_loopback_only():
+    """Before: ports ["5000:5000"] published it on every host interface, without authentication."""
+    import yaml
+
+    from helpers import ROOT
+
+    services = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
+    published = [(name, port) for name, service in services.items() for port in service.get("ports", [])]
+    assert published, "the UI is reachable from the host"
+    for name, port in published:
+        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond the host's loopback"
