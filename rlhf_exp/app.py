@@ -185,7 +185,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason}
     trainer, status = None, "FAILED"
-    tracker.start(run_name, flatten(written), tags)
+    tracker.start(run_name, flatten(written), tags, run_dir=run_dir)
     try:
         record_run(tracker, run_dir, cfg)
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")

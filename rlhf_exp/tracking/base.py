@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -9,8 +10,8 @@ class Tracker:
     run_id: str | None = None
     uri: str | None = None  # where the runs are (a tracking URI)
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
-        pass
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], run_dir: Path | None = None) -> None:
+        """Create the run; with `run_dir`, later calls are kept in its outbox until the tracker has them."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass

@@ -7,19 +7,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from filelock import FileLock
 from omegaconf import DictConfig
 
 from rlhf_exp.errors import UserInputError
 from rlhf_exp.tracking.base import Tracker
+from rlhf_exp.tracking.outbox import OUTBOX, Outbox, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +102,57 @@ def ready_client(uri: str):
     return client
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking server must answer a connection within seconds (MLflow's own retries take
+    minutes before they fail): else one line naming it, exit 2."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as error:
+        raise UserInputError(f"tracking server {uri} is not reachable ({error.strerror or error}): start it "
+                             f"(mlflow server --host 127.0.0.1 --port {port}), point MLFLOW_TRACKING_URI "
+                             "elsewhere, or run with tracking=none") from None
+
+
+def send_record(client, run_id: str, record: dict[str, Any]) -> None:
+    """One outbox record (rlhf_exp.tracking.outbox) to MLflow."""
+    from mlflow.entities import Metric, RunTag
+
+    kind = record["kind"]
+    if kind == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, float(v), record["time"], record["step"])
+                                          for k, v in record["values"].items()])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()])
+    elif kind == "artifact":
+        client.log_artifact(run_id, record["path"], record.get("artifact_path"))
+    elif kind == "text":
+        client.log_text(run_id, record["text"], record["artifact_file"])
+    elif kind == "table":
+        client.log_table(run_id, data=record["data"], artifact_file=record["artifact_file"])
+    elif kind == "finish":
+        client.set_terminated(run_id, status=record["status"], end_time=record["time"])
+    else:
+        raise ValueError(f"unknown tracking record {kind!r}")
+
+
 class MlflowTracker(Tracker):
     def __init__(self, tracking: DictConfig, root_dir: str):
         self.uri = tracking_uri(tracking, root_dir)
+        check_reachable(self.uri)
+        # one try per call, short: the outbox retries, and training never waits minutes on a dead server
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(tracking.get("request_timeout_s") or 10)))
         self.client = ready_client(self.uri)
         self.experiment_name = tracking.experiment_name
         self.artifact_location = artifact_location(tracking, self.uri)
+        self.flush_timeout_s = float(tracking.get("flush_timeout_s") or 0)
         self.run_id = None
+        self.outbox: Outbox | None = None
+        self.run_dir: Path | None = None
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment_name)
@@ -115,7 +163,7 @@ class MlflowTracker(Tracker):
         except Exception:  # created meanwhile by a parallel job
             return self.client.get_experiment_by_name(self.experiment_name).experiment_id
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], run_dir: Path | None = None) -> None:
         from mlflow.entities import Param
 
         run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
@@ -123,33 +171,52 @@ class MlflowTracker(Tracker):
         items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(params.items())]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
+        if run_dir is not None:  # from here on, calls go through the run folder's outbox
+            self.run_dir = Path(run_dir)
+            self.outbox = Outbox(self.run_dir / OUTBOX, self._send)
         log.info("MLflow run %s in %s (experiment %r)", self.run_id, self.uri, self.experiment_name)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+    def _send(self, record: dict[str, Any]) -> None:
+        send_record(self.client, self.run_id, record)
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.outbox is not None:
+            self.outbox.put(record)
+        else:
+            self._send(record)
+
+    def _keep(self, name: str) -> Path:
+        """A file for content the outbox sends later; a temporary folder without a run folder."""
+        if self.outbox is not None:
+            return self.outbox.file_for(name)
+        folder = Path(tempfile.mkdtemp(prefix="rlhf_exp-artifact-"))
+        return folder / name
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        if values:
+            self._emit({"kind": "metrics", "step": int(step), "time": now_ms(), "values": values})
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, local_path, artifact_path)
+        self._emit({"kind": "artifact", "path": str(Path(local_path).resolve()), "artifact_path": artifact_path})
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        path = self._keep(Path(artifact_file).name)
+        figure.savefig(path)
+        self._emit({"kind": "artifact", "path": str(path), "artifact_path": str(Path(artifact_file).parent)
+                    if Path(artifact_file).parent != Path(".") else None})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._emit({"kind": "text", "text": text, "artifact_file": artifact_file})
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         if rows:
             columns = {key: [row.get(key) for row in rows] for key in rows[0]}
-            self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+            self._emit({"kind": "table", "data": columns, "artifact_file": artifact_file})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        if tags:
+            self._emit({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def close_abandoned(self, run_id: str, note: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -167,6 +234,15 @@ class MlflowTracker(Tracker):
         if self.run_id is None:
             return
         try:
-            self.client.set_terminated(self.run_id, status=status)
+            self._emit({"kind": "finish", "status": status, "time": now_ms()})
         except Exception:  # never mask the error that ended the run
             log.exception("could not close MLflow run %s as %s", self.run_id, status)
+        if self.outbox is None:
+            return
+        left = self.outbox.close(self.flush_timeout_s)
+        if left:
+            message = (f"tracking: {left} records of run {self.run_id} are not in MLflow yet ({self.uri} did not take "
+                       f"them within tracking.flush_timeout_s={self.flush_timeout_s:g}); they are kept in "
+                       f"{self.outbox.folder}. Send them with: python -m rlhf_exp.sync {self.run_dir}")
+            log.warning("%s", message)
+            print(message, file=sys.stderr)

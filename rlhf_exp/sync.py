@@ -1,0 +1,58 @@
+"""`python -m rlhf_exp.sync <run folder> [...]`: send what a run's tracking outbox still holds.
+
+A run whose tracking server was down when it ended (or that was killed) keeps its unsent metrics,
+tags, artifacts and final status in `<run folder>/tracking_outbox/`; this sends them, in order, to
+the run recorded in `<run folder>/tracking.json`, and can be run again until nothing is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rlhf_exp.errors import ReportedError, UserInputError
+
+
+def sync(run_dir: Path) -> tuple[int, int]:
+    """Send the outbox of `run_dir`; returns (records sent, metric values sent)."""
+    from rlhf_exp.app import RUN_RECORD
+    from rlhf_exp.tracking.mlflow_tracker import check_reachable, ready_client, send_record
+    from rlhf_exp.tracking.outbox import OUTBOX, pending, read_sent
+
+    record_file = run_dir / RUN_RECORD
+    if not record_file.is_file():
+        raise UserInputError(f"{run_dir} is not a tracked run folder (no {RUN_RECORD})")
+    record = json.loads(record_file.read_text())
+    folder = run_dir / OUTBOX
+    todo = pending(folder)
+    if not todo:
+        return 0, 0
+    check_reachable(record["tracking_uri"])
+    client = ready_client(record["tracking_uri"])
+    sent, values = read_sent(folder), 0
+    for item in todo:
+        send_record(client, record["run_id"], item)
+        sent += 1
+        (folder / "sent").write_text(str(sent))
+        values += len(item.get("values", {}))
+    return len(todo), values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_exp.sync", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (runs/<stage>/<time>_<id>)")
+    args = parser.parse_args(argv)
+    try:
+        for run_dir in args.run_dirs:
+            records, values = sync(run_dir)
+            print(f"{run_dir}: sent {records} records ({values} metric values); nothing left")
+    except ReportedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
