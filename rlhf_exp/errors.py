@@ -1,6 +1,7 @@
 """Errors reported as one clear line instead of a traceback: wrong input, or a machine that ran out of room."""
 
 import errno
+import re
 
 
 class ReportedError(Exception):
@@ -22,8 +23,10 @@ class ConfigError(UserInputError):
 class DataError(UserInputError):
     """A data file is missing or malformed. The message names the file and, where known, the line."""
 
-    def __init__(self, path, problem: str, line: int | None = None):
+    def __init__(self, path, problem: str, line: int | None = None, reason: str | None = None):
         self.path, self.line = str(path), line
+        # a short category for the counts of data.on_bad_row=skip ("invalid JSON", "missing field", ...)
+        self.reason = reason or re.split(r" \(|:|;", problem, maxsplit=1)[0].strip()[:48]
         where = f"{path}, line {line}" if line is not None else f"{path}"
         super().__init__(f"{where}: {problem}")
 

@@ -152,6 +152,7 @@ class DataConfig:
     subsets: Optional[List[str]] = None
     fields: Optional[Dict[str, str]] = None
     hub: Optional[Dict[str, Any]] = None
+    on_bad_row: str = key(one_of(("error", "skip")), default="error")
 
 
 @dataclass

@@ -3,6 +3,8 @@ honest splits, tokenizing and padding. Knows nothing of stages or tracking."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from omegaconf import DictConfig
 
 from rlhf_exp.data.formats import PreferenceExample, SFTExample, get_format
@@ -20,14 +22,24 @@ def _split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
     return train, val
 
 
-def load_sft_splits(data_cfg: DictConfig, tokenizer, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
-    """(train, val) prompt/completion examples, split by prompt with `seed`."""
-    return _split(get_format(data_cfg, tokenizer).sft_examples(), data_cfg, seed, "SFT")
+def load_sft_splits(data_cfg: DictConfig, tokenizer, seed: int,
+                    skipped: Counter | None = None) -> tuple[list[SFTExample], list[SFTExample]]:
+    """(train, val) prompt/completion examples, split by prompt with `seed`; `skipped` gets the bad
+    rows dropped under data.on_bad_row=skip, by reason."""
+    data = get_format(data_cfg, tokenizer)
+    examples = data.sft_examples()
+    if skipped is not None:
+        skipped.update(data.skipped)
+    return _split(examples, data_cfg, seed, "SFT")
 
 
-def load_preference_splits(data_cfg: DictConfig, tokenizer, seed: int):
-    """(train, val) prompt/chosen/rejected pairs, split by prompt with `seed`."""
-    return _split(get_format(data_cfg, tokenizer).preference_examples(), data_cfg, seed, "preference")
+def load_preference_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None):
+    """(train, val) prompt/chosen/rejected pairs, split by prompt with `seed` (`skipped`: as above)."""
+    data = get_format(data_cfg, tokenizer)
+    examples = data.preference_examples()
+    if skipped is not None:
+        skipped.update(data.skipped)
+    return _split(examples, data_cfg, seed, "preference")
 
 
 __all__ = ["SFTExample", "PreferenceExample", "load_sft_splits", "load_preference_splits"]

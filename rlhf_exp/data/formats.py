@@ -7,15 +7,20 @@ Responses exclude the EOS token, which the tokenizer step appends as an id.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from omegaconf import DictConfig
 
 from rlhf_exp.data.tokens import bos_prefix
 from rlhf_exp.data.sources import Record, read_csv, read_hub, read_json_or_jsonl, read_jsonl, vendored
 from rlhf_exp.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,25 @@ class DataFormat:
 
     def __init__(self, cfg: DictConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.skipped: Counter[str] = Counter()  # bad rows dropped under data.on_bad_row=skip, by reason
+
+    def bad(self, error: DataError) -> None:
+        """A bad row: stop naming file and line (data.on_bad_row=error), or count it and go on (skip)."""
+        if self.cfg.get("on_bad_row", "error") != "skip":
+            raise error
+        if not self.skipped:
+            log.warning("skipping bad rows (data.on_bad_row=skip), the first: %s", error)
+        self.skipped[error.reason] += 1
+
+    def collect(self, records: Iterable[Record], make: Callable[[Record], T]) -> list[T]:
+        """`make(record)` for each record; a DataError it raises is a bad row (see `bad`)."""
+        out = []
+        for rec in records:
+            try:
+                out.append(make(rec))
+            except DataError as error:
+                self.bad(error)
+        return out
 
     def sft_examples(self) -> list[SFTExample]:
         raise ConfigError("data", f"data={self.cfg.name} has no SFT examples")
@@ -215,11 +239,11 @@ class HhRlhfFormat(DataFormat):
                 path = vendored(f"hh-rlhf/{subset}.test.jsonl.gz")
                 if not path.is_file():
                     raise ConfigError("data.subsets", f"unknown subset {subset!r} (no {path.name})")
-                yield from read_jsonl(path)
+                yield from read_jsonl(path, self.bad)
         elif self.cfg.source == "hub":
             yield from read_hub(self._hub_spec("preference"), "data.hub.preference")
         elif self.cfg.source == "file":
-            yield from read_jsonl(self._file())
+            yield from read_jsonl(self._file(), self.bad)
         else:
             raise ConfigError("data.source", f"unknown source {self.cfg.source!r}")
 
@@ -238,6 +262,26 @@ class HhRlhfFormat(DataFormat):
         return [SFTExample(p.prompt, p.chosen, p.origin) for p in self.preference_examples()]
 
 
+# --------------------------------------------------------------------------- checks of user-written rows
+
+
+def checked_sft(example: SFTExample, rec: Record) -> SFTExample:
+    if not example.completion.strip():
+        raise DataError(rec.path, "empty completion (nothing to learn)", rec.line, reason="empty response")
+    return example
+
+
+def checked_pair(pair: PreferenceExample, rec: Record) -> PreferenceExample:
+    """A pair that teaches a preference: two non-empty responses that differ."""
+    if not pair.chosen.strip() or not pair.rejected.strip():
+        which = "chosen" if not pair.chosen.strip() else "rejected"
+        raise DataError(rec.path, f"empty {which} response", rec.line, reason="empty response")
+    if pair.chosen == pair.rejected:
+        raise DataError(rec.path, "chosen and rejected are identical (no preference to learn)", rec.line,
+                        reason="chosen == rejected")
+    return pair
+
+
 # --------------------------------------------------------------------------- JSON lines
 
 
@@ -245,7 +289,7 @@ class JsonlFormat(DataFormat):
     DEFAULT_FILE = "examples/hh_pairs_sample.jsonl"
 
     def _records(self) -> Iterator[Record]:
-        return read_jsonl(self.cfg.get("path") or vendored(self.DEFAULT_FILE))
+        return read_jsonl(self.cfg.get("path") or vendored(self.DEFAULT_FILE), self.bad)
 
     def _field(self, rec: Record, name: str) -> str:
         field = self.cfg.fields[name]
@@ -255,11 +299,12 @@ class JsonlFormat(DataFormat):
         return value
 
     def sft_examples(self) -> list[SFTExample]:
-        return [SFTExample(self._field(r, "prompt"), self._field(r, "completion"), r.origin) for r in self._records()]
+        return self.collect(self._records(), lambda r: checked_sft(
+            SFTExample(self._field(r, "prompt"), self._field(r, "completion"), r.origin), r))
 
     def preference_examples(self) -> list[PreferenceExample]:
-        return [PreferenceExample(self._field(r, "prompt"), self._field(r, "chosen"), self._field(r, "rejected"),
-                                  r.origin) for r in self._records()]
+        return self.collect(self._records(), lambda r: checked_pair(
+            PreferenceExample(self._field(r, "prompt"), self._field(r, "chosen"), self._field(r, "rejected"), r.origin), r))
 
 
 # --------------------------------------------------------------------------- ShareGPT / messages
@@ -282,11 +327,11 @@ class ShareGptFormat(DataFormat):
 
     def _records(self) -> Iterator[Record]:
         if self.cfg.source == "vendored":
-            return read_json_or_jsonl(vendored("sharegpt-demo/dpo_en_demo.json.gz"))
+            return read_json_or_jsonl(vendored("sharegpt-demo/dpo_en_demo.json.gz"), self.bad)
         if self.cfg.source == "hub":
             return read_hub(self._hub_spec("preference"), "data.hub.preference")
         if self.cfg.source == "file":
-            return read_json_or_jsonl(self._file())
+            return read_json_or_jsonl(self._file(), self.bad)
         raise ConfigError("data.source", f"unknown source {self.cfg.source!r}")
 
     def _conversation(self, rec: Record) -> list[dict]:
@@ -298,27 +343,28 @@ class ShareGptFormat(DataFormat):
     def _prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def _sft_example(self, rec: Record) -> SFTExample:
+        messages = self._conversation(rec)
+        if "chosen" in rec.data:
+            reply = to_message(rec.data["chosen"], rec)["content"]
+        elif messages[-1]["role"] == "assistant":
+            messages, reply = messages[:-1], messages[-1]["content"]
+        else:
+            raise DataError(rec.path, "no assistant reply: the last turn is not the assistant's and there is no "
+                            "'chosen'", rec.line, reason="no assistant reply")
+        return checked_sft(SFTExample(self._prompt(messages), reply, rec.origin), rec)
+
+    def _pair(self, rec: Record) -> PreferenceExample:
+        prompt = self._prompt(self._conversation(rec))
+        chosen = to_message(rec.get("chosen"), rec)["content"]
+        rejected = to_message(rec.get("rejected"), rec)["content"]
+        return checked_pair(PreferenceExample(prompt, chosen, rejected, rec.origin), rec)
+
     def sft_examples(self) -> list[SFTExample]:
-        out = []
-        for rec in self._records():
-            messages = self._conversation(rec)
-            if "chosen" in rec.data:
-                reply = to_message(rec.data["chosen"], rec)["content"]
-            elif messages[-1]["role"] == "assistant":
-                messages, reply = messages[:-1], messages[-1]["content"]
-            else:
-                raise DataError(rec.path, "no assistant reply: the last turn is not the assistant's and there is no 'chosen'", rec.line)
-            out.append(SFTExample(self._prompt(messages), reply, rec.origin))
-        return out
+        return self.collect(self._records(), self._sft_example)
 
     def preference_examples(self) -> list[PreferenceExample]:
-        out = []
-        for rec in self._records():
-            prompt = self._prompt(self._conversation(rec))
-            chosen = to_message(rec.get("chosen"), rec)["content"]
-            rejected = to_message(rec.get("rejected"), rec)["content"]
-            out.append(PreferenceExample(prompt, chosen, rejected, rec.origin))
-        return out
+        return self.collect(self._records(), self._pair)
 
 
 FORMATS: dict[str, type[DataFormat]] = {

@@ -15,7 +15,8 @@ import copy
 import gc
 import logging
 import math
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -186,7 +187,9 @@ class Trainer:
         self.stop_token_ids = stop_token_ids(self.tokenizer, FORMATS[data.format].chat)
         load, tokenize = {"sft": (load_sft_splits, tokenize_sft),
                           "preference": (load_preference_splits, tokenize_pair)}[kind]
-        train, val = load(data, self.tokenizer, self.cfg.seed)
+        skipped: Counter[str] = Counter()
+        train, val = load(data, self.tokenizer, self.cfg.seed, skipped)
+        self.report_skipped(skipped)
         if self.stage.get("eval_examples"):
             val = val[: self.stage.eval_examples]
         tok = partial(tokenize, tokenizer=self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
@@ -197,6 +200,16 @@ class Trainer:
         self.batches = BatchStream(len(self.train_set), self.cfg.seed)
         self.tracker.set_tags({"data.num_train": len(self.train_set), "data.num_eval": len(self.val_set)})
         self.memory.start()  # what the models and training add is measured from here
+
+    def report_skipped(self, skipped: Counter) -> None:
+        """Bad rows dropped under data.on_bad_row=skip: counted per reason on the console and in MLflow."""
+        if not skipped:
+            return
+        log.warning("data.on_bad_row=skip dropped %d rows: %s", sum(skipped.values()),
+                    ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common()))
+        self.tracker.log_metrics({"data/skipped_rows": float(sum(skipped.values()))}, step=0)
+        self.tracker.set_tags({"data.skipped." + re.sub(r"\W+", "_", reason).strip("_"): n
+                               for reason, n in skipped.items()})
 
     def setup(self) -> None:
         seed_everything(self.cfg.seed)
