@@ -33,6 +33,9 @@ test: setup ## the test suite (tiny models; a few smoke tests on SmolLM2)
 test-fast: setup ## the suite without the SmolLM2 smoke tests
 	$(PY) -m pytest -q -m "not smoke" $(ARGS)
 
+soak: setup ## 50 tiny runs, 4 at a time, against an mlflow server on 127.0.0.1: counts every run, param and metric (ARGS="--jobs N --workers W")
+	$(PY) -m rlhf_exp.soak $(ARGS)
+
 ui: setup ## the MLflow UI for this project's runs, on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
 	  --default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
@@ -40,4 +43,4 @@ ui: setup ## the MLflow UI for this project's runs, on http://127.0.0.1:$(MLFLOW
 clean-runs: ## delete local run folders (keeps mlflow.db)
 	rm -rf runs multiruns
 
-.PHONY: help setup run test test-fast ui clean-runs
+.PHONY: help setup run test test-fast soak ui clean-runs

@@ -140,23 +140,29 @@ def resume_command(checkpoint: Path | str) -> str:
     return shlex.join(["python", "-m", "rlhf_exp", *kept, f"stage.resume_from={checkpoint}"])
 
 
-def record_run(tracker: Tracker, run_dir: Path, cfg: DictConfig) -> None:
-    """Write which tracker run this folder is (RUN_RECORD); when resuming, close the run of the folder
-    resumed from if a SIGKILL (or an OOM kill, a power cut) left it RUNNING."""
+def resumed_run(cfg: DictConfig, tracker: Tracker) -> str | None:
+    """The tracker run of the folder being resumed (<run>/checkpoints/<name> -> <run>/tracking.json), if it
+    is in this tracker."""
+    resumed = cfg.stage.get("resume_from")
+    record = Path(resumed).parent.parent / RUN_RECORD if resumed else None
+    if record is None or not record.is_file():
+        return None
+    earlier = json.loads(record.read_text())
+    return earlier["run_id"] if earlier.get("tracking_uri") == tracker.uri else None
+
+
+def record_run(tracker: Tracker, run_dir: Path, earlier: str | None) -> None:
+    """Write which tracker run this folder is (RUN_RECORD). A run resumed into a new tracker run
+    (tracking.continue_on_resume=false) closes the earlier one if a SIGKILL (an OOM kill, a power cut)
+    left it RUNNING."""
     if tracker.run_id is None:
         return
     (run_dir / RUN_RECORD).write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri}))
-    resumed = cfg.stage.get("resume_from")
-    record = Path(resumed).parent.parent / RUN_RECORD if resumed else None  # <run>/checkpoints/<name>
-    if record is None or not record.is_file():
+    if earlier is None or earlier == tracker.run_id:
         return
-    earlier = json.loads(record.read_text())
-    if earlier.get("tracking_uri") != tracker.uri or earlier["run_id"] == tracker.run_id:
-        return
-    if tracker.close_abandoned(earlier["run_id"], f"its process died without closing it (SIGKILL, an OOM kill); "
-                                                  f"marked KILLED when resumed by run {tracker.run_id}"):
-        log.warning("run %s of %s was left RUNNING by a process that died: marked KILLED",
-                    earlier["run_id"], record.parent)
+    if tracker.close_abandoned(earlier, f"its process died without closing it (SIGKILL, an OOM kill); "
+                                        f"marked KILLED when resumed by run {tracker.run_id}"):
+        log.warning("run %s was left RUNNING by a process that died: marked KILLED", earlier)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -185,9 +191,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason}
     trainer, status = None, "FAILED"
-    tracker.start(run_name, flatten(written), tags, run_dir=run_dir)
+    earlier = resumed_run(cfg, tracker)
+    continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None
+    if continued:
+        tags["resumed_from"] = str(cfg.stage.resume_from)
+    tracker.start(run_name, flatten(written), tags, run_dir=run_dir, continue_run=continued)
     try:
-        record_run(tracker, run_dir, cfg)
+        record_run(tracker, run_dir, earlier)
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
         trainer = stage_spec(cfg.stage.name).trainer(cfg=cfg, tracker=tracker, run_dir=run_dir)
         with stopping.stop_at_step_boundary():

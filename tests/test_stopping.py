@@ -65,10 +65,12 @@ def test_a_signal_checkpoints_closes_the_run_killed_and_prints_the_resume_comman
     resumed = run_cli(*[a for a in args if not a.startswith("stage.max_steps=")], f"stage.max_steps={stopped_at + 2}",
                       env=tracked_env(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    client, runs = mlflow_runs(tmp_path / "m.db")
-    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
-    steps = sorted(m.step for m in client.get_metric_history(runs[1].info.run_id, "train/loss"))
-    assert steps == [stopped_at + 1, stopped_at + 2]  # from the checkpoint, not from step 0
+    client, [continued] = mlflow_runs(tmp_path / "m.db")  # the same MLflow run goes on (issue 11.5)
+    assert continued.info.run_id == run.info.run_id and continued.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps == list(range(1, stopped_at + 3))  # its history continues at the resumed step, once each
+    assert continued.data.tags["resumed_from"] == str(checkpoint) and continued.data.tags["resume_count"] == "1"
+    assert continued.data.tags["resumed.stage.max_steps"] == str(stopped_at + 2)  # MLflow params cannot change
 
 
 def test_a_run_left_running_by_sigkill_is_marked_killed_when_its_folder_is_resumed(tmp_path):
@@ -79,7 +81,9 @@ def test_a_run_left_running_by_sigkill_is_marked_killed_when_its_folder_is_resum
     _, [run] = mlflow_runs(tmp_path / "m.db")
     assert run.info.status == "RUNNING"
 
-    resumed = run_cli(*LONG, "stage.max_steps=3", f"stage.resume_from={checkpoint}", env=tracked_env(tmp_path))
+    # into a new MLflow run (a continued run would simply go on RUNNING -> FINISHED, see above)
+    resumed = run_cli(*LONG, "stage.max_steps=3", f"stage.resume_from={checkpoint}", "tracking.continue_on_resume=false",
+                      env=tracked_env(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path / "m.db")
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]

@@ -163,18 +163,46 @@ class MlflowTracker(Tracker):
         except Exception:  # created meanwhile by a parallel job
             return self.client.get_experiment_by_name(self.experiment_name).experiment_id
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], run_dir: Path | None = None) -> None:
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], run_dir: Path | None = None,
+              continue_run: str | None = None) -> None:
         from mlflow.entities import Param
 
-        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(params.items())]
+        values = {k: str(v)[:_MAX_PARAM_CHARS] for k, v in params.items()}
+        logged = self._continue(continue_run, values, tags) if continue_run is not None else None
+        if logged is not None:
+            values = {k: v for k, v in values.items() if k not in logged}
+        else:
+            self.run_id = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags).info.run_id
+        items = [Param(k, v) for k, v in sorted(values.items())]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
         if run_dir is not None:  # from here on, calls go through the run folder's outbox
             self.run_dir = Path(run_dir)
             self.outbox = Outbox(self.run_dir / OUTBOX, self._send)
         log.info("MLflow run %s in %s (experiment %r)", self.run_id, self.uri, self.experiment_name)
+
+    def _continue(self, run_id: str, params: dict[str, str], tags: dict[str, str]) -> dict[str, str] | None:
+        """Reopen run `run_id` for a resumed run: its history goes on at the resumed step. Params MLflow
+        cannot change (stage.max_steps, stage.resume_from) are kept as `resumed.<key>` tags. Returns the
+        params it has (None: it is gone, start a new run)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:  # deleted meanwhile: a new run
+            return None
+        self.run_id = run_id
+        changed = {f"resumed.{k}": v for k, v in params.items() if k in run.data.params and run.data.params[k] != v}
+        count = int(run.data.tags.get("resume_count", "0")) + 1
+        extra = {"resume_count": str(count)}
+        if run.info.status == "RUNNING":  # nobody closed it: its process was SIGKILLed (or OOM-killed)
+            extra["killed_note"] = ("its process died without closing it (SIGKILL, an OOM kill); continued by "
+                                    f"resume {count} from {tags.get('resumed_from')}")
+        self.client.update_run(run_id, status="RUNNING")
+        for key, value in {**tags, **changed, **extra}.items():
+            self.client.set_tag(run_id, key, str(value))
+        log.info("continuing MLflow run %s (resume %d)", run_id, count)
+        return dict(run.data.params)
 
     def _send(self, record: dict[str, Any]) -> None:
         send_record(self.client, self.run_id, record)

@@ -1,0 +1,166 @@
+"""`python -m rlhf_exp.soak --jobs 50 --workers 4`: many tiny runs at once against one tracker; count everything.
+
+Starts an `mlflow server` on 127.0.0.1 (or uses `--tracking-uri`, e.g. a fresh `sqlite:///...` file),
+runs `--jobs` tiny SFT runs (seeds 0..N-1) with `--workers` in parallel, then counts, run by run,
+what reached the tracker against what each run wrote: its params (the run folder's config.yaml),
+and every metric value (the run folder's tracking outbox). Any job that failed, any run missing or
+not FINISHED, any param or metric value missing is reported, and the exit code is 1. `make soak`
+runs the 50-job version; tests/test_soak.py a 6-job one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+# a run of seconds with every part of a real one (eval, samples, checkpoint, plots)
+TINY_JOB = ["model=tiny", "hardware=cpu", "hardware.precision=fp32", "hardware.num_threads=1", "stage.max_steps=3",
+            "stage.batch_size=4", "hardware.micro_batch_size.sft=2", "stage.eval_examples=8", "stage.num_samples=1",
+            "stage.generation.max_new_tokens=4", "data.max_prompt_tokens=48", "data.max_response_tokens=16"]
+
+
+@dataclass
+class SoakReport:
+    jobs: int
+    failed_jobs: list[str] = field(default_factory=list)
+    runs: int = 0
+    finished_runs: int = 0
+    params_expected: int = 0
+    params_found: int = 0
+    metrics_expected: int = 0
+    metrics_found: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_jobs and not self.problems and self.runs == self.finished_runs == self.jobs
+
+    def summary(self) -> str:
+        return (f"{self.jobs} jobs, {len(self.failed_jobs)} failed; runs {self.runs} ({self.finished_runs} FINISHED); "
+                f"params {self.params_found}/{self.params_expected}; metric values "
+                f"{self.metrics_found}/{self.metrics_expected}; problems: {len(self.problems)}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
+         str(folder / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError("mlflow server did not start in 120 s")
+
+
+def run_job(index: int, uri: str, folder: Path, experiment: str, extra: list[str]) -> tuple[int, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RLHF_EXP_RUNS_DIR": str(folder / "runs"),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "rlhf_exp", *TINY_JOB, f"seed={index}", f"run_name=soak-{index}",
+                           f"tracking.experiment_name={experiment}", *extra], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    return done.returncode, done.stderr[-1500:]
+
+
+def flat(container, prefix: str = "") -> dict[str, str]:
+    from rlhf_exp.config import flatten
+
+    return {k: str(v) for k, v in flatten(container, prefix).items()}
+
+
+def count(uri: str, folder: Path, experiment: str, report: SoakReport) -> SoakReport:
+    """Compare what each run folder wrote with what the tracker holds."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=10_000) if found else []
+    report.runs = len(runs)
+    report.finished_runs = sum(r.info.status == "FINISHED" for r in runs)
+    by_id = {r.info.run_id: r for r in runs}
+    for record in sorted((folder / "runs").glob("**/tracking.json")):
+        run_dir = record.parent
+        run = by_id.get(json.loads(record.read_text())["run_id"])
+        if run is None:
+            report.problems.append(f"{run_dir}: its run is not in the tracker")
+            continue
+        expected = flat(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        report.params_expected += len(expected)
+        report.params_found += sum(run.data.params.get(k) == v[:6000] for k, v in expected.items())
+        lines = (run_dir / "tracking_outbox" / "outbox.jsonl").read_text().splitlines()
+        sent = {(name, r["step"]) for r in map(json.loads, lines) if r["kind"] == "metrics" for name in r["values"]}
+        report.metrics_expected += len(sent)
+        on_server = {(name, m.step) for name in {n for n, _ in sent}
+                     for m in client.get_metric_history(run.info.run_id, name)}
+        report.metrics_found += len(sent & on_server)
+        if sent - on_server:
+            report.problems.append(f"{run_dir}: {len(sent - on_server)} metric values missing")
+    if report.params_found != report.params_expected:
+        report.problems.append(f"{report.params_expected - report.params_found} params missing or different")
+    return report
+
+
+def soak(jobs: int, workers: int, folder: Path, tracking_uri: str | None = None, extra: list[str] = ()) -> SoakReport:
+    """Run the soak in `folder` (an mlflow server of its own unless `tracking_uri` is given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    server = None
+    if tracking_uri is None:
+        port = free_port()
+        server = start_server(folder, port)
+        tracking_uri = f"http://127.0.0.1:{port}"
+    experiment = f"soak-{int(time.time())}"
+    report = SoakReport(jobs=jobs)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(run_job, i, tracking_uri, folder, experiment, list(extra)) for i in range(jobs)]
+            for i, future in enumerate(tqdm(futures, desc=f"soak ({workers} at a time)", unit="job")):
+                code, err = future.result()
+                if code != 0:
+                    report.failed_jobs.append(f"job {i}: rc {code}: {err.strip().splitlines()[-1] if err.strip() else ''}")
+        return count(tracking_uri, folder, experiment, report)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_exp.soak", description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--tracking-uri", default=None, help="default: an mlflow server on 127.0.0.1 of its own")
+    parser.add_argument("--folder", type=Path, default=None, help="default: a temporary folder")
+    args = parser.parse_args(argv)
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="rlhf_exp-soak-"))
+    started = time.time()
+    report = soak(args.jobs, args.workers, folder, args.tracking_uri)
+    print(f"soak: {report.summary()} in {time.time() - started:.0f} s ({folder})")
+    for line in report.failed_jobs + report.problems:
+        print(f"  {line}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
