@@ -168,3 +168,23 @@ def test_gzipped_hh_file_with_broken_dialogue(tokenizer, tmp_path):
 def test_val_size_too_large_is_a_config_error(tokenizer):
     with pytest.raises(ConfigError, match="data.val_size"):
         load_sft_splits(data_cfg("jsonl", "data.val_size=400"), tokenizer, seed=0)
+
+
+def test_tldr_prompts_kept_on_disk_are_the_ones_fitted_again(tokenizer, tmp_path, monkeypatch):
+    """The next process reads the fitted prompts from paths.cache_dir instead of re-tokenizing ~9 s; they
+    must be exactly what fitting gives (a stale or wrongly keyed file would change the data silently)."""
+    from rlhf_exp.data import formats
+
+    cfg = data_cfg("tldr", "data.max_prompt_tokens=96")
+    monkeypatch.setattr(formats, "_TLDR_PROMPTS", {})  # a fresh process
+    fitted = get_format(cfg, tokenizer, tmp_path).sft_examples()
+    [kept] = list((tmp_path / "tldr_prompts").glob("*_96.json"))
+    monkeypatch.setattr(formats, "_TLDR_PROMPTS", {})
+    calls = []
+    monkeypatch.setattr(formats, "tldr_prompt", lambda *a, **k: calls.append(a) or "")
+    assert get_format(cfg, tokenizer, tmp_path).sft_examples() == fitted and not calls  # all from the file
+    assert not list((tmp_path / "tldr_prompts").glob("*_64.json"))  # another budget is another file
+    kept.write_text("{not json")  # a broken file is fitted again, not trusted
+    monkeypatch.undo()
+    monkeypatch.setattr(formats, "_TLDR_PROMPTS", {})
+    assert get_format(cfg, tokenizer, tmp_path).sft_examples() == fitted

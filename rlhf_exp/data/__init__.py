@@ -22,20 +22,21 @@ def _split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
     return train, val
 
 
-def load_sft_splits(data_cfg: DictConfig, tokenizer, seed: int,
-                    skipped: Counter | None = None) -> tuple[list[SFTExample], list[SFTExample]]:
+def load_sft_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None,
+                    cache_dir: str | None = None) -> tuple[list[SFTExample], list[SFTExample]]:
     """(train, val) prompt/completion examples, split by prompt with `seed`; `skipped` gets the bad
-    rows dropped under data.on_bad_row=skip, by reason."""
-    data = get_format(data_cfg, tokenizer)
+    rows dropped under data.on_bad_row=skip, by reason; `cache_dir` keeps work for the next run."""
+    data = get_format(data_cfg, tokenizer, cache_dir)
     examples = data.sft_examples()
     if skipped is not None:
         skipped.update(data.skipped)
     return _split(examples, data_cfg, seed, "SFT")
 
 
-def load_preference_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None):
-    """(train, val) prompt/chosen/rejected pairs, split by prompt with `seed` (`skipped`: as above)."""
-    data = get_format(data_cfg, tokenizer)
+def load_preference_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None,
+                           cache_dir: str | None = None):
+    """(train, val) prompt/chosen/rejected pairs, split by prompt with `seed` (`skipped`, `cache_dir`: as above)."""
+    data = get_format(data_cfg, tokenizer, cache_dir)
     examples = data.preference_examples()
     if skipped is not None:
         skipped.update(data.skipped)

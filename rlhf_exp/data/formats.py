@@ -7,10 +7,14 @@ Responses exclude the EOS token, which the tokenizer step appends as an id.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from omegaconf import DictConfig
@@ -44,7 +48,7 @@ class DataFormat:
     #: responses are chat turns (they end with the template's end-of-turn token, not EOS)
     chat = False
 
-    def __init__(self, cfg: DictConfig, tokenizer):
+    def __init__(self, cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.skipped: Counter[str] = Counter()  # bad rows dropped under data.on_bad_row=skip, by reason
 
@@ -134,17 +138,28 @@ def tldr_prompt(subreddit: str, title: str, post: str, tokenizer, max_tokens: in
     return render(tokenizer.decode(ids[:keep]) if keep > 0 else "")
 
 
-# Fitting the posts tokenizes each several times: seconds a run. Runs in one process (a Hydra
-# multirun, the tests) ask for the same prompts again, so they are kept per tokenizer and budget.
+# Fitting the posts tokenizes each several times: ~9 s for the 2,445 vendored posts, at the start of
+# every TL;DR run. Runs in one process (a Hydra multirun, the tests) ask for the same prompts again, so
+# they are kept per tokenizer and budget, and on disk under paths.cache_dir for the next process.
+# The key hashes the tokenizer itself, the template and the fitting rule (bump _TLDR_FIT_VERSION
+# when tldr_prompt changes).
 _TLDR_PROMPTS: dict[tuple[str, int], dict[tuple[str, str, str], str]] = {}
 _TLDR_PROMPT_BUDGETS_KEPT = 4
+_TLDR_FIT_VERSION = "1"
+
+
+def _tldr_key(tokenizer, max_tokens: int) -> tuple[str, int] | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: no cheap fingerprint, no memo
+        return None
+    text = backend.to_str() + TLDR_TEMPLATE + _TLDR_FIT_VERSION
+    return hashlib.sha256(text.encode()).hexdigest(), int(max_tokens)
 
 
 def _tldr_prompt_memo(tokenizer, max_tokens: int) -> dict[tuple[str, str, str], str]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # a slow tokenizer: no cheap fingerprint, no memo
+    key = _tldr_key(tokenizer, max_tokens)
+    if key is None:
         return {}
-    key = (hashlib.sha256(backend.to_str().encode()).hexdigest(), int(max_tokens))
     if key not in _TLDR_PROMPTS:
         while len(_TLDR_PROMPTS) >= _TLDR_PROMPT_BUDGETS_KEPT:
             _TLDR_PROMPTS.pop(next(iter(_TLDR_PROMPTS)))
@@ -152,10 +167,48 @@ def _tldr_prompt_memo(tokenizer, max_tokens: int) -> dict[tuple[str, str, str], 
     return _TLDR_PROMPTS[key]
 
 
+def _tldr_cache_file(cache_dir: str | Path | None, tokenizer, max_tokens: int) -> Path | None:
+    key = _tldr_key(tokenizer, max_tokens)
+    if cache_dir is None or key is None:
+        return None
+    return Path(cache_dir) / "tldr_prompts" / f"{key[0][:24]}_{key[1]}.json"
+
+
+def load_tldr_prompts(path: Path | None, memo: dict) -> None:
+    """Prompts fitted by an earlier process (a broken file is ignored: they are fitted again)."""
+    if path is None or memo or not path.is_file():
+        return
+    try:
+        memo.update({(s, t, p): prompt for s, t, p, prompt in json.loads(path.read_text())})
+    except (ValueError, TypeError) as error:
+        log.warning("ignoring %s (%s); fitting the TL;DR prompts again", path, error)
+
+
+def save_tldr_prompts(path: Path | None, memo: dict) -> None:
+    """Written into place (a temporary file renamed): parallel runs never read half a file."""
+    if path is None or not memo:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as out:
+            json.dump([[*key, prompt] for key, prompt in memo.items()], out)
+        os.replace(out.name, path)
+    except OSError as error:  # a read-only cache costs seconds, never the run
+        log.warning("could not keep the TL;DR prompts in %s (%s)", path, error)
+
+
 class TldrFormat(DataFormat):
-    def __init__(self, cfg: DictConfig, tokenizer):
+    def __init__(self, cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None):
         super().__init__(cfg, tokenizer)
         self._prompts = _tldr_prompt_memo(tokenizer, cfg.max_prompt_tokens)
+        self._cache_file = _tldr_cache_file(cache_dir, tokenizer, cfg.max_prompt_tokens)
+        load_tldr_prompts(self._cache_file, self._prompts)
+        self._known = len(self._prompts)
+
+    def _keep_prompts(self) -> None:
+        if len(self._prompts) > self._known:
+            save_tldr_prompts(self._cache_file, self._prompts)
+            self._known = len(self._prompts)
 
     def _posts(self) -> Iterator[tuple[Record, dict]]:
         """(record, {subreddit, title, post, summary}) from the configured source."""
@@ -194,6 +247,7 @@ class TldrFormat(DataFormat):
                 continue
             seen.add(prompt)
             out.append(SFTExample(prompt, " " + fields["summary"].strip(), rec.origin))
+        self._keep_prompts()
         return out
 
     def preference_examples(self) -> list[PreferenceExample]:
@@ -215,6 +269,7 @@ class TldrFormat(DataFormat):
                 out.append(PreferenceExample(prompt, " " + chosen.strip(), " " + rejected.strip(), rec.origin))
         else:
             raise ConfigError("data.source", f"data=tldr reads vendored or hub, not {self.cfg.source!r}")
+        self._keep_prompts()
         return out
 
 
@@ -375,7 +430,8 @@ FORMATS: dict[str, type[DataFormat]] = {
 }
 
 
-def get_format(cfg: DictConfig, tokenizer) -> DataFormat:
+def get_format(cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None) -> DataFormat:
+    """The format `data.format` names (`cache_dir`: where work worth keeping between runs goes)."""
     if cfg.format not in FORMATS:
         raise ConfigError("data.format", f"unknown format {cfg.format!r}; known: {sorted(FORMATS)}")
-    return FORMATS[cfg.format](cfg, tokenizer)
+    return FORMATS[cfg.format](cfg, tokenizer, cache_dir)

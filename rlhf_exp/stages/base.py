@@ -188,7 +188,7 @@ class Trainer:
         load, tokenize = {"sft": (load_sft_splits, tokenize_sft),
                           "preference": (load_preference_splits, tokenize_pair)}[kind]
         skipped: Counter[str] = Counter()
-        train, val = load(data, self.tokenizer, self.cfg.seed, skipped)
+        train, val = load(data, self.tokenizer, self.cfg.seed, skipped, self.cfg.paths.cache_dir)
         self.report_skipped(skipped)
         if self.stage.get("eval_examples"):
             val = val[: self.stage.eval_examples]

@@ -53,7 +53,7 @@ class RewardModelTrainer(Trainer):
         cfg = self.cfg
         self.prepare_data("preference")
         # The SFT references whose mean score becomes the model's zero (normalization).
-        sft_train, _ = load_sft_splits(cfg.data, self.tokenizer, cfg.seed)
+        sft_train, _ = load_sft_splits(cfg.data, self.tokenizer, cfg.seed, cache_dir=cfg.paths.cache_dir)
         self.reference_set = [tokenize_sft(ex, self.tokenizer, cfg.data.max_prompt_tokens,
                                            cfg.data.max_response_tokens, self.stop_token_ids[-1])
                               for ex in sft_train[: self.stage.norm_examples]]
