@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, TINY, mlflow_runs, run_cli, tracked_env
+from helpers import ROOT, TINY, mlflow_runs, run_cli, tracked_env, tiny_config
+from rlhf_exp import stopping
+from rlhf_exp.app import run as run_stage
+from rlhf_exp.config import compose_config
+from rlhf_exp.stages.sft import SFTTrainer
 
 # steps slow enough to land a signal mid-run, with a checkpoint every 2 steps to wait for
 LONG = [*TINY, "stage.max_steps=400", "stage.save_every=2", "stage.eval_every=null", "stage.num_samples=0",
@@ -38,10 +42,9 @@ def wait_for(paths_glob, root: Path, process: subprocess.Popen, timeout: float =
     raise AssertionError(f"no {paths_glob} under {root} in {timeout} s")
 
 
-@pytest.mark.parametrize(("signum", "then_resume"), [(signal.SIGTERM, True), (signal.SIGINT, False)])
-def test_a_signal_checkpoints_closes_the_run_killed_and_prints_the_resume_command(tmp_path, signum, then_resume):
-    """Before: SIGTERM ended the process (rc 143) with its MLflow run RUNNING forever and no checkpoint;
-    SIGINT (KeyboardInterrupt) closed it KILLED, but with nothing to resume from past the last save."""
+def test_sigterm_checkpoints_closes_the_run_killed_and_prints_the_resume_command(tmp_path):
+    """Before: SIGTERM ended the process (rc 143) with its MLflow run RUNNING forever and no checkpoint."""
+    signum = signal.SIGTERM
     job = start_cli(tmp_path, *LONG)
     wait_for("**/checkpoints/step_000002/trainer_state.pt", tmp_path / "runs", job)
     job.send_signal(signum)
@@ -57,9 +60,6 @@ def test_a_signal_checkpoints_closes_the_run_killed_and_prints_the_resume_comman
     assert "Traceback" not in err
     command = err.split("resume with:\n", 1)[1].strip().splitlines()[0]
     assert command.startswith("python -m rlhf_exp model=tiny") and command.endswith(f"stage.resume_from={checkpoint}")
-    if not then_resume:  # (the same path as SIGTERM from here: one resume is enough for the suite's time)
-        return
-
     # the printed command, as typed (fewer steps, so it ends soon), continues from that step
     args = command.split()[3:]
     resumed = run_cli(*[a for a in args if not a.startswith("stage.max_steps=")], f"stage.max_steps={stopped_at + 2}",
@@ -81,10 +81,41 @@ def test_a_run_left_running_by_sigkill_is_marked_killed_when_its_folder_is_resum
     _, [run] = mlflow_runs(tmp_path / "m.db")
     assert run.info.status == "RUNNING"
 
-    # into a new MLflow run (a continued run would simply go on RUNNING -> FINISHED, see above)
-    resumed = run_cli(*LONG, "stage.max_steps=3", f"stage.resume_from={checkpoint}", "tracking.continue_on_resume=false",
-                      env=tracked_env(tmp_path))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # into a new MLflow run (a continued run would simply go on RUNNING -> FINISHED, see above); in this
+    # process, as the CLI's own path is the SIGTERM test's
+    run_stage(compose_config([*LONG[:-1], "stage.max_steps=3", f"stage.resume_from={checkpoint}",
+                        "tracking.continue_on_resume=false", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                        f"paths.runs_dir={tmp_path / 'runs'}"]))
     _, runs = mlflow_runs(tmp_path / "m.db")
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     assert "SIGKILL" in runs[0].data.tags["killed_note"] and runs[1].info.run_id in runs[0].data.tags["killed_note"]
+
+
+def test_sigint_stops_an_in_process_run_at_a_step_boundary_and_a_second_one_at_once(tmp_path, monkeypatch):
+    """Ctrl-C: the same stop as SIGTERM (checkpoint, KILLED, exit 130); pressed again, KeyboardInterrupt now.
+    Before: the first Ctrl-C raised KeyboardInterrupt mid-step, with nothing saved past the last checkpoint."""
+    step = SFTTrainer.train_step
+
+    def train_step_then_ctrl_c(self):
+        metrics = step(self)
+        if self.step == 1:  # during step 2: the signal lands mid-step
+            os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    monkeypatch.setattr(SFTTrainer, "train_step", train_step_then_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(stopping.RunStopped) as stopped:
+        run_stage(tiny_config(tmp_path, "stage.max_steps=6", "stage.num_samples=0", "stage.eval_every=null"))
+    assert stopped.value.exit_code == 130 and stopped.value.step == 2
+    _, [killed] = mlflow_runs(tmp_path / "mlflow.db")
+    assert killed.info.status == "KILLED" and killed.data.tags["stopped_by"] == "SIGINT"
+    assert Path(killed.data.tags["checkpoint_dir"]).name == "step_000002"
+    assert torch.load(Path(killed.data.tags["checkpoint_dir"]) / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is handler  # Python's own handler is back after the run
+
+    with stopping.stop_at_step_boundary():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopping.received() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)

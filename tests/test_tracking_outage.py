@@ -58,12 +58,20 @@ class Server:
         self.process.wait()
 
 
-@pytest.fixture
-def server(tmp_path):
-    server = Server(tmp_path).start()
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     if server.process.poll() is None:
         server.kill()
+
+
+@pytest.fixture
+def server(shared_server):
+    """One server for the module's tests (each has its own run), started again if a test left it killed."""
+    if shared_server.process.poll() is not None:
+        shared_server.start()
+    return shared_server
 
 
 def outbox_of(runs: Path) -> Path | None:
