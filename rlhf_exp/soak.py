@@ -94,6 +94,8 @@ def count(uri: str, folder: Path, experiment: str, report: SoakReport) -> SoakRe
     """Compare what each run folder wrote with what the tracker holds."""
     from mlflow.tracking import MlflowClient
 
+    from rlhf_exp.tracking.outbox import OUTBOX, records
+
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], max_results=10_000) if found else []
@@ -109,8 +111,7 @@ def count(uri: str, folder: Path, experiment: str, report: SoakReport) -> SoakRe
         expected = flat(yaml.safe_load((run_dir / "config.yaml").read_text()))
         report.params_expected += len(expected)
         report.params_found += sum(run.data.params.get(k) == v[:6000] for k, v in expected.items())
-        lines = (run_dir / "tracking_outbox" / "outbox.jsonl").read_text().splitlines()
-        sent = {(name, r["step"]) for r in map(json.loads, lines) if r["kind"] == "metrics" for name in r["values"]}
+        sent = {(name, r["step"]) for r in records(run_dir / OUTBOX) if r["kind"] == "metrics" for name in r["values"]}
         report.metrics_expected += len(sent)
         on_server = {(name, m.step) for name in {n for n, _ in sent}
                      for m in client.get_metric_history(run.info.run_id, name)}

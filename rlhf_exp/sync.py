@@ -19,7 +19,7 @@ def sync(run_dir: Path) -> tuple[int, int]:
     """Send the outbox of `run_dir`; returns (records sent, metric values sent)."""
     from rlhf_exp.app import RUN_RECORD
     from rlhf_exp.tracking.mlflow_tracker import check_reachable, ready_client, send_record
-    from rlhf_exp.tracking.outbox import OUTBOX, pending, read_sent
+    from rlhf_exp.tracking.outbox import OUTBOX, pending, read_sent, write_sent
 
     record_file = run_dir / RUN_RECORD
     if not record_file.is_file():
@@ -35,7 +35,7 @@ def sync(run_dir: Path) -> tuple[int, int]:
     for item in todo:
         send_record(client, record["run_id"], item)
         sent += 1
-        (folder / "sent").write_text(str(sent))
+        write_sent(folder, sent)
         values += len(item.get("values", {}))
     return len(todo), values
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,38 +19,22 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, TINY, run_cli
+from rlhf_exp.soak import free_port, start_server
 
 
 STEPS = [*TINY, "stage.eval_every=null", "stage.num_samples=0", "hydra.job_logging.root.level=WARNING"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    """`mlflow server` on 127.0.0.1:<port> over one SQLite file, killable and restartable."""
+    """`mlflow server` on 127.0.0.1:<port> over one SQLite file (the soak's), killable and restartable."""
 
     def __init__(self, folder: Path):
         self.folder, self.port, self.process = folder, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "Server":
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError("mlflow server did not start")
+        self.process = start_server(self.folder, self.port)
+        return self
 
     def kill(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)

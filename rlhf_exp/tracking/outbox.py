@@ -21,6 +21,8 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 OUTBOX = "tracking_outbox"
+LINES = "outbox.jsonl"  # one JSON record per tracker call
+SENT = "sent"           # how many of them the tracker has
 _STOP = object()
 BACKOFF_S = (0.5, 1, 2, 4, 5)  # then every 5 s: a restarted server is picked up within seconds
 
@@ -30,8 +32,7 @@ class Outbox:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "files").mkdir(exist_ok=True)
-        self.lines = self.folder / "outbox.jsonl"
-        self.sent_file = self.folder / "sent"
+        self.lines = self.folder / LINES
         self.send = send
         self.written = count_lines(self.lines)
         self.sent = read_sent(self.folder)
@@ -82,7 +83,7 @@ class Outbox:
             if attempt:
                 log.warning("tracking: sending again after %d failed tries", attempt)
             self.sent += 1
-            self.sent_file.write_text(str(self.sent))
+            write_sent(self.folder, self.sent)
 
 
 def count_lines(path: Path) -> int:
@@ -93,22 +94,31 @@ def count_lines(path: Path) -> int:
 
 
 def read_sent(folder: Path) -> int:
-    sent = Path(folder) / "sent"
+    sent = Path(folder) / SENT
     return int(sent.read_text() or 0) if sent.is_file() else 0
+
+
+def write_sent(folder: Path, count: int) -> None:
+    (Path(folder) / SENT).write_text(str(count))
 
 
 def pending(folder: Path) -> list[dict[str, Any]]:
     """The records of an outbox not sent yet, in order."""
-    lines = Path(folder) / "outbox.jsonl"
+    return records(folder)[read_sent(folder):]
+
+
+def records(folder: Path) -> list[dict[str, Any]]:
+    """Every record of an outbox, sent or not, in order."""
+    lines = Path(folder) / LINES
     if not lines.is_file():
         return []
-    records = []
+    found = []
     for line in lines.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            found.append(json.loads(line))
         except json.JSONDecodeError:  # the last line of a process killed mid-write
             break
-    return records[read_sent(folder):]
+    return found
 
 
 def now_ms() -> int:
