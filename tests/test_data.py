@@ -188,3 +188,38 @@ def test_tldr_prompts_kept_on_disk_are_the_ones_fitted_again(tokenizer, tmp_path
     monkeypatch.undo()
     monkeypatch.setattr(formats, "_TLDR_PROMPTS", {})
     assert get_format(cfg, tokenizer, tmp_path).sft_examples() == fitted
+
+
+def test_tokenized_examples_kept_on_disk_are_the_ones_tokenized_again(tokenizer, tmp_path, monkeypatch):
+    """The next process reads tokenized splits from paths.cache_dir (~3 s saved per TL;DR run); an entry
+    must be exactly what tokenizing gives, and other texts or caps must never hit it (a stale or wrongly
+    keyed entry would change the training data silently)."""
+    from rlhf_exp.data import collate
+    from rlhf_exp.data.collate import tokenize_examples
+    from rlhf_exp.data.formats import PreferenceExample, SFTExample
+
+    sft = [SFTExample("SUBREDDIT: r/a\n\nPOST: one two\n\nTL;DR:", " three", "a.jsonl:1"),
+           SFTExample("hello there", " general kenobi four five six seven", "a.jsonl:2")]
+    pairs = [PreferenceExample("Human: hi", " hello", " go away", "b.jsonl:1")]
+    caps = dict(max_prompt_tokens=64, max_response_tokens=16)
+    fresh = tokenize_examples(sft, tokenizer, **caps, cache_dir=tmp_path)
+    fresh_pairs = tokenize_examples(pairs, tokenizer, **caps, cache_dir=tmp_path)
+    assert len(list((tmp_path / "tokenized").glob("*.json"))) == 2
+    assert fresh == tokenize_examples(sft, tokenizer, **caps)  # what the cache holds is what tokenizing gives
+
+    with monkeypatch.context() as m:  # a fresh process: everything from the files
+        m.setattr(collate, "tokenize_sft", lambda *a, **k: pytest.fail("tokenized again"))
+        m.setattr(collate, "tokenize_pair", lambda *a, **k: pytest.fail("tokenized again"))
+        assert tokenize_examples(sft, tokenizer, **caps, cache_dir=tmp_path) == fresh
+        assert tokenize_examples(pairs, tokenizer, **caps, cache_dir=tmp_path) == fresh_pairs
+        assert [type(x) for x in fresh_pairs] == [collate.TokenizedPair]
+    # another cap, another text, another end token: other entries, never the kept one
+    shorter = tokenize_examples(sft, tokenizer, max_prompt_tokens=64, max_response_tokens=2, cache_dir=tmp_path)
+    assert shorter != fresh and all(len(x.response_ids) <= 2 for x in shorter)
+    edited = [sft[0], SFTExample(sft[1].prompt, " general kenobi", sft[1].origin)]
+    assert tokenize_examples(edited, tokenizer, **caps, cache_dir=tmp_path)[1] != fresh[1]
+    assert tokenize_examples(sft, tokenizer, **caps, end_id=7, cache_dir=tmp_path)[0].response_ids[-1] == 7
+    assert len(list((tmp_path / "tokenized").glob("*.json"))) == 5
+    for kept in (tmp_path / "tokenized").glob("*.json"):  # a broken entry is tokenized again, not trusted
+        kept.write_text("{not json")
+    assert tokenize_examples(sft, tokenizer, **caps, cache_dir=tmp_path) == fresh

@@ -7,11 +7,15 @@ EOS token as pad, so such a mask would drop every EOS the model must learn to em
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from rlhf_exp.data import tokens
+from rlhf_exp.data.disk_cache import digest, read_json, tokenizer_hash, write_json
 from rlhf_exp.data.formats import PreferenceExample, SFTExample
 from rlhf_exp.data.tokens import encode_prompt
 
@@ -85,6 +89,30 @@ def tokenize_pair(example: PreferenceExample, tokenizer, max_prompt_tokens: int,
 def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
     """All chosen rows, then all rejected rows, in one right-padded batch of 2B (one forward pass)."""
     return collate_sft([p.chosen for p in batch] + [p.rejected for p in batch], pad_token_id)
+
+
+def tokenize_examples(examples: Sequence[SFTExample] | Sequence[PreferenceExample], tokenizer, *,
+                      max_prompt_tokens: int, max_response_tokens: int, end_id: int | None = None,
+                      cache_dir: str | Path | None = None) -> list[TokenizedSFT] | list[TokenizedPair]:
+    """`tokenize_sft` / `tokenize_pair` over `examples`, read from `cache_dir` when an earlier process
+    tokenized the same texts with the same tokenizer, caps and tokenizing code (the ~2,200 TL;DR
+    examples take ~3 s to tokenize, at the start of every run and test process)."""
+    pairs = bool(examples) and isinstance(examples[0], PreferenceExample)
+    tokenize, made = (tokenize_pair, TokenizedPair) if pairs else (tokenize_sft, TokenizedSFT)
+    path = None
+    fingerprint = tokenizer_hash(tokenizer)
+    if cache_dir is not None and fingerprint is not None:
+        code = [Path(__file__).read_bytes(), Path(tokens.__file__).read_bytes()]
+        texts = ("\0".join(astuple(ex)[:-1]) for ex in examples)  # all but `origin`, which tokenizes nothing
+        key = digest([fingerprint, *code, f"{max_prompt_tokens},{max_response_tokens},{end_id}", *texts])
+        path = Path(cache_dir) / "tokenized" / f"{key[:32]}.json"
+        kept = read_json(path)
+        if isinstance(kept, list) and len(kept) == len(examples):
+            return [made(*row) for row in kept]
+    items = [tokenize(ex, tokenizer, max_prompt_tokens, max_response_tokens, end_id)
+             for ex in tqdm(examples, desc="tokenize", leave=False, disable=len(examples) < 500)]
+    write_json(path, [astuple(item) for item in items])
+    return items
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -6,12 +6,8 @@ Responses exclude the EOS token, which the tokenizer step appends as an id.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +15,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from omegaconf import DictConfig
 
+from rlhf_exp.data.disk_cache import digest, read_json, tokenizer_hash, write_json
 from rlhf_exp.data.tokens import bos_prefix
 from rlhf_exp.data.sources import Record, read_csv, read_hub, read_json_or_jsonl, read_jsonl, vendored
 from rlhf_exp.errors import ConfigError, DataError
@@ -149,11 +146,10 @@ _TLDR_FIT_VERSION = "1"
 
 
 def _tldr_key(tokenizer, max_tokens: int) -> tuple[str, int] | None:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # a slow tokenizer: no cheap fingerprint, no memo
+    fingerprint = tokenizer_hash(tokenizer)
+    if fingerprint is None:  # a slow tokenizer: no memo
         return None
-    text = backend.to_str() + TLDR_TEMPLATE + _TLDR_FIT_VERSION
-    return hashlib.sha256(text.encode()).hexdigest(), int(max_tokens)
+    return digest([fingerprint, TLDR_TEMPLATE, _TLDR_FIT_VERSION]), int(max_tokens)
 
 
 def _tldr_prompt_memo(tokenizer, max_tokens: int) -> dict[tuple[str, str, str], str]:
@@ -176,25 +172,18 @@ def _tldr_cache_file(cache_dir: str | Path | None, tokenizer, max_tokens: int) -
 
 def load_tldr_prompts(path: Path | None, memo: dict) -> None:
     """Prompts fitted by an earlier process (a broken file is ignored: they are fitted again)."""
-    if path is None or memo or not path.is_file():
+    if memo:
         return
+    kept = read_json(path)
     try:
-        memo.update({(s, t, p): prompt for s, t, p, prompt in json.loads(path.read_text())})
+        memo.update({(s, t, p): prompt for s, t, p, prompt in kept or []})
     except (ValueError, TypeError) as error:
         log.warning("ignoring %s (%s); fitting the TL;DR prompts again", path, error)
 
 
 def save_tldr_prompts(path: Path | None, memo: dict) -> None:
-    """Written into place (a temporary file renamed): parallel runs never read half a file."""
-    if path is None or not memo:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as out:
-            json.dump([[*key, prompt] for key, prompt in memo.items()], out)
-        os.replace(out.name, path)
-    except OSError as error:  # a read-only cache costs seconds, never the run
-        log.warning("could not keep the TL;DR prompts in %s (%s)", path, error)
+    if memo:
+        write_json(path, [[*key, prompt] for key, prompt in memo.items()])
 
 
 class TldrFormat(DataFormat):

@@ -176,7 +176,7 @@ class Trainer:
         stage.eval_examples), self.val_examples (their texts) and self.batches.
         """
         from rlhf_exp.data import load_preference_splits, load_sft_splits
-        from rlhf_exp.data.collate import tokenize_pair, tokenize_sft
+        from rlhf_exp.data.collate import tokenize_examples
         from rlhf_exp.data.formats import FORMATS
         from rlhf_exp.data.tokens import stop_token_ids
         from rlhf_exp.models import load_tokenizer
@@ -185,17 +185,16 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.model_cfg, self.cfg.paths.cache_dir)
         # chat data: a response ends with the template's end of turn, and sampling stops there too
         self.stop_token_ids = stop_token_ids(self.tokenizer, FORMATS[data.format].chat)
-        load, tokenize = {"sft": (load_sft_splits, tokenize_sft),
-                          "preference": (load_preference_splits, tokenize_pair)}[kind]
+        load = {"sft": load_sft_splits, "preference": load_preference_splits}[kind]
         skipped: Counter[str] = Counter()
         train, val = load(data, self.tokenizer, self.cfg.seed, skipped, self.cfg.paths.cache_dir)
         self.report_skipped(skipped)
         if self.stage.get("eval_examples"):
             val = val[: self.stage.eval_examples]
-        tok = partial(tokenize, tokenizer=self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
-                      max_response_tokens=data.max_response_tokens, end_id=self.stop_token_ids[-1])
-        self.train_set = [tok(ex) for ex in tqdm(train, desc="tokenize", leave=False)]
-        self.val_set = [tok(ex) for ex in val]
+        tokenize = partial(tokenize_examples, tokenizer=self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
+                           max_response_tokens=data.max_response_tokens, end_id=self.stop_token_ids[-1])
+        self.train_set = tokenize(train, cache_dir=self.cfg.paths.cache_dir)
+        self.val_set = tokenize(val)
         self.val_examples = val
         self.batches = BatchStream(len(self.train_set), self.cfg.seed)
         self.tracker.set_tags({"data.num_train": len(self.train_set), "data.num_eval": len(self.val_set)})
