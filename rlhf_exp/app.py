@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import rlhf_exp
 from rlhf_exp import distributed, stopping
-from rlhf_exp.checkpoint import check_resumable
+from rlhf_exp.checkpoint import check_resumable, resume_point
 from rlhf_exp.config import PROJECT_ROOT, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_yaml_files
 from rlhf_exp.runtime import choose_precision
@@ -173,6 +173,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     precision_reason = choose_precision(requested_precision, str(cfg.hardware.device))[1]
     log.info("precision: %s (%s)", cfg.hardware.precision, precision_reason)
     if cfg.stage.get("resume_from"):
+        cfg.stage.resume_from = str(resume_point(Path(cfg.stage.resume_from)))
         check_resumable(Path(cfg.stage.resume_from), cfg, stage_spec(cfg.stage.name).resume_fixed)
     planned = check_memory(cfg)
     if planned is not None:

@@ -92,6 +92,20 @@ def saved_config(folder: Path) -> dict[str, Any]:
     return load_trainer_state(folder)["config"]  # checkpoints written before run_config.json
 
 
+def resume_point(path: Path) -> Path:
+    """The checkpoint `stage.resume_from` names: a checkpoint folder, or a run folder, whose newest whole
+    checkpoint it means (as TRL's `resume_from_checkpoint=True`): what a run a SIGKILL or an OOM kill
+    ended without a word resumes from. `<name>.partial` folders, cut off mid-write, are never picked."""
+    if (path / TRAINER_STATE).is_file() or not (path / "checkpoints").is_dir():
+        return path
+    whole = [c for c in (path / "checkpoints").iterdir()
+             if not c.name.endswith(".partial") and (c / TRAINER_STATE).is_file()]
+    if not whole:
+        raise ConfigError("stage.resume_from", f"{path} is a run folder without a whole checkpoint in "
+                          f"{path / 'checkpoints'} (stage.save_every sets how often one is written)")
+    return max(whole, key=lambda c: (c.name == "final", c.name))  # step_000012 < step_000120 < final
+
+
 def check_resumable(folder: Path, cfg: DictConfig, fixed_groups: Sequence[str]) -> None:
     """Refuse to resume `folder` under a config that differs where a resumed run cannot change,
     naming each differing key with its saved and new value."""

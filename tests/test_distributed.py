@@ -1,5 +1,6 @@
-"""Two CPU processes under torchrun (gloo): replicas stay identical and match one process with the
-same global batch (SFT and DPO on the tiny model)."""
+"""Two CPU processes under torchrun (gloo): replicas stay identical, match one process with the same
+global batch, and a two-rank run SIGKILLed mid-run resumes to the uninterrupted run's weights, bit for
+bit (SFT, DPO, RM and GRPO on the tiny model; PPO runs in one process)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PAIRS, ROOT, TINY, mlflow_runs, tiny_config, tracked_env
+from helpers import PAIRS, ROOT, TINY, mlflow_runs, run_until_killed, tiny_config, tracked_env
 from rlhf_exp import app
 from rlhf_exp.config import resolved
 from rlhf_exp.errors import ConfigError
@@ -58,7 +59,23 @@ def one_process(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The uninterrupted two-rank run of (stage, parallel), launched once: matched against one process,
+    and the run a SIGKILLed copy must resume to."""
+    made = {}
+
+    def get(stage: str, parallel: str):
+        if (stage, parallel) not in made:
+            made[stage, parallel] = tracked_run(tmp_path_factory.mktemp(f"two-{stage}-{parallel}"), 2,
+                                                [*common(stage), f"parallel={parallel}"])
+        return made[stage, parallel]
+    return get
+
+
 def common(stage: str) -> list[str]:
+    if stage == "grpo":
+        return GRPO
     return [*STAGES[stage], "stage.batch_size=4", "stage.max_steps=3", "stage.num_samples=0", "stage.lr=1e-3"]
 
 
@@ -67,9 +84,8 @@ def common(stage: str) -> list[str]:
 # (sft under fsdp and deepspeed_zero3: the two-rank runs of the resume test below, checked the same way)
 @pytest.mark.parametrize("stage,parallel", [("sft", "ddp"), ("dpo", "zero1"), ("dpo", "zero2"), ("rm", "fsdp"),
                                             ("dpo", "deepspeed_zero2")])
-def test_torchrun_two_cpu_processes_match_one_process(tmp_path, one_process, stage, parallel):
-    two = tracked_run(tmp_path, 2, [*common(stage), f"parallel={parallel}"])
-    assert_matches_one_process(two, one_process(stage), stage, parallel)
+def test_torchrun_two_cpu_processes_match_one_process(one_process, two_processes, stage, parallel):
+    assert_matches_one_process(two_processes(stage, parallel), one_process(stage), stage, parallel)
 
 
 def assert_matches_one_process(two, one, stage: str, parallel: str) -> None:
@@ -115,9 +131,8 @@ GRPO = ["stage=grpo", "reward=length", "stage.samples_per_prompt=2", "stage.mini
         "hardware.micro_batch_size.grpo=2"]
 
 
-def test_grpo_two_ranks_match_one_process(tmp_path):
-    one = tracked_run(tmp_path / "one", 1, GRPO)
-    two = tracked_run(tmp_path / "two", 2, [*GRPO, "parallel=ddp"])
+def test_grpo_two_ranks_match_one_process(one_process, two_processes):
+    one, two = one_process("grpo"), two_processes("grpo", "ddp")
     digests = two.data.tags["dist.parameter_digests"].split(",")
     assert digests[0] == digests[1]
     assert two.data.metrics["train/rollout_sequences"] == one.data.metrics["train/rollout_sequences"] == 8
@@ -127,6 +142,28 @@ def test_grpo_two_ranks_match_one_process(tmp_path):
     weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (two, one)]
     for name in weights[0]:
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("stage,parallel", [("sft", "ddp"), ("dpo", "zero1"), ("rm", "fsdp"), ("grpo", "ddp")])
+def test_two_ranks_sigkilled_mid_run_resume_to_the_uninterrupted_weights(tmp_path, two_processes, stage, parallel):
+    """Every process of the job (torchrun and both ranks) SIGKILLed after step 2 trained and logged, past
+    the step-1 checkpoint; resumed on two ranks from the run folder, it ends bit-identical to the
+    uninterrupted two-rank run (sharded optimizer state, the RNG of each rank and the data position
+    come back whole)."""
+    whole = two_processes(stage, parallel)
+    args = [*TINY, *common(stage), f"parallel={parallel}"]
+    folder = run_until_killed(tmp_path, 2, [*args, "stage.save_every=1"], hang_at_step=2, env=tracked_env(tmp_path))
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_000001"]
+    resumed = tracked_run(tmp_path, 2, [*common(stage), f"parallel={parallel}", f"stage.resume_from={folder}"])
+    assert resumed.data.tags["resume_count"] == "1" and "SIGKILL" in resumed.data.tags["killed_note"]
+    files = ["model.safetensors"] + (["reward_head.safetensors"] if stage == "rm" else [])
+    for name in files:
+        expected, got = (load_file(str(Path(r.data.tags["checkpoint_dir"]) / name)) for r in (whole, resumed))
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), f"{name}: {key}"
+    for name in ("train/loss", "train/grad_norm"):
+        assert resumed.data.metrics[name] == whole.data.metrics[name], name
 
 
 @pytest.mark.parametrize("overrides,key,advice", [

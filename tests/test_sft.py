@@ -1,4 +1,4 @@
-"""SFT end to end on the tiny model: it learns, it is tracked, it checkpoints, it resumes."""
+"""SFT end to end on the tiny model: it learns, it is tracked, it checkpoints (it resumes: test_resume.py)."""
 
 from __future__ import annotations
 
@@ -117,15 +117,11 @@ def _train_losses(tmp_path, name, *overrides):
     return [m.value for m in sorted(history, key=lambda m: m.step)], runs[-1]
 
 
-def test_same_seed_same_losses_and_resume_continues_where_it_stopped(tmp_path):
-    full, full_run = _train_losses(tmp_path, "full", "stage.save_every=2")
+def test_same_seed_same_losses(tmp_path):
+    """(Resumed runs: tests/test_resume.py, killed by a real SIGKILL.)"""
+    full, _ = _train_losses(tmp_path, "full", "stage.save_every=2")
     again, _ = _train_losses(tmp_path, "again")
-    assert full == again  # seed-deterministic
-
-    checkpoint = Path(full_run.data.tags["run_dir"]) / "checkpoints" / "step_000002"
-    assert (checkpoint / "trainer_state.pt").is_file()
-    resumed, _ = _train_losses(tmp_path, "resumed", f"stage.resume_from={checkpoint}")
-    assert resumed == pytest.approx(full[2:], rel=1e-5)
+    assert full == again  # seed-deterministic, and writing checkpoints changes nothing
 
 
 def test_masked_logprobs_equal_full_logprobs_and_right_padding_needs_no_mask(tmp_path, tokenizer):

@@ -1,5 +1,5 @@
 """Runs stopped by a signal (issue 11.3): SIGTERM / SIGINT checkpoint at a step boundary and close the
-run KILLED with the resume command printed; a run a SIGKILL left RUNNING is closed when resumed."""
+run KILLED with the resume command printed. (SIGKILL, which no handler sees: tests/test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import torch
 from helpers import ROOT, TINY, mlflow_runs, run_cli, tracked_env, tiny_config
 from rlhf_exp import stopping
 from rlhf_exp.app import run as run_stage
-from rlhf_exp.config import compose_config
 from rlhf_exp.stages.sft import SFTTrainer
 
 # steps slow enough to land a signal mid-run, with a checkpoint every 2 steps to wait for
@@ -71,24 +70,6 @@ def test_sigterm_checkpoints_closes_the_run_killed_and_prints_the_resume_command
     assert steps == list(range(1, stopped_at + 3))  # its history continues at the resumed step, once each
     assert continued.data.tags["resumed_from"] == str(checkpoint) and continued.data.tags["resume_count"] == "1"
     assert continued.data.tags["resumed.stage.max_steps"] == str(stopped_at + 2)  # MLflow params cannot change
-
-
-def test_a_run_left_running_by_sigkill_is_marked_killed_when_its_folder_is_resumed(tmp_path):
-    job = start_cli(tmp_path, *LONG)
-    checkpoint = wait_for("**/checkpoints/step_000002/trainer_state.pt", tmp_path / "runs", job).parent
-    job.kill()  # SIGKILL: no handler runs, the run stays RUNNING
-    job.communicate(timeout=60)
-    _, [run] = mlflow_runs(tmp_path / "m.db")
-    assert run.info.status == "RUNNING"
-
-    # into a new MLflow run (a continued run would simply go on RUNNING -> FINISHED, see above); in this
-    # process, as the CLI's own path is the SIGTERM test's
-    run_stage(compose_config([*LONG[:-1], "stage.max_steps=3", f"stage.resume_from={checkpoint}",
-                        "tracking.continue_on_resume=false", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                        f"paths.runs_dir={tmp_path / 'runs'}"]))
-    _, runs = mlflow_runs(tmp_path / "m.db")
-    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
-    assert "SIGKILL" in runs[0].data.tags["killed_note"] and runs[1].info.run_id in runs[0].data.tags["killed_note"]
 
 
 def test_sigint_stops_an_in_process_run_at_a_step_boundary_and_a_second_one_at_once(tmp_path, monkeypatch):

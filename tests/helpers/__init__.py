@@ -6,9 +6,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -117,5 +119,34 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
 
 
 def tracked_env(tmp_path: Path) -> dict:
-    """MLflow and run folders inside tmp_path."""
+    """MLflow and run folders inside tmp_path (the database a copy of an empty one, as in tiny_config:
+    tests/test_soak.py and tests/test_tracking_db.py are where the CLI creates and migrates its own)."""
+    empty_mlflow_db(tmp_path / "m.db")
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs")}
+
+
+def run_until_killed(tmp_path: Path, nproc: int, args: list[str], hang_at_step: int, env: dict) -> Path:
+    """Start `python -m rlhf_exp <args>` (under torchrun with `nproc` > 1), let it train and log step
+    `hang_at_step` (helpers/hang_at_step.py), then SIGKILL every process of it, as a preemption or an
+    OOM kill would. Returns its run folder."""
+    markers = Path(tempfile.mkdtemp(dir=tmp_path, prefix="hung-"))
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = {**os.environ, **env, "HANG_AT_STEP": str(hang_at_step), "HANG_MARKER_DIR": str(markers)}
+    env.setdefault("OMP_NUM_THREADS", str(1 if nproc > 1 else torch.get_num_threads()))  # as the runs it is compared with
+    log_path = markers / "output.log"
+    with open(log_path, "w") as output:
+        job = subprocess.Popen([*launcher, str(Path(__file__).with_name("hang_at_step.py")), *args], cwd=ROOT,
+                               env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600
+        while len(list(markers.glob("rank*"))) < nproc:
+            if job.poll() is not None or time.time() > deadline:
+                if job.poll() is None:
+                    os.killpg(job.pid, signal.SIGKILL)
+                raise AssertionError(f"the run ended (rc {job.returncode}) before step {hang_at_step}:\n"
+                                     f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        os.killpg(job.pid, signal.SIGKILL)  # every rank and the launcher, none of them told
+        job.wait(timeout=60)
+    [record] = Path(env["RLHF_EXP_RUNS_DIR"]).glob("*/*/tracking.json")
+    return record.parent

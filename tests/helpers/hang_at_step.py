@@ -1,0 +1,35 @@
+"""`python -m rlhf_exp <overrides>` (or under torchrun, each rank) that stops dead once step
+$HANG_AT_STEP's training metrics are logged, after touching $HANG_MARKER_DIR/rank<k>: the moment a test
+SIGKILLs it, as a preemption or an OOM kill would land, past the run's last checkpoint (the steps
+after it trained and logged, then lost) with its MLflow run RUNNING. Nothing else changes: the
+patched method calls the real one first."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: `helpers.varied_reward` by _target_
+
+from rlhf_exp import __main__ as entrypoint  # noqa: E402
+from rlhf_exp import distributed  # noqa: E402
+from rlhf_exp.stages.base import Trainer  # noqa: E402
+
+HANG_AT_STEP = int(os.environ["HANG_AT_STEP"])
+log_metrics = Trainer.log
+
+
+def log_then_hang(self: Trainer, metrics: dict[str, float]) -> None:
+    log_metrics(self, metrics)
+    if self.step == HANG_AT_STEP and any(name.startswith("train/") for name in metrics):
+        Path(os.environ["HANG_MARKER_DIR"], f"rank{distributed.rank()}").touch()
+        while True:
+            time.sleep(3600)
+
+
+Trainer.log = log_then_hang
+
+if __name__ == "__main__":
+    entrypoint.cli()
