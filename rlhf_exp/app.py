@@ -194,7 +194,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer, status = None, "FAILED"
     earlier = resumed_run(cfg, tracker)
     continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None
-    if continued:
+    if cfg.stage.get("resume_from"):
         tags["resumed_from"] = str(cfg.stage.resume_from)
     tracker.start(run_name, flatten(written), tags, run_dir=run_dir, continue_run=continued)
     try:

@@ -21,7 +21,7 @@ from rlhf_exp.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 
-_PROCESS_RUN_ID = secrets.token_hex(3)
+_PROCESS_RUN_IDS: dict[int, str] = {}
 
 
 def run_id() -> str:
@@ -30,7 +30,8 @@ def run_id() -> str:
     shared = os.environ.get("RLHF_EXP_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")[:6]
     if shared == "none":
         shared = f"p{os.getppid()}"
-    return shared or _PROCESS_RUN_ID
+    # keyed by pid: a process forked after import (a preloaded worker pool) gets an id of its own
+    return shared or _PROCESS_RUN_IDS.setdefault(os.getpid(), secrets.token_hex(3))
 
 
 def best_attention() -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -75,13 +76,39 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("mlflow server did not start in 120 s")
 
 
+# Each job is a process of its own (its own tracker client, its own race to create a new database),
+# forked from a process that imported the package once, as a joblib sweep's workers are: the ~9 s of
+# imports is paid once per soak, not once per job.
+_JOBS = multiprocessing.get_context("forkserver")
+_JOBS.set_forkserver_preload(["rlhf_exp.__main__", "rlhf_exp.app", "rlhf_exp.stages.sft",
+                              "mlflow.store.tracking.sqlalchemy_store"])
+
+
+def _job_process(args: list[str], env: dict[str, str], log_path: str) -> None:
+    """`python -m rlhf_exp <args>` in this (forked) process, its output into `log_path`."""
+    os.environ.update(env)
+    output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    sys.argv = ["rlhf_exp", *args]
+    from rlhf_exp.__main__ import cli
+
+    cli()
+
+
 def run_job(index: int, uri: str, folder: Path, experiment: str, extra: list[str]) -> tuple[int, str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RLHF_EXP_RUNS_DIR": str(folder / "runs"),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "rlhf_exp", *TINY_JOB, f"seed={index}", f"run_name=soak-{index}",
-                           f"tracking.experiment_name={experiment}", *extra], env=env, capture_output=True, text=True,
-                          timeout=1800)
-    return done.returncode, done.stderr[-1500:]
+    env = {"MLFLOW_TRACKING_URI": uri, "RLHF_EXP_RUNS_DIR": str(folder / "runs"), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    args = [*TINY_JOB, f"seed={index}", f"run_name=soak-{index}", f"tracking.experiment_name={experiment}", *extra]
+    log_path = folder / "logs" / f"job-{index}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    job = _JOBS.Process(target=_job_process, args=(args, env, str(log_path)), name=f"soak-job-{index}")
+    job.start()
+    job.join(timeout=1800)
+    if job.exitcode is None:
+        job.kill()
+        job.join()
+    return job.exitcode, log_path.read_text(errors="replace")[-1500:]
 
 
 def flat(container, prefix: str = "") -> dict[str, str]:

@@ -81,7 +81,7 @@ def common(stage: str) -> list[str]:
 
 # ddp: replicas; zero1: replicas with optimizer states sharded (ZeroRedundancyOptimizer); fsdp / zero2:
 # FSDP2 blocks (the RM: its own save path for the gathered state); deepspeed_*: DeepSpeed's engine
-# (sft under fsdp and deepspeed_zero3: the two-rank runs of the resume test below, checked the same way)
+# (sft under deepspeed_zero3: the two-rank runs of the resume test below, checked the same way)
 @pytest.mark.parametrize("stage,parallel", [("sft", "ddp"), ("dpo", "zero1"), ("dpo", "zero2"), ("rm", "fsdp"),
                                             ("dpo", "deepspeed_zero2")])
 def test_torchrun_two_cpu_processes_match_one_process(one_process, two_processes, stage, parallel):
@@ -190,12 +190,11 @@ def test_torchrun_refuses_a_stage_that_runs_in_one_process_by_name(tmp_path):
     assert "config key `stage`" in out.stderr and "covers dpo, grpo, rm, sft" in out.stderr
 
 
-@pytest.mark.parametrize("parallel", ["fsdp", "deepspeed_zero3"])
-def test_sharded_run_matches_one_process_and_resumes_from_its_checkpoint(tmp_path, one_process, parallel):
+def test_deepspeed_zero3_run_matches_one_process_and_resumes_from_its_checkpoint(tmp_path, one_process):
     """The two-rank run ends where one process does; stopped after step 2 and resumed, it ends with the
-    uninterrupted run's weights. fsdp: the checkpoint holds the gathered model and optimizer state and
-    every rank loads its shards back; deepspeed_zero3: the gathered model, and DeepSpeed's own
-    partitioned optimizer checkpoint."""
+    uninterrupted run's weights: the checkpoint holds the gathered model, and DeepSpeed's own
+    partitioned optimizer checkpoint. (FSDP's resume: the SIGKILL test above, rm-fsdp.)"""
+    parallel = "deepspeed_zero3"
     full = tracked_run(tmp_path / "full", 2, [*common("sft"), f"parallel={parallel}", "stage.save_every=2"])
     assert_matches_one_process(full, one_process("sft"), "sft", parallel)
     step2 = Path(full.data.tags["run_dir"]) / "checkpoints" / "step_000002"

@@ -67,7 +67,8 @@ def test_sharded_modes_divide_what_they_shard_over_the_ranks():
 
 
 def test_plan_true_prints_the_table_without_a_gpu_or_weights(tmp_path):
-    out = run_cli("stage=dpo", "model=llama2_7b", "hardware=rtx4090", "plan=true", env=tracked_env(tmp_path))
+    out = run_cli("stage=dpo", "model=llama2_7b", "hardware=rtx4090", "plan=true",
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "RLHF_EXP_RUNS_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "weights (linear layers NF4)" in out.stdout and "verdict: fits" in out.stdout
     assert not (tmp_path / "m.db").exists()  # nothing was run or tracked
