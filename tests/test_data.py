@@ -185,9 +185,9 @@ def test_tldr_prompts_kept_on_disk_are_the_ones_fitted_again(tokenizer, tmp_path
     assert get_format(cfg, tokenizer, tmp_path).sft_examples() == fitted and not calls  # all from the file
     assert not list((tmp_path / "tldr_prompts").glob("*_64.json"))  # another budget is another file
     kept.write_text("{not json")  # a broken file is fitted again, not trusted
-    monkeypatch.undo()
     monkeypatch.setattr(formats, "_TLDR_PROMPTS", {})
-    assert get_format(cfg, tokenizer, tmp_path).sft_examples() == fitted
+    get_format(cfg, tokenizer, tmp_path).sft_examples()
+    assert len(calls) >= len({e.prompt for e in fitted})  # every post fitted again (what that gives: above)
 
 
 def test_tokenized_examples_kept_on_disk_are_the_ones_tokenized_again(tokenizer, tmp_path, monkeypatch):

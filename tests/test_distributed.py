@@ -110,18 +110,6 @@ def assert_matches_one_process(two, one, stage: str, parallel: str) -> None:
         assert state["engine"]["optimizer"]["state"], "the optimizer state is saved whole"
 
 
-def test_accelerate_launch_runs_the_same_job(tmp_path, one_process):
-    """`accelerate launch --num_processes 2 -m rlhf_exp ...`: two ranks, one run folder of the job's own."""
-    two = tracked_run(tmp_path, 2, [*common("sft"), "parallel=ddp"], launcher="accelerate")
-    assert two.data.tags["dist.world_size"] == "2"
-    digests = two.data.tags["dist.parameter_digests"].split(",")
-    assert digests[0] == digests[1]
-    assert not two.data.tags["run_dir"].endswith("_none")  # accelerate's job id is "none" for every job
-    weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (two, one_process("sft"))]
-    for name in weights[0]:
-        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
-
-
 # Greedy rollouts (top_k=1) are the same whichever rank samples them, so two ranks must take the one
 # process's steps exactly. Identical samples give zero group advantages; the k1 KL term's gradient
 # (kl_coef x grad of the response log-probs, token-mean over the global minibatch) is what trains.
@@ -144,18 +132,23 @@ def test_grpo_two_ranks_match_one_process(one_process, two_processes):
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
 
 
-@pytest.mark.parametrize("stage,parallel", [("sft", "ddp"), ("dpo", "zero1"), ("rm", "fsdp"), ("grpo", "ddp")])
-def test_two_ranks_sigkilled_mid_run_resume_to_the_uninterrupted_weights(tmp_path, two_processes, stage, parallel):
+@pytest.mark.parametrize("stage,parallel,launcher", [("sft", "ddp", "accelerate"), ("dpo", "zero1", "torchrun"),
+                                                     ("rm", "fsdp", "torchrun"), ("grpo", "ddp", "torchrun")])
+def test_two_ranks_sigkilled_mid_run_resume_to_the_uninterrupted_weights(tmp_path, two_processes, stage, parallel,
+                                                                          launcher):
     """Every process of the job (torchrun and both ranks) SIGKILLed after step 2 trained and logged, past
     the step-1 checkpoint; resumed on two ranks from the run folder, it ends bit-identical to the
     uninterrupted two-rank run (sharded optimizer state, the RNG of each rank and the data position
-    come back whole)."""
+    come back whole). SFT's resumed job is started by `accelerate launch --num_processes 2 -m rlhf_exp`:
+    the same ranks, and a run folder of the job's own (accelerate's job id is "none" for every job)."""
     whole = two_processes(stage, parallel)
     args = [*TINY, *common(stage), f"parallel={parallel}"]
     folder = run_until_killed(tmp_path, 2, [*args, "stage.save_every=1"], hang_at_step=2, env=tracked_env(tmp_path))
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_000001"]
-    resumed = tracked_run(tmp_path, 2, [*common(stage), f"parallel={parallel}", f"stage.resume_from={folder}"])
+    resumed = tracked_run(tmp_path, 2, [*common(stage), f"parallel={parallel}", f"stage.resume_from={folder}"],
+                          launcher=launcher)
     assert resumed.data.tags["resume_count"] == "1" and "SIGKILL" in resumed.data.tags["killed_note"]
+    assert resumed.data.tags["dist.world_size"] == "2" and not resumed.data.tags["run_dir"].endswith("_none")
     files = ["model.safetensors"] + (["reward_head.safetensors"] if stage == "rm" else [])
     for name in files:
         expected, got = (load_file(str(Path(r.data.tags["checkpoint_dir"]) / name)) for r in (whole, resumed))
