@@ -49,11 +49,11 @@ def assert_same_weights(expected_run, got_run, files: list[str]) -> None:
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_sigkilled_run_resumed_from_its_folder_ends_with_the_uninterrupted_runs_weights(tmp_path, stage):
-    whole = final_run(tmp_path / "whole", stage)
-    # checkpoints at step 2; killed once step 3 has trained and logged (its work is lost)
+    # checkpoints at step 2; killed once step 3 has trained and logged (its work is lost); the
+    # uninterrupted run trains here meanwhile
     killed = tmp_path / "killed"
-    folder = run_until_killed(killed, 1, [*TINY, *STAGES[stage], *RUN, "stage.save_every=2"], hang_at_step=3,
-                              env=tracked_env(killed))
+    folder, whole = run_until_killed(killed, 1, [*TINY, *STAGES[stage], *RUN, "stage.save_every=2"], hang_at_step=3,
+                                     env=tracked_env(killed), meanwhile=lambda: final_run(tmp_path / "whole", stage))
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_000002"]
     _, [left] = mlflow_runs(killed / "m.db")
     assert left.info.status == "RUNNING"  # nobody closed it

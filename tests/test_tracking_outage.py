@@ -122,7 +122,7 @@ def test_server_killed_mid_run_and_restarted_loses_no_metric_and_never_stops_tra
           f"{during - before} records written while the server was down")
 
 
-def test_what_the_server_missed_at_the_end_is_sent_by_rlhf_exp_sync(tmp_path, server):
+def test_what_the_server_missed_at_the_end_is_sent_by_rlhf_exp_sync(tmp_path, server, capsys):
     job = start_run(tmp_path, server.uri, "stage.max_steps=30", "tracking.flush_timeout_s=2")
     wait_for_records(tmp_path / "runs", 5, job)
     server.kill()
@@ -143,9 +143,9 @@ def test_what_the_server_missed_at_the_end_is_sent_by_rlhf_exp_sync(tmp_path, se
     run = MlflowClient(server.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and "plots/training_curves.png" in {
         f.path for f in MlflowClient(server.uri).list_artifacts(run_id, "plots")}
-    again = subprocess.run([sys.executable, "-m", "rlhf_exp.sync", str(run_dir)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0 and "sent 0 records" in again.stdout  # nothing is sent twice
+    from rlhf_exp.sync import main as sync_again  # (in this process: the command itself ran above)
+
+    assert sync_again([str(run_dir)]) == 0 and "sent 0 records" in capsys.readouterr().out  # nothing is sent twice
 
 
 def test_nothing_listening_at_start_is_one_line_and_exit_2_in_seconds(tmp_path):

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -19,6 +20,7 @@ from rlhf_exp.config import compose_config, resolved
 from rlhf_exp.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 # A run small enough for a few seconds on 2 cores, with every code path of a real run.
 TINY = [
@@ -125,10 +127,12 @@ def tracked_env(tmp_path: Path) -> dict:
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs")}
 
 
-def run_until_killed(tmp_path: Path, nproc: int, args: list[str], hang_at_step: int, env: dict) -> Path:
+def run_until_killed(tmp_path: Path, nproc: int, args: list[str], hang_at_step: int, env: dict,
+                     meanwhile: Callable[[], T] | None = None) -> tuple[Path, T | None]:
     """Start `python -m rlhf_exp <args>` (under torchrun with `nproc` > 1), let it train and log step
     `hang_at_step` (helpers/hang_at_step.py), then SIGKILL every process of it, as a preemption or an
-    OOM kill would. Returns its run folder."""
+    OOM kill would. Returns its run folder, and what `meanwhile` (run here while the job starts up:
+    its imports use one core) returned."""
     markers = Path(tempfile.mkdtemp(dir=tmp_path, prefix="hung-"))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
@@ -138,6 +142,11 @@ def run_until_killed(tmp_path: Path, nproc: int, args: list[str], hang_at_step: 
     with open(log_path, "w") as output:
         job = subprocess.Popen([*launcher, str(Path(__file__).with_name("hang_at_step.py")), *args], cwd=ROOT,
                                env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            result = meanwhile() if meanwhile is not None else None
+        except BaseException:
+            os.killpg(job.pid, signal.SIGKILL)
+            raise
         deadline = time.time() + 600
         while len(list(markers.glob("rank*"))) < nproc:
             if job.poll() is not None or time.time() > deadline:
@@ -149,4 +158,4 @@ def run_until_killed(tmp_path: Path, nproc: int, args: list[str], hang_at_step: 
         os.killpg(job.pid, signal.SIGKILL)  # every rank and the launcher, none of them told
         job.wait(timeout=60)
     [record] = Path(env["RLHF_EXP_RUNS_DIR"]).glob("*/*/tracking.json")
-    return record.parent
+    return record.parent, result
