@@ -155,7 +155,14 @@ def run_until_killed(tmp_path: Path, nproc: int, args: list[str], hang_at_step: 
                 raise AssertionError(f"the run ended (rc {job.returncode}) before step {hang_at_step}:\n"
                                      f"{log_path.read_text()[-3000:]}")
             time.sleep(0.1)
-        os.killpg(job.pid, signal.SIGKILL)  # every rank and the launcher, none of them told
+        # every rank and the launcher, none of them told (torchrun starts each rank in a session of its own)
+        ranks = [int(marker.read_text()) for marker in markers.glob("rank*")]
+        os.killpg(job.pid, signal.SIGKILL)
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         job.wait(timeout=60)
     [record] = Path(env["RLHF_EXP_RUNS_DIR"]).glob("*/*/tracking.json")
     return record.parent, result
