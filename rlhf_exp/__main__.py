@@ -9,6 +9,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf_exp.config import CONF_DIR, register_resolvers, register_schemas, resolve_auto_hardware
@@ -21,25 +23,47 @@ log = logging.getLogger("rlhf_exp")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """One run; returns the sweep objective's final value (what a sweeper such as Optuna optimizes)."""
+    from rlhf_exp import sweep
     from rlhf_exp.app import run
 
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = run(cfg)
     except ReportedError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if not in_sweep:
+            sys.exit(2)
+        sweep.job_failed(cfg, exc)  # a FAILED child, and the sweep goes on to its next job
+        return None
     except RunStopped as stop:  # SIGTERM / SIGINT: checkpointed, closed KILLED, resume command printed
         sys.exit(stop.exit_code)
-    # A sweeper (Optuna) minimises the value returned here.
-    return metrics.get("eval/loss")
+    except Exception as exc:
+        if not in_sweep:
+            raise
+        log.exception("sweep job %s failed", HydraConfig.get().job.num)
+        sweep.job_failed(cfg, exc)
+        return None
+    return metrics.get(sweep.objective_of(cfg)[0])
 
 
 def cli() -> None:
+    from rlhf_exp import sweep
+
     # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
     sys.argv = [sys.argv[0], *resolve_auto_hardware(sys.argv[1:])]
     register_schemas()  # the typed schemas the group YAMLs name
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        sweep.close_if_open("FAILED" if stop.code not in (130, 143) else "KILLED")
+        raise
+    except BaseException:
+        sweep.close_if_open("KILLED")
+        raise
+    if sweep.LAST_SUMMARY and sweep.LAST_SUMMARY[0].failed:
+        sys.exit(1)  # some jobs failed (the others ran; the parent run says which)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import rlhf_exp
-from rlhf_exp import distributed, stopping
+from rlhf_exp import distributed, stopping, sweep
 from rlhf_exp.checkpoint import check_resumable, resume_point
 from rlhf_exp.config import PROJECT_ROOT, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_yaml_files
@@ -186,23 +186,32 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if distributed.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))
         redact_hydra_files()
+    job = sweep.current_job() if cfg.tracking.backend == "mlflow" else None
+    if job is not None:  # the sweep's tracker (where its parent run is)
+        cfg.tracking.tracking_uri = job.tracking_uri
     tracker = make_tracker(cfg.tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
-    run_name = cfg.get("run_name") or f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}"
+    run_name = cfg.get("run_name") or (job.run_name(cfg.stage.name) if job else
+                                       f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}")
     tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
             "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
-            "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason}
+            "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason,
+            "overrides": " ".join(sweep.job_overrides()), **(job.tags() if job else {})}
     trainer, status = None, "FAILED"
     earlier = resumed_run(cfg, tracker)
     continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None
     if cfg.stage.get("resume_from"):
         tags["resumed_from"] = str(cfg.stage.resume_from)
-    tracker.start(run_name, flatten(written), tags, run_dir=run_dir, continue_run=continued)
+    tracker.start(run_name, flatten(written), tags, run_dir=run_dir, continue_run=continued,
+                  parent_run_id=job.parent_run_id if job else None)
     try:
         record_run(tracker, run_dir, earlier)
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
         trainer = stage_spec(cfg.stage.name).trainer(cfg=cfg, tracker=tracker, run_dir=run_dir)
         with stopping.stop_at_step_boundary():
             metrics = trainer.fit()
+        objective = sweep.objective_of(cfg)[0]
+        if job is not None and objective in metrics:  # one column name for every sweep's objective
+            tracker.log_metrics({sweep.OBJECTIVE_METRIC: metrics[objective]}, step=trainer.step)
         status = "FINISHED"
         log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         return metrics

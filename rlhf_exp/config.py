@@ -79,7 +79,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("run_id"):
-        OmegaConf.register_new_resolver("run_id", run_id)
+        # cached like Hydra's ${now:}: a launcher's worker process (joblib, submitit) rebuilds each job's
+        # config from the sweep's, with its resolved values, and must land in the same sweep folder
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
 
 
 register_resolvers()

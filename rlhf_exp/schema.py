@@ -189,6 +189,12 @@ def integer() -> Rule:
 
 
 @dataclass
+class SweepConfig:
+    objective: Optional[str] = None
+    direction: Optional[str] = key(optional(one_of(("min", "max")), "the stage's"), default=None)
+
+
+@dataclass
 class RootConfig:
     """The top-level keys of conf/config.yaml that are not groups."""
 
@@ -197,6 +203,7 @@ class RootConfig:
     allowed_targets: List[str] = key(Rule(lambda v: all(isinstance(p, str) and p.strip(".") == p and p for p in v),
                                           "must be a list of module names (mypackage.rewards)"))
     plan: bool = key(Rule(lambda v: isinstance(v, bool), "must be true or false"))
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "hardware": HardwareConfig}

@@ -48,17 +48,6 @@ def test_sft_tiny_three_steps_leaves_one_finished_run_with_loss_metrics(tmp_path
     assert Path(runs[0].data.tags["run_dir"]).is_relative_to(tmp_path / "runs")
 
 
-def test_multirun_jobs_share_a_process_and_each_closes_its_run(tmp_path):
-    db = tmp_path / "m.db"
-    out = cli("-m", "experiment=quick", "stage.max_steps=1", "stage.num_samples=0", "stage.lr=1e-3,1e-4",
-              env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RLHF_EXP_MULTIRUNS_DIR": str(tmp_path / "multi")})
-    assert out.returncode == 0, out.stderr[-3000:]
-    _, runs = mlflow_runs(db)
-    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
-    assert sorted(r.data.params["stage.lr"] for r in runs) == ["0.0001", "0.001"]
-    assert len({r.data.tags["run_dir"] for r in runs}) == 2
-
-
 def test_bad_input_stops_with_the_key_and_exit_code_2(tmp_path):
     out = cli("model=tiny", "stage.lr=-0.1", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
     assert out.returncode == 2

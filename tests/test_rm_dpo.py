@@ -153,9 +153,9 @@ def test_dpo_run_logs_its_metrics_from_log2(tmp_path):
     client, runs = mlflow_runs(tmp_path / "mlflow.db")
     r = runs[0]
     assert r.info.status == "FINISHED"
-    for name in ("eval/loss", "eval/accuracy", "eval/margin", "eval/rewards_chosen", "eval/rewards_rejected",
-                 "eval/logps_chosen", "eval/logps_rejected", "eval/abs_logratio_per_token", "train/margin",
-                 "train/accuracy"):
+    for name in ("eval/loss", "eval/implicit_accuracy", "eval/implicit_accuracy_ci_low", "eval/margin",
+                 "eval/rewards_chosen", "eval/rewards_rejected", "eval/logps_chosen", "eval/logps_rejected",
+                 "eval/abs_logratio_per_token", "train/margin", "train/implicit_accuracy"):
         assert client.get_metric_history(r.info.run_id, name), name
     train_loss = [m.value for m in client.get_metric_history(r.info.run_id, "train/loss")]
     assert train_loss[0] == pytest.approx(math.log(2), abs=1e-3)

@@ -101,7 +101,10 @@ def test_secrets_in_config_values_are_written_nowhere(tmp_path):
             assert secret.encode() not in content, f"{secret} written to {path}"
     from helpers import mlflow_runs
 
-    _, [run] = mlflow_runs(tmp_path / "m.db")
+    _, runs = mlflow_runs(tmp_path / "m.db")
+    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep"]
+    [run] = [r for r in runs if r is not parent]
+    assert "+reward.fn.api_key=***redacted***" in parent.data.tags["overrides"].split()
     assert run.data.params["reward.fn.api_key"] == "***redacted***"
     assert run.data.params["reward.fn.endpoint"] == "https://user:***redacted***@judge.example/v1"
     assert run.data.params["stage.max_steps"] == "1"  # the rest as it was

@@ -48,7 +48,7 @@ def pair_lengths(pairs) -> torch.Tensor:
 
 
 class DPOTrainer(Trainer):
-    curve_metrics = ("train/loss", "eval/loss", "eval/accuracy", "eval/margin")
+    curve_metrics = ("train/loss", "eval/loss", "eval/implicit_accuracy", "eval/margin")
 
     def setup_data_and_model(self) -> None:
         self.prepare_data("preference")
@@ -146,7 +146,7 @@ class DPOTrainer(Trainer):
             sums["rejected_logp"] += float(rejected.detach().sum())
         sums = distributed.sum_values(sums)
         update = self.optimizer_step()
-        return {"train/loss": sums["loss"] / total, "train/accuracy": sums["right"] / total,
+        return {"train/loss": sums["loss"] / total, "train/implicit_accuracy": sums["right"] / total,
                 "train/rewards_chosen": sums["chosen_reward"] / total,
                 "train/rewards_rejected": sums["rejected_reward"] / total,
                 "train/margin": (sums["chosen_reward"] - sums["rejected_reward"]) / total,
@@ -162,8 +162,9 @@ class DPOTrainer(Trainer):
         low, high = wilson_interval(right, n)
         lengths = pair_lengths(self.val_set)
         self.log_samples(self.model, self.val_examples, [p.prompt_ids for p in self.val_set])
-        return {"eval/loss": float(losses.mean()), "eval/accuracy": right / n, "eval/accuracy_ci_low": low,
-                "eval/accuracy_ci_high": high, "eval/rewards_chosen": float(chosen_rewards.mean()),
+        return {"eval/loss": float(losses.mean()), "eval/implicit_accuracy": right / n,
+                "eval/implicit_accuracy_ci_low": low, "eval/implicit_accuracy_ci_high": high,
+                "eval/rewards_chosen": float(chosen_rewards.mean()),
                 "eval/rewards_rejected": float(rejected_rewards.mean()),
                 "eval/margin": float((chosen_rewards - rejected_rewards).mean()),
                 "eval/logps_chosen": float(policy[:, 0].mean()), "eval/logps_rejected": float(policy[:, 1].mean()),
@@ -183,4 +184,5 @@ def memory(cfg: DictConfig) -> StageMemory:
 
 
 STAGE = StageSpec(name="dpo", config=DPOConfig, trainer=DPOTrainer, micro_batch="dpo", memory=memory,
-                  parallel=EVERY_PARALLEL_MODE)
+                  parallel=EVERY_PARALLEL_MODE, objective=("eval/implicit_accuracy", "max"),
+                  report_metrics=("eval/implicit_accuracy", "eval/margin", "eval/abs_logratio_per_token"))

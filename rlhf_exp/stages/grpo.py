@@ -127,4 +127,7 @@ def memory(cfg: DictConfig):
 STAGE = StageSpec(name="grpo", config=GRPOConfig, trainer=GRPOTrainer, micro_batch="grpo", memory=memory,
                   batch_key="minibatch_size", parallel=REPLICATED_WEIGHTS, checks=checks,
                   parallel_note="samples with the whole model on every rank",
-                  resume_fixed=("stage", "model", "data", "seed", "reward"))
+                  resume_fixed=("stage", "model", "data", "seed", "reward"),
+                  objective=("eval/reward_mean", "max"),
+                  report_metrics=("eval/reward_mean", "eval/kl", "eval/response_length"),
+                  tradeoff=("eval/kl", "eval/reward_mean"))

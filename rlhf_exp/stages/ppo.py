@@ -254,4 +254,7 @@ def memory(cfg: DictConfig):
 
 STAGE = StageSpec(name="ppo", config=PPOConfig, trainer=PPOTrainer, micro_batch="ppo", memory=memory,
                   batch_key="minibatch_size", checks=checks,
-                  resume_fixed=("stage", "model", "data", "seed", "reward"))
+                  resume_fixed=("stage", "model", "data", "seed", "reward"),
+                  objective=("eval/reward_mean", "max"),
+                  report_metrics=("eval/reward_mean", "eval/kl", "eval/response_length"),
+                  tradeoff=("eval/kl", "eval/reward_mean"))

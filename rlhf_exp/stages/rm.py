@@ -159,4 +159,5 @@ def memory(cfg: DictConfig) -> StageMemory:
 
 
 STAGE = StageSpec(name="rm", config=RMConfig, trainer=RewardModelTrainer, micro_batch="rm", memory=memory,
-                  parallel=EVERY_PARALLEL_MODE)
+                  parallel=EVERY_PARALLEL_MODE, objective=("eval/accuracy", "max"),
+                  report_metrics=("eval/accuracy", "eval/ece", "eval/margin"))

@@ -94,4 +94,5 @@ def memory(cfg: DictConfig) -> StageMemory:
 
 
 STAGE = StageSpec(name="sft", config=SFTConfig, trainer=SFTTrainer, micro_batch="sft", memory=memory,
-                  parallel=EVERY_PARALLEL_MODE, disable_dropout=False)
+                  parallel=EVERY_PARALLEL_MODE, disable_dropout=False,
+                  report_metrics=("eval/loss", "eval/perplexity"))

@@ -3,7 +3,7 @@
 Everything outside the stage that needs to know about it reads this: the config (the typed schema
 of conf/stage/<name>.yaml), validation (cross-key checks), the entrypoint (the trainer, the parallel
 modes it runs under), the memory planner (the models it holds and the activations it keeps) and
-the hardware profiles (which micro-batch size it uses). A new stage is one Python file with a
+the hardware profiles (which micro-batch size it uses) and sweeps (the metric they optimize). A new stage is one Python file with a
 `StageSpec` and one YAML file.
 """
 
@@ -70,6 +70,13 @@ class StageSpec:
     checks: Callable[[DictConfig], None] = no_checks  # cross-key checks, before any work (ConfigError naming the key)
     # config groups (and `seed`) a resumed run must keep: they define what it trains on and how
     resume_fixed: tuple[str, ...] = ("stage", "model", "data", "seed")
+    # what a sweep of this stage optimizes by default (sweep.objective / sweep.direction override it):
+    # a held-out metric and whether larger is better ("max") or smaller ("min")
+    objective: tuple[str, str] = ("eval/loss", "min")
+    # what a sweep's report (rlhf_exp.report) plots against the swept value, and a trade-off to draw as
+    # (x, y) with a point per job (reward against KL)
+    report_metrics: tuple[str, ...] = ("eval/loss",)
+    tradeoff: tuple[str, str] | None = None
 
 
 def micro_batch(cfg: DictConfig, key: str) -> int:

@@ -11,9 +11,10 @@ class Tracker:
     uri: str | None = None  # where the runs are (a tracking URI)
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], run_dir: Path | None = None,
-              continue_run: str | None = None) -> None:
-        """Create the run (or continue run `continue_run`, when resuming it); with `run_dir`, later calls
-        are kept in its outbox until the tracker has them."""
+              continue_run: str | None = None, parent_run_id: str | None = None) -> None:
+        """Create the run (or continue run `continue_run`, when resuming it), a child of `parent_run_id` (a
+        sweep's parent run) in that run's experiment if given; with `run_dir`, later calls are kept in its
+        outbox until the tracker has them."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 _MAX_PARAM_CHARS = 6000  # MLflow cuts longer values; the full config is the YAML artifact
 _PARAMS_PER_BATCH = 100
+# MLflow 3's UI shows an experiment without this tag as a GenAI "Evaluations" page (no param or metric
+# columns); these are training runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(tracking: DictConfig, root_dir: str) -> str:
@@ -156,21 +159,29 @@ class MlflowTracker(Tracker):
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment_name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
-        except Exception:  # created meanwhile by a parallel job
-            return self.client.get_experiment_by_name(self.experiment_name).experiment_id
+        if found is None:
+            try:
+                return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location,
+                                                     tags=EXPERIMENT_KIND)
+            except Exception:  # created meanwhile by a parallel job
+                found = self.client.get_experiment_by_name(self.experiment_name)
+        if not any(key in found.tags for key in EXPERIMENT_KIND):  # made by an older version, or by hand
+            for key, value in EXPERIMENT_KIND.items():
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], run_dir: Path | None = None,
-              continue_run: str | None = None) -> None:
+              continue_run: str | None = None, parent_run_id: str | None = None) -> None:
         from mlflow.entities import Param
 
         values = {k: str(v)[:_MAX_PARAM_CHARS] for k, v in params.items()}
         logged = self._continue(continue_run, values, tags) if continue_run is not None else None
         if logged is not None:
             values = {k: v for k, v in values.items() if k not in logged}
+        elif parent_run_id is not None:  # a sweep's job: nested under its parent, in the parent's experiment
+            experiment = self.client.get_run(parent_run_id).info.experiment_id
+            self.run_id = self.client.create_run(experiment, run_name=run_name,
+                                                 tags={**tags, "mlflow.parentRunId": parent_run_id}).info.run_id
         else:
             self.run_id = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags).info.run_id
         items = [Param(k, v) for k, v in sorted(values.items())]

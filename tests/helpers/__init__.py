@@ -105,8 +105,8 @@ def mlflow_runs(db_path: Path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db_path}")
-    experiment = client.get_experiment_by_name("rlhf_exp")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+    experiments = [e.experiment_id for e in client.search_experiments()]  # one per stage (rlhf_exp/<stage>)
+    runs = client.search_runs(experiments, order_by=["attributes.start_time ASC"], max_results=10_000)
     return client, runs
 
 

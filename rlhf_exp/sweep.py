@@ -1,0 +1,250 @@
+"""Sweeps as experiments: `python -m rlhf_exp -m stage=dpo stage.beta=0.05,0.1,0.3` is one parent MLflow run
+with a child per job.
+
+`SweepCallback` (conf/hydra/default.yaml's hydra.callbacks) runs in the process that launches the jobs:
+on multirun start it creates the parent run (the search space, sweeper, launcher and objective as
+params) and writes `<sweep dir>/sweep.json`; each job, wherever the launcher runs it (this process,
+a joblib worker, a SLURM node), finds that file through Hydra's sweep dir and logs as the parent's
+child (`mlflow.parentRunId`), named by its swept values ("dpo beta=0.1"). On multirun end the
+callback counts the children, tags the best by the objective, logs the comparison report
+(`rlhf_exp.report`) and closes the parent: FAILED only if every job failed.
+
+A job that fails is a FAILED child and the sweep goes on (`job_failed`); a job that failed before its
+run existed (a bad value in the search space) still gets a FAILED child saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp.redact import redact, redact_text
+
+log = logging.getLogger(__name__)
+
+SWEEP_RECORD = "sweep.json"  # in the sweep dir: the parent run its jobs log under
+PARENT_TAG = "mlflow.parentRunId"  # what MLflow's UI nests runs by
+# the objective each child logs under one name, so every sweep's runs table has the same column
+OBJECTIVE_METRIC = "objective"
+# words of metric names where smaller is better, for a sweep.objective given without a direction
+_SMALLER_IS_BETTER = ("loss", "perplexity", "kl", "ece", "time", "length")
+
+
+def objective_of(cfg: DictConfig) -> tuple[str, str]:
+    """(metric, "max" | "min") a sweep of this config optimizes: sweep.objective / sweep.direction, else
+    the stage's own (its StageSpec)."""
+    from rlhf_exp.stages import stage_spec
+
+    default_metric, default_direction = stage_spec(cfg.stage.name).objective
+    chosen = OmegaConf.select(cfg, "sweep.objective") or default_metric
+    direction = OmegaConf.select(cfg, "sweep.direction")
+    if direction is None:
+        inferred = "min" if any(word in chosen for word in _SMALLER_IS_BETTER) else "max"
+        direction = default_direction if chosen == default_metric else inferred
+    return chosen, direction
+
+
+def short_label(key: str) -> str:
+    """stage.beta -> beta, model.num_layers -> num_layers; a group (dpo_loss) stays itself."""
+    return key.lstrip("+~").rsplit(".", 1)[-1]
+
+
+def swept_space(hydra_cfg: DictConfig) -> dict[str, str]:
+    """{key: its search space as typed} for every key the sweep varies: sweep overrides on the command
+    line (stage.beta=0.05,0.1,0.3) and the sweeper's params (a preset's hydra.sweeper.params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    space: dict[str, str] = {}
+    for key, value in (OmegaConf.select(hydra_cfg, "sweeper.params") or {}).items():
+        space[key.lstrip("+~")] = str(value)
+    parsed = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    for override in parsed:
+        if override.is_sweep_override():
+            space[override.key_or_group] = override.input_line.split("=", 1)[1]
+    return space
+
+
+@dataclass
+class SweepJob:
+    """What a job of a sweep knows about it (from sweep.json and Hydra's job config)."""
+
+    parent_run_id: str
+    tracking_uri: str
+    sweep_id: str
+    number: int
+    swept: dict[str, str]              # this job's values of the swept keys
+    overrides: list[str] = field(default_factory=list)  # all its overrides, as typed
+
+    def run_name(self, stage: str) -> str:
+        values = " ".join(f"{short_label(k)}={v}" for k, v in self.swept.items())
+        return f"{stage} {values}" if values else f"{stage} job {self.number}"
+
+    def tags(self) -> dict[str, str]:
+        return {PARENT_TAG: self.parent_run_id, "sweep_id": self.sweep_id, "sweep_job": str(self.number)}
+
+
+def current_job() -> SweepJob | None:
+    """This process's sweep job, if it runs one of a sweep whose parent run exists."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    record = Path(hydra_cfg.sweep.dir) / SWEEP_RECORD
+    if not record.is_file():
+        return None
+    sweep = json.loads(record.read_text())
+    overrides = redact(list(hydra_cfg.overrides.task))  # they become tags and the run's name
+    swept = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") in sweep["swept"]:
+            swept[key.lstrip("+~")] = value
+    return SweepJob(sweep["parent_run_id"], sweep["tracking_uri"], sweep["sweep_id"], int(hydra_cfg.job.num),
+                    swept, overrides)
+
+
+def job_overrides() -> list[str]:
+    """The overrides this process was started with, as typed (Hydra's), for a run's `overrides` tag."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return redact(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized() else []
+
+
+def job_failed(cfg: DictConfig, error: BaseException) -> None:
+    """A sweep job ended in `error`: give it a FAILED child if it has none yet (it failed before its run
+    was created, e.g. a bad value in the search space), so the parent shows every job."""
+    job = current_job()
+    if job is None:
+        return
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(job.tracking_uri)
+    parent = client.get_run(job.parent_run_id)
+    found = client.search_runs([parent.info.experiment_id], max_results=1, filter_string=(
+        f"tags.sweep_id = '{job.sweep_id}' and tags.sweep_job = '{job.number}'"))
+    if found:
+        return
+    stage = str(OmegaConf.select(cfg, "stage.name", default="") or "job")
+    tags = {**job.tags(), "overrides": " ".join(job.overrides), "error": redact_text(str(error))[:5000]}
+    run = client.create_run(parent.info.experiment_id, run_name=job.run_name(stage), tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in job.swept.items()],
+                     tags=[RunTag("mlflow.note.content", f"failed before training: {tags['error']}")])
+    client.set_terminated(run.info.run_id, status="FAILED")
+
+
+@dataclass
+class SweepSummary:
+    parent_run_id: str
+    finished: int
+    failed: int
+    other: int
+    best_run_id: str | None
+    best_value: float | None
+    report_dir: Path | None
+
+    @property
+    def status(self) -> str:
+        return "FAILED" if self.finished == 0 else "FINISHED"
+
+
+# the sweep this process launched and has not closed (cli closes it if the sweep dies: Ctrl-C, SIGTERM)
+_OPEN: dict[str, Any] = {}
+LAST_SUMMARY: list[SweepSummary] = []
+
+
+class SweepCallback(Callback):
+    """Hydra callback: the parent MLflow run of a multirun (see the module docstring)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "tracking.backend") != "mlflow":
+            return
+        from rlhf_exp.app import git_commit
+        from rlhf_exp.tracking.mlflow_tracker import MlflowTracker
+
+        hydra_cfg = config.hydra
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        space = redact(swept_space(hydra_cfg))
+        objective, direction = objective_of(config)
+        stage = config.stage.name
+        tracker = MlflowTracker(config.tracking, config.paths.root_dir)
+        keys = ", ".join(short_label(k) for k in space) or "no swept keys"
+        params = {**{f"space.{key}": value for key, value in space.items()},
+                  "sweeper": str(OmegaConf.select(hydra_cfg, "sweeper._target_")).rsplit(".", 1)[-1],
+                  "launcher": str(OmegaConf.select(hydra_cfg, "launcher._target_")).rsplit(".", 1)[-1],
+                  "objective": objective, "direction": direction}
+        tags = {"rlhf_exp.role": "sweep", "sweep_id": sweep_dir.name, "sweep_dir": str(sweep_dir), "stage": stage,
+                "overrides": " ".join(redact(list(hydra_cfg.overrides.task))), "git_commit": git_commit()}
+        tracker.start(f"{stage} sweep: {keys}", params, tags)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        record = {"parent_run_id": tracker.run_id, "tracking_uri": tracker.uri, "sweep_id": sweep_dir.name,
+                  "swept": list(space), "objective": objective, "direction": direction}
+        (sweep_dir / SWEEP_RECORD).write_text(json.dumps(record, indent=2))
+        _OPEN.update(tracker=tracker, sweep_dir=sweep_dir, objective=objective, direction=direction,
+                     started=time.time())
+        log.info("sweep %s: parent MLflow run %s (objective %s, %s)", sweep_dir.name, tracker.run_id,
+                 objective, direction)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _OPEN:
+            LAST_SUMMARY[:] = [close_sweep()]
+
+
+def close_sweep(status: str | None = None) -> SweepSummary:
+    """Count the open sweep's children, tag the best, log the report and close the parent (`status`: as
+    the children say, or KILLED / FAILED when the sweep itself was stopped)."""
+    tracker, sweep_dir = _OPEN.pop("tracker"), _OPEN.pop("sweep_dir")
+    objective, direction = _OPEN.pop("objective"), _OPEN.pop("direction")
+    _OPEN.clear()
+    client, parent_id = tracker.client, tracker.run_id
+    children = client.search_runs([client.get_run(parent_id).info.experiment_id], max_results=10_000,
+                                  filter_string=f"tags.{PARENT_TAG} = '{parent_id}'")
+    counts = {s: sum(r.info.status == s for r in children) for s in ("FINISHED", "FAILED")}
+    scored = [r for r in children if r.info.status == "FINISHED" and objective in r.data.metrics]
+    best = (max if direction == "max" else min)(scored, key=lambda r: r.data.metrics[objective], default=None)
+    summary = SweepSummary(parent_id, counts["FINISHED"], counts["FAILED"],
+                           len(children) - counts["FINISHED"] - counts["FAILED"],
+                           best.info.run_id if best else None, best.data.metrics[objective] if best else None, None)
+    tags = {"jobs": len(children), "jobs_finished": summary.finished, "jobs_failed": summary.failed}
+    if best is not None:
+        tags.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name)
+        tracker.log_metrics({f"best/{objective}": summary.best_value}, step=0)
+    tracker.log_metrics({"jobs_finished": summary.finished, "jobs_failed": summary.failed}, step=0)
+    tracker.set_tags(tags)
+    if (sweep_dir / "multirun.yaml").is_file():
+        tracker.log_artifact(str(sweep_dir / "multirun.yaml"), "config")
+    if children:
+        try:
+            from rlhf_exp.report import write_report
+
+            summary.report_dir = write_report(client, parent_id, sweep_dir / "report")
+            for path in sorted(summary.report_dir.iterdir()):
+                tracker.log_artifact(str(path), "report")
+        except Exception:  # a sweep's runs are all in MLflow; the report can be made again
+            log.exception("could not build the sweep report (python -m rlhf_exp.report %s)", parent_id)
+    tracker.finish(status or summary.status)
+    where = f"; report: {summary.report_dir}/report.md" if summary.report_dir else ""
+    best_note = f", best {summary.best_value:.4g} ({best.info.run_name})" if best else ""
+    print(f"sweep {sweep_dir.name}: {summary.finished} finished, {summary.failed} failed{best_note}; "
+          f"MLflow parent run {parent_id}{where}")
+    return summary
+
+
+def close_if_open(status: str) -> None:
+    """The sweep stopped before Hydra's multirun end (Ctrl-C, SIGTERM, a launcher error): close its parent."""
+    if _OPEN:
+        try:
+            close_sweep(status)
+        except Exception:
+            log.exception("could not close the sweep's parent run")

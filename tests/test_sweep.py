@@ -1,0 +1,192 @@
+"""Sweeps as experiments: one parent MLflow run per `-m`, a child per job named by its swept values, the
+objective returned and ranked, failed jobs kept as FAILED children, and the comparison report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import PAIRS, TINY, mlflow_runs, run_cli, tracked_env
+from rlhf_exp.config import compose_config
+from rlhf_exp.sweep import SweepJob, objective_of, short_label, swept_space
+
+DPO = [*TINY, "stage=dpo", *PAIRS, "stage.max_steps=2", "stage.eval_every=1", "stage.eval_examples=8",
+       "stage.num_samples=0", "hardware.micro_batch_size.dpo=2"]
+
+
+def sweep_cli(tmp_path: Path, *args: str):
+    env = {**tracked_env(tmp_path), "RLHF_EXP_MULTIRUNS_DIR": str(tmp_path / "multi")}
+    return run_cli("-m", *args, env=env), tmp_path / "m.db"
+
+
+def test_a_beta_sweep_is_one_parent_run_with_a_named_child_per_job_and_a_report(tmp_path):
+    """Before: three unrelated runs all named dpo-tiny-hh_rlhf, nothing ranking them, no report, and the
+    job with a bad beta (exit 2) ended the whole sweep. The bad job is the last: the others ran first."""
+    done, db = sweep_cli(tmp_path, *DPO, "stage.beta=0.05,0.3,-1")
+    assert done.returncode == 1, done.stderr[-3000:]  # some job failed; the others ran
+    client, runs = mlflow_runs(db)
+    parents = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep"]
+    assert len(parents) == 1
+    parent = client.get_run(parents[0].info.run_id)
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: int(r.data.tags["sweep_job"]))
+    assert len(runs) == 4 and len(children) == 3
+    assert [r.info.run_name for r in children] == ["dpo beta=0.05", "dpo beta=0.3", "dpo beta=-1"]
+    assert [r.info.status for r in children] == ["FINISHED", "FINISHED", "FAILED"]
+    assert "stage.beta" in children[2].data.tags["error"] and "stage.beta=-1" in children[2].data.tags["overrides"]
+    for child, beta in zip(children[:2], ("0.05", "0.3")):
+        assert child.data.params["stage.beta"] == beta
+        assert f"stage.beta={beta}" in child.data.tags["overrides"].split()
+        assert child.info.experiment_id == parent.info.experiment_id
+        # the objective under one column name: the job's final held-out implicit accuracy
+        assert child.data.metrics["objective"] == child.data.metrics["eval/implicit_accuracy"]
+    assert parent.info.status == "FINISHED"  # not every job failed
+    assert parent.data.params["space.stage.beta"] == "0.05,0.3,-1"
+    assert parent.data.params["objective"] == "eval/implicit_accuracy" and parent.data.params["direction"] == "max"
+    assert parent.data.tags["jobs_finished"] == "2" and parent.data.tags["jobs_failed"] == "1"
+    best = max(children[:2], key=lambda r: (r.data.metrics["objective"], r.info.run_id == parent.data.tags["best_run_id"]))
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best/eval/implicit_accuracy"] == best.data.metrics["objective"]
+    assert len({r.data.tags["run_dir"] for r in children[:2]}) == 2
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "rlhf_exp/dpo" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    [sweep_dir] = (tmp_path / "multi").iterdir()
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    assert record["parent_run_id"] == parent.info.run_id and record["swept"] == ["stage.beta"]
+    report = (sweep_dir / "report" / "report.md").read_text()
+    assert report.count("| dpo beta=") == 3 and "| FAILED |" in report
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/beta_vs_metrics.png", "report/curves.png"} <= logged
+    assert "2 finished, 1 failed" in done.stdout
+
+
+def test_a_sweep_whose_every_job_failed_is_a_failed_parent(tmp_path):
+    done, db = sweep_cli(tmp_path, *DPO, "stage.beta=-1,-2")
+    assert done.returncode == 1
+    _, runs = mlflow_runs(db)
+    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep"]
+    assert parent.info.status == "FAILED"
+    assert sorted(r.info.status for r in runs if r is not parent) == ["FAILED", "FAILED"]
+
+
+@pytest.mark.parametrize("stage, metric, direction", [
+    ("sft", "eval/loss", "min"), ("rm", "eval/accuracy", "max"), ("dpo", "eval/implicit_accuracy", "max"),
+    ("grpo", "eval/reward_mean", "max"), ("ppo", "eval/reward_mean", "max")])
+def test_each_stage_names_the_objective_its_sweeps_optimize(stage, metric, direction):
+    assert objective_of(compose_config([f"stage={stage}"])) == (metric, direction)
+
+
+def test_sweep_objective_and_direction_are_settable_and_inferred():
+    assert objective_of(compose_config(["stage=dpo", "sweep.objective=eval/margin"])) == ("eval/margin", "max")
+    assert objective_of(compose_config(["stage=dpo", "sweep.objective=eval/loss"])) == ("eval/loss", "min")
+    assert objective_of(compose_config(["stage=rm", "sweep.objective=eval/ece"])) == ("eval/ece", "min")
+    assert objective_of(compose_config(["stage=rm", "sweep.objective=eval/ece", "sweep.direction=max"])) == (
+        "eval/ece", "max")
+
+
+def test_swept_keys_come_from_the_command_line_and_the_preset():
+    hydra = OmegaConf.create({"overrides": {"task": ["stage=dpo", "stage.beta=0.05,0.1", "+dpo_loss=ipo,hinge",
+                                                     "stage.lr=tag(log, interval(1e-6, 1e-4))"]},
+                              "sweeper": {"params": {"model.num_layers": "8,16,30"}}})
+    assert swept_space(hydra) == {"model.num_layers": "8,16,30", "stage.beta": "0.05,0.1", "dpo_loss": "ipo,hinge",
+                                  "stage.lr": "tag(log, interval(1e-6, 1e-4))"}
+    job = SweepJob("p", "sqlite:///x", "s", 3, {"stage.beta": "0.1", "model.num_layers": "8"})
+    assert job.run_name("dpo") == "dpo beta=0.1 num_layers=8"
+    assert SweepJob("p", "u", "s", 3, {}).run_name("rm") == "rm job 3"
+    assert short_label("+dpo_loss") == "dpo_loss"
+
+
+@pytest.mark.parametrize("preset, stage, key, values", [
+    ("dpo_beta", "dpo", "stage.beta", "0.01,0.1,0.5"), ("dpo_loss", "dpo", "+dpo_loss", "sigmoid,ipo,hinge,cdpo"),
+    ("rm_size", "rm", "model.num_layers", "8,16,30"), ("clip_ratio", "sft", "stage.clip_ratio", "0.1,0.2,0.3"),
+    ("kl_coef", "sft", "stage.kl_coef", "0.0,0.01,0.05,0.2")])
+def test_sweep_presets_set_their_stage_and_search_space(preset, stage, key, values):
+    from hydra import compose, initialize_config_dir
+
+    from rlhf_exp.config import CONF_DIR, register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"sweep={preset}", "hardware=cpu"], return_hydra_config=True)
+    assert cfg.stage.name == stage
+    assert cfg.hydra.sweeper.params[key] == values
+
+
+def test_dpo_loss_options_set_the_loss_and_label_smoothing():
+    cdpo = compose_config(["stage=dpo", "+dpo_loss=cdpo"]).stage
+    ipo = compose_config(["stage=dpo", "+dpo_loss=ipo"]).stage
+    assert (cdpo.loss_type, cdpo.label_smoothing, ipo.loss_type, ipo.label_smoothing) == ("sigmoid", 0.1, "ipo", 0.0)
+
+
+def fake_sweep(tmp_path: Path, stage: str, key: str, jobs: list[tuple[str, str, dict[str, list[float]]]],
+               group: bool = False):
+    """A parent run and its children in a new MLflow database, as a sweep of `stage` over `key` leaves them:
+    jobs are (value, status, {metric: values at steps 0, 1, ...}); a swept `group` is no param of its jobs."""
+    from mlflow.tracking import MlflowClient
+
+    from helpers import empty_mlflow_db
+
+    client = MlflowClient(f"sqlite:///{empty_mlflow_db(tmp_path / 'r.db')}")
+    experiment = client.create_experiment(f"rlhf_exp/{stage}")
+    parent = client.create_run(experiment, run_name="sweep", tags={"stage": stage, "rlhf_exp.role": "sweep"})
+    client.log_param(parent.info.run_id, f"space.{key}", ",".join(v for v, _, _ in jobs))
+    for number, (value, status, metrics) in enumerate(jobs):
+        child = client.create_run(experiment, run_name=f"{stage} {short_label(key)}={value}", tags={
+            "mlflow.parentRunId": parent.info.run_id, "sweep_job": str(number),
+            "overrides": f"stage={stage} {'+' if group else ''}{key}={value}"})
+        if not group:
+            client.log_param(child.info.run_id, key, value)
+        for name, values in metrics.items():
+            for step, v in enumerate(values):
+                client.log_metric(child.info.run_id, name, v, step=step)
+        client.set_terminated(child.info.run_id, status)
+    return client, parent.info.run_id
+
+
+def table_rows(report: str) -> list[list[str]]:
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_the_report_tables_each_job_and_ranks_by_the_objective(tmp_path):
+    from rlhf_exp.report import write_report
+
+    client, parent = fake_sweep(tmp_path, "rm", "model.num_layers", [
+        ("8", "FINISHED", {"eval/accuracy": [0.5, 0.62], "eval/accuracy_ci_low": [0.4, 0.55],
+                           "eval/accuracy_ci_high": [0.6, 0.69], "eval/ece": [0.1, 0.08], "train/loss": [0.7, 0.6]}),
+        ("16", "FINISHED", {"eval/accuracy": [0.5, 0.71, 0.66], "eval/accuracy_ci_low": [0.4, 0.6, 0.58],
+                            "eval/accuracy_ci_high": [0.6, 0.8, 0.73], "eval/ece": [0.2, 0.05, 0.06]}),
+        ("30", "FAILED", {"train/loss": [0.7]}),
+    ])
+    out = write_report(client, parent, tmp_path / "report")
+    report = (out / "report.md").read_text()
+    header, *rows = table_rows(report)
+    assert header[:5] == ["job", "status", "num_layers", "eval/accuracy (final)", "best (step)"]
+    assert [row[:5] for row in rows] == [["rm num_layers=8", "FINISHED", "8", "0.62", "0.62 (1)"],
+                                         ["rm num_layers=16", "FINISHED", "16", "0.66", "0.71 (1)"],
+                                         ["rm num_layers=30", "FAILED", "30", "", ""]]
+    assert rows[1][header.index("eval/ece (final)")] == "0.06"
+    assert "Best: **rm num_layers=16**, 0.66" in report and "3 jobs, 2 finished, 1 not" in report
+    for png in ("num_layers_vs_metrics.png", "curves.png"):
+        assert (out / png).stat().st_size > 10_000 and f"]({png})" in report
+
+
+def test_the_report_of_an_online_rl_sweep_draws_reward_against_kl_and_a_group_swept_by_name(tmp_path):
+    from rlhf_exp.report import load_sweep, write_report
+
+    client, parent = fake_sweep(tmp_path, "grpo", "stage.clip_ratio", [
+        (ratio, "FINISHED", {"eval/reward_mean": [0.1, 0.2 + i / 10], "eval/kl": [0.0, 0.01 * (i + 1)],
+                             "train/reward_mean": [0.1, 0.3]}) for i, ratio in enumerate(("0.1", "0.2", "0.3"))])
+    out = write_report(client, parent, tmp_path / "grpo")
+    assert (out / "tradeoff.png").stat().st_size > 10_000 and "](tradeoff.png)" in (out / "report.md").read_text()
+
+    client, parent = fake_sweep(tmp_path / "loss", "dpo", "dpo_loss", [
+        (name, "FINISHED", {"eval/implicit_accuracy": [0.5, acc]}) for name, acc in (("ipo", 0.6), ("hinge", 0.7))],
+        group=True)
+    sweep = load_sweep(client, parent)  # not a param: read back from the overrides tag
+    assert [job.swept for job in sweep.jobs] == [{"dpo_loss": "ipo"}, {"dpo_loss": "hinge"}]
+    assert (write_report(client, parent, tmp_path / "dpo") / "dpo_loss_vs_metrics.png").is_file()
