@@ -147,6 +147,26 @@ def test_dpo_reference_on_the_fly_matches_the_precomputed_one(tmp_path):
     assert again["train/loss"] == pytest.approx(first["train/loss"], abs=1e-5)
 
 
+def test_sweep_jobs_from_one_policy_score_the_reference_once(tmp_path, monkeypatch):
+    """A beta sweep's jobs start from the same weights and visit the same pairs: the second job reads the
+    first's reference log-probs from paths.cache_dir (the same numbers); other weights score afresh."""
+    from rlhf_exp.data import disk_cache
+
+    real_cache, real_score, scored = disk_cache.cached_rows, DPOTrainer._score, []
+    monkeypatch.setattr(disk_cache, "cached_rows", lambda cache_dir, *rest: real_cache(
+        cache_dir and tmp_path / "cache", *rest))  # this test's own cache, whatever earlier runs left
+    monkeypatch.setattr(DPOTrainer, "_score", lambda self, model, pairs, desc: (
+        scored.append(desc), real_score(self, model, pairs, desc))[1])
+
+    first = build(DPOTrainer, dpo_config(tmp_path / "a", "stage.beta=0.1"), tmp_path)
+    assert len(scored) == 2  # the pairs training visits, and the held-out ones
+    second = build(DPOTrainer, dpo_config(tmp_path / "b", "stage.beta=0.5", "stage.lr=1e-3"), tmp_path)
+    assert len(scored) == 2
+    assert second.ref_train == first.ref_train and torch.equal(second.ref_val, first.ref_val)
+    other = build(DPOTrainer, dpo_config(tmp_path / "c", "seed=7"), tmp_path)  # other initial weights and split
+    assert len(scored) == 4 and not torch.equal(other.ref_val, first.ref_val)
+
+
 def test_dpo_run_logs_its_metrics_from_log2(tmp_path):
     run(dpo_config(tmp_path, "stage.lr=1e-3", "stage.max_steps=6", "stage.batch_size=4", "stage.eval_every=3",
                    "stage.beta=0.5"))

@@ -63,3 +63,32 @@ def write_json(path: Path | None, value: Any) -> None:
         os.replace(out.name, path)
     except OSError as error:
         log.warning("could not keep %s in the cache (%s)", path, error)
+
+
+def weights_hash(model) -> str:
+    """sha256 over every parameter and buffer of `model` (names, dtypes, shapes and bytes): two models
+    hash alike only if they compute alike. ~1 s per 500 MB of weights."""
+    import torch
+
+    parts: list[str | bytes] = []
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        parts += [f"{name}:{tensor.dtype}:{tuple(tensor.shape)}",
+                  tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()]
+    return digest(parts)
+
+
+def cached_rows(cache_dir: str | Path | None, kind: str, key_parts: Iterable[str | bytes], compute):
+    """`compute()` -> a float tensor [N, ...], kept under `cache_dir/<kind>/` keyed by `key_parts`, so a
+    later process that would compute the same rows (the next job of a sweep) reads them instead."""
+    import torch
+
+    path = None if cache_dir is None else Path(cache_dir) / kind / f"{digest(key_parts)[:32]}.json"
+    kept = read_json(path)
+    if isinstance(kept, dict) and {"dtype", "shape", "rows"} <= kept.keys():
+        log.info("%s read from the cache (%s)", kind, path)
+        return torch.tensor(kept["rows"], dtype=getattr(torch, kept["dtype"])).reshape(kept["shape"])
+    rows = compute()
+    write_json(path, {"dtype": str(rows.dtype).removeprefix("torch."), "shape": list(rows.shape),
+                      "rows": rows.reshape(-1).tolist()})
+    return rows

@@ -14,18 +14,22 @@ Log-probs are summed over response tokens only; chosen and rejected share one fo
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from rlhf_exp import distributed
 from rlhf_exp.data.batching import BatchStream, chunks
+from rlhf_exp.data import collate, disk_cache
 from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
 from rlhf_exp.losses.preference import DPO_LOSS_TYPES
 from rlhf_exp.metrics import wilson_interval
+from rlhf_exp.ops import logprobs
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.schema import StageConfig, in_range, key, one_of, positive
 from rlhf_exp.stages.base import Trainer
@@ -91,10 +95,24 @@ class DPOTrainer(Trainer):
         too when scoring all of them)."""
         whole = visit is None
         visit = self.planned_visits() if whole else visit
-        scores = self._score(model, [self.train_set[i] for i in visit], f"reference log-probs ({desc})")
+        scores = self._reference_scores(model, [self.train_set[i] for i in visit], f"reference log-probs ({desc})")
         self.ref_train.update({i: (float(c), float(r)) for i, (c, r) in zip(visit, scores)})
         if whole:
-            self.ref_val = self._score(model, self.val_set, "reference log-probs (held-out)")
+            self.ref_val = self._reference_scores(model, self.val_set, "reference log-probs (held-out)")
+
+    def _reference_scores(self, model, pairs, desc: str) -> torch.Tensor:
+        """`_score`, kept under paths.cache_dir: the jobs of a sweep over beta (or lr, loss type) start
+        from one policy and visit the same pairs, so only the first scores them. Keyed by the weights,
+        the pairs' tokens in order, the eval micro batch (padding), precision, device and this code."""
+        def key_parts():
+            yield "dpo-reference-logps-v1"
+            yield disk_cache.weights_hash(model)
+            yield f"{self.runtime.precision}:{self.device.type}:{self.micro_batch_size('eval')}"
+            yield from (Path(module.__file__).read_bytes() for module in (logprobs, collate, sys.modules[__name__]))
+            yield from (f"{p.prompt_ids}|{p.chosen_ids}|{p.rejected_ids}" for p in pairs)
+
+        return disk_cache.cached_rows(self.cfg.paths.cache_dir if pairs else None, "reference_logps",
+                                      key_parts(), lambda: self._score(model, pairs, desc))
 
     def reference_logps(self, indices: list[int], pairs) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is not None:
