@@ -192,6 +192,7 @@ def integer() -> Rule:
 class SweepConfig:
     objective: Optional[str] = None
     direction: Optional[str] = key(optional(one_of(("min", "max")), "the stage's"), default=None)
+    server: str = key(one_of(("auto", "always", "never")))
 
 
 @dataclass

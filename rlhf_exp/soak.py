@@ -14,9 +14,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +23,8 @@ from pathlib import Path
 
 import yaml
 from tqdm.auto import tqdm
+
+from rlhf_exp.tracking.server import MlflowServer
 
 # a run of seconds with every part of a real one (eval, samples, checkpoint, plots)
 TINY_JOB = ["model=tiny", "hardware=cpu", "hardware.precision=fp32", "hardware.num_threads=1", "stage.max_steps=3",
@@ -53,27 +52,6 @@ class SoakReport:
         return (f"{self.jobs} jobs, {len(self.failed_jobs)} failed; runs {self.runs} ({self.finished_runs} FINISHED); "
                 f"params {self.params_found}/{self.params_expected}; metric values "
                 f"{self.metrics_found}/{self.metrics_expected}; problems: {len(self.problems)}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder: Path, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
-         str(folder / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError("mlflow server did not start in 120 s")
 
 
 # Each job is a process of its own (its own tracker client, its own race to create a new database),
@@ -118,7 +96,7 @@ def flat(container, prefix: str = "") -> dict[str, str]:
 
 
 def count(uri: str, folder: Path, experiment: str, report: SoakReport) -> SoakReport:
-    """Compare what each run folder wrote with what the tracker holds."""
+    """Compare what each run folder under `folder` wrote with what the tracker holds."""
     from mlflow.tracking import MlflowClient
 
     from rlhf_exp.tracking.outbox import OUTBOX, records
@@ -129,7 +107,7 @@ def count(uri: str, folder: Path, experiment: str, report: SoakReport) -> SoakRe
     report.runs = len(runs)
     report.finished_runs = sum(r.info.status == "FINISHED" for r in runs)
     by_id = {r.info.run_id: r for r in runs}
-    for record in sorted((folder / "runs").glob("**/tracking.json")):
+    for record in sorted(folder.glob("**/tracking.json")):
         run_dir = record.parent
         run = by_id.get(json.loads(record.read_text())["run_id"])
         if run is None:
@@ -155,9 +133,8 @@ def soak(jobs: int, workers: int, folder: Path, tracking_uri: str | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     server = None
     if tracking_uri is None:
-        port = free_port()
-        server = start_server(folder, port)
-        tracking_uri = f"http://127.0.0.1:{port}"
+        server = MlflowServer(f"sqlite:///{folder / 'server.db'}", str(folder / "artifacts"), serve_artifacts=True)
+        tracking_uri = server.uri
     experiment = f"soak-{int(time.time())}"
     report = SoakReport(jobs=jobs)
     try:
@@ -167,11 +144,10 @@ def soak(jobs: int, workers: int, folder: Path, tracking_uri: str | None = None,
                 code, err = future.result()
                 if code != 0:
                     report.failed_jobs.append(f"job {i}: rc {code}: {err.strip().splitlines()[-1] if err.strip() else ''}")
-        return count(tracking_uri, folder, experiment, report)
+        return count(tracking_uri, folder / "runs", experiment, report)
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

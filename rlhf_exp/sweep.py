@@ -178,7 +178,9 @@ class SweepCallback(Callback):
         space = redact(swept_space(hydra_cfg))
         objective, direction = objective_of(config)
         stage = config.stage.name
-        tracker = MlflowTracker(config.tracking, config.paths.root_dir)
+        server = start_tracking_server(config, sweep_dir)
+        tracking = config.tracking if server is None else OmegaConf.merge(config.tracking, {"tracking_uri": server.uri})
+        tracker = MlflowTracker(tracking, config.paths.root_dir)
         keys = ", ".join(short_label(k) for k in space) or "no swept keys"
         params = {**{f"space.{key}": value for key, value in space.items()},
                   "sweeper": str(OmegaConf.select(hydra_cfg, "sweeper._target_")).rsplit(".", 1)[-1],
@@ -192,7 +194,7 @@ class SweepCallback(Callback):
                   "swept": list(space), "objective": objective, "direction": direction}
         (sweep_dir / SWEEP_RECORD).write_text(json.dumps(record, indent=2))
         _OPEN.update(tracker=tracker, sweep_dir=sweep_dir, objective=objective, direction=direction,
-                     started=time.time())
+                     started=time.time(), server=server)
         log.info("sweep %s: parent MLflow run %s (objective %s, %s)", sweep_dir.name, tracker.run_id,
                  objective, direction)
 
@@ -201,12 +203,48 @@ class SweepCallback(Callback):
             LAST_SUMMARY[:] = [close_sweep()]
 
 
+def start_tracking_server(config: DictConfig, sweep_dir: Path):
+    """An `mlflow server` over the configured SQLite file for this sweep (see sweep.server), or None.
+    Its jobs find its URI in sweep.json; it stops when the sweep closes."""
+    from rlhf_exp.tracking.mlflow_tracker import artifact_location, ready_client, tracking_uri
+    from rlhf_exp.tracking.server import MlflowServer
+
+    mode = OmegaConf.select(config, "sweep.server", default="auto")
+    uri = tracking_uri(config.tracking, config.paths.root_dir)
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_"))
+    parallel = not launcher.endswith("BasicLauncher")
+    if not uri.startswith("sqlite:"):
+        return None
+    remote = launcher.endswith("SlurmLauncher") or (  # jobs on other nodes
+        launcher.endswith("RayLauncher") and OmegaConf.select(config, "hydra.launcher.ray.init.address") is not None)
+    if remote:  # a server on this host's 127.0.0.1 is out of their reach; a shared file system may do
+        log.warning("hydra/launcher: %s runs jobs on other machines, which write %s directly (a file on a shared "
+                    "file system, one writer at a time): name a tracking server they reach instead "
+                    "(MLFLOW_TRACKING_URI=http://<host>:5000)", launcher.rsplit(".", 1)[-1], uri)
+        return None
+    if mode == "never" or (mode == "auto" and not parallel):
+        return None
+    ready_client(uri)  # create / migrate the file once, before the server and the jobs touch it
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    server = MlflowServer(uri, artifact_location(config.tracking, uri), log_path=sweep_dir / "mlflow_server.log")
+    log.info("sweep: jobs log through an mlflow server on %s over %s (sweep.server=%s)", server.uri, uri, mode)
+    return server
+
+
 def close_sweep(status: str | None = None) -> SweepSummary:
     """Count the open sweep's children, tag the best, log the report and close the parent (`status`: as
     the children say, or KILLED / FAILED when the sweep itself was stopped)."""
     tracker, sweep_dir = _OPEN.pop("tracker"), _OPEN.pop("sweep_dir")
-    objective, direction = _OPEN.pop("objective"), _OPEN.pop("direction")
+    objective, direction, server = _OPEN.pop("objective"), _OPEN.pop("direction"), _OPEN.pop("server", None)
     _OPEN.clear()
+    try:
+        return _close(tracker, sweep_dir, objective, direction, status)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str | None) -> SweepSummary:
     client, parent_id = tracker.client, tracker.run_id
     children = client.search_runs([client.get_run(parent_id).info.experiment_id], max_results=10_000,
                                   filter_string=f"tags.{PARENT_TAG} = '{parent_id}'")

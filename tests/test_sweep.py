@@ -4,6 +4,7 @@ objective returned and ranked, failed jobs kept as FAILED children, and the comp
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,21 @@ from omegaconf import OmegaConf
 
 from helpers import PAIRS, TINY, mlflow_runs, run_cli, tracked_env
 from rlhf_exp.config import compose_config
-from rlhf_exp.sweep import SweepJob, objective_of, short_label, swept_space
+from rlhf_exp.sweep import PARENT_TAG, SweepJob, objective_of, short_label, swept_space
 
 DPO = [*TINY, "stage=dpo", *PAIRS, "stage.max_steps=2", "stage.eval_every=1", "stage.eval_examples=8",
        "stage.num_samples=0", "hardware.micro_batch_size.dpo=2"]
+
+
+def with_hydra_node(*overrides: str):
+    """The composed config with its `hydra` node (launcher, sweeper), as `-m` would run it."""
+    from hydra import compose, initialize_config_dir
+
+    from rlhf_exp.config import CONF_DIR, register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
 def sweep_cli(tmp_path: Path, *args: str):
@@ -64,6 +76,67 @@ def test_a_beta_sweep_is_one_parent_run_with_a_named_child_per_job_and_a_report(
     assert "2 finished, 1 failed" in done.stdout
 
 
+def test_a_joblib_sweep_writes_through_a_server_it_starts_and_loses_no_run_param_or_metric(tmp_path):
+    """hydra/launcher=joblib runs jobs in worker processes at once; with a SQLite tracking URI the sweep
+    starts an mlflow server over that file (sweep.server=auto), every job logs through it, and it stops
+    with the sweep. The job with a bad beta is a FAILED child; nothing the others logged is missing."""
+    from rlhf_exp.soak import SoakReport, count
+
+    done, db = sweep_cli(tmp_path, "experiment=quick", "stage=dpo", "stage.max_steps=3", "stage.eval_every=3",
+                         "stage.beta=0.05,0.1,-1,0.3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                         "hardware.num_threads=1")
+    assert done.returncode == 1, done.stderr[-3000:]
+    [sweep_dir] = (tmp_path / "multi").iterdir()
+    served = json.loads((sweep_dir / "sweep.json").read_text())["tracking_uri"]
+    assert served.startswith("http://127.0.0.1:")
+    client, runs = mlflow_runs(db)  # the server has stopped: read its SQLite file
+    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep"]
+    children = sorted((r for r in runs if r is not parent), key=lambda r: int(r.data.tags["sweep_job"]))
+    assert [r.data.tags[PARENT_TAG] for r in children] == [parent.info.run_id] * 4
+    assert [r.info.status for r in children] == ["FINISHED", "FINISHED", "FAILED", "FINISHED"]
+    assert parent.info.status == "FINISHED" and parent.data.params["launcher"] == "JoblibLauncher"
+    assert (parent.data.tags["jobs_finished"], parent.data.tags["jobs_failed"]) == ("3", "1")
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert min(r.info.end_time for r in finished) > max(r.info.start_time for r in finished[:2])  # at once
+    counted = count(f"sqlite:///{db}", sweep_dir, "rlhf_exp/dpo", SoakReport(jobs=3))
+    assert not counted.problems, counted.problems
+    assert counted.params_found == counted.params_expected > 3 * 100
+    assert counted.metrics_found == counted.metrics_expected > 3 * 20
+    with pytest.raises(OSError):  # stopped with the sweep
+        socket.create_connection(("127.0.0.1", int(served.rsplit(":", 1)[1])), timeout=2).close()
+
+
+def test_the_submitit_local_launcher_runs_each_job_in_a_process_of_its_own_and_returns_its_objective(tmp_path):
+    """hydra/launcher=submitit_local (what submitit_slurm does on a cluster, here): each job is a new
+    process that finds its parent run through sweep.json; what it returns is the sweeper's objective."""
+    import pickle
+
+    done, db = sweep_cli(tmp_path, "experiment=quick", "stage=dpo", "stage.max_steps=2", "stage.eval_every=2",
+                         "stage.beta=0.05,0.3", "hydra/launcher=submitit_local", "hardware.num_threads=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = mlflow_runs(db)
+    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep"]
+    children = {r.data.tags["sweep_job"]: r for r in runs if r is not parent}
+    assert sorted(children) == ["0", "1"] and parent.data.params["launcher"] == "LocalLauncher"
+    assert {r.info.status for r in children.values()} == {"FINISHED"}
+    assert {r.data.tags[PARENT_TAG] for r in children.values()} == {parent.info.run_id}
+    [sweep_dir] = (tmp_path / "multi").iterdir()
+    results = sorted((sweep_dir / ".submitit").glob("*/*_result.pkl"))
+    assert len({path.parent.name for path in results}) == 2  # submitit's local job ids are the jobs' pids
+    returned = sorted(pickle.loads(path.read_bytes())[1].return_value for path in results)
+    assert returned == sorted(r.data.metrics["objective"] for r in children.values())
+
+
+def test_the_cluster_launcher_configs_compose():
+    """conf/hydra/launcher/slurm.yaml extends the plugin's submitit_slurm; ray.yaml names the Ray plugin."""
+    slurm = with_hydra_node("hydra/launcher=slurm").hydra.launcher
+    assert slurm._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (slurm.gpus_per_node, slurm.timeout_min, slurm.array_parallelism) == (1, 240, 8)
+    ray = with_hydra_node("hydra/launcher=ray").hydra.launcher
+    assert ray._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert ray.ray.remote.num_gpus == 1 and ray.ray.init.address is None
+
+
 def test_a_sweep_whose_every_job_failed_is_a_failed_parent(tmp_path):
     done, db = sweep_cli(tmp_path, *DPO, "stage.beta=-1,-2")
     assert done.returncode == 1
@@ -105,13 +178,7 @@ def test_swept_keys_come_from_the_command_line_and_the_preset():
     ("rm_size", "rm", "model.num_layers", "8,16,30"), ("clip_ratio", "sft", "stage.clip_ratio", "0.1,0.2,0.3"),
     ("kl_coef", "sft", "stage.kl_coef", "0.0,0.01,0.05,0.2")])
 def test_sweep_presets_set_their_stage_and_search_space(preset, stage, key, values):
-    from hydra import compose, initialize_config_dir
-
-    from rlhf_exp.config import CONF_DIR, register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"sweep={preset}", "hardware=cpu"], return_hydra_config=True)
+    cfg = with_hydra_node(f"sweep={preset}", "hardware=cpu")
     assert cfg.stage.name == stage
     assert cfg.hydra.sweeper.params[key] == values
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, TINY, run_cli
-from rlhf_exp.soak import free_port, start_server
+from rlhf_exp.tracking.server import MlflowServer, free_port
 
 
 STEPS = [*TINY, "stage.eval_every=null", "stage.num_samples=0", "hydra.job_logging.root.level=WARNING"]
@@ -33,7 +33,8 @@ class Server:
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "Server":
-        self.process = start_server(self.folder, self.port)
+        self.process = MlflowServer(f"sqlite:///{self.folder / 'server.db'}", str(self.folder / "artifacts"),
+                                    serve_artifacts=True, port=self.port).process
         return self
 
     def kill(self) -> None:
