@@ -29,7 +29,9 @@ setup: $(VENV)/.installed ## create .venv and install everything (once)
 run: setup ## the main job: SFT of the embedded SmolLM2 on vendored TL;DR, on CPU (ARGS="key=value ...")
 	$(PY) -m rlhf_exp $(ARGS)
 
-test: setup ## the test suite (tiny models; a few smoke tests on SmolLM2)
+test: setup ## the test suite (tiny models; a few smoke tests on SmolLM2; the MLflow UI test needs chromium + chromium-driver)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  echo "make test: tests/test_mlflow_ui.py needs Chromium and its driver: sudo apt-get install chromium chromium-driver (.ci/run does)"
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: setup ## the suite without the SmolLM2 smoke tests
@@ -38,6 +40,9 @@ test-fast: setup ## the suite without the SmolLM2 smoke tests
 soak: setup ## 50 tiny runs, 4 at a time, against an mlflow server on 127.0.0.1: counts every run, param and metric (ARGS="--jobs N --workers W")
 	$(PY) -m rlhf_exp.soak $(ARGS)
 
+report: setup ## a sweep's comparison report (table + plots, logged to its parent run): make report RUN=<parent run id | sweep folder>
+	$(PY) -m rlhf_exp.report $(RUN) $(ARGS)
+
 ui: setup ## the MLflow UI for this project's runs, on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
 	  --default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
@@ -45,4 +50,4 @@ ui: setup ## the MLflow UI for this project's runs, on http://127.0.0.1:$(MLFLOW
 clean-runs: ## delete local run folders (keeps mlflow.db)
 	rm -rf runs multiruns
 
-.PHONY: help setup run test test-fast soak ui clean-runs
+.PHONY: help setup run test test-fast soak report ui clean-runs

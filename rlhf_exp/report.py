@@ -269,7 +269,8 @@ def parent_and_uri(target: str, tracking_uri: str | None) -> tuple[str, str, Pat
     folder = Path(target)
     if (folder / SWEEP_RECORD).is_file():
         record = json.loads((folder / SWEEP_RECORD).read_text())
-        return record["parent_run_id"], tracking_uri or record["tracking_uri"], folder
+        # a sweep that started its own server (sweep.server) kept its runs in store_uri once it stopped
+        return record["parent_run_id"], tracking_uri or record.get("store_uri") or record["tracking_uri"], folder
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
     return target, uri, None
 

@@ -172,7 +172,7 @@ class SweepCallback(Callback):
         if OmegaConf.select(config, "tracking.backend") != "mlflow":
             return
         from rlhf_exp.app import git_commit
-        from rlhf_exp.tracking.mlflow_tracker import MlflowTracker
+        from rlhf_exp.tracking.mlflow_tracker import MlflowTracker, tracking_uri
 
         hydra_cfg = config.hydra
         sweep_dir = Path(hydra_cfg.sweep.dir)
@@ -192,18 +192,50 @@ class SweepCallback(Callback):
         if optuna_sweep.is_optuna(config):
             tags.update(redact(optuna_sweep.prepare(config, direction)))
         tracker.start(f"{stage} sweep: {keys}", params, tags)
+        view = share_ui_view(tracker, sweep_dir.name, [k for k in space if is_param(config, k)], objective, stage,
+                             base_url=tracker.uri if tracker.uri.startswith("http") and server is None else "")
+        if view:
+            tracker.set_tags({"ui_view": view})
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"parent_run_id": tracker.run_id, "tracking_uri": tracker.uri, "sweep_id": sweep_dir.name,
                   "swept": list(space), "objective": objective, "direction": direction}
+        if server is not None:  # where the runs are once the sweep's own server has stopped
+            record["store_uri"] = tracking_uri(config.tracking, config.paths.root_dir)
         (sweep_dir / SWEEP_RECORD).write_text(json.dumps(record, indent=2))
         _OPEN.update(tracker=tracker, sweep_dir=sweep_dir, objective=objective, direction=direction,
-                     started=time.time(), server=server)
+                     started=time.time(), server=server, view=view)
         log.info("sweep %s: parent MLflow run %s (objective %s, %s)", sweep_dir.name, tracker.run_id,
                  objective, direction)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _OPEN:
             LAST_SUMMARY[:] = [close_sweep()]
+
+
+def is_param(config: DictConfig, key: str) -> bool:
+    """Whether a swept key is a config value (a param of each job), not a config group (dpo_loss=ipo)."""
+    value = OmegaConf.select(config, key, default=None)
+    return value is not None and not OmegaConf.is_config(value)
+
+
+def share_ui_view(tracker, sweep_id: str, param_keys: list[str], objective: str, stage: str,
+                  base_url: str = "") -> str | None:
+    """An MLflow UI view of this sweep, saved in its experiment as MLflow's own shared views are (the
+    `mlflow.sharedViewState.<key>` tag): the runs table with the parent expanded and the swept params,
+    the objective and the stage's report metrics as columns. Returns the view's address (the UI's
+    "Columns" menu would otherwise start from none)."""
+    from rlhf_exp.stages import stage_spec
+
+    metrics = dict.fromkeys([OBJECTIVE_METRIC, objective, *stage_spec(stage).report_metrics])
+    state = {"selectedColumns": [f"params.`{k}`" for k in param_keys] + [f"metrics.`{m}`" for m in metrics],
+             "runsExpanded": {tracker.run_id: True}}
+    try:
+        experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+        tracker.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{sweep_id}", json.dumps(state))
+    except Exception as error:  # a convenience: the runs are tracked without it
+        log.warning("could not save the sweep's MLflow UI view (%s)", error)
+        return None
+    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}"
 
 
 def start_tracking_server(config: DictConfig, sweep_dir: Path):
@@ -239,15 +271,17 @@ def close_sweep(status: str | None = None) -> SweepSummary:
     the children say, or KILLED / FAILED when the sweep itself was stopped)."""
     tracker, sweep_dir = _OPEN.pop("tracker"), _OPEN.pop("sweep_dir")
     objective, direction, server = _OPEN.pop("objective"), _OPEN.pop("direction"), _OPEN.pop("server", None)
+    view = _OPEN.pop("view", None)
     _OPEN.clear()
     try:
-        return _close(tracker, sweep_dir, objective, direction, status)
+        return _close(tracker, sweep_dir, objective, direction, status, view)
     finally:
         if server is not None:
             server.stop()
 
 
-def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str | None) -> SweepSummary:
+def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str | None,
+           view: str | None) -> SweepSummary:
     client, parent_id = tracker.client, tracker.run_id
     children = client.search_runs([client.get_run(parent_id).info.experiment_id], max_results=10_000,
                                   filter_string=f"tags.{PARENT_TAG} = '{parent_id}'")
@@ -277,8 +311,9 @@ def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str
     tracker.finish(status or summary.status)
     where = f"; report: {summary.report_dir}/report.md" if summary.report_dir else ""
     best_note = f", best {summary.best_value:.4g} ({best.info.run_name})" if best else ""
+    view = f"\n  in the MLflow UI (make ui): {view}" if view else ""
     print(f"sweep {sweep_dir.name}: {summary.finished} finished, {summary.failed} failed{best_note}; "
-          f"MLflow parent run {parent_id}{where}")
+          f"MLflow parent run {parent_id}{where}{view}")
     return summary
 
 

@@ -109,6 +109,10 @@ def test_a_joblib_sweep_writes_through_a_server_it_starts_and_loses_no_run_param
     assert counted.metrics_found == counted.metrics_expected > 3 * 20
     with pytest.raises(OSError):  # stopped with the sweep
         socket.create_connection(("127.0.0.1", int(served.rsplit(":", 1)[1])), timeout=2).close()
+    from rlhf_exp.report import main as report  # made again later, from the folder: the runs are in the file
+
+    assert report([str(sweep_dir), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text().count("| dpo beta=") == 4
 
 
 def test_the_submitit_local_launcher_runs_each_job_in_a_process_of_its_own_and_returns_its_objective(tmp_path):
