@@ -285,6 +285,7 @@ def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str
     client, parent_id = tracker.client, tracker.run_id
     children = client.search_runs([client.get_run(parent_id).info.experiment_id], max_results=10_000,
                                   filter_string=f"tags.{PARENT_TAG} = '{parent_id}'")
+    children.sort(key=lambda r: int(r.data.tags.get("sweep_job", 0)))  # ties go to the first job, as in the report
     counts = {s: sum(r.info.status == s for r in children) for s in ("FINISHED", "FAILED")}
     scored = [r for r in children if r.info.status == "FINISHED" and objective in r.data.metrics]
     best = (max if direction == "max" else min)(scored, key=lambda r: r.data.metrics[objective], default=None)
