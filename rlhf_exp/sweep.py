@@ -111,8 +111,8 @@ def current_job() -> SweepJob | None:
         key, _, value = override.partition("=")
         if key.lstrip("+~") in sweep["swept"]:
             swept[key.lstrip("+~")] = value
-    return SweepJob(sweep["parent_run_id"], sweep["tracking_uri"], sweep["sweep_id"], int(hydra_cfg.job.num),
-                    swept, overrides)
+    number = int(hydra_cfg.job.num) + int(sweep.get("job_offset", 0))
+    return SweepJob(sweep["parent_run_id"], sweep["tracking_uri"], sweep["sweep_id"], number, swept, overrides)
 
 
 def job_overrides() -> list[str]:
@@ -189,16 +189,22 @@ class SweepCallback(Callback):
                   "objective": objective, "direction": direction}
         tags = {"rlhf_exp.role": "sweep", "sweep_id": sweep_dir.name, "sweep_dir": str(sweep_dir), "stage": stage,
                 "overrides": " ".join(redact(list(hydra_cfg.overrides.task))), "git_commit": git_commit()}
+        continued, job_offset = None, 0
         if optuna_sweep.is_optuna(config):
-            tags.update(redact(optuna_sweep.prepare(config, direction)))
-        tracker.start(f"{stage} sweep: {keys}", params, tags)
+            study = redact(optuna_sweep.prepare(config, direction))
+            tags.update(study)
+            if int(study["optuna.trials_before"]):  # a continued study goes on under the parent it had
+                continued, job_offset = continue_parent(tracker, study)
+                if continued is not None:
+                    tags["resumed_from"] = str(sweep_dir)
+        tracker.start(f"{stage} sweep: {keys}", params, tags, continue_run=continued)
         view = share_ui_view(tracker, sweep_dir.name, [k for k in space if is_param(config, k)], objective, stage,
                              base_url=tracker.uri if tracker.uri.startswith("http") and server is None else "")
         if view:
             tracker.set_tags({"ui_view": view})
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"parent_run_id": tracker.run_id, "tracking_uri": tracker.uri, "sweep_id": sweep_dir.name,
-                  "swept": list(space), "objective": objective, "direction": direction}
+                  "swept": list(space), "objective": objective, "direction": direction, "job_offset": job_offset}
         if server is not None:  # where the runs are once the sweep's own server has stopped
             record["store_uri"] = tracking_uri(config.tracking, config.paths.root_dir)
         (sweep_dir / SWEEP_RECORD).write_text(json.dumps(record, indent=2))
@@ -210,6 +216,28 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _OPEN:
             LAST_SUMMARY[:] = [close_sweep()]
+
+
+def continue_parent(tracker, study: dict[str, str]) -> tuple[str | None, int]:
+    """The parent run of an earlier search of this Optuna study (the newest), to continue instead of
+    starting a second one, and how many children it has (the continued jobs number on from there).
+    Its children left RUNNING were jobs of a search that was killed: closed KILLED."""
+    client = tracker.client
+    filters = " and ".join([f"tags.`rlhf_exp.role` = 'sweep'"] + [
+        f"tags.`{key}` = '{study[key]}'" for key in ("optuna.study", "optuna.storage")])
+    found = client.search_runs([tracker.experiment_id()], filter_string=filters, max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    if not found:
+        return None, 0
+    parent = found[0].info.run_id
+    children = client.search_runs([found[0].info.experiment_id], max_results=10_000,
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+    for child in children:
+        if child.info.status == "RUNNING":
+            client.set_tag(child.info.run_id, "killed_note", "its search was killed; the study continued")
+            client.set_terminated(child.info.run_id, status="KILLED")
+    log.info("optuna: continuing the study's parent MLflow run %s (%d jobs so far)", parent, len(children))
+    return parent, len(children)
 
 
 def is_param(config: DictConfig, key: str) -> bool:

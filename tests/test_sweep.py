@@ -182,10 +182,18 @@ def test_an_optuna_study_killed_after_two_trials_continues_to_four_from_its_stor
     assert len(trials) - 4 <= 1  # at most the trial the kill interrupted
     assert {t.params["stage.beta"] for t in trials[:2]}.isdisjoint(t.params["stage.beta"] for t in trials[-2:])
     client, runs = mlflow_runs(db)
-    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep" and r.info.status == "FINISHED"]
+    # one parent for the study: the killed search's, continued (not a second parent with half the trials)
+    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["resume_count"] == "1"
     assert parent.data.tags["optuna.trials_before"] == "2" and parent.data.tags["optuna.n_trials"] == "4"
     children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
-    assert sorted(r.data.metrics["objective"] for r in children) == sorted(t.value for t in trials[-2:])
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(r.data.metrics["objective"] for r in finished) == sorted(t.value for t in trials
+                                                                           if t.state == TrialState.COMPLETE)
+    assert {r.info.status for r in children} <= {"FINISHED", "KILLED"}  # the interrupted job's, if any
+    numbers = [int(r.data.tags["sweep_job"]) for r in children]
+    assert sorted(numbers) == list(range(len(children)))  # the continued jobs number on, no clash
+    assert parent.data.tags["jobs_finished"] == "4"
 
 
 def test_a_sweep_whose_every_job_failed_is_a_failed_parent(tmp_path):

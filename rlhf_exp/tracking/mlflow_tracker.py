@@ -157,7 +157,7 @@ class MlflowTracker(Tracker):
         self.outbox: Outbox | None = None
         self.run_dir: Path | None = None
 
-    def _experiment_id(self) -> str:
+    def experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment_name)
         if found is None:
             try:
@@ -183,7 +183,7 @@ class MlflowTracker(Tracker):
             self.run_id = self.client.create_run(experiment, run_name=run_name,
                                                  tags={**tags, "mlflow.parentRunId": parent_run_id}).info.run_id
         else:
-            self.run_id = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags).info.run_id
+            self.run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
         items = [Param(k, v) for k, v in sorted(values.items())]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
