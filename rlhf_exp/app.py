@@ -165,10 +165,26 @@ def record_run(tracker: Tracker, run_dir: Path, earlier: str | None) -> None:
         log.warning("run %s was left RUNNING by a process that died: marked KILLED", earlier)
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's)."""
+def resolve_run_references(cfg: DictConfig) -> dict[str, str]:
+    """Config values `run:<MLflow run id>[@best|@last]` become that run's checkpoint folder (a pipeline
+    resolves `run:<role>` itself, before this); returns lineage tags (`init_from`, `init_from_run_id`)."""
+    from rlhf_exp.lineage import lineage_tags, resolve_references
+
+    resolved_refs = resolve_references(cfg, roles={}, tracking=cfg.tracking, root_dir=cfg.paths.root_dir)
+    return lineage_tags(cfg, resolved_refs)
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, float]:
+    """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's).
+    `cfg.pipeline` set: the pipeline's stages in order (rlhf_exp.pipeline). `run_dir` and `job` (whose
+    child run this is: a `pipeline.PipelineJob`; a sweep's job is found on its own) are a pipeline's."""
+    if cfg.get("pipeline"):
+        from rlhf_exp.pipeline import run_pipeline
+
+        return run_pipeline(cfg)
     requested_precision = str(cfg.hardware.precision)
     cfg = resolved(cfg)
+    lineage_tags = resolve_run_references(cfg)
     validate(cfg)
     precision_reason = choose_precision(requested_precision, str(cfg.hardware.device))[1]
     log.info("precision: %s (%s)", cfg.hardware.precision, precision_reason)
@@ -181,12 +197,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     distributed.init(str(cfg.hardware.device))
     check_distributed(cfg)
     # torchrun: rank 0 picks the run folder (its clock and id) and the others use it; only it tracks
-    run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg)) if distributed.is_main() else None))
+    if run_dir is None:
+        run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg)) if distributed.is_main() else None))
+    run_dir.mkdir(parents=True, exist_ok=True)
     written = redact(OmegaConf.to_container(cfg, resolve=True))  # the config as stored: no secrets
     if distributed.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))
         redact_hydra_files()
-    job = sweep.current_job() if cfg.tracking.backend == "mlflow" else None
+    if job is None:
+        job = sweep.current_job() if cfg.tracking.backend == "mlflow" else None
     if job is not None:  # the sweep's tracker (where its parent run is)
         cfg.tracking.tracking_uri = job.tracking_uri
     tracker = make_tracker(cfg.tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
@@ -195,7 +214,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
             "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason,
-            "overrides": " ".join(sweep.job_overrides()), **(job.tags() if job else {})}
+            "overrides": " ".join(sweep.job_overrides()), **lineage_tags, **(job.tags() if job else {})}
     trainer, status = None, "FAILED"
     earlier = resumed_run(cfg, tracker)
     continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None
@@ -222,7 +241,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if distributed.is_main():
             log.warning("%s", stop)
             if stop.checkpoint:
-                print(f"{stop}\nresume with:\n  {resume_command(stop.checkpoint)}", file=sys.stderr)
+                again = getattr(job, "resume_command", None) or resume_command(stop.checkpoint)
+                print(f"{stop}\nresume with:\n  {again}", file=sys.stderr)
         raise
     except KeyboardInterrupt:
         status = "KILLED"

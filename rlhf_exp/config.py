@@ -112,8 +112,11 @@ def register_schemas() -> None:
 def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
     """The config `python -m rlhf_exp <overrides>` would run with (without the `hydra` node)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register_schemas()
+    if GlobalHydra.instance().is_initialized():  # inside `python -m rlhf_exp` (a pipeline composing its stages)
+        return compose(config_name="config", overrides=resolve_auto_hardware(overrides))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=resolve_auto_hardware(overrides))
 

@@ -153,6 +153,11 @@ class DataConfig:
     fields: Optional[Dict[str, str]] = None
     hub: Optional[Dict[str, Any]] = None
     on_bad_row: str = key(one_of(("error", "skip")), default="error")
+    # a pipeline's phase (sft | rm | rl | judge): train on that portion of the prompts (phase_split),
+    # evaluate on the held-out ones every phase shares; null: the whole data set
+    phase: Optional[str] = None
+    phase_split: Dict[str, float] = field(default_factory=lambda: {"sft": 2.0, "rm": 4.0, "rl": 4.0, "judge": 0.0})
+    phase_held_out: float = key(in_range(0, 1, "()"), default=0.1)
 
 
 @dataclass

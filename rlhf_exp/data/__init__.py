@@ -8,11 +8,13 @@ from collections import Counter
 from omegaconf import DictConfig
 
 from rlhf_exp.data.formats import PreferenceExample, SFTExample, get_format
-from rlhf_exp.data.splits import split_by_prompt
+from rlhf_exp.data.splits import split_by_phase, split_by_prompt
 from rlhf_exp.errors import ConfigError
 
 
 def _split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
+    if data_cfg.get("phase"):
+        return _phase_split(examples, data_cfg, seed, kind)
     if len(examples) <= data_cfg.val_size:
         raise ConfigError("data.val_size", f"{data_cfg.val_size} leaves no training data: "
                           f"data={data_cfg.name} has {len(examples)} {kind} examples")
@@ -20,6 +22,19 @@ def _split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
     if data_cfg.get("max_train_examples"):
         train = train[: data_cfg.max_train_examples]
     return train, val
+
+
+def _phase_split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
+    shares = dict(data_cfg.phase_split)
+    if data_cfg.phase not in shares:
+        raise ConfigError("data.phase", f"{data_cfg.phase!r} has no share in data.phase_split ({shares})")
+    train, val = split_by_phase(examples, data_cfg.phase, shares, data_cfg.phase_held_out, seed)
+    if not train:
+        raise ConfigError("data.phase_split", f"phase {data_cfg.phase!r} gets none of the {len(examples)} {kind} "
+                          f"examples of data={data_cfg.name} (shares {shares})")
+    if data_cfg.get("max_train_examples"):
+        train = train[: data_cfg.max_train_examples]
+    return train, val[: data_cfg.val_size]
 
 
 def load_sft_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None,

@@ -35,3 +35,30 @@ def split_by_prompt(examples: Sequence[T], val_size: int, seed: int) -> tuple[li
     val = [ex for i, ex in enumerate(examples) if i in val_rows]
     random.Random(seed + 1).shuffle(train)
     return train, val
+
+
+def prompt_position(prompt: str, seed: int) -> float:
+    """Where a prompt falls in [0, 1), fixed by the prompt and the seed alone: the same prompt lands in the
+    same place in every data set of a pipeline (the SFT posts and the preference pairs of TL;DR share them)."""
+    return int(hashlib.sha1(f"{seed}|{prompt}".encode("utf-8")).hexdigest()[:15], 16) / 16 ** 15
+
+
+def split_by_phase(examples: Sequence[T], phase: str, shares: dict[str, float], held_out: float,
+                   seed: int) -> tuple[list[T], list[T]]:
+    """(train, val) of one pipeline phase, as DeepSpeed-Chat splits one data set 2:4:4 over SFT, RM and RL:
+    prompts in the first `held_out` of [0, 1) are the evaluation prompts of every phase (no phase trains on
+    them); the rest is cut in the order of `shares` ({"sft": 2, "rm": 4, "rl": 4}), and `phase`'s portion
+    is its training data. Whole prompts move, so no prompt is in two phases."""
+    names = list(shares)
+    total = float(sum(shares.values()))
+    start = sum(shares[n] for n in names[: names.index(phase)]) / total
+    end = start + shares[phase] / total
+    train, val = [], []
+    for example in examples:
+        where = prompt_position(example.prompt, seed)
+        if where < held_out:
+            val.append(example)
+        elif start <= (where - held_out) / (1 - held_out) < end:
+            train.append(example)
+    random.Random(seed + 1).shuffle(train)
+    return train, val

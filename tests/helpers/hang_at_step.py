@@ -19,12 +19,14 @@ from rlhf_exp import distributed  # noqa: E402
 from rlhf_exp.stages.base import Trainer  # noqa: E402
 
 HANG_AT_STEP = int(os.environ["HANG_AT_STEP"])
+HANG_IN_STAGE = os.environ.get("HANG_IN_STAGE")  # only in this stage (a pipeline runs several)
 log_metrics = Trainer.log
 
 
 def log_then_hang(self: Trainer, metrics: dict[str, float]) -> None:
     log_metrics(self, metrics)
-    if self.step == HANG_AT_STEP and any(name.startswith("train/") for name in metrics):
+    if (self.step == HANG_AT_STEP and any(name.startswith("train/") for name in metrics)
+            and HANG_IN_STAGE in (None, self.stage.name)):
         marker = Path(os.environ["HANG_MARKER_DIR"], f"rank{distributed.rank()}")
         marker.with_name(f".{marker.name}").write_text(str(os.getpid()))
         os.replace(marker.with_name(f".{marker.name}"), marker)  # the test reads our pid: whole or absent

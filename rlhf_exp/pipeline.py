@@ -1,0 +1,227 @@
+"""The whole pipeline in one command: `python -m rlhf_exp experiment=tldr_pipeline`.
+
+`pipeline.stages` lists the stages in order, by role (sft, rm, judge, dpo, grpo, eval), each as the
+overrides that would launch it on its own; `run:<role>` in them names an earlier stage's checkpoint
+(rlhf_exp/lineage.py). Every stage is composed from `pipeline.common`, its own overrides, the command
+line's (so `hardware=cpu` reaches all of them) and `pipeline.extra.<role>`, and runs in this process as a
+child MLflow run of one parent run for the pipeline (experiment `rlhf_exp/pipeline`).
+
+Each stage runs in `<runs_dir>/pipelines/<name>/<role>-<config hash>`: the hash covers the stage's whole
+resolved config, its inputs' folders (which hold their own hashes) included. `pipeline.json` beside them
+records what finished, so running the same pipeline again skips every stage FINISHED with the same config,
+resumes one that was interrupted from its newest checkpoint (and the same MLflow run), and reruns the
+stages whose config or inputs changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from rlhf_exp.config import compose_config, flatten, resolved
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.lineage import Source, lineage_tags, resolve_references
+from rlhf_exp.redact import redact
+
+log = logging.getLogger(__name__)
+
+STATE = "pipeline.json"
+EXPERIMENT = "rlhf_exp/pipeline"
+# keys that do not change what a stage computes: where things are written and how they are tracked
+_NOT_HASHED = ("paths.", "tracking.", "stage.resume_from", "run_name", "hardware.num_threads", "pipeline.")
+
+
+@dataclass
+class PipelineJob:
+    """A stage of a pipeline, as app.run sees it: whose child run it is and how it is named."""
+
+    parent_run_id: str
+    tracking_uri: str
+    pipeline: str
+    role: str
+    config_hash: str
+    resume_command: str
+    inputs: dict[str, str] = field(default_factory=dict)  # lineage tags of the run: references resolved
+
+    def run_name(self, stage: str) -> str:
+        return self.role if self.role == stage else f"{self.role} ({stage})"
+
+    def tags(self) -> dict[str, str]:
+        return {"mlflow.parentRunId": self.parent_run_id, "pipeline_run_id": self.parent_run_id,
+                "pipeline": self.pipeline, "pipeline_role": self.role, "config_hash": self.config_hash,
+                **self.inputs}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of what the stage computes from: its resolved config without paths and tracking."""
+    flat = flatten(redact(OmegaConf.to_container(cfg, resolve=True)))
+    kept = {k: v for k, v in flat.items() if not k.startswith(_NOT_HASHED)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides the pipeline was launched with, less those that pick the pipeline itself."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task
+            if not o.lstrip("+~").startswith(("experiment=", "pipeline."))]
+
+
+def launch_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def stage_overrides(spec: DictConfig, role: str, user: list[str]) -> list[str]:
+    extra = (spec.get("extra") or {}).get(role) or []
+    return [*spec.get("common", []), *spec.stages[role], *user, *extra]
+
+
+def stages_to_run(spec: DictConfig) -> list[str]:
+    """The roles in order, up to `pipeline.until` (null: all of them)."""
+    roles = list(spec.stages)
+    until = spec.get("until")
+    if until is None:
+        return roles
+    if until not in roles:
+        raise ConfigError("pipeline.until", f"{until!r} is not a stage of this pipeline ({', '.join(roles)})")
+    return roles[: roles.index(until) + 1]
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    path = folder / STATE
+    return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".{STATE}.tmp"
+    staging.write_text(json.dumps(state, indent=2))
+    staging.replace(folder / STATE)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    from rlhf_exp.checkpoint import resume_point
+
+    try:
+        return resume_point(run_dir) != run_dir
+    except ConfigError:
+        return False
+
+
+def summary_line(role: str, metrics: dict[str, float], minutes: float) -> str:
+    """The stage's held-out figures in one line."""
+    wanted = ("eval/loss", "eval/accuracy", "eval/implicit_accuracy", "eval/margin", "eval/reward_mean", "eval/kl")
+    shown = ", ".join(f"{k.split('/', 1)[1]}={metrics[k]:.4g}" for k in wanted if k in metrics)
+    return f"pipeline: {role} finished in {minutes:.1f} min" + (f": {shown}" if shown else "")
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, float]:
+    """Run cfg.pipeline's stages in order (see the module docstring); returns the last stage's metrics."""
+    from rlhf_exp import app
+
+    spec = cfg.pipeline
+    if not spec.get("stages"):
+        raise ConfigError("pipeline.stages", "lists no stage")
+    folder = Path(OmegaConf.select(cfg, "paths.runs_dir")) / "pipelines" / spec.name
+    state = load_state(folder)
+    user = command_line_overrides()
+    again = shlex.join(["python", "-m", "rlhf_exp", *launch_overrides()])  # what resumes it: the same command
+    tracker = start_parent(cfg, spec, folder, state, user)
+    roles: dict[str, Source] = {}
+    metrics: dict[str, float] = {}
+    status = "FAILED"
+    try:
+        for role in stages_to_run(spec):
+            stage_cfg = resolved(compose_config(stage_overrides(spec, role, user)))
+            inputs = lineage_tags(stage_cfg, resolve_references(stage_cfg, roles))
+            digest = config_hash(stage_cfg)
+            run_dir = folder / f"{role}-{digest[:10]}"
+            record = state["stages"].get(role, {})
+            if record.get("status") == "FINISHED" and record.get("hash") == digest and run_dir.is_dir():
+                print(f"pipeline: {role} already finished with this config ({run_dir.name}): skipped")
+                roles[role] = Source(run_dir, record.get("run_id"))
+                metrics = record.get("metrics", {})
+                continue
+            if has_checkpoint(run_dir):
+                with read_write(stage_cfg):
+                    stage_cfg.stage.resume_from = str(run_dir)
+                print(f"pipeline: {role} was interrupted: resuming from {run_dir}")
+            job = None
+            if tracker is not None:
+                job = PipelineJob(tracker.run_id, tracker.uri, spec.name, role, digest, again, inputs)
+            state["stages"][role] = {"hash": digest, "run_dir": str(run_dir), "status": "RUNNING"}
+            save_state(folder, state)
+            started = time.time()
+            metrics = app.run(stage_cfg, run_dir=run_dir, job=job)
+            run_id = run_id_of(run_dir)
+            state["stages"][role].update(status="FINISHED", run_id=run_id, minutes=(time.time() - started) / 60,
+                                         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            save_state(folder, state)
+            roles[role] = Source(run_dir, run_id)
+            print(summary_line(role, metrics, (time.time() - started) / 60))
+        status = "FINISHED"
+    except BaseException as error:
+        from rlhf_exp.stopping import RunStopped
+
+        status = "KILLED" if isinstance(error, (KeyboardInterrupt, RunStopped)) else "FAILED"
+        raise
+    finally:
+        if tracker is not None:
+            close_parent(tracker, folder, state, status)
+    return metrics
+
+
+def run_id_of(run_dir: Path) -> str | None:
+    from rlhf_exp.app import RUN_RECORD
+
+    try:
+        return json.loads((run_dir / RUN_RECORD).read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def start_parent(cfg: DictConfig, spec: DictConfig, folder: Path, state: dict, user: list[str]):
+    """The pipeline's parent MLflow run (the one an earlier launch of this pipeline made, continued)."""
+    if OmegaConf.select(cfg, "tracking.backend") != "mlflow":
+        return None
+    from rlhf_exp.app import git_commit
+    from rlhf_exp.tracking.mlflow_tracker import MlflowTracker
+
+    tracking = OmegaConf.merge(cfg.tracking, {"experiment_name": EXPERIMENT})
+    tracker = MlflowTracker(tracking, cfg.paths.root_dir)
+    params = {f"stages.{role}": " ".join(overrides) for role, overrides in spec.stages.items()}
+    params["common"] = " ".join(spec.get("common", []))
+    tags = {"rlhf_exp.role": "pipeline", "pipeline": spec.name, "pipeline_dir": str(folder),
+            "overrides": " ".join(redact(user)), "git_commit": git_commit()}
+    tracker.start(f"pipeline {spec.name}", redact(params), tags, continue_run=state.get("parent_run_id"))
+    state["parent_run_id"] = tracker.run_id
+    save_state(folder, state)
+    return tracker
+
+
+def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
+    stages = state["stages"]
+    tracker.set_tags({"stages_finished": sum(s.get("status") == "FINISHED" for s in stages.values()),
+                      **{f"stage.{role}.run_id": s["run_id"] for role, s in stages.items() if s.get("run_id")}})
+    for role, record in stages.items():
+        summary = Path(record["run_dir"]) / "eval" / "summary.md"
+        if record.get("status") == "FINISHED" and summary.is_file():
+            for path in sorted(summary.parent.iterdir()):
+                tracker.log_artifact(str(path), f"eval/{role}")
+    tracker.log_artifact(str(folder / STATE), "pipeline")
+    tracker.finish(status)
+    experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
+    print(f"pipeline {status.lower()}: MLflow parent run {tracker.run_id}; to look at it: make ui, then "
+          f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{tracker.run_id}")

@@ -1,0 +1,365 @@
+"""Evaluation (`stage=eval`): policies answer the same held-out prompts and an independent judge compares them.
+
+The seeds' headline table (base vs SFT vs DPO vs GRPO on the same prompts), made a stage:
+- every policy (`stage.policies`: base, a checkpoint folder, `run:<role>` in a pipeline, an MLflow run id)
+  samples `samples_per_prompt` responses per held-out prompt with the same seed and sampling settings;
+- a judge that training never saw (`stage.judge`: a reward model trained on a split disjoint from the RM
+  phase's, or any `AutoModelForSequenceClassification` reward model) scores them, the human reference
+  and, beside it, the training reward model (`stage.train_rm`), so reward hacking shows as a gap;
+- win rate against the reference and against `stage.baseline` (SFT) with Wilson intervals, the
+  length-controlled win rate (AlpacaEval 2; rlhf_exp/judging.py) with a bootstrap interval, sampled KL to
+  `stage.kl_reference` per sequence and per token, length, EOS rate, ROUGE-L to the reference, distinct-n,
+  and the judges' accuracy on held-out preference pairs;
+- a side-by-side table of the first prompts answered by every policy (markdown + an MLflow table), the
+  summary table (printed, markdown, MLflow) and a plot of judge win rate against KL.
+Nothing trains: `fit` runs the passes above and returns the metrics (`eval/<policy>/<metric>`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from rlhf_exp.data import load_preference_splits, load_sft_splits
+from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+from rlhf_exp.data.formats import FORMATS
+from rlhf_exp.data.tokens import encode_prompt, stop_token_ids
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.judging import (distinct_n, interval_text, length_controlled_win_rate, rouge_l, sampled_kl,
+                              win_rate, win_scores, words)
+from rlhf_exp.metrics import wilson_interval
+from rlhf_exp.ops.logprobs import response_logprobs
+from rlhf_exp.schema import StageConfig, key, positive
+from rlhf_exp.stages.base import Trainer
+from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, StageSpec, micro_batch, sequence_tokens
+
+log = logging.getLogger(__name__)
+
+BASE = "base"  # the policy named so is cfg.model itself (no checkpoint)
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    # name -> where its weights are: "base" (cfg.model), a checkpoint folder, run:<role>[@best] in a
+    # pipeline, or an MLflow run id (its checkpoint_dir tag). Evaluated in this order.
+    policies: Any = None  # {name: where}; null: {base: base}
+    baseline: Optional[str] = None         # the policy the others are compared with (null: the reference only)
+    kl_reference: Optional[str] = None     # the policy KL is measured to (null: no KL)
+    judge: Optional[str] = None            # a reward model folder (stage=rm's, or a sequence-classification one)
+    train_rm: Optional[str] = None         # the reward model training used, scored beside the judge
+    samples_per_prompt: int = key(positive())
+    side_by_side: int = key(positive())    # prompts in the side-by-side table
+    bootstrap_resamples: int = key(positive())
+
+
+@dataclass
+class Answers:
+    """One policy's responses: [prompts x samples], a prompt's samples adjacent."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    ended: torch.Tensor                      # [N] bool: stopped on a stop token
+    logp: torch.Tensor | None = None         # [N] summed log-prob under the policy (sampling temperature)
+    reference_logp: torch.Tensor | None = None  # [N] the same under stage.kl_reference
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # judge name -> [N]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(r) for r in self.ids], dtype=torch.float64)
+
+
+class Scorer:
+    """A reward model as a judge: stage=rm's folders through RewardModelScorer, anything else through
+    `AutoModelForSequenceClassification` (a hub id or folder; num_labels 1, prompt + response as text)."""
+
+    def __init__(self, path: str, device, precision: str, batch_size: int):
+        from rlhf_exp.models.reward import is_reward_model_folder
+        from rlhf_exp.models.peft import weights_folder
+        from rlhf_exp.rewards import RewardModelScorer
+
+        self.device, self.batch_size = device, batch_size
+        if Path(path).exists() and is_reward_model_folder(weights_folder(path)):
+            self.score = RewardModelScorer(path, batch_size=batch_size, device=str(device), precision=precision)
+            return
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as error:
+            raise ConfigError("stage.judge", f"{path} is neither a reward model folder of stage=rm nor a "
+                              f"sequence-classification model transformers can load ({error})") from None
+        self.score = self._classifier
+
+    @torch.no_grad()
+    def _classifier(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+        out: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            texts = [p + c for p, c in zip(prompts[start:start + self.batch_size],
+                                           completions[start:start + self.batch_size])]
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+            out += self.model(**batch).logits[:, 0].float().tolist()
+        return out
+
+
+class PolicyEvaluator(Trainer):
+    def fit(self) -> dict[str, float]:
+        from rlhf_exp.models import load_tokenizer
+
+        stage, data = self.stage, self.cfg.data
+        policies = dict(stage.policies or {BASE: BASE})
+        for role in (stage.baseline, stage.kl_reference):
+            if role is not None and role not in policies:
+                raise ConfigError("stage.baseline" if role == stage.baseline else "stage.kl_reference",
+                                  f"{role!r} is not one of stage.policies ({', '.join(policies)})")
+        self.tokenizer = load_tokenizer(self.cfg.model, self.cfg.paths.cache_dir)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, FORMATS[data.format].chat)
+        _, held_out = load_sft_splits(data, self.tokenizer, self.cfg.seed, cache_dir=self.cfg.paths.cache_dir)
+        held_out = held_out[: stage.eval_examples] if stage.eval_examples else held_out
+        self.examples = held_out
+        self.prompt_ids = [encode_prompt(ex.prompt, self.tokenizer, data.max_prompt_tokens) for ex in held_out]
+        samples = stage.samples_per_prompt
+        self.prompts = [ex.prompt for ex in held_out for _ in range(samples)]
+        self.references = [ex.completion for ex in held_out for _ in range(samples)]
+        self.tracker.set_tags({"data.num_eval": len(held_out), "eval.policies": json.dumps(policies)})
+
+        answers = {name: self.answer(name, where) for name, where in policies.items()}
+        if stage.kl_reference is not None:
+            self.score_under(policies[stage.kl_reference], stage.kl_reference, answers)
+        judges = {name: path for name, path in (("judge", stage.judge), ("train_rm", stage.train_rm)) if path}
+        reference_scores, pair_accuracy = {}, {}
+        for name, path in judges.items():
+            reference_scores[name], pair_accuracy[name] = self.judge_all(name, path, answers)
+        metrics, rows = self.compare(answers, reference_scores)
+        for name, (correct, n) in pair_accuracy.items():
+            low, high = wilson_interval(correct, n)
+            metrics.update({f"eval/{name}/pair_accuracy": correct / n if n else float("nan"),
+                            f"eval/{name}/pair_accuracy_low": low, f"eval/{name}/pair_accuracy_high": high})
+        self.log(metrics)
+        self.write_outputs(answers, rows, reference_scores, pair_accuracy)
+        return dict(metrics)
+
+    # ------------------------------------------------------------------ passes
+    def policy_cfg(self, where: str) -> DictConfig:
+        model_cfg = OmegaConf.create(OmegaConf.to_container(self.cfg.model, resolve=True))
+        if where != BASE:
+            model_cfg.init_from = where
+            model_cfg.num_layers = None  # a checkpoint holds the layers it was trained with
+        return model_cfg
+
+    def load(self, where: str):
+        from rlhf_exp.models import load_causal_lm
+
+        return load_causal_lm(self.policy_cfg(where), self.cfg.paths.cache_dir, self.tokenizer).to(self.device).eval()
+
+    @torch.no_grad()
+    def answer(self, name: str, where: str) -> Answers:
+        """Sample from policy `name`: the same generator seed for every policy, so they differ only by weights."""
+        model = self.load(where)
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        ids: list[list[int]] = []
+        size = self.micro_batch_size("eval")
+        samples = self.stage.samples_per_prompt
+        for start in tqdm(range(0, len(self.prompt_ids), size), desc=f"eval: {name} answers", unit="batch",
+                          leave=False):
+            ids += self.sample(self.prompt_ids[start:start + size], samples, model, generator=generator)
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        ended = torch.tensor([bool(r) and r[-1] in self.stop_token_ids for r in ids])
+        answers = Answers(ids, texts, ended)
+        answers.logp = self.sequence_logps(model, answers.ids, f"eval: {name} log-probs")
+        del model
+        return answers
+
+    def sequence_logps(self, model, responses: Sequence[Sequence[int]], desc: str) -> torch.Tensor:
+        """[N] each response's summed log-prob under `model` at the sampling temperature."""
+        prompts = [ids for ids in self.prompt_ids for _ in range(self.stage.samples_per_prompt)]
+        items = [TokenizedSFT(list(p), list(r)) for p, r in zip(prompts, responses)]
+        temperature = float(self.stage.generation.temperature)
+
+        def chunk_logps(chunk: list[TokenizedSFT]) -> torch.Tensor:
+            batch = collate_sft(chunk, self.tokenizer.pad_token_id)
+            lengths = torch.tensor([len(x.response_ids) for x in chunk])
+            with self.runtime.autocast():
+                logps, mask, _ = response_logprobs(model, batch["input_ids"].to(self.device),
+                                                   torch.tensor([len(x.prompt_ids) for x in chunk]), lengths,
+                                                   temperature)
+            return (logps * mask).sum(-1)
+
+        return self.score_in_length_order(model, items, lambda x: len(x.prompt_ids) + len(x.response_ids),
+                                          chunk_logps, desc=desc).double()
+
+    def score_under(self, where: str, reference: str, answers: dict[str, Answers]) -> None:
+        model = self.load(where)
+        for name, answer in answers.items():
+            answer.reference_logp = (answer.logp if name == reference else
+                                     self.sequence_logps(model, answer.ids, f"eval: {name} under {reference}"))
+        del model
+
+    def judge_all(self, judge: str, path: str, answers: dict[str, Answers]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Score every policy's responses and the references with `path`; its accuracy on held-out pairs."""
+        scorer = Scorer(path, self.device, str(self.cfg.hardware.precision), self.micro_batch_size("eval"))
+        for name, answer in tqdm(answers.items(), desc=f"eval: {judge} scores", leave=False):
+            answer.scores[judge] = torch.tensor(scorer.score(prompts=self.prompts, completions=answer.texts),
+                                                dtype=torch.float64)
+        references = torch.tensor(scorer.score(prompts=self.prompts, completions=self.references), dtype=torch.float64)
+        _, pairs = load_preference_splits(self.cfg.data, self.tokenizer, self.cfg.seed,
+                                          cache_dir=self.cfg.paths.cache_dir)
+        pairs = pairs[: self.stage.eval_examples] if self.stage.eval_examples else pairs
+        prompts = [p.prompt for p in pairs]
+        chosen = torch.tensor(scorer.score(prompts=prompts, completions=[p.chosen for p in pairs]))
+        rejected = torch.tensor(scorer.score(prompts=prompts, completions=[p.rejected for p in pairs]))
+        return references, (int((chosen > rejected).sum()), len(pairs))
+
+    # ------------------------------------------------------------------ numbers
+    def compare(self, answers: dict[str, Answers], reference_scores: dict[str, torch.Tensor]):
+        """eval/<policy>/<metric> and the summary table's rows."""
+        stage = self.stage
+        metrics: dict[str, float] = {}
+        rows = []
+        reference_words = [words(t) for t in self.references]
+        reference_lengths = torch.tensor([len(self.tokenizer(t, add_special_tokens=False).input_ids) + 1
+                                          for t in self.references], dtype=torch.float64)
+        for name, answer in answers.items():
+            answer_words = [words(t) for t in answer.texts]
+            row: dict[str, float | str] = {"policy": name}
+            values = {"length": float(answer.lengths.mean()), "eos_rate": float(answer.ended.float().mean()),
+                      "rouge_l": sum(map(rouge_l, answer_words, reference_words)) / len(answer_words),
+                      "distinct_1": distinct_n(answer_words, 1), "distinct_2": distinct_n(answer_words, 2)}
+            if answer.reference_logp is not None:
+                values["kl_seq"], values["kl_token"] = sampled_kl(answer.logp, answer.reference_logp, answer.lengths)
+            for judge, scores in answer.scores.items():
+                values[f"{judge}_score"] = float(scores.mean())
+                comparisons = [("reference", reference_scores[judge], reference_lengths)]
+                # the training RM beside the judge against the reference only (the table stays readable)
+                if stage.baseline is not None and name != stage.baseline and judge == "judge":
+                    base = answers[stage.baseline]
+                    comparisons.append((stage.baseline, base.scores[judge], base.lengths))
+                for other, other_scores, other_lengths in comparisons:
+                    wins = win_scores(scores, other_scores)
+                    rate = win_rate(wins)
+                    lc = length_controlled_win_rate(wins, answer.lengths - other_lengths,
+                                                    stage.bootstrap_resamples, self.cfg.seed)
+                    prefix = f"{judge}_win_vs_{other}"
+                    values.update({prefix: rate[0], f"{prefix}_low": rate[1], f"{prefix}_high": rate[2],
+                                   f"{judge}_lc_win_vs_{other}": lc[0], f"{judge}_lc_win_vs_{other}_low": lc[1],
+                                   f"{judge}_lc_win_vs_{other}_high": lc[2]})
+                    row[f"{judge} win vs {other}"] = interval_text(*rate)
+                    row[f"{judge} LC win vs {other}"] = interval_text(*lc)
+            for metric, value in values.items():
+                metrics[f"eval/{name}/{metric}"] = value
+            row.update({k: round(v, 4) for k, v in values.items() if "_win_" not in k})
+            rows.append(row)
+        return metrics, rows
+
+    # ------------------------------------------------------------------ what people look at
+    def write_outputs(self, answers: dict[str, Answers], rows: list[dict], reference_scores: dict[str, torch.Tensor],
+                      pair_accuracy: dict[str, tuple[int, int]]) -> None:
+        folder = self.run_dir / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        table = markdown_table(rows, ["policy", *[k for k in rows[0] if " win " in k],
+                                      *[k for k in rows[0] if k.endswith("_score")],
+                                      "kl_seq", "kl_token", "length", "eos_rate", "rouge_l", "distinct_2"])
+        accuracy = "".join(f"\n{name} accuracy on {n} held-out preference pairs: "
+                           f"{interval_text(c / n, *wilson_interval(c, n))}" for name, (c, n) in pair_accuracy.items() if n)
+        summary = (f"# Policies on {len(self.examples)} held-out prompts x {self.stage.samples_per_prompt} samples "
+                   f"({self.cfg.data.name})\n\nWin rates: 95% Wilson intervals; LC = length-controlled (AlpacaEval 2), "
+                   f"95% paired bootstrap. KL to {self.stage.kl_reference} (sampled, nats).\n\n{table}\n{accuracy}\n")
+        side = self.side_by_side(answers, reference_scores)
+        (folder / "summary.md").write_text(summary)
+        (folder / "side_by_side.md").write_text(side)
+        results = {"rows": rows, "samples": self.sample_rows(answers, reference_scores)}
+        (folder / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        for path in ("summary.md", "side_by_side.md", "results.json"):
+            self.tracker.log_artifact(str(folder / path), "eval")
+        self.tracker.log_table(results["samples"], "eval/side_by_side.json")
+        self.plot(rows, folder)
+        print(summary)
+
+    def sample_rows(self, answers: dict[str, Answers], reference_scores) -> list[dict]:
+        rows = []
+        samples = self.stage.samples_per_prompt
+        for i in range(min(self.stage.side_by_side, len(self.examples))):
+            row = {"prompt": self.examples[i].prompt[-500:], "reference": self.references[i * samples]}
+            for judge, scores in reference_scores.items():
+                row[f"reference {judge}"] = round(float(scores[i * samples]), 3)
+            for name, answer in answers.items():
+                row[name] = answer.texts[i * samples]
+                for judge, scores in answer.scores.items():
+                    row[f"{name} {judge}"] = round(float(scores[i * samples]), 3)
+            rows.append(row)
+        return rows
+
+    def side_by_side(self, answers: dict[str, Answers], reference_scores) -> str:
+        parts = ["# The same held-out prompts, answered by every policy (first sample; judge scores in brackets)\n"]
+        for number, row in enumerate(self.sample_rows(answers, reference_scores), 1):
+            judge = next(iter(reference_scores), None)
+            parts.append(f"## Prompt {number}\n\n```\n{row['prompt']}\n```\n")
+            lines = ["| who | response | " + (f"{judge} |" if judge else ""), "|---|---|" + ("---|" if judge else "")]
+            for who in ["reference", *answers]:
+                text = row[who].replace("|", "\\|").replace("\n", " ")
+                score = row.get(f"{who} {judge}") if who != "reference" else row.get(f"reference {judge}")
+                lines.append(f"| {who} | {text} | " + (f"{score} |" if judge else ""))
+            parts.append("\n".join(lines) + "\n")
+        return "\n".join(parts)
+
+    def plot(self, rows: list[dict], folder: Path) -> None:
+        """Judge win rate against the reference, against KL to the KL reference: where each policy sits."""
+        from rlhf_exp.tracking.plots import close, plt
+
+        metric = "judge_win_vs_reference"
+        points = [(r["policy"], self.last_metrics.get(f"eval/{r['policy']}/kl_seq"),
+                   self.last_metrics.get(f"eval/{r['policy']}/{metric}"),
+                   self.last_metrics.get(f"eval/{r['policy']}/{metric}_low"),
+                   self.last_metrics.get(f"eval/{r['policy']}/{metric}_high")) for r in rows]
+        points = [p for p in points if p[1] is not None and p[2] is not None]
+        if not points:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for name, kl, rate, low, high in points:
+            ax.errorbar([kl], [rate], yerr=[[rate - low], [high - rate]], fmt="o", capsize=4, label=name)
+            ax.annotate(name, (kl, rate), textcoords="offset points", xytext=(6, 4))
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel(f"KL to {self.stage.kl_reference} per sequence (sampled, nats)")
+        ax.set_ylabel("judge win rate vs the human reference")
+        ax.set_title("policies: judge win rate against KL")
+        try:
+            fig.savefig(folder / "winrate_vs_kl.png", bbox_inches="tight")
+            self.tracker.log_figure(fig, "eval/winrate_vs_kl.png")
+        finally:
+            close(fig)
+
+    def close(self) -> None:
+        import gc
+
+        gc.collect()
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    columns = [c for c in dict.fromkeys(columns) if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column, "")
+            cells.append(f"{value:.4g}" if isinstance(value, float) and not math.isnan(value) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def memory(cfg: DictConfig) -> StageMemory:
+    micro = micro_batch(cfg, "eval")
+    prompt, response = sequence_tokens(cfg)
+    return StageMemory([HeldModel("policy")], [], kv_cache=(micro, prompt + response),
+                       notes=["one policy at a time, then the judges; nothing trains"])
+
+
+STAGE = StageSpec(name="eval", config=EvalConfig, trainer=PolicyEvaluator, micro_batch="eval", memory=memory,
+                  objective=("eval/judge_score", "max"), report_metrics=())

@@ -1,0 +1,53 @@
+"""The statistics stage=eval judges policies with (rlhf_exp/judging.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_exp.judging import (distinct_n, lcs_length, length_controlled_win_rate, rouge_l, sampled_kl, win_rate,
+                              win_scores)
+
+
+def test_a_tie_is_half_a_win_and_the_interval_holds_the_rate():
+    wins = win_scores(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0]))
+    assert wins.tolist() == [1.0, 0.5, 0.0, 1.0]
+    rate, low, high = win_rate(wins)
+    assert rate == 0.625 and 0 < low < rate < high < 1
+
+
+def test_length_control_removes_a_win_rate_that_comes_only_from_length():
+    """A judge that prefers whatever is longer: a policy that is mostly longer wins ~3/4 of the time; at
+    equal length its wins are a coin flip, and the length-controlled rate says ~0.5."""
+    generator = torch.Generator().manual_seed(0)
+    n = 1000
+    difference = 4 + 6 * torch.randn(n, generator=generator, dtype=torch.float64)  # tokens longer, mostly
+    wins = (torch.rand(n, generator=generator) < torch.sigmoid(difference / 2)).float()
+    raw = win_rate(wins)[0]
+    lc, low, high = length_controlled_win_rate(wins, difference, resamples=200)
+    assert raw > 0.7, raw
+    assert low < 0.5 < high and abs(lc - 0.5) < 0.1
+    # a policy that is better at every length keeps its edge
+    better = (torch.rand(n, generator=generator) < torch.sigmoid(difference / 2 + 1.5)).float()
+    assert length_controlled_win_rate(better, difference, resamples=200)[1] > 0.6
+
+
+def test_rouge_l_is_the_longest_common_subsequence_f1():
+    assert lcs_length("abcde", "ace") == 3 and lcs_length("", "abc") == 0
+    # candidate 4 words, reference 5, common subsequence "the cat on mat": P = 4/4, R = 4/5
+    assert rouge_l("the cat on mat".split(), "the cat sat on mat".split()) == pytest.approx(2 * 1 * 0.8 / 1.8)
+    assert rouge_l([], ["a"]) == 0.0 and rouge_l(["a"], ["b"]) == 0.0
+
+
+def test_distinct_n_counts_repeats_across_responses():
+    assert distinct_n([["a", "b"], ["a", "b"]], 1) == 0.5
+    assert distinct_n([["a", "b", "c"], ["d", "e"]], 2) == 1.0
+    assert distinct_n([["a"]], 2) == 0.0
+
+
+def test_sampled_kl_per_sequence_and_per_token():
+    per_sequence, per_token = sampled_kl(torch.tensor([-2.0, -4.0]), torch.tensor([-3.0, -7.0]), torch.tensor([2, 6]))
+    assert per_sequence == pytest.approx(2.0) and per_token == pytest.approx(4 / 8)
+    assert math.isnan(sampled_kl(torch.zeros(1), torch.zeros(1), torch.zeros(1))[1])

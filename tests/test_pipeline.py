@@ -1,0 +1,142 @@
+"""experiment=*_pipeline: the stages in order as children of one parent run, inputs named by role, a rerun
+that trains nothing, a killed stage resumed, and the data split per phase (rlhf_exp/pipeline.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import ROOT, mlflow_runs, run_cli, tracked_env
+from rlhf_exp.config import compose_config
+from rlhf_exp.data.splits import split_by_phase
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.lineage import Source, resolve_references
+from rlhf_exp.pipeline import config_hash
+
+QUICK = ["experiment=quick_pipeline", "hardware=cpu", "hardware.num_threads=1"]
+ROLES = ["sft", "rm", "judge", "dpo", "grpo", "eval"]
+
+
+def children_by_role(db: Path):
+    client, runs = mlflow_runs(db)
+    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "pipeline"]
+    children = {r.data.tags["pipeline_role"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return parent, children, runs
+
+
+def test_the_pipeline_runs_each_stage_as_a_child_with_its_inputs_by_role_and_a_rerun_trains_nothing(tmp_path):
+    env = tracked_env(tmp_path)
+    done = run_cli(*QUICK, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    db = tmp_path / "m.db"
+    parent, children, runs = children_by_role(db)
+    assert parent.info.status == "FINISHED" and sorted(children) == sorted(ROLES)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    sft = children["sft"]
+    sft_final = Path(sft.data.tags["run_dir"]) / "checkpoints" / "final"
+    for role in ("rm", "judge", "dpo", "grpo"):  # model.init_from: run:sft, resolved and recorded
+        assert children[role].data.tags["init_from"] == str(sft_final)
+        assert children[role].data.tags["init_from_run_id"] == sft.info.run_id
+        assert children[role].data.tags["pipeline_run_id"] == parent.info.run_id
+    rm_final = Path(children["rm"].data.tags["run_dir"]) / "checkpoints" / "final"
+    assert children["grpo"].data.params["reward.fn.path"] == str(rm_final)
+    assert children["grpo"].data.tags["input.reward.fn.path.run_id"] == children["rm"].info.run_id
+    assert children["judge"].data.params["data.phase"] == "judge" and children["rm"].data.params["data.phase"] == "rm"
+    # the evaluation: every policy, both judges, printed and logged
+    summary = (Path(children["eval"].data.tags["run_dir"]) / "eval" / "summary.md").read_text()
+    for name in ("base", "sft", "dpo", "grpo"):
+        assert f"| {name} |" in summary
+    assert "judge win vs sft" in summary and "judge accuracy on" in done.stdout
+    metrics = children["eval"].data.metrics
+    assert 0 <= metrics["eval/dpo/judge_win_vs_sft_low"] <= metrics["eval/dpo/judge_win_vs_sft"] <= \
+        metrics["eval/dpo/judge_win_vs_sft_high"] <= 1
+    assert metrics["eval/sft/kl_seq"] == 0.0  # KL of the reference to itself
+    assert "pipeline finished: MLflow parent run" in done.stdout
+
+    again = run_cli(*QUICK, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished with this config") == len(ROLES)
+    assert len(mlflow_runs(db)[1]) == len(runs)  # no new run: nothing trained
+
+    # a changed DPO setting reruns DPO and what reads it (eval), not the rest
+    changed = run_cli(*QUICK, "pipeline.extra.dpo=['stage.max_steps=2','stage.beta=0.3']", env=env)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    skipped = {role for role in ROLES if f"pipeline: {role} already finished" in changed.stdout}
+    assert skipped == {"sft", "rm", "judge", "grpo"}
+
+
+def test_a_pipeline_killed_during_its_rm_stage_resumes_there_when_run_again(tmp_path):
+    env = {**os.environ, **tracked_env(tmp_path), "HANG_AT_STEP": "3", "HANG_IN_STAGE": "rm",
+           "HANG_MARKER_DIR": str(tmp_path)}
+    args = [*QUICK, "pipeline.until=rm"]
+    job = subprocess.Popen([sys.executable, str(ROOT / "tests" / "helpers" / "hang_at_step.py"), *args], cwd=ROOT,
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (tmp_path / "rank0").is_file():
+        assert job.poll() is None and time.time() < deadline, "the pipeline ended before the RM's step 3"
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    parent, children, _ = children_by_role(tmp_path / "m.db")
+    assert children["rm"].info.status == "RUNNING"  # killed mid-stage: its checkpoint at step 2 is on disk
+    killed_rm = children["rm"].info.run_id
+
+    done = run_cli(*args, env=tracked_env(tmp_path) | {})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pipeline: sft already finished" in done.stdout
+    assert "pipeline: rm was interrupted: resuming from" in done.stdout
+    parent_after, children, _ = children_by_role(tmp_path / "m.db")
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    rm = children["rm"]
+    assert rm.info.run_id == killed_rm and rm.info.status == "FINISHED"  # the same MLflow run, continued
+    assert rm.data.tags["resume_count"] == "1" and rm.data.tags["resumed_from"].endswith("step_000002")
+    assert sorted(children) == ["rm", "sft"]  # pipeline.until=rm
+
+
+def test_phases_take_disjoint_prompts_and_share_one_held_out_set():
+    class Row:
+        def __init__(self, prompt):
+            self.prompt = prompt
+
+    rows = [Row(f"post {i % 700}") for i in range(1400)]  # two rows per prompt, as TL;DR's pairs
+    shares = {"sft": 2, "rm": 3, "rl": 3, "judge": 2}
+    splits = {phase: split_by_phase(rows, phase, shares, 0.1, seed=42) for phase in shares}
+    trains = {phase: {r.prompt for r in train} for phase, (train, _) in splits.items()}
+    for a in shares:
+        for b in shares:
+            if a < b:
+                assert not trains[a] & trains[b], (a, b)
+    held_out = {p: {r.prompt for r in val} for p, (_, val) in splits.items()}
+    assert len({frozenset(v) for v in held_out.values()}) == 1  # one held-out set for every phase
+    assert not held_out["sft"] & set().union(*trains.values())
+    # a list of other rows (the SFT posts beside the pairs) holds out the same prompts
+    other = split_by_phase([Row(f"post {i}") for i in range(700)], "sft", shares, 0.1, seed=42)[1]
+    assert {r.prompt for r in other} == held_out["sft"]
+    counts = {phase: len(t) for phase, t in trains.items()}
+    assert 0.15 < counts["sft"] / sum(counts.values()) < 0.25 and 0.25 < counts["rm"] / sum(counts.values()) < 0.35
+
+
+def test_a_reference_to_no_stage_names_the_key_and_what_exists(tmp_path):
+    cfg = OmegaConf.create({"model": {"init_from": "run:sft"}, "reward": {"fn": {"path": "run:rm@best"}}})
+    (tmp_path / "sft" / "checkpoints" / "final").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"reward\.fn\.path.*run:rm@best names no finished stage.*sft"):
+        resolve_references(OmegaConf.create(OmegaConf.to_container(cfg)), {"sft": Source(tmp_path / "sft")})
+    (tmp_path / "rm" / "checkpoints" / "final").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"reward\.fn\.path.*checkpoints/best does not exist"):
+        resolve_references(cfg, {"sft": Source(tmp_path / "sft"), "rm": Source(tmp_path / "rm")})
+
+
+def test_the_config_hash_ignores_where_things_go_but_not_what_is_computed():
+    base = compose_config(["stage=dpo"])
+    moved = compose_config(["stage=dpo", "paths.runs_dir=/elsewhere", "tracking.experiment_name=x"])
+    changed = compose_config(["stage=dpo", "stage.beta=0.3"])
+    assert config_hash(base) == config_hash(moved) != config_hash(changed)
