@@ -26,8 +26,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv and install everything (once)
 
-run: setup ## the main job: SFT of the embedded SmolLM2 on vendored TL;DR, on CPU (ARGS="key=value ...")
-	$(PY) -m rlhf_exp $(ARGS)
+run: setup ## the main job: the quickstart pipeline (SFT -> RM + judge -> DPO, GRPO -> eval) of the embedded SmolLM2 on vendored TL;DR, on CPU (ARGS="key=value ...")
+	$(PY) -m rlhf_exp experiment=quickstart $(ARGS)
 
 test: setup ## the test suite (tiny models; a few smoke tests on SmolLM2; the MLflow UI test needs chromium + chromium-driver)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

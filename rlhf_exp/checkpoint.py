@@ -86,6 +86,33 @@ def save(folder: Path, *, model: torch.nn.Module, tokenizer, engine: Engine,
     return folder
 
 
+def prune_step_checkpoints(checkpoints: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` whole step_* checkpoints in `checkpoints` (final and best are never
+    touched; a half-written .partial folder is left to the next save, which clears it). Returns the deleted."""
+    steps = sorted(c for c in checkpoints.glob("step_*") if not c.name.endswith(".partial")
+                   and (c / TRAINER_STATE).is_file())
+    old = steps[:-keep] if keep else steps
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
+
+
+def drop_training_state(run_dir: Path) -> int:
+    """A finished run's folder without what only resuming it needs: its step checkpoints and the final
+    checkpoint's trainer_state.pt (optimizer state: twice the weights in fp32). The weights, tokenizer and
+    run_config.json stay, so later stages load it as before. Returns the bytes freed."""
+    checkpoints = run_dir / "checkpoints"
+    freed = 0
+    for path in [*checkpoints.glob("step_*"), checkpoints / "final" / TRAINER_STATE]:
+        if path.is_dir():
+            freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
+
+
 def saved_config(folder: Path) -> dict[str, Any]:
     if (folder / RUN_CONFIG).is_file():
         return json.loads((folder / RUN_CONFIG).read_text())

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from rlhf_exp.checkpoint import drop_training_state
 from rlhf_exp.config import compose_config, flatten, resolved
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.lineage import Source, lineage_tags, resolve_references
@@ -171,6 +172,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
             save_state(folder, state)
             roles[role] = Source(run_dir, run_id)
             print(summary_line(role, metrics, (time.time() - started) / 60))
+            if not spec.get("keep_training_state", True):
+                freed = drop_training_state(run_dir)
+                log.info("pipeline: %s's step checkpoints and optimizer state deleted (%.1f GB; "
+                         "pipeline.keep_training_state=true keeps them)", role, freed / 1e9)
         status = "FINISHED"
     except BaseException as error:
         from rlhf_exp.stopping import RunStopped

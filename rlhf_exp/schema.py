@@ -94,6 +94,7 @@ class StageConfig:
     eval_examples: Optional[int] = key(optional(positive(), "the whole held-out split"))
     num_samples: int = key(non_negative())
     save_every: Optional[int] = key(optional(positive(), "only the final checkpoint"))
+    keep_checkpoints: Optional[int] = key(optional(positive(), "keep every step checkpoint"), default=None)
     resume_from: Optional[str] = None
     on_nonfinite: str = key(one_of(NONFINITE_POLICIES))
     generation: GenerationConfig = field(default_factory=GenerationConfig)

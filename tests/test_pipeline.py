@@ -61,6 +61,10 @@ def test_the_pipeline_runs_each_stage_as_a_child_with_its_inputs_by_role_and_a_r
         metrics["eval/dpo/judge_win_vs_sft_high"] <= 1
     assert metrics["eval/sft/kl_seq"] == 0.0  # KL of the reference to itself
     assert "pipeline finished: MLflow parent run" in done.stdout
+    # a finished stage keeps its weights, not what only resuming it needs (pipeline.keep_training_state=false)
+    sft_dir = Path(sft.data.tags["run_dir"])
+    assert (sft_final / "model.safetensors").is_file() and not (sft_final / "trainer_state.pt").exists()
+    assert not list((sft_dir / "checkpoints").glob("step_*"))
 
     again = run_cli(*QUICK, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -100,6 +104,19 @@ def test_a_pipeline_killed_during_its_rm_stage_resumes_there_when_run_again(tmp_
     assert rm.info.run_id == killed_rm and rm.info.status == "FINISHED"  # the same MLflow run, continued
     assert rm.data.tags["resume_count"] == "1" and rm.data.tags["resumed_from"].endswith("step_000002")
     assert sorted(children) == ["rm", "sft"]  # pipeline.until=rm
+    assert not list((Path(rm.data.tags["run_dir"]) / "checkpoints").glob("step_*"))  # finished: dropped
+
+
+def test_keep_checkpoints_deletes_older_step_checkpoints_only(tmp_path):
+    from rlhf_exp.checkpoint import TRAINER_STATE, prune_step_checkpoints
+
+    for name in ("step_000002", "step_000010", "step_000004", "final", "best"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / TRAINER_STATE).write_bytes(b"x")
+    (tmp_path / "step_000012.partial").mkdir()  # being written: not whole, not ours to delete
+    deleted = prune_step_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in deleted) == ["step_000002", "step_000004"]  # by step, not by listing order
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final", "step_000010", "step_000012.partial"]
 
 
 def test_phases_take_disjoint_prompts_and_share_one_held_out_set():

@@ -367,6 +367,8 @@ class Trainer:
     def save_checkpoint(self, folder: Path) -> Path:
         self.last_checkpoint = checkpoint.save(folder, model=self.model, tokenizer=self.tokenizer, engine=self.engine,
                                                trainer_state=self.trainer_state, extra_files=self.write_extra_files)
+        if self.stage.get("keep_checkpoints") and distributed.is_main():
+            checkpoint.prune_step_checkpoints(folder.parent, int(self.stage.keep_checkpoints))
         return self.last_checkpoint
 
     def export_merged(self, folder: Path) -> None:
