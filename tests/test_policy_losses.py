@@ -146,3 +146,12 @@ def test_k3_value_is_clamped_like_verl():
     k3 = kl_penalty(torch.tensor([0.0]), torch.tensor([15.0]), "k3")
     assert k3.item() == pytest.approx(10.0)
     assert kl_penalty(torch.tensor([0.0]), torch.tensor([1.0]), "k3").item() == pytest.approx(math.e - 2)
+
+
+def test_flat_groups_are_the_groups_without_a_learning_signal():
+    from rlhf_exp.losses.policy import flat_groups
+
+    rewards = torch.tensor([-1.0, -1.0, -1.0, 0.2, -1.0, 0.2, 0.5, 0.5, 0.5])
+    assert flat_groups(rewards, 3).tolist() == [True, False, True]
+    # exactly the groups whose advantages are all zero
+    assert (group_advantages(rewards, 3).view(3, 3) == 0).all(dim=1).tolist() == [True, False, True]

@@ -34,6 +34,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     return centred.reshape(-1)
 
 
+def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[P] True where all G rewards of a prompt's group are equal (rewards [P * G]): its advantages are all 0,
+    so the group teaches nothing (e.g. every sample missed EOS and got reward.missing_eos_score)."""
+    groups = rewards.view(-1, group_size)
+    return (groups == groups[:, :1]).all(dim=1)
+
+
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3",
                clamp: float = 20.0, k3_max: float = 10.0) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman 2020).

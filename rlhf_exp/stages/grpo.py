@@ -22,6 +22,7 @@ Under torchrun (parallel=ddp / zero1) each rank samples, scores and trains on it
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -32,11 +33,13 @@ from omegaconf import DictConfig
 from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.losses.policy import KL_ESTIMATORS, LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss, \
-    group_advantages, kl_penalty
+    flat_groups, group_advantages, kl_penalty
 from rlhf_exp.rollout import Rollout
 from rlhf_exp.schema import OnlineRLConfig, Rule, key, one_of, optional, positive
 from rlhf_exp.stages.online import OnlineRLTrainer, Stats, online_memory, policy_stats
 from rlhf_exp.stages.spec import REPLICATED_WEIGHTS, StageSpec
+
+log = logging.getLogger(__name__)
 
 # loss_type -> (divide advantages by the group's std, loss aggregation)
 LOSS_TYPES = {"grpo": (True, "seq-mean-token-mean"), "dr_grpo": (False, "seq-mean-token-sum-norm")}
@@ -85,6 +88,11 @@ class GRPOTrainer(OnlineRLTrainer):
         prompts = [self.tokenizer.decode(p) for p in prompt_ids for _ in range(group)]
         rewards, raw, stopped, _ = self.score(prompts, responses)
         advantages = group_advantages(rewards, group, self.scale_by_std)
+        flat = flat_groups(rewards, group)
+        if bool(flat.all()):
+            log.warning("grpo step %d: no learning signal: every group's rewards are identical (%s); the update "
+                        "only moves the policy toward the reference (KL term)", self.step + 1,
+                        "no sample reached EOS" if not any(stopped) else f"all {float(rewards[0]):.4g}")
         times["scoring"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -98,6 +106,7 @@ class GRPOTrainer(OnlineRLTrainer):
         stats = self.update(rollout, stage.updates_per_rollout)
         times["update"] = time.perf_counter() - t
         return {**self.rollout_metrics(rewards, raw, stopped, responses), **stats,
+                "train/flat_group_fraction": float(flat.float().mean()),
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": time.perf_counter() - start}
 
     def minibatch_loss(self, micro: Rollout, size: dict[str, float]) -> tuple[torch.Tensor, Stats]:
