@@ -157,3 +157,14 @@ def test_the_config_hash_ignores_where_things_go_but_not_what_is_computed():
     moved = compose_config(["stage=dpo", "paths.runs_dir=/elsewhere", "tracking.experiment_name=x"])
     changed = compose_config(["stage=dpo", "stage.beta=0.3"])
     assert config_hash(base) == config_hash(moved) != config_hash(changed)
+
+
+@pytest.mark.parametrize("experiment", ["tldr_pipeline", "quickstart", "quick_pipeline"])
+def test_every_role_of_a_pipeline_takes_extra_overrides_from_the_command_line(experiment):
+    """`pipeline.extra.<role>=[...]` is the documented way to change one stage; with `extra: {}` in the
+    config Hydra refused it (the key was not in the struct config)."""
+    from rlhf_exp.pipeline import stage_overrides
+
+    cfg = compose_config([f"experiment={experiment}", "pipeline.extra.dpo=['stage.beta=0.3']"])
+    assert set(cfg.pipeline.extra) >= set(cfg.pipeline.stages)
+    assert stage_overrides(cfg.pipeline, "dpo", [])[-1] == "stage.beta=0.3"
