@@ -59,17 +59,20 @@ def written_into_place(folder: Path) -> Iterator[Path]:
 
 
 def save(folder: Path, *, model: torch.nn.Module, tokenizer, engine: Engine,
-         trainer_state: Callable[[dict], dict[str, Any]], extra_files: Callable[[Path], None]) -> Path:
-    """Model + tokenizer + trainer_state.pt (+ the stage's `extra_files(staging)`), written on rank 0.
-    `trainer_state(engine_state)` builds the state dict once the engine's state is gathered."""
+         trainer_state: Callable[[dict], dict[str, Any]], extra_files: Callable[[Path], None],
+         training_state: bool = True) -> Path:
+    """Model + tokenizer + run_config.json + trainer_state.pt (+ the stage's `extra_files(staging)`), written
+    on rank 0. `trainer_state(engine_state)` builds the state dict once the engine's state is gathered.
+    training_state=False: no trainer_state.pt (a checkpoint to start from, not to resume)."""
     staging = staging_folder(folder)
     if distributed.is_main():
         if staging.exists():  # left by a run that died mid-write
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     model_state = engine.model_state()
-    engine_state = engine.state_dict()
-    engine.save_partitions(staging)
+    engine_state = engine.state_dict() if training_state else {}
+    if training_state:
+        engine.save_partitions(staging)
     if not distributed.is_main():
         return folder
     with written_into_place(folder) as staging:
@@ -80,7 +83,8 @@ def save(folder: Path, *, model: torch.nn.Module, tokenizer, engine: Engine,
         tokenizer.save_pretrained(staging)
         extra_files(staging)
         state = trainer_state(engine_state)
-        torch.save(state, staging / TRAINER_STATE)
+        if training_state:
+            torch.save(state, staging / TRAINER_STATE)
         (staging / RUN_CONFIG).write_text(json.dumps(state["config"], indent=1, default=str))
     log.info("checkpoint: %s", folder)
     return folder

@@ -95,6 +95,9 @@ class StageConfig:
     num_samples: int = key(non_negative())
     save_every: Optional[int] = key(optional(positive(), "only the final checkpoint"))
     keep_checkpoints: Optional[int] = key(optional(positive(), "keep every step checkpoint"), default=None)
+    keep_best: bool = False
+    best_metric: Optional[str] = key(optional(Rule(lambda v: v.startswith("eval/"), "must be a held-out metric "
+                                                   "(eval/...)"), "the stage's objective"), default=None)
     resume_from: Optional[str] = None
     on_nonfinite: str = key(one_of(NONFINITE_POLICIES))
     generation: GenerationConfig = field(default_factory=GenerationConfig)

@@ -34,22 +34,16 @@ SWEEP_RECORD = "sweep.json"  # in the sweep dir: the parent run its jobs log und
 PARENT_TAG = "mlflow.parentRunId"  # what MLflow's UI nests runs by
 # the objective each child logs under one name, so every sweep's runs table has the same column
 OBJECTIVE_METRIC = "objective"
-# words of metric names where smaller is better, for a sweep.objective given without a direction
-_SMALLER_IS_BETTER = ("loss", "perplexity", "kl", "ece", "time", "length")
 
 
 def objective_of(cfg: DictConfig) -> tuple[str, str]:
     """(metric, "max" | "min") a sweep of this config optimizes: sweep.objective / sweep.direction, else
     the stage's own (its StageSpec)."""
     from rlhf_exp.stages import stage_spec
+    from rlhf_exp.stages.spec import metric_direction
 
-    default_metric, default_direction = stage_spec(cfg.stage.name).objective
-    chosen = OmegaConf.select(cfg, "sweep.objective") or default_metric
-    direction = OmegaConf.select(cfg, "sweep.direction")
-    if direction is None:
-        inferred = "min" if any(word in chosen for word in _SMALLER_IS_BETTER) else "max"
-        direction = default_direction if chosen == default_metric else inferred
-    return chosen, direction
+    return metric_direction(stage_spec(cfg.stage.name), OmegaConf.select(cfg, "sweep.objective"),
+                            OmegaConf.select(cfg, "sweep.direction"))
 
 
 def short_label(key: str) -> str:

@@ -60,6 +60,13 @@ def test_the_pipeline_runs_each_stage_as_a_child_with_its_inputs_by_role_and_a_r
     assert 0 <= metrics["eval/dpo/judge_win_vs_sft_low"] <= metrics["eval/dpo/judge_win_vs_sft"] <= \
         metrics["eval/dpo/judge_win_vs_sft_high"] <= 1
     assert metrics["eval/sft/kl_seq"] == 0.0  # KL of the reference to itself
+    # DPO's implicit reward against its own reference (SFT) on the same 8 held-out pairs DPO evaluated on;
+    # a pair whose margin is within rounding of 0 may rank differently in another batch
+    assert "dpo DPO implicit reward (sft as reference) accuracy on 8" in done.stdout
+    assert abs(metrics["eval/dpo/dpo_implicit_accuracy"] - children["dpo"].data.metrics["eval/implicit_accuracy"]) \
+        <= 1 / 8 + 1e-9
+    assert "eval/grpo/dpo_implicit_accuracy" not in metrics and "eval/sft/dpo_implicit_accuracy" not in metrics
+    assert metrics["eval/judge_score"] == metrics["eval/grpo/judge_score"]  # the last policy listed
     assert "pipeline finished: MLflow parent run" in done.stdout
     # a finished stage keeps its weights, not what only resuming it needs (pipeline.keep_training_state=false)
     sft_dir = Path(sft.data.tags["run_dir"])
@@ -168,3 +175,22 @@ def test_every_role_of_a_pipeline_takes_extra_overrides_from_the_command_line(ex
     cfg = compose_config([f"experiment={experiment}", "pipeline.extra.dpo=['stage.beta=0.3']"])
     assert set(cfg.pipeline.extra) >= set(cfg.pipeline.stages)
     assert stage_overrides(cfg.pipeline, "dpo", [])[-1] == "stage.beta=0.3"
+
+
+def test_the_eval_stage_of_a_pipeline_takes_the_prompts_every_phase_held_out(tokenizer):
+    """stage=eval without data.phase split by val_size: its prompts were drawn apart from the phases' held-out
+    set, so SFT and the RMs could have trained on prompts the policies were then judged on."""
+    from rlhf_exp.data import load_preference_splits, load_sft_splits
+
+    cfg = compose_config(["experiment=tldr_pipeline"])
+    eval_overrides = [o for o in cfg.pipeline.stages.eval if o.startswith("data.")]
+    assert "data.phase=eval" in eval_overrides
+    data = lambda phase: compose_config(["data=tldr", *cfg.pipeline.common, f"data.phase={phase}"]).data
+    for load in (load_sft_splits, load_preference_splits):
+        no_train, held_out = load(data("eval"), tokenizer, 42)
+        assert not no_train and held_out
+        judged = {x.prompt for x in held_out}
+        for phase in ("sft", "rm", "rl", "judge"):
+            train, val = load(data(phase), tokenizer, 42)
+            assert not judged & {x.prompt for x in train}
+            assert [x.prompt for x in val] == [x.prompt for x in held_out]

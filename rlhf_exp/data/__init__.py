@@ -24,8 +24,14 @@ def _split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
     return train, val
 
 
+EVAL_PHASE = "eval"  # data.phase=eval: only the held-out prompts every phase shares (stage=eval in a pipeline)
+
+
 def _phase_split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
     shares = dict(data_cfg.phase_split)
+    if data_cfg.phase == EVAL_PHASE:
+        _, val = split_by_phase(examples, next(iter(shares)), shares, data_cfg.phase_held_out, seed)
+        return [], val[: data_cfg.val_size]
     if data_cfg.phase not in shares:
         raise ConfigError("data.phase", f"{data_cfg.phase!r} has no share in data.phase_split ({shares})")
     train, val = split_by_phase(examples, data_cfg.phase, shares, data_cfg.phase_held_out, seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhf_exp.data.collate import left_pad
 
@@ -47,8 +48,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop_token_ids: Sequence[int],
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, autocast=None) -> list[list[int]]:
-    """Responses (ids, ending at the first stop token when there is one) for each prompt.
+             generator: torch.Generator | None = None, autocast=None, desc: str | None = None) -> list[list[int]]:
+    """Responses (ids, ending at the first stop token when there is one) for each prompt; `desc`: show a
+    progress bar (a step per new token) under that name.
 
     Prompts are left-padded; position ids follow the attention mask, so padding does not shift
     positions. Rows that have stopped get pad tokens until every row has stopped or
@@ -67,7 +69,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
+        for _ in tqdm(range(max_new_tokens), desc=desc, unit="token", leave=False, disable=desc is None):
             with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
                 # logits_to_keep=1: only the last position is sampled from; a prefill that projected every
                 # prompt position held [B, prompt, V] logits (0.4 GB for 8 TL;DR prompts, 49k vocabulary)
@@ -91,10 +93,12 @@ def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop
 
 
 def sample(model, prompt_ids: Sequence[Sequence[int]], samples: int, generation, *, pad_token_id: int,
-           stop_token_ids: Sequence[int], generator: torch.Generator | None, autocast=None) -> list[list[int]]:
+           stop_token_ids: Sequence[int], generator: torch.Generator | None, autocast=None,
+           desc: str | None = None) -> list[list[int]]:
     """`samples` responses per prompt (a prompt's samples adjacent) with the settings of `generation`
     (max_new_tokens, temperature, top_k, top_p: the stage's `generation` block)."""
     repeated = [ids for ids in prompt_ids for _ in range(samples)]
     return generate(model, repeated, pad_token_id=pad_token_id, stop_token_ids=stop_token_ids,
                     max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-                    top_k=generation.top_k, top_p=generation.top_p, generator=generator, autocast=autocast)
+                    top_k=generation.top_k, top_p=generation.top_p, generator=generator, autocast=autocast,
+                    desc=desc)

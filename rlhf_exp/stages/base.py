@@ -15,11 +15,13 @@ import copy
 import gc
 import logging
 import math
+import json
 import re
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 from rlhf_exp import checkpoint, distributed, stopping
 from rlhf_exp.data.batching import BatchStream, chunks, length_order
 from rlhf_exp.engine import Engine
-from rlhf_exp.errors import NonFiniteError
+from rlhf_exp.errors import ConfigError, NonFiniteError
 from rlhf_exp.memory import PeakMemory
 from rlhf_exp.redact import redact
 from rlhf_exp.models.loading import disable_dropout, upcast_trainable
@@ -36,11 +38,22 @@ from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_4bit, is_peft, mer
 from rlhf_exp.rollout import sample
 from rlhf_exp.runtime import RandomStreams, dtype_of, make_runtime, rng_state, seed_everything, set_rng_state
 from rlhf_exp.stages import stage_spec
+from rlhf_exp.stages.spec import StageSpec, metric_direction
 from rlhf_exp.tracking import Tracker
 from rlhf_exp.tracking.plots import close, curves_figure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+BEST = "best"              # checkpoints/best: the best evaluation's weights (stage.keep_best)
+BEST_RECORD = "best.json"  # in it: step, metric, direction, value
+
+
+def evaluation_line(metrics: dict[str, float], spec: StageSpec) -> str:
+    """"loss 2.31 · perplexity 10.1": the stage's objective and report metrics, in that order."""
+    keys = dict.fromkeys([spec.objective[0], *spec.report_metrics, "eval/accuracy", "eval/kl"])
+    shown = [k for k in keys if k in metrics] or sorted(metrics)[:4]
+    return " · ".join(f"{k.split('/', 1)[-1]} {metrics[k]:.4g}" for k in shown)
 
 
 class Trainer:
@@ -230,7 +243,7 @@ class Trainer:
         self.setup()
         max_steps, eval_every = self.stage.max_steps, self.stage.eval_every
         if self.step == 0:
-            self.log(self.evaluate())  # step-0 figures: the gain is visible against them
+            self.after_evaluation(self.evaluate())  # step-0 figures: the gain is visible against them
         evaluated_at = started_at = self.step
         with tqdm(total=max_steps, initial=self.step, desc=f"{self.stage.name}", unit="step",
                   dynamic_ncols=True) as bar:
@@ -243,12 +256,12 @@ class Trainer:
                 bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in metrics.items()
                                  if k in ("train/loss", "train/reward_mean", "time/step_s")})
                 if eval_every and self.step % eval_every == 0:
-                    self.log(self.evaluate())
+                    self.after_evaluation(self.evaluate())
                     evaluated_at = self.step
                 if self.stage.get("save_every") and self.step % self.stage.save_every == 0 and self.step < max_steps:
                     self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
         if evaluated_at != self.step:
-            self.log(self.evaluate())
+            self.after_evaluation(self.evaluate())
         self.log_memory()
         self.on_train_end()
         if self.world_size > 1:  # every replica must have taken the same steps
@@ -262,6 +275,47 @@ class Trainer:
         if distributed.is_main():
             self.log_curves()
         return dict(self.last_metrics)
+
+    def after_evaluation(self, metrics: dict[str, float]) -> None:
+        """Log held-out metrics, say the ones a person watches in one line, and keep the best checkpoint."""
+        self.log(metrics)
+        if distributed.is_main():
+            log.info("%s step %d/%d held-out: %s", self.stage.name, self.step, self.stage.max_steps,
+                     evaluation_line(metrics, self.spec))
+        if self.stage.get("keep_best") and self.step > 0:
+            self.keep_if_best(metrics)
+
+    def keep_if_best(self, metrics: dict[str, float]) -> None:
+        """checkpoints/best: the weights of the best evaluation after step 0 by stage.best_metric (the stage's
+        objective by default), replaced when a later one is strictly better. It holds no optimizer state,
+        so resuming uses the step checkpoints; the earlier values come from the metric history, which a
+        resumed run restores."""
+        metric, direction = metric_direction(self.spec, self.stage.get("best_metric"))
+        if metric not in metrics:
+            raise ConfigError("stage.best_metric", f"{metric} is not a held-out metric of stage "
+                              f"{self.stage.name}; it reports {', '.join(sorted(metrics))}")
+        value = float(metrics[metric])
+        earlier = [v for s, v in self.history[metric][:-1] if 0 < s < self.step and math.isfinite(v)]
+        improved = not earlier or (value > max(earlier) if direction == "max" else value < min(earlier))
+        if not (math.isfinite(value) and improved):
+            return
+        folder = self.run_dir / "checkpoints" / BEST
+        record = {"step": self.step, "metric": metric, "direction": direction, "value": value}
+        with self.as_finished_model():
+            checkpoint.save(folder, model=self.model, tokenizer=self.tokenizer, engine=self.engine,
+                            trainer_state=self.trainer_state, training_state=False,
+                            extra_files=lambda staging: (self.write_extra_files(staging),
+                                                         (staging / BEST_RECORD).write_text(json.dumps(record))))
+            if self.lora and self.cfg.hardware.lora.merge_on_save and distributed.is_main():
+                self.export_merged(folder / MERGED)
+        self.tracker.set_tags({"best_checkpoint_dir": str(folder), "best.step": self.step, "best.metric": metric,
+                               "best.value": f"{value:.6g}"})
+        log.info("best %s so far (%.4g at step %d): %s", metric, value, self.step, folder)
+
+    @contextmanager
+    def as_finished_model(self) -> Iterator[None]:
+        """The model as a final checkpoint holds it, for a checkpoint saved mid-run (the RM: normalized)."""
+        yield
 
     def stop_if_signalled(self, started_at: int) -> None:
         """After SIGTERM / SIGINT (any rank's): checkpoint here, at a step boundary, and raise RunStopped."""
@@ -320,20 +374,21 @@ class Trainer:
             close(fig)
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], samples: int, model=None,
-               generator: torch.Generator | None = None) -> list[list[int]]:
+               generator: torch.Generator | None = None, desc: str | None = None) -> list[list[int]]:
         """`samples` responses per prompt from `model` (the policy), drawn from `generator` (the run's
-        rollout generator unless given): nothing else's randomness moves them."""
+        rollout generator unless given): nothing else's randomness moves them. `desc`: a progress bar."""
         return sample(model if model is not None else self.model, prompt_ids, samples, self.stage.generation,
                       pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=self.stop_token_ids,
                       generator=generator if generator is not None else self.random.rollout,
-                      autocast=self.runtime.autocast())
+                      autocast=self.runtime.autocast(), desc=desc if distributed.is_main() else None)
 
     def log_samples(self, model, examples: Sequence, prompt_ids: Sequence[Sequence[int]]) -> None:
         """Generate for the first stage.num_samples held-out prompts; log prompt, reference, sample."""
         n = self.stage.get("num_samples") or 0
         if not n:
             return
-        responses = self.sample(prompt_ids[:n], 1, model, generator=self.random.fresh(self.step))
+        responses = self.sample(prompt_ids[:n], 1, model, generator=self.random.fresh(self.step),
+                                desc=f"{self.stage.name}: {n} samples")
         rows = [{"step": self.step, "prompt": ex.prompt[-600:],
                  "reference": getattr(ex, "completion", None) or getattr(ex, "chosen", ""),
                  "generation": self.tokenizer.decode(r, skip_special_tokens=True),

@@ -139,12 +139,19 @@ class PolicyEvaluator(Trainer):
         for name, path in judges.items():
             reference_scores[name], pair_accuracy[name] = self.judge_all(name, path, answers)
         metrics, rows = self.compare(answers, reference_scores)
+        implicit = {name: counts for name, where in policies.items() if (counts := self.dpo_accuracy(name, where))}
         for name, (correct, n) in pair_accuracy.items():
-            low, high = wilson_interval(correct, n)
-            metrics.update({f"eval/{name}/pair_accuracy": correct / n if n else float("nan"),
-                            f"eval/{name}/pair_accuracy_low": low, f"eval/{name}/pair_accuracy_high": high})
+            metrics.update(accuracy_metrics(f"eval/{name}/pair_accuracy", correct, n))
+        for name, (correct, n) in implicit.items():
+            metrics.update(accuracy_metrics(f"eval/{name}/dpo_implicit_accuracy", correct, n))
+        # the headline a sweep over pipelines optimizes: the judge's mean score of the last policy listed
+        last = answers[list(policies)[-1]]
+        if "judge" in last.scores:
+            metrics["eval/judge_score"] = float(last.scores["judge"].mean())
         self.log(metrics)
-        self.write_outputs(answers, rows, reference_scores, pair_accuracy)
+        self.write_outputs(answers, rows, reference_scores, {**pair_accuracy, **{
+            f"{name} DPO implicit reward ({self.dpo_reference_name(policies, name)} as reference)": counts
+            for name, counts in implicit.items()}})
         return dict(metrics)
 
     # ------------------------------------------------------------------ passes
@@ -182,8 +189,10 @@ class PolicyEvaluator(Trainer):
         """[N] each response's summed log-prob under `model` at the sampling temperature."""
         prompts = [ids for ids in self.prompt_ids for _ in range(self.stage.samples_per_prompt)]
         items = [TokenizedSFT(list(p), list(r)) for p, r in zip(prompts, responses)]
-        temperature = float(self.stage.generation.temperature)
+        return self.item_logps(model, items, float(self.stage.generation.temperature), desc)
 
+    def item_logps(self, model, items: Sequence[TokenizedSFT], temperature: float, desc: str) -> torch.Tensor:
+        """[N] each item's summed response log-prob under `model`."""
         def chunk_logps(chunk: list[TokenizedSFT]) -> torch.Tensor:
             batch = collate_sft(chunk, self.tokenizer.pad_token_id)
             lengths = torch.tensor([len(x.response_ids) for x in chunk])
@@ -210,13 +219,61 @@ class PolicyEvaluator(Trainer):
             answer.scores[judge] = torch.tensor(scorer.score(prompts=self.prompts, completions=answer.texts),
                                                 dtype=torch.float64)
         references = torch.tensor(scorer.score(prompts=self.prompts, completions=self.references), dtype=torch.float64)
-        _, pairs = load_preference_splits(self.cfg.data, self.tokenizer, self.cfg.seed,
-                                          cache_dir=self.cfg.paths.cache_dir)
-        pairs = pairs[: self.stage.eval_examples] if self.stage.eval_examples else pairs
+        pairs = self.held_out_pairs()
         prompts = [p.prompt for p in pairs]
         chosen = torch.tensor(scorer.score(prompts=prompts, completions=[p.chosen for p in pairs]))
         rejected = torch.tensor(scorer.score(prompts=prompts, completions=[p.rejected for p in pairs]))
         return references, (int((chosen > rejected).sum()), len(pairs))
+
+    def held_out_pairs(self) -> list:
+        """The held-out preference pairs (stage.eval_examples of them) the judges and DPO's implicit reward rank."""
+        if getattr(self, "_pairs", None) is None:
+            _, pairs = load_preference_splits(self.cfg.data, self.tokenizer, self.cfg.seed,
+                                              cache_dir=self.cfg.paths.cache_dir)
+            self._pairs = pairs[: self.stage.eval_examples] if self.stage.eval_examples else pairs
+        return self._pairs
+
+    @staticmethod
+    def dpo_reference(where: str) -> str | None:
+        """The model a stage=dpo checkpoint started from (its reference), or None when `where` is not one."""
+        from rlhf_exp.checkpoint import saved_config
+
+        if where == BASE:
+            return None
+        try:
+            saved = saved_config(Path(where))
+        except (OSError, KeyError, ValueError):
+            return None  # a hub model or a folder this project did not write
+        if (saved.get("stage") or {}).get("name") != "dpo":
+            return None
+        return (saved.get("model") or {}).get("init_from") or BASE
+
+    def dpo_reference_name(self, policies: dict, name: str) -> str:
+        reference = self.dpo_reference(policies[name])
+        same = [other for other, where in policies.items() if where == reference or
+                (where != BASE and reference != BASE and Path(where).resolve() == Path(reference).resolve())]
+        return same[0] if same else str(reference)
+
+    @torch.no_grad()
+    def dpo_accuracy(self, name: str, where: str) -> tuple[int, int] | None:
+        """(pairs ranked right, pairs) by DPO's implicit reward log pi(y)/pi_ref(y) (Rafailov et al. 2023; beta > 0
+        does not change the ranking) on the held-out pairs, for a policy stage=dpo trained; else None."""
+        reference = self.dpo_reference(where)
+        if reference is None:
+            return None
+        from rlhf_exp.data.collate import tokenize_examples
+
+        data = self.cfg.data
+        pairs = tokenize_examples(self.held_out_pairs(), self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
+                                  max_response_tokens=data.max_response_tokens, end_id=self.stop_token_ids[-1])
+        items = [p.chosen for p in pairs] + [p.rejected for p in pairs]  # [2N]: chosen, then rejected
+        log_ratio = torch.zeros(len(items), dtype=torch.float64)
+        for sign, path in ((1, where), (-1, reference)):
+            model = self.load(path)
+            log_ratio += sign * self.item_logps(model, items, 1.0, f"eval: {name} DPO implicit reward").double()
+            del model
+        n = len(pairs)
+        return int((log_ratio[:n] > log_ratio[n:]).sum()), n
 
     # ------------------------------------------------------------------ numbers
     def compare(self, answers: dict[str, Answers], reference_scores: dict[str, torch.Tensor]):
@@ -340,6 +397,11 @@ class PolicyEvaluator(Trainer):
         import gc
 
         gc.collect()
+
+
+def accuracy_metrics(prefix: str, correct: int, n: int) -> dict[str, float]:
+    low, high = wilson_interval(correct, n)
+    return {prefix: correct / n if n else float("nan"), f"{prefix}_low": low, f"{prefix}_high": high}
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -65,8 +65,8 @@ class OnlineRLTrainer(Trainer):
         """The model evaluation samples from (PPO: the EMA of the actor when kept)."""
         return self.policy
 
-    def sample(self, prompt_ids, samples, model=None, generator=None) -> list[list[int]]:
-        return super().sample(prompt_ids, samples, model if model is not None else self.policy, generator)
+    def sample(self, prompt_ids, samples, model=None, generator=None, desc=None) -> list[list[int]]:
+        return super().sample(prompt_ids, samples, model if model is not None else self.policy, generator, desc)
 
     def score(self, prompts: list[str], responses: list[list[int]]):
         """(rewards with the no-EOS score substituted, raw scores, whether each response stopped, texts)."""
@@ -175,7 +175,8 @@ class OnlineRLTrainer(Trainer):
         """Mean reward of one sample per held-out prompt, drawn from a fresh generator with the same seed at
         every evaluation (so evaluations compare, and no training stream moves)."""
         prompt_ids = [x.prompt_ids for x in self.val_set]
-        responses = self.sample(prompt_ids, 1, self.eval_policy, generator=self.random.fresh(1))
+        responses = self.sample(prompt_ids, 1, self.eval_policy, generator=self.random.fresh(1),
+                                desc=f"{self.stage.name} eval: {len(prompt_ids)} answers")
         prompts = [ex.prompt for ex in self.val_examples]
         rewards, raw, stopped, texts = self.score(prompts, responses)
         items = [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses)]

@@ -14,7 +14,9 @@ the offset).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -140,6 +142,17 @@ class RewardModelTrainer(Trainer):
         after = float(self.reference_scores().mean())
         self.log({"rm/reward_mean": float(self.model.reward_mean), "rm/reference_score_after_norm": after})
         self.tracker.set_tags({"rm.reward_mean": f"{float(self.model.reward_mean):.6g}"})
+
+    @contextmanager
+    def as_finished_model(self) -> Iterator[None]:
+        """Normalized as on_train_end leaves it, while a best checkpoint is saved; training goes on unchanged."""
+        before = self.model.reward_mean.clone()
+        if self.reference_set:
+            self.model.reward_mean += float(self.reference_scores().mean())
+        try:
+            yield
+        finally:
+            self.model.reward_mean.copy_(before)
 
     def merged_model(self) -> RewardModel:
         """The backbone's adapters merged into float weights, with the trained head and offset."""

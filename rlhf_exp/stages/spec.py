@@ -79,6 +79,21 @@ class StageSpec:
     tradeoff: tuple[str, str] | None = None
 
 
+# words of metric names where smaller is better, for a metric named without a direction
+SMALLER_IS_BETTER = ("loss", "perplexity", "kl", "ece", "time", "length")
+
+
+def metric_direction(spec: StageSpec, metric: str | None = None, direction: str | None = None) -> tuple[str, str]:
+    """(metric, "max" | "min"): `metric` (None: the stage's objective) and `direction` (None: the objective's
+    for that metric, else inferred from its name: a loss, perplexity, KL, ECE, time or length is minimized)."""
+    default_metric, default_direction = spec.objective
+    chosen = metric or default_metric
+    if direction is None:
+        inferred = "min" if any(word in chosen for word in SMALLER_IS_BETTER) else "max"
+        direction = default_direction if chosen == default_metric else inferred
+    return chosen, direction
+
+
 def micro_batch(cfg: DictConfig, key: str) -> int:
     size = OmegaConf.select(cfg, f"hardware.micro_batch_size.{key}")
     if size is None:
