@@ -166,7 +166,7 @@ def test_the_config_hash_ignores_where_things_go_but_not_what_is_computed():
     assert config_hash(base) == config_hash(moved) != config_hash(changed)
 
 
-@pytest.mark.parametrize("experiment", ["tldr_pipeline", "quickstart", "quick_pipeline"])
+@pytest.mark.parametrize("experiment", ["tldr_pipeline", "hh_pipeline", "quickstart", "quick_pipeline"])
 def test_every_role_of_a_pipeline_takes_extra_overrides_from_the_command_line(experiment):
     """`pipeline.extra.<role>=[...]` is the documented way to change one stage; with `extra: {}` in the
     config Hydra refused it (the key was not in the struct config)."""

@@ -1,0 +1,76 @@
+"""python -m rlhf_exp.export: a policy and a reward model as hub folders that plain transformers loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from helpers import PAIRS, TINY, mlflow_runs, run_cli, tracked_env
+
+FAST = [*TINY, "stage.max_steps=2", "stage.num_samples=0", "hardware.num_threads=1"]
+
+
+def train(tmp_path: Path, *overrides: str) -> Path:
+    done = run_cli(*FAST, *overrides, env=tracked_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(mlflow_runs(tmp_path / "m.db")[1][-1].data.tags["run_dir"])
+
+
+def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alone(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, \
+        GenerationConfig
+
+    from rlhf_exp.export import main
+    from rlhf_exp.models.reward import load_reward_model
+
+    sft = train(tmp_path, "stage=sft")
+    rm = train(tmp_path, "stage=rm", *PAIRS, "stage.norm_examples=8", f"model.init_from={sft}/checkpoints/final",
+               "stage.lr=1e-2")
+
+    # the policy: the same weights, the run's sampling settings, a card with lineage and metrics
+    assert main([str(sft), f"out={tmp_path / 'sft_export'}"]) == 0
+    folder = tmp_path / "sft_export"
+    exported = AutoModelForCausalLM.from_pretrained(folder)
+    original = AutoModelForCausalLM.from_pretrained(sft / "checkpoints" / "final")
+    ids = torch.tensor([[5, 17, 300, 42]])
+    assert torch.equal(exported(ids).logits, original(ids).logits)
+    generation = GenerationConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.eos_token_id in generation.eos_token_id and generation.max_new_tokens == 8  # TINY: stage.generation.max_new_tokens=8
+    card = (folder / "README.md").read_text()
+    assert "| sft |" in card and "eval/loss" in card and "training_curves.png" in card
+    assert not (folder / "trainer_state.pt").exists() and (folder / "training_curves.png").is_file()
+
+    # the reward model: AutoModelForSequenceClassification scores as the RM does, up to its offset
+    assert main([str(rm), f"out={tmp_path / 'rm_export'}"]) == 0
+    folder = tmp_path / "rm_export"
+    card = (folder / "README.md").read_text()
+    lineage = card.split("## Lineage")[1].split("##")[0]
+    assert lineage.index("| sft |") < lineage.index("| rm |")  # base -> sft -> rm, with run ids
+    classifier = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = ["Summarize: the cat sat on the mat. TL;DR: a cat sat" + tokenizer.eos_token,
+             "Summarize: a longer post about moving to a new city for work. TL;DR: moving" + tokenizer.eos_token,
+             "short" + tokenizer.eos_token]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][:, -1].tolist().count(0) == 2  # padded: two rows shorter than the other
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # else the classifier reads the token before the EOS
+    with torch.no_grad():
+        exported_scores = classifier(**batch).logits[:, 0]
+    model, _ = load_reward_model(rm / "checkpoints" / "final")
+    offset = json.loads((folder / "config.json").read_text())["rlhf_exp_reward_mean"]
+    assert offset != 0.0  # the RM was normalized on SFT references
+    with torch.no_grad():
+        own = torch.stack([model(row[mask.bool()][None], torch.tensor([int(mask.sum())]))[0]
+                           for row, mask in zip(batch["input_ids"], batch["attention_mask"])])
+    assert torch.allclose(exported_scores - offset, own, atol=1e-4)
+    assert exported_scores.std() > 1e-3  # the rows score differently: the comparison means something
+
+
+def test_exporting_what_is_not_a_checkpoint_names_it(tmp_path, capsys):
+    from rlhf_exp.export import main
+
+    assert main([str(tmp_path)]) == 2
+    assert f"{tmp_path} is not a checkpoint" in capsys.readouterr().err
