@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import rlhf_exp
 from rlhf_exp import distributed, stopping, sweep
 from rlhf_exp.checkpoint import check_resumable, resume_point
-from rlhf_exp.config import PROJECT_ROOT, config_group_options, flatten, resolved, validate
+from rlhf_exp.config import PROJECT_ROOT, check_inputs, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_yaml_files
 from rlhf_exp.runtime import choose_precision
 from rlhf_exp.stages import stage_spec
@@ -186,6 +186,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, flo
     cfg = resolved(cfg)
     lineage_tags = resolve_run_references(cfg)
     validate(cfg)
+    if not cfg.get("plan"):  # a memory plan for a GPU profile is made anywhere
+        check_inputs(cfg)
     precision_reason = choose_precision(requested_precision, str(cfg.hardware.device))[1]
     log.info("precision: %s (%s)", cfg.hardware.precision, precision_reason)
     if cfg.stage.get("resume_from"):

@@ -186,6 +186,39 @@ def validate(cfg: DictConfig) -> None:
     spec.checks(cfg)
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """What a run reads must be there before its tracker run is created (a refused launch leaves no FAILED
+    run): the device, a data file, the reward model, the eval stage's policies and judges. A name that is
+    not a local path (a hub id) is left to the loader."""
+    from rlhf_exp.models.peft import weights_folder
+    from rlhf_exp.models.reward import is_reward_model_folder
+    from rlhf_exp.runtime import check_device
+
+    check_device(cfg.hardware)
+    if cfg.data.get("source") == "file" and cfg.data.get("path") and not Path(str(cfg.data.path)).exists():
+        raise ConfigError("data.path", f"{cfg.data.path}: file not found")
+    reward_path = OmegaConf.select(cfg, "reward.fn.path")
+    if isinstance(reward_path, str) and looks_local(reward_path) and \
+            not is_reward_model_folder(weights_folder(reward_path)):
+        what = "does not exist" if not Path(reward_path).exists() else "is not a reward model saved by stage=rm"
+        raise ConfigError("reward.fn.path", f"{reward_path} {what} (<rm run>/checkpoints/final)")
+    if cfg.stage.name != "eval":
+        return
+    for key in ("judge", "train_rm"):
+        path = cfg.stage.get(key)
+        if path and looks_local(path) and not Path(path).exists():
+            raise ConfigError(f"stage.{key}", f"{path} does not exist (a reward model folder, or a hub id)")
+    for name, where in (cfg.stage.get("policies") or {}).items():
+        if where != "base" and not (weights_folder(str(where)) / "config.json").is_file():
+            raise ConfigError(f"stage.policies.{name}", f"{where} is not a checkpoint folder (no config.json): "
+                              "base, a checkpoint folder or run:<role | MLflow run id>")
+
+
+def looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id: it exists, or is absolute, or starts with . or ~."""
+    return Path(path).exists() or path.startswith(("/", ".", "~"))
+
+
 def check_init_from(model: DictConfig) -> None:
     """model.init_from must be a folder with a model in it (a checkpoint of an earlier run)."""
     from rlhf_exp.models.peft import weights_folder

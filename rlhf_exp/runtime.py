@@ -91,10 +91,15 @@ class Runtime:
         return DTYPES[self.precision]
 
 
-def make_runtime(hardware: DictConfig) -> Runtime:
+def check_device(hardware: DictConfig) -> torch.device:
     device = torch.device(hardware.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hardware", f"hardware={hardware.name} needs a CUDA GPU and none is visible; use hardware=cpu")
+    return device
+
+
+def make_runtime(hardware: DictConfig) -> Runtime:
+    device = check_device(hardware)
     if hardware.get("num_threads"):
         torch.set_num_threads(int(hardware.num_threads))
     return Runtime(device=device, precision=choose_precision(hardware.precision, str(hardware.device))[0])
