@@ -162,6 +162,11 @@ class DataConfig:
     phase: Optional[str] = None
     phase_split: Dict[str, float] = field(default_factory=lambda: {"sft": 2.0, "rm": 4.0, "rl": 4.0, "judge": 0.0})
     phase_held_out: float = key(in_range(0, 1, "()"), default=0.1)
+    # other conf/data sources mixed in before the split: {name: weight} (rlhf_exp.data.blended_examples)
+    # (Any: OmegaConf cannot merge a dict into an Optional[Dict] that is null)
+    blend: Any = key(optional(Rule(lambda v: hasattr(v, "values") and all(
+        isinstance(w, (int, float)) and w > 0 for w in v.values()), "must be {<data option>: weight > 0}"),
+        "no other source"), default=None)
 
 
 @dataclass

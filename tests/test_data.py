@@ -223,3 +223,41 @@ def test_tokenized_examples_kept_on_disk_are_the_ones_tokenized_again(tokenizer,
     for kept in (tmp_path / "tokenized").glob("*.json"):  # a broken entry is tokenized again, not trusted
         kept.write_text("{not json")
     assert tokenize_examples(sft, tokenizer, **caps, cache_dir=tmp_path) == fresh
+
+
+def test_blended_sources_join_by_weight_before_the_split(tokenizer):
+    from rlhf_exp.data import blended_examples
+
+    tldr = get_format(data_cfg("tldr"), tokenizer).preference_examples()
+    hh = get_format(data_cfg("hh_rlhf"), tokenizer).preference_examples()
+    for weight, extra in ((0.25, round(0.25 * len(hh))), (2, 2 * len(hh))):
+        cfg = data_cfg("tldr", f"data.blend={{hh_rlhf: {weight}}}")
+        blended = blended_examples(cfg, tokenizer, 42, "preference")
+        assert len(blended) == len(tldr) + extra
+        assert blended[: len(tldr)] == tldr
+        assert {x.prompt for x in blended[len(tldr):]} <= {x.prompt for x in hh}
+    # the sample is seeded: the same half every run, another seed another half
+    cfg = data_cfg("tldr", "data.blend={hh_rlhf: 0.5}")
+    assert blended_examples(cfg, tokenizer, 42, "sft") == blended_examples(cfg, tokenizer, 42, "sft")
+    assert blended_examples(cfg, tokenizer, 42, "sft") != blended_examples(cfg, tokenizer, 7, "sft")
+    # phases still split by prompt: no blended prompt is in two phases' training data or in the held-out set
+    phases = {phase: load_preference_splits(data_cfg("tldr", "data.blend={hh_rlhf: 1}", f"data.phase={phase}"),
+                                            tokenizer, 42) for phase in ("sft", "rm", "rl")}
+    held_out = {x.prompt for x in phases["rm"][1]}
+    trains = [{x.prompt for x in train} for train, _ in phases.values()]
+    assert not any(a & b for i, a in enumerate(trains) for b in trains[i + 1:])
+    assert not any(t & held_out for t in trains)
+    assert any(x.prompt in {h.prompt for h in hh} for x in phases["rm"][0])  # HH pairs did reach a phase
+
+
+def test_a_blend_of_an_unknown_or_mismatched_source_names_the_key(tokenizer):
+    from rlhf_exp.data import blended_examples
+
+    with pytest.raises(ConfigError, match=r"data.blend.nope.*no conf/data/nope.yaml"):
+        blended_examples(data_cfg("tldr", "data.blend={nope: 1}"), tokenizer, 42, "sft")
+    with pytest.raises(ConfigError, match=r"data.blend.sharegpt.*chat"):
+        blended_examples(data_cfg("tldr", "data.blend={sharegpt: 1}"), tokenizer, 42, "sft")
+    from rlhf_exp.config import validate
+
+    with pytest.raises(ConfigError, match=r"data.blend.*weight > 0"):
+        validate(resolved(compose_config(["model=tiny", "data=tldr", "data.blend={hh_rlhf: -1}"])))

@@ -43,25 +43,62 @@ def _phase_split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
     return train, val[: data_cfg.val_size]
 
 
+def blended_examples(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: Counter | None = None,
+                     cache_dir: str | None = None) -> list:
+    """The examples of `kind` ("sft" | "preference") of data_cfg's source, then of each `data.blend` source
+    (another conf/data option) taken `weight` times (0.5: a seeded half of them; 2: each twice), as
+    DeepSpeed-Chat blends data sets before it splits them by phase. The split is by prompt, so a prompt
+    repeated by a weight stays on one side of it."""
+    from rlhf_exp.data.formats import FORMATS
+
+    sources = [(data_cfg, 1.0, "data")]
+    for name, weight in (data_cfg.get("blend") or {}).items():
+        other = blend_source(name)
+        if FORMATS[other.format].chat != FORMATS[data_cfg.format].chat:
+            raise ConfigError(f"data.blend.{name}", f"data={name} is {'' if FORMATS[other.format].chat else 'not '}"
+                              f"chat and data={data_cfg.name} is{'' if FORMATS[data_cfg.format].chat else ' not'}: "
+                              "responses would end with different tokens")
+        other.max_prompt_tokens, other.max_response_tokens = data_cfg.max_prompt_tokens, data_cfg.max_response_tokens
+        sources.append((other, float(weight), f"data.blend.{name}"))
+    examples: list = []
+    for source_cfg, weight, _ in sources:
+        data = get_format(source_cfg, tokenizer, cache_dir)
+        found = data.sft_examples() if kind == "sft" else data.preference_examples()
+        if skipped is not None:
+            skipped.update(data.skipped)
+        examples += resample(list(found), weight, seed)
+    return examples
+
+
+def blend_source(name: str) -> DictConfig:
+    from rlhf_exp.config import compose_config, config_group_options
+
+    if name not in config_group_options("data"):
+        raise ConfigError(f"data.blend.{name}", f"no conf/data/{name}.yaml (data options: "
+                          f"{', '.join(config_group_options('data'))})")
+    return compose_config([f"data={name}"]).data
+
+
+def resample(examples: list, weight: float, seed: int) -> list:
+    """`examples` taken `weight` times: whole copies, then a seeded sample for the fraction."""
+    import random
+
+    whole, fraction = int(weight), weight - int(weight)
+    return examples * whole + random.Random(seed).sample(examples, round(fraction * len(examples)))
+
+
 def load_sft_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None,
                     cache_dir: str | None = None) -> tuple[list[SFTExample], list[SFTExample]]:
     """(train, val) prompt/completion examples, split by prompt with `seed`; `skipped` gets the bad
     rows dropped under data.on_bad_row=skip, by reason; `cache_dir` keeps work for the next run."""
-    data = get_format(data_cfg, tokenizer, cache_dir)
-    examples = data.sft_examples()
-    if skipped is not None:
-        skipped.update(data.skipped)
-    return _split(examples, data_cfg, seed, "SFT")
+    return _split(blended_examples(data_cfg, tokenizer, seed, "sft", skipped, cache_dir), data_cfg, seed, "SFT")
 
 
 def load_preference_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None,
                            cache_dir: str | None = None):
     """(train, val) prompt/chosen/rejected pairs, split by prompt with `seed` (`skipped`, `cache_dir`: as above)."""
-    data = get_format(data_cfg, tokenizer, cache_dir)
-    examples = data.preference_examples()
-    if skipped is not None:
-        skipped.update(data.skipped)
-    return _split(examples, data_cfg, seed, "preference")
+    return _split(blended_examples(data_cfg, tokenizer, seed, "preference", skipped, cache_dir), data_cfg, seed,
+                  "preference")
 
 
 __all__ = ["SFTExample", "PreferenceExample", "load_sft_splits", "load_preference_splits"]
