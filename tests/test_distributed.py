@@ -21,7 +21,9 @@ from rlhf_exp.errors import ConfigError
 STAGES = {
     "sft": ["stage=sft", "hardware.micro_batch_size.sft=1"],
     "dpo": ["stage=dpo", *PAIRS, "stage.eval_examples=8", "hardware.micro_batch_size.dpo=1"],
-    "rm": ["stage=rm", *PAIRS, "stage.eval_examples=8", "stage.norm_examples=16", "hardware.micro_batch_size.rm=1"],
+    # keep_best with an evaluation each step: under FSDP every rank must join the best checkpoint's gather
+    "rm": ["stage=rm", *PAIRS, "stage.eval_examples=8", "stage.norm_examples=16", "hardware.micro_batch_size.rm=1",
+           "stage.keep_best=true", "stage.eval_every=1"],
 }
 
 
@@ -102,6 +104,11 @@ def assert_matches_one_process(two, one, stage: str, parallel: str) -> None:
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     grad_norms = [r.data.metrics["train/grad_norm"] for r in (two, one)]
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
+    if stage == "rm":  # the same best checkpoint, written whole
+        best = [Path(r.data.tags["best_checkpoint_dir"]) for r in (two, one)]
+        assert (best[0] / "best.json").read_text() == (best[1] / "best.json").read_text()
+        assert torch.allclose(load_file(str(best[0] / "reward_head.safetensors"))["weight"],
+                              load_file(str(best[1] / "reward_head.safetensors"))["weight"], atol=1e-5)
     folder = Path(two.data.tags["checkpoint_dir"])
     if parallel.startswith("deepspeed"):  # DeepSpeed's own checkpoint: one optimizer partition per rank
         assert len(list((folder / "deepspeed" / "state").glob("*optim_states.pt"))) == 2

@@ -297,7 +297,8 @@ class Trainer:
         value = float(metrics[metric])
         earlier = [v for s, v in self.history[metric][:-1] if 0 < s < self.step and math.isfinite(v)]
         improved = not earlier or (value > max(earlier) if direction == "max" else value < min(earlier))
-        if not (math.isfinite(value) and improved):
+        # rank 0 decides: under FSDP / ZeRO-3 every rank must join the save's gather, or none
+        if not distributed.broadcast_object(math.isfinite(value) and improved):
             return
         folder = self.run_dir / "checkpoints" / BEST
         record = {"step": self.step, "metric": metric, "direction": direction, "value": value}
