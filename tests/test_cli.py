@@ -69,17 +69,19 @@ def test_bad_input_stops_with_the_key_and_exit_code_2(tmp_path):
     (["hardware=h100"], "hardware"),  # no GPU here (skipped where there is one)
     (["stage=grpo", "reward=reward_model", "reward.fn.path=/no/such/rm"], "reward.fn.path"),
     (["data=jsonl", "data.path=/no/such.jsonl"], "data.path"),
-    (["stage=eval", "stage.judge=/no/such/judge"], "stage.judge"),
-    (["stage=eval", "stage.policies={dpo: /no/such/policy}"], "stage.policies.dpo"),
+    (["stage=eval", "stage.batch_size=8", "stage.judge=/no/such/judge"], "stage.judge"),
+    (["stage=eval", "stage.batch_size=8", "stage.policies={dpo: /no/such/policy}"], "stage.policies.dpo"),
 ], ids=["no-gpu", "reward-model", "data-file", "judge", "policy"])
 def test_a_launch_refused_for_a_missing_input_leaves_no_mlflow_run(tmp_path, overrides, key):
     """Checked before the tracker run is created: a refused launch is not a FAILED run in the UI."""
     import torch
 
-    from helpers import tracked_env
+    from helpers import tiny_config
+    from rlhf_exp import app
+    from rlhf_exp.errors import ConfigError
 
     if overrides == ["hardware=h100"] and torch.cuda.is_available():
         pytest.skip("a GPU is visible: hardware=h100 is not refused")
-    out = cli("experiment=quick", "hardware.num_threads=1", *overrides, env=tracked_env(tmp_path))
-    assert out.returncode == 2 and f"config key `{key}`" in out.stderr, out.stderr[-2000:]
-    assert mlflow_runs(tmp_path / "m.db")[1] == []
+    with pytest.raises(ConfigError, match=f"config key `{key}`"):
+        app.run(tiny_config(tmp_path, *overrides))
+    assert mlflow_runs(tmp_path / "mlflow.db")[1] == []
