@@ -78,8 +78,10 @@ def test_run_logs_params_metrics_artifacts_and_a_loadable_checkpoint(tmp_path):
 
 
 def test_failed_run_is_marked_failed_and_the_next_run_in_the_process_starts(tmp_path):
-    with pytest.raises(Exception, match="file not found"):
-        run(tiny_config(tmp_path, "data=jsonl", f"data.path={tmp_path / 'missing.jsonl'}"))
+    bad = tmp_path / "bad.jsonl"  # found (a missing file is refused before the run exists), but unreadable
+    bad.write_text('{"prompt": \n')
+    with pytest.raises(Exception, match="invalid JSON"):
+        run(tiny_config(tmp_path, "data=jsonl", f"data.path={bad}"))
     run(tiny_config(tmp_path, "stage.max_steps=1"))
     _, runs = mlflow_runs(tmp_path / "mlflow.db")
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
