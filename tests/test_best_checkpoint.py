@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PAIRS, metric_history, mlflow_runs, run_cli, tracked_env, trainer_for, TINY
+from helpers import PAIRS, metric_history, mlflow_runs, tiny_config, trainer_for
 from rlhf_exp.checkpoint import TRAINER_STATE
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.stages.rm import RewardModelTrainer
@@ -63,24 +63,24 @@ def test_best_metric_names_the_direction_and_an_unknown_one_names_the_key(tmp_pa
         trainer.after_evaluation({"eval/accuracy": 0.6})
 
 
-def test_a_later_stage_starts_from_an_earlier_runs_best_checkpoint_by_run_id(tmp_path):
+def test_a_later_stage_starts_from_an_earlier_runs_best_checkpoint_by_run_id(tmp_path, caplog):
     """SFT keeps its lowest held-out loss; DPO names it as run:<SFT's MLflow run id>@best."""
-    env = tracked_env(tmp_path)
-    sft = run_cli(*TINY, "stage.max_steps=4", "stage.eval_every=1", "stage.lr=3e-2", "stage.keep_best=true",
-                  "stage.num_samples=0", "hardware.num_threads=1", env=env)
-    assert sft.returncode == 0, sft.stderr[-3000:]
-    assert "sft step 4/4 held-out: loss" in sft.stderr + sft.stdout  # the one-line summary per evaluation
-    client, [sft_run] = mlflow_runs(tmp_path / "m.db")
+    from rlhf_exp import app
+
+    caplog.set_level("INFO")
+    app.run(tiny_config(tmp_path, "stage.max_steps=4", "stage.eval_every=1", "stage.lr=3e-2", "stage.keep_best=true",
+                        "stage.num_samples=0"))
+    assert "sft step 4/4 held-out: loss" in caplog.text  # the one-line summary per evaluation
+    client, [sft_run] = mlflow_runs(tmp_path / "mlflow.db")
     losses = metric_history(client, sft_run, "eval/loss")  # steps 0..4
     best_step = min(range(1, 5), key=lambda s: (losses[s], s))
     best = Path(sft_run.data.tags["run_dir"]) / "checkpoints" / "best"
     assert json.loads((best / "best.json").read_text())["step"] == best_step
     assert sft_run.data.tags["best.step"] == str(best_step)
 
-    dpo = run_cli(*TINY, "stage=dpo", *PAIRS, "stage.max_steps=1", "stage.num_samples=0",
-                  f"model.init_from=run:{sft_run.info.run_id}@best", "hardware.num_threads=1", env=env)
-    assert dpo.returncode == 0, dpo.stderr[-3000:]
-    _, runs = mlflow_runs(tmp_path / "m.db")
+    app.run(tiny_config(tmp_path, "stage=dpo", *PAIRS, "stage.max_steps=1", "stage.num_samples=0",
+                        "stage.eval_examples=8", f"model.init_from=run:{sft_run.info.run_id}@best"))
+    _, runs = mlflow_runs(tmp_path / "mlflow.db")
     [dpo_run] = [r for r in runs if r.info.run_id != sft_run.info.run_id]
     assert dpo_run.data.tags["init_from"] == str(best)
     assert dpo_run.data.tags["init_from_run_id"] == sft_run.info.run_id

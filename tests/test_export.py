@@ -7,15 +7,16 @@ from pathlib import Path
 
 import torch
 
-from helpers import PAIRS, TINY, mlflow_runs, run_cli, tracked_env
+from helpers import PAIRS, mlflow_runs, tiny_config
 
-FAST = [*TINY, "stage.max_steps=2", "stage.num_samples=0", "hardware.num_threads=1"]
+FAST = ["stage.max_steps=2", "stage.num_samples=0"]
 
 
 def train(tmp_path: Path, *overrides: str) -> Path:
-    done = run_cli(*FAST, *overrides, env=tracked_env(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return Path(mlflow_runs(tmp_path / "m.db")[1][-1].data.tags["run_dir"])
+    from rlhf_exp import app
+
+    app.run(tiny_config(tmp_path, *FAST, *overrides))
+    return Path(mlflow_runs(tmp_path / "mlflow.db")[1][-1].data.tags["run_dir"])
 
 
 def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alone(tmp_path):
