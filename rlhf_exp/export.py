@@ -132,11 +132,15 @@ def write_generation_config(staging: Path, config: dict) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
     from rlhf_exp.data.formats import FORMATS
+    from rlhf_exp.data.hf import HfFormat
     from rlhf_exp.data.tokens import stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(staging)
     data = config.get("data") or {}
-    chat = FORMATS[data["format"]].chat if data.get("format") in FORMATS else False
+    kind = FORMATS.get(data.get("format"))
+    # data=hub / data=file: whether it was conversational is in the data set, not the config; also stopping
+    # at the end of turn costs a standard-text model nothing
+    chat = bool(kind and (kind.chat or issubclass(kind, HfFormat)))
     generation = (config.get("stage") or {}).get("generation") or {}
     GenerationConfig(do_sample=True, temperature=generation.get("temperature", 1.0),
                      top_k=generation.get("top_k") or 0, top_p=generation.get("top_p", 1.0),

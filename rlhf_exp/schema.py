@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, get_type_hints
 from omegaconf import MISSING
 
 from rlhf_exp.data.formats import FORMATS
+from rlhf_exp.data.hf import TYPES as TRL_TYPES
 from rlhf_exp.engine import NONFINITE_POLICIES
 from rlhf_exp.optim import OPTIMIZERS
 from rlhf_exp.runtime import DTYPES, PRECISIONS
@@ -145,7 +146,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
+    # the conf/data option (tldr, hh_rlhf, ...); for data=hub, the hub data set's configuration (load_dataset's name)
+    name: Optional[str] = None
     format: str = key(one_of(tuple(FORMATS)))
     source: str = key(one_of(("vendored", "hub", "file")))
     val_size: int = key(positive())
@@ -156,6 +158,15 @@ class DataConfig:
     subsets: Optional[List[str]] = None
     fields: Optional[Dict[str, str]] = None
     hub: Optional[Dict[str, Any]] = None
+    # data=hub / data=file (rlhf_exp/data/hf.py): the split, reading a hub set as it streams, a cap on rows read,
+    # TRL column names -> the data set's, and the TRL type when not detected
+    split: str = "train"
+    streaming: bool = False
+    max_rows: Optional[int] = key(optional(positive(), "all of them"), default=None)
+    columns: Optional[Dict[str, Optional[str]]] = None
+    type: Optional[str] = key(optional(one_of(TRL_TYPES), "detected from the columns"), default=None)
+    # the tokenizer's chat template, or chatml, or a Jinja file (conversational data and chat formats use it)
+    chat_template: Optional[str] = None
     on_bad_row: str = key(one_of(("error", "skip")), default="error")
     # a pipeline's phase (sft | rm | rl | judge): train on that portion of the prompts (phase_split),
     # evaluate on the held-out ones every phase shares; null: the whole data set

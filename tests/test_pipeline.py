@@ -127,9 +127,10 @@ def test_keep_checkpoints_deletes_older_step_checkpoints_only(tmp_path):
 
 
 def test_phases_take_disjoint_prompts_and_share_one_held_out_set():
-    class Row:
-        def __init__(self, prompt):
-            self.prompt = prompt
+    from rlhf_exp.data.formats import SFTExample
+
+    def Row(prompt):
+        return SFTExample(prompt, " a summary")
 
     rows = [Row(f"post {i % 700}") for i in range(1400)]  # two rows per prompt, as TL;DR's pairs
     shares = {"sft": 2, "rm": 3, "rl": 3, "judge": 2}

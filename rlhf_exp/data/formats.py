@@ -30,6 +30,21 @@ class SFTExample:
     completion: str
     origin: str = ""
 
+    @property
+    def split_key(self) -> str:
+        """What keeps rows together in a split: the prompt (its rows never straddle train and held-out)."""
+        return self.prompt
+
+
+@dataclass(frozen=True)
+class Document(SFTExample):
+    """A text modelled whole (TRL's standard language modelling): its prompt is only the start-of-document
+    token, so each document is its own group in a split."""
+
+    @property
+    def split_key(self) -> str:
+        return self.prompt + self.completion
+
 
 @dataclass(frozen=True)
 class PreferenceExample:
@@ -37,6 +52,10 @@ class PreferenceExample:
     chosen: str
     rejected: str
     origin: str = ""
+
+    @property
+    def split_key(self) -> str:
+        return self.prompt
 
 
 class DataFormat:
@@ -72,6 +91,10 @@ class DataFormat:
 
     def preference_examples(self) -> list[PreferenceExample]:
         raise ConfigError("data", f"data={self.cfg.name} has no preference pairs")
+
+    def prompt_examples(self) -> list[SFTExample]:
+        """Prompts to sample from (GRPO, PPO, eval), each with its reference response."""
+        return self.sft_examples()
 
     def _hub_spec(self, kind: str):
         spec = (self.cfg.get("hub") or {}).get(kind)
@@ -333,6 +356,9 @@ class JsonlFormat(DataFormat):
     DEFAULT_FILE = "examples/hh_pairs_sample.jsonl"
 
     def _records(self) -> Iterator[Record]:
+        if self.cfg.source == "hub":  # it used to read the vendored sample instead
+            raise ConfigError("data.source", "data=jsonl reads a local file (data.path); for a hub data set use "
+                              "data=hub data.path=<hub id> [data.name=... data.split=... data.columns.<x>=...]")
         return read_jsonl(self.cfg.get("path") or vendored(self.DEFAULT_FILE), self.bad)
 
     def _field(self, rec: Record, name: str) -> str:
@@ -411,12 +437,26 @@ class ShareGptFormat(DataFormat):
         return self.collect(self._records(), self._pair)
 
 
+from rlhf_exp.data.hf import TYPES, HfFormat, typed_format  # noqa: E402 (it builds on DataFormat above)
+
 FORMATS: dict[str, type[DataFormat]] = {
     "tldr": TldrFormat,
     "hh_rlhf": HhRlhfFormat,
     "jsonl": JsonlFormat,
     "sharegpt": ShareGptFormat,
+    # data=hub / data=file: TRL's types, detected from the columns (trl) or named
+    "trl": HfFormat,
+    **{kind: typed_format(kind) for kind in TYPES},
 }
+
+
+def is_chat(cfg: DictConfig, tokenizer) -> bool:
+    """Whether responses are chat turns (ended by the template's end of turn): the format's, or for data=hub /
+    data=file whether the data set is conversational."""
+    kind = FORMATS.get(cfg.format)
+    if kind is not None and issubclass(kind, HfFormat):
+        return get_format(cfg, tokenizer).chat
+    return bool(kind and kind.chat)
 
 
 def get_format(cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None) -> DataFormat:

@@ -23,7 +23,7 @@ def split_by_prompt(examples: Sequence[T], val_size: int, seed: int) -> tuple[li
         raise ValueError(f"val_size={val_size} leaves no training data ({len(examples)} examples)")
     by_prompt: dict[str, list[int]] = {}
     for index, example in enumerate(examples):
-        by_prompt.setdefault(_prompt_key(example.prompt), []).append(index)
+        by_prompt.setdefault(_prompt_key(example.split_key), []).append(index)
     keys = sorted(by_prompt)
     random.Random(seed).shuffle(keys)
     val_rows: set[int] = set()
@@ -55,7 +55,7 @@ def split_by_phase(examples: Sequence[T], phase: str, shares: dict[str, float], 
     end = start + shares[phase] / total
     train, val = [], []
     for example in examples:
-        where = prompt_position(example.prompt, seed)
+        where = prompt_position(example.split_key, seed)
         if where < held_out:
             val.append(example)
         elif start <= (where - held_out) / (1 - held_out) < end:

@@ -50,3 +50,30 @@ def encode_prompt(text: str, tokenizer, max_tokens: int) -> list[int]:
         bos = []
     keep = max(max_tokens - len(bos), 0)
     return bos + (ids[max(len(ids) - keep, 0):] if keep else [])
+
+
+# ChatML (the template SmolLM2 and Qwen use) for a base model whose tokenizer has none: data.chat_template=chatml
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+                   "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% endif %}")
+
+
+def with_chat_template(tokenizer, data_cfg):
+    """The tokenizer with `data.chat_template` in place of its own (chatml, or a Jinja file); as it was for null."""
+    from pathlib import Path
+
+    from rlhf_exp.errors import ConfigError
+
+    spec = data_cfg.get("chat_template")
+    if not spec:
+        return tokenizer
+    if spec == "chatml":
+        template = CHATML_TEMPLATE
+    else:
+        path = Path(str(spec)).expanduser()
+        if not path.is_file():
+            raise ConfigError("data.chat_template", f"{spec!r} is neither chatml nor a Jinja template file")
+        template = path.read_text(encoding="utf-8")
+    tokenizer.chat_template = template
+    _END_OF_TURN.pop(tokenizer, None)
+    return tokenizer

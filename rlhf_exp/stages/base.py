@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from rlhf_exp import checkpoint, distributed, stopping
 from rlhf_exp.data.batching import BatchStream, chunks, length_order
+from rlhf_exp.data.hf import data_label
 from rlhf_exp.engine import Engine
 from rlhf_exp.errors import ConfigError, NonFiniteError
 from rlhf_exp.memory import PeakMemory
@@ -185,20 +186,21 @@ class Trainer:
     def prepare_data(self, kind: str) -> None:
         """Tokenizer, then the (train, held-out) split of `kind` ("sft" or "preference"), tokenized.
 
+        ("prompt": prompts to sample from, with their references where the data has them.)
         Sets self.tokenizer, self.stop_token_ids, self.train_set, self.val_set (held-out, cut to
         stage.eval_examples), self.val_examples (their texts) and self.batches.
         """
-        from rlhf_exp.data import load_preference_splits, load_sft_splits
+        from rlhf_exp.data import load_preference_splits, load_prompt_splits, load_sft_splits
         from rlhf_exp.data.collate import tokenize_examples
-        from rlhf_exp.data.formats import FORMATS
-        from rlhf_exp.data.tokens import stop_token_ids
+        from rlhf_exp.data.formats import is_chat
+        from rlhf_exp.data.tokens import stop_token_ids, with_chat_template
         from rlhf_exp.models import load_tokenizer
 
         data = self.cfg.data
-        self.tokenizer = load_tokenizer(self.model_cfg, self.cfg.paths.cache_dir)
+        self.tokenizer = with_chat_template(load_tokenizer(self.model_cfg, self.cfg.paths.cache_dir), data)
         # chat data: a response ends with the template's end of turn, and sampling stops there too
-        self.stop_token_ids = stop_token_ids(self.tokenizer, FORMATS[data.format].chat)
-        load = {"sft": load_sft_splits, "preference": load_preference_splits}[kind]
+        self.stop_token_ids = stop_token_ids(self.tokenizer, is_chat(data, self.tokenizer))
+        load = {"sft": load_sft_splits, "preference": load_preference_splits, "prompt": load_prompt_splits}[kind]
         skipped: Counter[str] = Counter()
         train, val = load(data, self.tokenizer, self.cfg.seed, skipped, self.cfg.paths.cache_dir)
         self.report_skipped(skipped)
@@ -367,7 +369,7 @@ class Trainer:
 
     def log_curves(self) -> None:
         fig = curves_figure(self.history, list(self.curve_metrics), f"{self.stage.name}: {self.cfg.model.name} "
-                            f"on {self.cfg.data.name}")
+                            f"on {data_label(self.cfg.data)}")
         try:
             fig.savefig(self.run_dir / "training_curves.png")
             self.tracker.log_figure(fig, "plots/training_curves.png")

@@ -28,10 +28,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from rlhf_exp.data import load_preference_splits, load_sft_splits
+from rlhf_exp.data import load_preference_splits, load_prompt_splits
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
-from rlhf_exp.data.formats import FORMATS
-from rlhf_exp.data.tokens import encode_prompt, stop_token_ids
+from rlhf_exp.data.formats import is_chat
+from rlhf_exp.data.hf import data_label
+from rlhf_exp.data.tokens import encode_prompt, stop_token_ids, with_chat_template
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.judging import (distinct_n, interval_text, length_controlled_win_rate, rouge_l, sampled_kl,
                               win_rate, win_scores, words)
@@ -120,9 +121,9 @@ class PolicyEvaluator(Trainer):
             if role is not None and role not in policies:
                 raise ConfigError("stage.baseline" if role == stage.baseline else "stage.kl_reference",
                                   f"{role!r} is not one of stage.policies ({', '.join(policies)})")
-        self.tokenizer = load_tokenizer(self.cfg.model, self.cfg.paths.cache_dir)
-        self.stop_token_ids = stop_token_ids(self.tokenizer, FORMATS[data.format].chat)
-        _, held_out = load_sft_splits(data, self.tokenizer, self.cfg.seed, cache_dir=self.cfg.paths.cache_dir)
+        self.tokenizer = with_chat_template(load_tokenizer(self.cfg.model, self.cfg.paths.cache_dir), data)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, is_chat(data, self.tokenizer))
+        _, held_out = load_prompt_splits(data, self.tokenizer, self.cfg.seed, cache_dir=self.cfg.paths.cache_dir)
         held_out = held_out[: stage.eval_examples] if stage.eval_examples else held_out
         self.examples = held_out
         self.prompt_ids = [encode_prompt(ex.prompt, self.tokenizer, data.max_prompt_tokens) for ex in held_out]
@@ -327,7 +328,7 @@ class PolicyEvaluator(Trainer):
         accuracy = "".join(f"\n{name} accuracy on {n} held-out preference pairs: "
                            f"{interval_text(c / n, *wilson_interval(c, n))}" for name, (c, n) in pair_accuracy.items() if n)
         summary = (f"# Policies on {len(self.examples)} held-out prompts x {self.stage.samples_per_prompt} samples "
-                   f"({self.cfg.data.name})\n\nWin rates: 95% Wilson intervals; LC = length-controlled (AlpacaEval 2), "
+                   f"({data_label(self.cfg.data)})\n\nWin rates: 95% Wilson intervals; LC = length-controlled (AlpacaEval 2), "
                    f"95% paired bootstrap. KL to {self.stage.kl_reference} (sampled, nats).\n\n{table}\n{accuracy}\n")
         side = self.side_by_side(answers, reference_scores)
         (folder / "summary.md").write_text(summary)

@@ -46,11 +46,11 @@ class OnlineRLTrainer(Trainer):
     curve_metrics = ("train/reward_mean", "eval/reward_mean")
 
     def setup_policy(self):
-        """Prompts (from the data's SFT examples), the policy, its frozen reference and the reward source.
+        """Prompts (with the data's reference responses where it has them), the policy, its frozen reference and the reward source.
 
         Returns the policy; the stage decides what `self.model` (the optimized module) holds.
         """
-        self.prepare_data("sft")
+        self.prepare_data("prompt")
         policy = self.load_policy()
         self.reference = self.frozen_reference(policy)  # LoRA: the policy with adapters disabled
         self.reward_fn = build(self.cfg.reward.fn, "reward.fn", self.cfg.allowed_targets)
