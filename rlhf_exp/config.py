@@ -191,17 +191,18 @@ def check_inputs(cfg: DictConfig) -> None:
     run): the device, a data file, the reward model, the eval stage's policies and judges. A name that is
     not a local path (a hub id) is left to the loader."""
     from rlhf_exp.models.peft import weights_folder
-    from rlhf_exp.models.reward import is_reward_model_folder
+    from rlhf_exp.models.reward import is_reward_model_folder, is_sequence_classifier_folder
     from rlhf_exp.runtime import check_device
 
     check_device(cfg.hardware)
     if cfg.data.get("source") == "file" and cfg.data.get("path") and not Path(str(cfg.data.path)).exists():
         raise ConfigError("data.path", f"{cfg.data.path}: file not found")
     reward_path = OmegaConf.select(cfg, "reward.fn.path")
-    if isinstance(reward_path, str) and looks_local(reward_path) and \
-            not is_reward_model_folder(weights_folder(reward_path)):
-        what = "does not exist" if not Path(reward_path).exists() else "is not a reward model saved by stage=rm"
-        raise ConfigError("reward.fn.path", f"{reward_path} {what} (<rm run>/checkpoints/final)")
+    if isinstance(reward_path, str) and looks_local(reward_path) and not (
+            is_reward_model_folder(weights_folder(reward_path)) or is_sequence_classifier_folder(reward_path)):
+        what = ("does not exist" if not Path(reward_path).exists() else
+                "is neither a reward model saved by stage=rm nor a ForSequenceClassification model")
+        raise ConfigError("reward.fn.path", f"{reward_path} {what} (<rm run>/checkpoints/final, or a hub id)")
     if cfg.stage.name != "eval":
         return
     for key in ("judge", "train_rm"):

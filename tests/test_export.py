@@ -66,8 +66,22 @@ def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alon
     with torch.no_grad():
         own = torch.stack([model(row[mask.bool()][None], torch.tensor([int(mask.sum())]))[0]
                            for row, mask in zip(batch["input_ids"], batch["attention_mask"])])
-    assert torch.allclose(exported_scores - offset, own, atol=1e-4)
+    assert torch.allclose(exported_scores - offset, own, atol=1e-5)
     assert exported_scores.std() > 1e-3  # the rows score differently: the comparison means something
+
+    # TRL's own reward code (what its PPO / online trainers score with) reads the same position
+    from trl.experimental.utils import get_reward
+
+    with torch.no_grad():
+        _, trl_scores, _ = get_reward(classifier, batch["input_ids"], tokenizer.pad_token_id, context_length=1)
+    assert torch.allclose(trl_scores - offset, own, atol=1e-5)
+    # and the folder loads back here as a reward model (GRPO's reward.fn.path), offset included
+    reloaded, reloaded_tokenizer = load_reward_model(folder)
+    assert reloaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+    with torch.no_grad():
+        again = torch.stack([reloaded(row[mask.bool()][None], torch.tensor([int(mask.sum())]))[0]
+                             for row, mask in zip(batch["input_ids"], batch["attention_mask"])])
+    assert torch.allclose(again, own, atol=1e-5)
 
 
 def test_exporting_what_is_not_a_checkpoint_names_it(tmp_path, capsys):

@@ -116,23 +116,72 @@ def is_reward_model_folder(folder: str | Path) -> bool:
     return (Path(folder) / HEAD_FILE).is_file()
 
 
+def is_sequence_classifier_folder(folder: str | Path) -> bool:
+    """A transformers `<Arch>ForSequenceClassification` folder (TRL's, OpenRLHF's, or rlhf_exp.export's RM)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in json.loads(config.read_text()).get("architectures") or [])
+
+
+class EncoderClassifier(Exception):
+    """A sequence classifier without a decoder's last-token `score` head (BERT-like: it pools its own way)."""
+
+
+def reward_model_from_sequence_classifier(path: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
+    """A decoder `AutoModelForSequenceClassification` with one label (a folder or a hub id) as a RewardModel:
+    its base model and `score` head, read at the last real token from the lengths as every RM here is (the
+    same position transformers finds when the pad token is not the EOS). The head's bias and an rlhf_exp
+    export's `rlhf_exp_reward_mean` become the offset, so the scores are the exported RM's own."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_exp.errors import ConfigError
+
+    try:
+        classifier = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ConfigError("reward model path", f"{path} is neither a reward model folder of stage=rm nor a "
+                          f"sequence-classification model transformers can load ({str(error)[:300]})") from None
+    if classifier.config.num_labels != 1:
+        raise ConfigError("reward model path", f"{path} has {classifier.config.num_labels} labels; a reward model "
+                          "scores with one (num_labels=1)")
+    score = getattr(classifier, "score", None)
+    if not isinstance(score, nn.Linear):
+        raise EncoderClassifier(f"{path}: {type(classifier).__name__} has no linear `score` head on a decoder "
+                                "(an encoder classifier pools its own way; stage=eval judges with one as it is)")
+    model = RewardModel(classifier.base_model, classifier.config.hidden_size)
+    with torch.no_grad():
+        model.head.weight.copy_(score.weight.float())
+        offset = float(getattr(classifier.config, "rlhf_exp_reward_mean", 0.0) or 0.0)
+        if score.bias is not None:
+            offset -= float(score.bias)
+        model.reward_mean.fill_(offset)
+    return model
+
+
 def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(RewardModel in eval mode, its tokenizer or None) from a folder saved by the RM stage (or a PPO
-    checkpoint's critic/, which has no tokenizer of its own)."""
+    checkpoint's critic/, which has no tokenizer of its own), or a decoder sequence-classification model
+    (a folder or a hub id: TRL's and OpenRLHF's reward models, this project's export)."""
     from transformers import AutoModel, AutoTokenizer
 
     from rlhf_exp.errors import ConfigError
 
     from rlhf_exp.models.peft import weights_folder
 
-    folder = weights_folder(folder)  # a LoRA checkpoint: its merged/ folder
-    if not is_reward_model_folder(folder):
-        raise ConfigError("reward model path", f"{folder} is not a reward model saved by stage=rm (no {HEAD_FILE})")
-    backbone = AutoModel.from_pretrained(folder, dtype=dtype)
-    model = RewardModel(backbone, backbone.config.hidden_size)
-    load_head(model, folder)
+    local = Path(folder).exists()
+    folder = weights_folder(folder) if local else folder  # a LoRA checkpoint: its merged/ folder
+    if local and not is_reward_model_folder(folder) and not is_sequence_classifier_folder(folder):
+        raise ConfigError("reward model path", f"{folder} is not a reward model (no {HEAD_FILE} of stage=rm, and "
+                          "not a ForSequenceClassification model)")
+    if local and is_reward_model_folder(folder):
+        backbone = AutoModel.from_pretrained(folder, dtype=dtype)
+        model = RewardModel(backbone, backbone.config.hidden_size)
+        load_head(model, folder)
+    else:  # a sequence-classification folder, or a hub id
+        model = reward_model_from_sequence_classifier(folder, dtype)
     tokenizer = None
-    if (folder / "tokenizer_config.json").is_file():
+    if not local or (Path(folder) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

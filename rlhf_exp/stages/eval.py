@@ -78,26 +78,23 @@ class Answers:
 
 
 class Scorer:
-    """A reward model as a judge: stage=rm's folders through RewardModelScorer, anything else through
-    `AutoModelForSequenceClassification` (a hub id or folder; num_labels 1, prompt + response as text)."""
+    """A reward model as a judge: stage=rm's folders and decoder sequence classifiers (a folder or hub id) through
+    RewardModelScorer; an encoder classifier (BERT-like) through its own forward, prompt + response as text."""
 
     def __init__(self, path: str, device, precision: str, batch_size: int):
-        from rlhf_exp.models.reward import is_reward_model_folder
-        from rlhf_exp.models.peft import weights_folder
+        from rlhf_exp.models.reward import EncoderClassifier
         from rlhf_exp.rewards import RewardModelScorer
 
         self.device, self.batch_size = device, batch_size
-        if Path(path).exists() and is_reward_model_folder(weights_folder(path)):
+        try:  # stage=rm's folders and decoder classifiers: scored at the EOS, as in training
             self.score = RewardModelScorer(path, batch_size=batch_size, device=str(device), precision=precision)
             return
+        except EncoderClassifier:
+            pass
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as error:
-            raise ConfigError("stage.judge", f"{path} is neither a reward model folder of stage=rm nor a "
-                              f"sequence-classification model transformers can load ({error})") from None
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.score = self._classifier
 
     @torch.no_grad()

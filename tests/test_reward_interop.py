@@ -1,0 +1,76 @@
+"""Reward models this project did not train: any decoder AutoModelForSequenceClassification (a folder or a hub
+id) scores GRPO's rollouts, read at the EOS as this project's own reward models are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import GRPO, mlflow_runs, tiny_config
+
+GRPO_RM = [arg for arg in GRPO if not arg.startswith("reward.")] + ["stage.minibatch_size=8", "reward=reward_model"]
+
+
+def foreign_reward_model(folder: Path, tokenizer) -> Path:
+    """A LlamaForSequenceClassification from a random config, as another library would save one (a score head
+    with a bias, a pad token of its own)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(config)
+    model.score = torch.nn.Linear(32, 1, bias=True)  # some libraries keep a bias: it must carry over
+    torch.nn.init.normal_(model.score.bias, std=1.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_sequence_classifier_scores_at_the_eos_as_transformers_reads_it(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_exp.config import compose_config
+    from rlhf_exp.models import load_tokenizer
+    from rlhf_exp.rewards import RewardModelScorer
+
+    cfg = compose_config(["model=tiny"])
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # pad != EOS: transformers then reads the EOS
+    folder = foreign_reward_model(tmp_path / "rm", tokenizer)
+    scorer = RewardModelScorer(str(folder))
+    prompts, completions = ["Post: a cat.\nTL;DR:", "Post: a long move abroad.\nTL;DR:"], [" cat", " moving away"]
+    ours = torch.tensor(scorer(prompts, completions))
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = [p + c + hf_tokenizer.eos_token for p, c in zip(prompts, completions)]
+    batch = hf_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        theirs = AutoModelForSequenceClassification.from_pretrained(folder)(**batch).logits[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)  # the bias included
+    assert (ours[0] - ours[1]).abs() > 1e-4
+
+
+def test_grpo_trains_against_a_reward_model_this_project_did_not_train(tmp_path):
+    from rlhf_exp import app
+    from rlhf_exp.config import compose_config
+    from rlhf_exp.models import load_tokenizer
+
+    cfg = compose_config(["model=tiny"])
+    folder = foreign_reward_model(tmp_path / "rm", load_tokenizer(cfg.model, cfg.paths.cache_dir))
+    app.run(tiny_config(tmp_path, *GRPO_RM, "stage.max_steps=2", f"reward.fn.path={folder}", "reward.missing_eos_score=null", "stage.num_samples=0"))
+    run = mlflow_runs(tmp_path / "mlflow.db")[1][-1]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["reward.fn.path"] == str(folder)
+    assert "train/reward_std" in run.data.metrics and run.data.metrics["train/reward_std"] > 0
+
+
+def test_a_folder_that_is_no_reward_model_is_refused_before_the_run(tmp_path):
+    from rlhf_exp.config import check_inputs
+
+    (tmp_path / "x").mkdir()
+    with pytest.raises(Exception, match="reward.fn.path.*neither a reward model saved by stage=rm nor a "
+                                        "ForSequenceClassification"):
+        check_inputs(tiny_config(tmp_path, *GRPO_RM, f"reward.fn.path={tmp_path / 'x'}"))
