@@ -174,6 +174,17 @@ def resolve_run_references(cfg: DictConfig) -> dict[str, str]:
     return lineage_tags(cfg, resolved_refs)
 
 
+def name_the_loaded_model(cfg: DictConfig) -> None:
+    """model.name (the run's `model` tag, its name, the plan's title) says what model.init_from holds, not the
+    model group's default (a DPO run from a tiny SFT checkpoint was logged as smollm2_135m)."""
+    from rlhf_exp.lineage import checkpoint_model_name
+
+    init_from = cfg.model.get("init_from")
+    name = checkpoint_model_name(init_from) if init_from else None
+    if name:
+        cfg.model.name = name
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, float]:
     """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's).
     `cfg.pipeline` set: the pipeline's stages in order (rlhf_exp.pipeline). `run_dir` and `job` (whose
@@ -185,6 +196,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, flo
     requested_precision = str(cfg.hardware.precision)
     cfg = resolved(cfg)
     lineage_tags = resolve_run_references(cfg)
+    name_the_loaded_model(cfg)
     validate(cfg)
     if not cfg.get("plan"):  # a memory plan for a GPU profile is made anywhere
         check_inputs(cfg)

@@ -121,3 +121,18 @@ def init_from_run_id(folder: Path) -> dict[str, str]:
         return {"init_from_run_id": json.loads(record.read_text())["run_id"]}
     except (OSError, ValueError, KeyError):
         return {}
+
+
+def checkpoint_model_name(folder: str | Path) -> str | None:
+    """The model a checkpoint holds, by name: `model.name` of the run that wrote it (its run_config.json; that run
+    named it the same way), else the folder's own name; None when there is no model there."""
+    from rlhf_exp.checkpoint import saved_config
+    from rlhf_exp.models.peft import weights_folder
+
+    folder = Path(folder)
+    if not (weights_folder(folder) / "config.json").is_file():
+        return None
+    try:
+        return str(saved_config(folder)["model"]["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder.name if folder.name not in ("final", "best") else folder.parent.parent.name

@@ -130,8 +130,11 @@ class Plan:
 
 def model_shape(model_cfg: DictConfig, cache_dir: str | None = None) -> Shape:
     """The architecture, from `model.arch`, `model.config` (random init) or a folder's config.json."""
+    from rlhf_exp.models.peft import weights_folder
+
     arch = None
     folder = model_cfg.get("init_from") or (model_cfg.path if model_cfg.source == "local" else None)
+    folder = weights_folder(folder) if folder else None  # a LoRA checkpoint: the merged model's shape
     if folder and (Path(folder) / "config.json").is_file():
         arch = json.loads((Path(folder) / "config.json").read_text())
     elif model_cfg.get("arch"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import mlflow_runs, run_cli, tiny_config, tracked_env
@@ -117,3 +119,21 @@ def test_plan_of_a_model_without_a_known_shape_names_the_key(tmp_path):
 
     with pytest.raises(ConfigError, match="model.arch"):
         run(tiny_config(tmp_path, "model=mistral_7b", "model.arch=null", "plan=true"))
+
+
+def test_a_run_from_a_checkpoint_is_named_and_planned_by_the_model_it_loads(tmp_path):
+    """model=smollm2_135m with model.init_from=<a tiny SFT checkpoint> trains the tiny model: the run's `model`
+    tag and name and the memory plan's shape say so (they said smollm2_135m, 30 layers)."""
+    from helpers import PAIRS, mlflow_runs, tiny_config
+    from rlhf_exp import app
+    from rlhf_exp.planner import model_shape
+
+    app.run(tiny_config(tmp_path, "stage=sft", "stage.max_steps=1", "stage.num_samples=0"))
+    sft = Path(mlflow_runs(tmp_path / "mlflow.db")[1][-1].data.tags["run_dir"]) / "checkpoints" / "final"
+    overrides = ["stage=dpo", *PAIRS, "model=smollm2_135m", f"model.init_from={sft}", "stage.max_steps=1",
+                 "stage.num_samples=0", "stage.eval_examples=4"]
+    assert model_shape(tiny_config(tmp_path, *overrides).model).layers == 2
+    app.run(tiny_config(tmp_path, *overrides))
+    dpo = mlflow_runs(tmp_path / "mlflow.db")[1][-1]
+    assert dpo.data.tags["stage"] == "dpo" and dpo.data.tags["model"] == "tiny"
+    assert dpo.data.tags["mlflow.runName"] == "dpo-tiny-hh_rlhf"
