@@ -173,7 +173,11 @@ class DataConfig:
     phase: Optional[str] = None
     phase_split: Dict[str, float] = field(default_factory=lambda: {"sft": 2.0, "rm": 4.0, "rl": 4.0, "judge": 0.0})
     phase_held_out: float = key(in_range(0, 1, "()"), default=0.1)
-    # other conf/data sources mixed in before the split: {name: weight} (rlhf_exp.data.blended_examples)
+    # several data sets, each split by prompt on its own, in place of this one: [{path: ..., weight: 0.5,
+    # columns: {...}, data: <conf/data option, default file or hub>}, ...] (rlhf_exp.data.load_splits)
+    sources: Any = key(optional(Rule(lambda v: len(v) > 0, "must list at least one source"), "this option's "
+                                "own source"), default=None)
+    # other conf/data sources mixed in before the split: {name: weight} (rlhf_exp.data.source_configs)
     # (Any: OmegaConf cannot merge a dict into an Optional[Dict] that is null)
     blend: Any = key(optional(Rule(lambda v: hasattr(v, "values") and all(
         isinstance(w, (int, float)) and w > 0 for w in v.values()), "must be {<data option>: weight > 0}"),

@@ -182,3 +182,24 @@ def test_documents_modelled_whole_split_one_by_one_not_by_their_shared_start_tok
     train, val = load_sft_splits(cfg, tokenizer, seed=0)
     assert (len(train), len(val)) == (8, 4)  # split by prompt alone, all 12 went to one side
     assert {e.prompt for e in train + val} == {tokenizer.bos_token or tokenizer.eos_token}
+
+
+def test_a_mixture_reads_each_source_with_its_own_columns_weight_and_held_out_share(tokenizer, tmp_path):
+    from rlhf_exp.data import load_preference_splits
+
+    first = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": " y", "rejected": " n"} for i in range(20)])
+    second = tmp_path / "b.parquet"
+    import datasets
+
+    datasets.Dataset.from_list([{"q": f"b{i}", "good": " y", "bad": " n"} for i in range(10)]).to_parquet(str(second))
+    sources = (f"data.sources=[{{path: '{first}', val_size: 4}}, {{path: '{second}', weight: 2, val_size: 2, "
+               "columns: {prompt: q, chosen: good, rejected: bad}}]")
+    train, val = load_preference_splits(data_cfg(first, sources), tokenizer, seed=0)
+    by_source = lambda rows, letter: [r for r in rows if r.prompt.startswith(letter)]  # noqa: E731
+    assert len(by_source(val, "a")) == 4 and len(by_source(train, "a")) == 16
+    # weight 2: each pair twice, and a prompt's two copies stay on one side of the split (val_size counts rows)
+    assert len(by_source(val, "b")) == 2 and len(by_source(train, "b")) == 18
+    assert len({r.prompt for r in by_source(val, "b")}) == 1
+    assert not {r.prompt for r in train} & {r.prompt for r in val}
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].*unknown data keys \['colums'\]"):
+        load_preference_splits(data_cfg(first, f"data.sources=[{{path: '{first}', colums: {{}}}}]"), tokenizer, 0)

@@ -44,40 +44,96 @@ def _phase_split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
     return train, val[: data_cfg.val_size]
 
 
-def blended_examples(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: Counter | None = None,
-                     cache_dir: str | None = None) -> list:
-    """The examples of `kind` ("sft" | "preference" | "prompt") of data_cfg's source, then of each `data.blend` source
-    (another conf/data option) taken `weight` times (0.5: a seeded half of them; 2: each twice), as
-    DeepSpeed-Chat blends data sets before it splits them by phase. The split is by prompt, so a prompt
-    repeated by a weight stays on one side of it."""
+def source_configs(data_cfg: DictConfig) -> list[tuple[DictConfig, float, str]]:
+    """(config, weight, key) of each source read: data.sources' entries, else data_cfg's own source and each
+    data.blend option. A source's responses must end as the others' do (all chat turns, or none)."""
+    if data_cfg.get("sources"):
+        return [(mixture_source(entry, index), float(entry.get("weight", 1.0)), f"data.sources[{index}]")
+                for index, entry in enumerate(data_cfg.sources)]
+    sources = [(data_cfg, 1.0, "data")]
+    for name, weight in (data_cfg.get("blend") or {}).items():
+        sources.append((blend_source(name), float(weight), f"data.blend.{name}"))
+    return sources
+
+
+def mixture_source(entry: DictConfig, index: int) -> DictConfig:
+    """A data.sources entry as a whole data config: the conf/data option it names (`data`, else hub for
+    source=hub and file otherwise) with the entry's keys (path, name, split, columns, val_size, ...) over it."""
+    from omegaconf import OmegaConf
+
+    key = f"data.sources[{index}]"
+    if not hasattr(entry, "items"):
+        raise ConfigError(key, f"must be a mapping such as {{path: prefs.parquet, weight: 0.5}}, got {entry!r}")
+    option = entry.get("data") or ("hub" if entry.get("source") == "hub" else "file")
+    base = blend_source(option, key=f"{key}.data")
+    keys = {k: v for k, v in entry.items() if k not in ("data", "weight")}
+    unknown = sorted(set(keys) - set(base))
+    if unknown:
+        raise ConfigError(key, f"unknown data keys {unknown} (keys of data={option}: {', '.join(sorted(base))})")
+    weight = entry.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or weight <= 0:
+        raise ConfigError(f"{key}.weight", f"must be a number > 0, got {weight!r}")
+    return OmegaConf.merge(base, keys)
+
+
+def read_sources(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: Counter | None = None,
+                 cache_dir: str | None = None) -> list[tuple[DictConfig, list]]:
+    """Each source's examples of `kind` ("sft" | "preference" | "prompt") taken `weight` times (0.5: a seeded
+    half of them; 2: each twice), as DeepSpeed-Chat blends data sets; [(source config, examples)]."""
     from rlhf_exp.data.formats import is_chat
 
-    sources = [(data_cfg, 1.0, "data")]
-    chat = is_chat(data_cfg, tokenizer)
-    for name, weight in (data_cfg.get("blend") or {}).items():
-        other = blend_source(name)
-        if is_chat(other, tokenizer) != chat:
-            raise ConfigError(f"data.blend.{name}", f"data={name} is {'not ' if chat else ''}"
-                              f"chat and data={data_label(data_cfg)} is{'' if chat else ' not'}: "
-                              "responses would end with different tokens")
-        other.max_prompt_tokens, other.max_response_tokens = data_cfg.max_prompt_tokens, data_cfg.max_response_tokens
-        sources.append((other, float(weight), f"data.blend.{name}"))
-    examples: list = []
-    for source_cfg, weight, _ in sources:
+    sources = source_configs(data_cfg)
+    chat = is_chat(sources[0][0], tokenizer)
+    read = []
+    for source_cfg, weight, key in sources:
+        if is_chat(source_cfg, tokenizer) != chat:
+            raise ConfigError(key, f"{data_label(source_cfg)} is {'not ' if chat else ''}chat and "
+                              f"{data_label(sources[0][0])} is{'' if chat else ' not'}: responses would end with "
+                              "different tokens")
+        source_cfg.max_prompt_tokens, source_cfg.max_response_tokens = data_cfg.max_prompt_tokens, data_cfg.max_response_tokens
         data = get_format(source_cfg, tokenizer, cache_dir)
         found = {"sft": data.sft_examples, "preference": data.preference_examples,
                  "prompt": data.prompt_examples}[kind]()
         if skipped is not None:
             skipped.update(data.skipped)
-        examples += resample(list(found), weight, seed)
-    return examples
+        read.append((source_cfg, resample(list(found), weight, seed)))
+    return read
 
 
-def blend_source(name: str) -> DictConfig:
+def blended_examples(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: Counter | None = None,
+                     cache_dir: str | None = None) -> list:
+    """Every source's examples of `kind` in one list (see `read_sources`)."""
+    return [example for _, examples in read_sources(data_cfg, tokenizer, seed, kind, skipped, cache_dir)
+            for example in examples]
+
+
+def load_splits(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: Counter | None = None,
+                cache_dir: str | None = None) -> tuple[list, list]:
+    """(train, val) of `kind`, split by prompt with `seed`. data.sources: each source split on its own (its
+    val_size; every source's phase portion), so each is held out in proportion; else all sources as one."""
+    import random
+
+    label = {"sft": "SFT", "preference": "preference", "prompt": "prompt"}[kind]
+    if not data_cfg.get("sources"):
+        return _split(blended_examples(data_cfg, tokenizer, seed, kind, skipped, cache_dir), data_cfg, seed, label)
+    train, val = [], []
+    for source_cfg, examples in read_sources(data_cfg, tokenizer, seed, kind, skipped, cache_dir):
+        for name in ("phase", "phase_split", "phase_held_out"):
+            source_cfg[name] = data_cfg[name]
+        source_cfg.max_train_examples = None
+        part_train, part_val = _split(examples, source_cfg, seed, label)
+        train, val = train + part_train, val + part_val
+    random.Random(seed + 1).shuffle(train)
+    if data_cfg.get("max_train_examples"):
+        train = train[: data_cfg.max_train_examples]
+    return train, val
+
+
+def blend_source(name: str, key: str | None = None) -> DictConfig:
     from rlhf_exp.config import compose_config, config_group_options
 
     if name not in config_group_options("data"):
-        raise ConfigError(f"data.blend.{name}", f"no conf/data/{name}.yaml (data options: "
+        raise ConfigError(key or f"data.blend.{name}", f"no conf/data/{name}.yaml (data options: "
                           f"{', '.join(config_group_options('data'))})")
     return compose_config([f"data={name}"]).data
 
@@ -94,21 +150,20 @@ def load_sft_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter
                     cache_dir: str | None = None) -> tuple[list[SFTExample], list[SFTExample]]:
     """(train, val) prompt/completion examples, split by prompt with `seed`; `skipped` gets the bad
     rows dropped under data.on_bad_row=skip, by reason; `cache_dir` keeps work for the next run."""
-    return _split(blended_examples(data_cfg, tokenizer, seed, "sft", skipped, cache_dir), data_cfg, seed, "SFT")
+    return load_splits(data_cfg, tokenizer, seed, "sft", skipped, cache_dir)
 
 
 def load_prompt_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None,
                        cache_dir: str | None = None) -> tuple[list[SFTExample], list[SFTExample]]:
     """(train, val) prompts to sample from, with their reference responses where the data has them (GRPO,
     PPO, eval; a prompt-only data set's references are empty)."""
-    return _split(blended_examples(data_cfg, tokenizer, seed, "prompt", skipped, cache_dir), data_cfg, seed, "prompt")
+    return load_splits(data_cfg, tokenizer, seed, "prompt", skipped, cache_dir)
 
 
 def load_preference_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None,
                            cache_dir: str | None = None):
     """(train, val) prompt/chosen/rejected pairs, split by prompt with `seed` (`skipped`, `cache_dir`: as above)."""
-    return _split(blended_examples(data_cfg, tokenizer, seed, "preference", skipped, cache_dir), data_cfg, seed,
-                  "preference")
+    return load_splits(data_cfg, tokenizer, seed, "preference", skipped, cache_dir)
 
 
 __all__ = ["SFTExample", "PreferenceExample", "load_sft_splits", "load_preference_splits", "load_prompt_splits"]
