@@ -131,16 +131,17 @@ def write_generation_config(staging: Path, config: dict) -> None:
     """The stage's sampling settings, stopping where its responses stopped (EOS and the chat end of turn)."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from rlhf_exp.data.formats import FORMATS
-    from rlhf_exp.data.hf import HfFormat
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.data.formats import FORMATS, uses_chat_template
     from rlhf_exp.data.tokens import stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(staging)
     data = config.get("data") or {}
     kind = FORMATS.get(data.get("format"))
-    # data=hub / data=file: whether it was conversational is in the data set, not the config; also stopping
-    # at the end of turn costs a standard-text model nothing
-    chat = bool(kind and (kind.chat or issubclass(kind, HfFormat)))
+    # data with turns through a template stops at its end of turn too (for a data=hub / data=file set that was
+    # standard text this stop costs nothing)
+    chat = bool(kind and kind.has_turns and uses_chat_template(OmegaConf.create(data), tokenizer))
     generation = (config.get("stage") or {}).get("generation") or {}
     GenerationConfig(do_sample=True, temperature=generation.get("temperature", 1.0),
                      top_k=generation.get("top_k") or 0, top_p=generation.get("top_p", 1.0),

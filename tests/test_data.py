@@ -41,13 +41,30 @@ def test_tldr_vendored_preferences_are_the_judged_rows(tokenizer):
 
 
 def test_hh_rlhf_vendored_pairs_split_at_the_last_assistant_turn(tokenizer):
-    pairs = get_format(data_cfg("hh_rlhf"), tokenizer).preference_examples()
+    pairs = get_format(data_cfg("hh_rlhf", "data.chat_template=none"), tokenizer).preference_examples()
     # 8,552 rows in the four test splits, less those whose replies are identical or whose prompts differ
     assert 8000 < len(pairs) <= 8552
     for p in pairs:
         assert p.prompt.startswith("\n\nHuman:") and p.prompt.endswith("\n\nAssistant:")
         assert "\n\nAssistant:" not in p.chosen and "\n\nAssistant:" not in p.rejected
     assert len(get_format(data_cfg("hh_rlhf", "data.subsets=[harmless-base]"), tokenizer).preference_examples()) < 2312 + 1
+
+
+def test_hh_rlhf_dialogues_go_through_the_chat_template_as_messages(tokenizer):
+    from rlhf_exp.data.formats import dialogue_messages, is_chat
+
+    plain = get_format(data_cfg("hh_rlhf", "data.chat_template=none"), tokenizer).preference_examples()
+    templated = get_format(data_cfg("hh_rlhf"), tokenizer).preference_examples()
+    assert len(plain) == len(templated) and is_chat(data_cfg("hh_rlhf"), tokenizer)
+    assert not is_chat(data_cfg("hh_rlhf", "data.chat_template=none"), tokenizer)
+    for before, after in zip(plain[:50], templated):
+        turns = dialogue_messages(before.prompt)
+        assert [t["role"] for t in turns][::2] == ["user"] * ((len(turns) + 1) // 2)  # they alternate, user first
+        assert after.prompt == tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        assert after.prompt.endswith("<|im_start|>assistant\n") and "\n\nHuman:" not in after.prompt
+        assert (after.chosen, after.rejected) == (before.chosen.strip(), before.rejected.strip())
+    assert dialogue_messages("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:") == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
 
 
 def test_split_dialogue_by_hand():
@@ -229,7 +246,8 @@ def test_blended_sources_join_by_weight_before_the_split(tokenizer):
     from rlhf_exp.data import blended_examples
 
     tldr = get_format(data_cfg("tldr"), tokenizer).preference_examples()
-    hh = get_format(data_cfg("hh_rlhf"), tokenizer).preference_examples()
+    # dialogues mixed into plain-text data come as plain text (their responses end as TL;DR's do)
+    hh = get_format(data_cfg("hh_rlhf", "data.chat_template=none"), tokenizer).preference_examples()
     for weight, extra in ((0.25, round(0.25 * len(hh))), (2, 2 * len(hh))):
         cfg = data_cfg("tldr", f"data.blend={{hh_rlhf: {weight}}}")
         blended = blended_examples(cfg, tokenizer, 42, "preference")

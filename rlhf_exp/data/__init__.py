@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from rlhf_exp.data.formats import PreferenceExample, SFTExample, get_format
 from rlhf_exp.data.hf import data_label
 from rlhf_exp.data.splits import split_by_phase, split_by_prompt
+from rlhf_exp.data.tokens import NO_TEMPLATE
 from rlhf_exp.errors import ConfigError
 
 
@@ -86,6 +87,9 @@ def read_sources(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped:
     chat = is_chat(sources[0][0], tokenizer)
     read = []
     for source_cfg, weight, key in sources:
+        if not chat and is_chat(source_cfg, tokenizer) and get_format(source_cfg, tokenizer).has_turns:
+            # dialogues mixed into plain-text data (hh_rlhf into tldr) come as plain text, ending as it does
+            source_cfg.chat_template = NO_TEMPLATE
         if is_chat(source_cfg, tokenizer) != chat:
             raise ConfigError(key, f"{data_label(source_cfg)} is {'not ' if chat else ''}chat and "
                               f"{data_label(sources[0][0])} is{'' if chat else ' not'}: responses would end with "

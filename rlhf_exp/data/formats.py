@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from omegaconf import DictConfig
 
 from rlhf_exp.data.disk_cache import digest, read_json, tokenizer_hash, write_json
-from rlhf_exp.data.tokens import bos_prefix
+from rlhf_exp.data.tokens import NO_TEMPLATE, bos_prefix
 from rlhf_exp.data.sources import Record, read_csv, read_hub, read_json_or_jsonl, read_jsonl, vendored
 from rlhf_exp.errors import ConfigError, DataError
 
@@ -63,6 +63,8 @@ class DataFormat:
 
     #: responses are chat turns (they end with the template's end-of-turn token, not EOS)
     chat = False
+    #: the data has turns a chat template can render (whether it does: `chat`)
+    has_turns = False
 
     def __init__(self, cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -212,6 +214,9 @@ def save_tldr_prompts(path: Path | None, memo: dict) -> None:
 class TldrFormat(DataFormat):
     def __init__(self, cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None):
         super().__init__(cfg, tokenizer)
+        if cfg.get("chat_template") not in (None, NO_TEMPLATE):
+            log.info("data=tldr keeps the seeds' plain 'SUBREDDIT: ... TL;DR:' prompt: data.chat_template=%s is not "
+                     "used (TL;DR has no turns)", cfg.chat_template)
         self._prompts = _tldr_prompt_memo(tokenizer, cfg.max_prompt_tokens)
         self._cache_file = _tldr_cache_file(cache_dir, tokenizer, cfg.max_prompt_tokens)
         load_tldr_prompts(self._cache_file, self._prompts)
@@ -290,6 +295,20 @@ class TldrFormat(DataFormat):
 ASSISTANT_TAG = "\n\nAssistant:"
 
 
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def dialogue_messages(prompt: str) -> list[dict]:
+    """An HH-RLHF prompt ("\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:") as chat messages, without the
+    empty assistant turn it ends with."""
+    parts = _TURN.split(prompt)  # [before, role, text, role, text, ...]
+    turns = [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+             for role, text in zip(parts[1::2], parts[2::2])]
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns = turns[:-1]
+    return turns
+
+
 def split_dialogue(text: str) -> tuple[str, str] | None:
     """HH-RLHF dialogue -> (prompt up to and including the last "\\n\\nAssistant:", the reply)."""
     cut = text.rfind(ASSISTANT_TAG)
@@ -300,6 +319,16 @@ def split_dialogue(text: str) -> tuple[str, str] | None:
 
 
 class HhRlhfFormat(DataFormat):
+    """HH-RLHF dialogues as chat messages through the tokenizer's chat template (the responses then end with its
+    end of turn), as every format with turns is; the plain "\n\nHuman: ... \n\nAssistant:" text with
+    data.chat_template=none or a tokenizer without a template (a base model, as the seeds' Pythia)."""
+
+    has_turns = True
+
+    @property
+    def chat(self) -> bool:
+        return uses_chat_template(self.cfg, self.tokenizer)
+
     def _records(self) -> Iterator[Record]:
         if self.cfg.source == "vendored":
             for subset in self.cfg.subsets:
@@ -322,7 +351,12 @@ class HhRlhfFormat(DataFormat):
                 raise DataError(rec.path, "dialogue has no '\\n\\nAssistant:' turn", rec.line)
             if chosen[0] != rejected[0] or chosen[1] == rejected[1]:
                 continue  # differing prompts or identical replies carry no preference
-            out.append(PreferenceExample(chosen[0], chosen[1], rejected[1], rec.origin))
+            if self.chat:
+                prompt = self.tokenizer.apply_chat_template(dialogue_messages(chosen[0]), tokenize=False,
+                                                            add_generation_prompt=True)
+                out.append(PreferenceExample(prompt, chosen[1].strip(), rejected[1].strip(), rec.origin))
+            else:
+                out.append(PreferenceExample(chosen[0], chosen[1], rejected[1], rec.origin))
         return out
 
     def sft_examples(self) -> list[SFTExample]:
@@ -394,6 +428,7 @@ def to_message(turn: dict, rec: Record) -> dict:
 
 class ShareGptFormat(DataFormat):
     chat = True
+    has_turns = True
 
     def _records(self) -> Iterator[Record]:
         if self.cfg.source == "vendored":
@@ -411,6 +446,10 @@ class ShareGptFormat(DataFormat):
         return [to_message(t, rec) for t in turns]
 
     def _prompt(self, messages: list[dict]) -> str:
+        if not uses_chat_template(self.cfg, self.tokenizer):
+            raise ConfigError("data.chat_template", f"data={self.cfg.name} is conversations and there is no chat "
+                              "template (the tokenizer has none, or data.chat_template=none): set "
+                              "data.chat_template=chatml (or a .jinja file)")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _sft_example(self, rec: Record) -> SFTExample:
@@ -450,13 +489,16 @@ FORMATS: dict[str, type[DataFormat]] = {
 }
 
 
+def uses_chat_template(cfg: DictConfig, tokenizer) -> bool:
+    """Whether data with turns goes through a chat template: the tokenizer has one (or data.chat_template set
+    it) and data.chat_template is not none."""
+    return cfg.get("chat_template") != NO_TEMPLATE and bool(getattr(tokenizer, "chat_template", None))
+
+
 def is_chat(cfg: DictConfig, tokenizer) -> bool:
-    """Whether responses are chat turns (ended by the template's end of turn): the format's, or for data=hub /
-    data=file whether the data set is conversational."""
-    kind = FORMATS.get(cfg.format)
-    if kind is not None and issubclass(kind, HfFormat):
-        return get_format(cfg, tokenizer).chat
-    return bool(kind and kind.chat)
+    """Whether responses are chat turns (ended by the template's end of turn): ShareGPT's, HH-RLHF's through a
+    template, a conversational data=hub / data=file set's."""
+    return get_format(cfg, tokenizer).chat
 
 
 def get_format(cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None) -> DataFormat:

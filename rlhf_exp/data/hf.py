@@ -153,6 +153,7 @@ class HfFormat(DataFormat):
     """data=hub / data=file: TRL's dataset types in either style (see the module docstring)."""
 
     forced_type: str | None = None  # data.format=<type> sets it; data.format=trl detects it
+    has_turns = True
 
     def __init__(self, cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None):
         super().__init__(cfg, tokenizer, cache_dir)
@@ -239,9 +240,12 @@ class HfFormat(DataFormat):
         """A standard prompt as it is; a conversational one through the chat template, generation prompt on."""
         if isinstance(prompt, str):
             return prompt
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError("data.chat_template", f"{rec.origin} is conversational and the model's tokenizer has no "
-                              "chat template: set data.chat_template=chatml (or a .jinja file)")
+        from rlhf_exp.data.formats import uses_chat_template
+
+        if not uses_chat_template(self.cfg, self.tokenizer):
+            raise ConfigError("data.chat_template", f"{rec.origin} is conversational and there is no chat template "
+                              f"(the tokenizer has none, or data.chat_template=none): set data.chat_template=chatml "
+                              "(or a .jinja file)")
         return self.tokenizer.apply_chat_template(self._messages(prompt, rec), tokenize=False,
                                                   add_generation_prompt=True)
 

@@ -58,14 +58,18 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['ro
                    "{% endif %}")
 
 
+NO_TEMPLATE = "none"  # data.chat_template=none: dialogues as plain text (HH-RLHF's "\n\nHuman: ..."), no template
+
+
 def with_chat_template(tokenizer, data_cfg):
-    """The tokenizer with `data.chat_template` in place of its own (chatml, or a Jinja file); as it was for null."""
+    """The tokenizer with `data.chat_template` in place of its own (chatml, or a Jinja file); as it was for null
+    and none (which the formats read: no template at all)."""
     from pathlib import Path
 
     from rlhf_exp.errors import ConfigError
 
     spec = data_cfg.get("chat_template")
-    if not spec:
+    if not spec or spec == NO_TEMPLATE:
         return tokenizer
     if spec == "chatml":
         template = CHATML_TEMPLATE
