@@ -45,6 +45,16 @@ def _phase_split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
     return train, val[: data_cfg.val_size]
 
 
+def data_tokenizer(model_cfg: DictConfig, data_cfg: DictConfig, cache_dir: str):
+    """(the model's tokenizer with data.chat_template in place, the ids that end a response): EOS, and for chat
+    data the template's end of turn too, which responses are trained to end with and sampling stops at."""
+    from rlhf_exp.data.tokens import stop_token_ids, with_chat_template
+    from rlhf_exp.models import load_tokenizer
+
+    tokenizer = with_chat_template(load_tokenizer(model_cfg, cache_dir), data_cfg)
+    return tokenizer, stop_token_ids(tokenizer, get_format(data_cfg, tokenizer).chat)
+
+
 def source_configs(data_cfg: DictConfig) -> list[tuple[DictConfig, float, str]]:
     """(config, weight, key) of each source read: data.sources' entries, else data_cfg's own source and each
     data.blend option. A source's responses must end as the others' do (all chat turns, or none)."""
@@ -81,21 +91,21 @@ def read_sources(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped:
                  cache_dir: str | None = None) -> list[tuple[DictConfig, list]]:
     """Each source's examples of `kind` ("sft" | "preference" | "prompt") taken `weight` times (0.5: a seeded
     half of them; 2: each twice), as DeepSpeed-Chat blends data sets; [(source config, examples)]."""
-    from rlhf_exp.data.formats import is_chat
-
     sources = source_configs(data_cfg)
-    chat = is_chat(sources[0][0], tokenizer)
+    chat = None  # the first source's: every other's responses must end as its do
     read = []
     for source_cfg, weight, key in sources:
-        if not chat and is_chat(source_cfg, tokenizer) and get_format(source_cfg, tokenizer).has_turns:
+        source_cfg.max_prompt_tokens, source_cfg.max_response_tokens = data_cfg.max_prompt_tokens, data_cfg.max_response_tokens
+        data = get_format(source_cfg, tokenizer, cache_dir)
+        if chat is None:
+            chat = data.chat
+        elif data.chat and not chat and data.has_turns:
             # dialogues mixed into plain-text data (hh_rlhf into tldr) come as plain text, ending as it does
             source_cfg.chat_template = NO_TEMPLATE
-        if is_chat(source_cfg, tokenizer) != chat:
+        if data.chat != chat:
             raise ConfigError(key, f"{data_label(source_cfg)} is {'not ' if chat else ''}chat and "
                               f"{data_label(sources[0][0])} is{'' if chat else ' not'}: responses would end with "
                               "different tokens")
-        source_cfg.max_prompt_tokens, source_cfg.max_response_tokens = data_cfg.max_prompt_tokens, data_cfg.max_response_tokens
-        data = get_format(source_cfg, tokenizer, cache_dir)
         found = {"sft": data.sft_examples, "preference": data.preference_examples,
                  "prompt": data.prompt_examples}[kind]()
         if skipped is not None:

@@ -98,6 +98,15 @@ class DataFormat:
         """Prompts to sample from (GRPO, PPO, eval), each with its reference response."""
         return self.sft_examples()
 
+    def chat_prompt(self, messages: list[dict], where: str) -> str:
+        """Chat messages as a prompt: the template with the assistant's header; refused naming the key where
+        there is no template (the tokenizer has none, or data.chat_template=none). `where`: what needs it."""
+        if not uses_chat_template(self.cfg, self.tokenizer):
+            raise ConfigError("data.chat_template", f"{where} is conversational and there is no chat template "
+                              "(the tokenizer has none, or data.chat_template=none): set data.chat_template=chatml "
+                              "(or a .jinja file)")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def _hub_spec(self, kind: str):
         spec = (self.cfg.get("hub") or {}).get(kind)
         if spec is None:
@@ -352,8 +361,7 @@ class HhRlhfFormat(DataFormat):
             if chosen[0] != rejected[0] or chosen[1] == rejected[1]:
                 continue  # differing prompts or identical replies carry no preference
             if self.chat:
-                prompt = self.tokenizer.apply_chat_template(dialogue_messages(chosen[0]), tokenize=False,
-                                                            add_generation_prompt=True)
+                prompt = self.chat_prompt(dialogue_messages(chosen[0]), rec.origin)
                 out.append(PreferenceExample(prompt, chosen[1].strip(), rejected[1].strip(), rec.origin))
             else:
                 out.append(PreferenceExample(chosen[0], chosen[1], rejected[1], rec.origin))
@@ -446,11 +454,7 @@ class ShareGptFormat(DataFormat):
         return [to_message(t, rec) for t in turns]
 
     def _prompt(self, messages: list[dict]) -> str:
-        if not uses_chat_template(self.cfg, self.tokenizer):
-            raise ConfigError("data.chat_template", f"data={self.cfg.name} is conversations and there is no chat "
-                              "template (the tokenizer has none, or data.chat_template=none): set "
-                              "data.chat_template=chatml (or a .jinja file)")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.chat_prompt(messages, f"data={self.cfg.name}")
 
     def _sft_example(self, rec: Record) -> SFTExample:
         messages = self._conversation(rec)

@@ -240,14 +240,7 @@ class HfFormat(DataFormat):
         """A standard prompt as it is; a conversational one through the chat template, generation prompt on."""
         if isinstance(prompt, str):
             return prompt
-        from rlhf_exp.data.formats import uses_chat_template
-
-        if not uses_chat_template(self.cfg, self.tokenizer):
-            raise ConfigError("data.chat_template", f"{rec.origin} is conversational and there is no chat template "
-                              f"(the tokenizer has none, or data.chat_template=none): set data.chat_template=chatml "
-                              "(or a .jinja file)")
-        return self.tokenizer.apply_chat_template(self._messages(prompt, rec), tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.chat_prompt(self._messages(prompt, rec), rec.origin)
 
     def _response_text(self, response, rec: Record, name: str) -> str:
         """A standard response as it is; a conversational one is its single assistant turn's content."""

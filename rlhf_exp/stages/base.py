@@ -190,16 +190,11 @@ class Trainer:
         Sets self.tokenizer, self.stop_token_ids, self.train_set, self.val_set (held-out, cut to
         stage.eval_examples), self.val_examples (their texts) and self.batches.
         """
-        from rlhf_exp.data import load_preference_splits, load_prompt_splits, load_sft_splits
+        from rlhf_exp.data import data_tokenizer, load_preference_splits, load_prompt_splits, load_sft_splits
         from rlhf_exp.data.collate import tokenize_examples
-        from rlhf_exp.data.formats import is_chat
-        from rlhf_exp.data.tokens import stop_token_ids, with_chat_template
-        from rlhf_exp.models import load_tokenizer
 
         data = self.cfg.data
-        self.tokenizer = with_chat_template(load_tokenizer(self.model_cfg, self.cfg.paths.cache_dir), data)
-        # chat data: a response ends with the template's end of turn, and sampling stops there too
-        self.stop_token_ids = stop_token_ids(self.tokenizer, is_chat(data, self.tokenizer))
+        self.tokenizer, self.stop_token_ids = data_tokenizer(self.model_cfg, data, self.cfg.paths.cache_dir)
         load = {"sft": load_sft_splits, "preference": load_preference_splits, "prompt": load_prompt_splits}[kind]
         skipped: Counter[str] = Counter()
         train, val = load(data, self.tokenizer, self.cfg.seed, skipped, self.cfg.paths.cache_dir)

@@ -28,11 +28,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from rlhf_exp.data import load_preference_splits, load_prompt_splits
+from rlhf_exp.data import data_tokenizer, load_preference_splits, load_prompt_splits
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
-from rlhf_exp.data.formats import is_chat
 from rlhf_exp.data.hf import data_label
-from rlhf_exp.data.tokens import encode_prompt, stop_token_ids, with_chat_template
+from rlhf_exp.data.tokens import encode_prompt
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.judging import (distinct_n, interval_text, length_controlled_win_rate, rouge_l, sampled_kl,
                               win_rate, win_scores, words)
@@ -110,16 +109,13 @@ class Scorer:
 
 class PolicyEvaluator(Trainer):
     def fit(self) -> dict[str, float]:
-        from rlhf_exp.models import load_tokenizer
-
         stage, data = self.stage, self.cfg.data
         policies = dict(stage.policies or {BASE: BASE})
         for role in (stage.baseline, stage.kl_reference):
             if role is not None and role not in policies:
                 raise ConfigError("stage.baseline" if role == stage.baseline else "stage.kl_reference",
                                   f"{role!r} is not one of stage.policies ({', '.join(policies)})")
-        self.tokenizer = with_chat_template(load_tokenizer(self.cfg.model, self.cfg.paths.cache_dir), data)
-        self.stop_token_ids = stop_token_ids(self.tokenizer, is_chat(data, self.tokenizer))
+        self.tokenizer, self.stop_token_ids = data_tokenizer(self.cfg.model, data, self.cfg.paths.cache_dir)
         _, held_out = load_prompt_splits(data, self.tokenizer, self.cfg.seed, cache_dir=self.cfg.paths.cache_dir)
         held_out = held_out[: stage.eval_examples] if stage.eval_examples else held_out
         self.examples = held_out
