@@ -176,7 +176,7 @@ def validate(cfg: DictConfig) -> None:
         if not good:
             raise ConfigError(key, f"{rule.must} (got {value!r})")
     check_targets(cfg, cfg.allowed_targets)
-    check_init_from(cfg.model)
+    check_init_from(cfg.model, cfg.stage.name)
     if cfg.hardware.get("load_in_4bit") and not cfg.hardware.lora.enabled:
         raise ConfigError("hardware.load_in_4bit", "4-bit weights are frozen: set hardware.lora.enabled=true (QLoRA)")
     micro, whole = micro_batch(cfg, spec.micro_batch), cfg.stage[spec.batch_key]
@@ -191,7 +191,7 @@ def check_inputs(cfg: DictConfig) -> None:
     run): the device, a data file, the reward model, the eval stage's policies and judges. A name that is
     not a local path (a hub id) is left to the loader."""
     from rlhf_exp.models.peft import weights_folder
-    from rlhf_exp.models.reward import is_reward_model_folder, is_sequence_classifier_folder
+    from rlhf_exp.models.reward import is_reward_model_folder
     from rlhf_exp.runtime import check_device
 
     check_device(cfg.hardware)
@@ -199,7 +199,7 @@ def check_inputs(cfg: DictConfig) -> None:
         raise ConfigError("data.path", f"{cfg.data.path}: file not found")
     reward_path = OmegaConf.select(cfg, "reward.fn.path")
     if isinstance(reward_path, str) and looks_local(reward_path) and not (
-            is_reward_model_folder(weights_folder(reward_path)) or is_sequence_classifier_folder(reward_path)):
+            is_reward_model_folder(weights_folder(reward_path))):
         what = ("does not exist" if not Path(reward_path).exists() else
                 "is neither a reward model saved by stage=rm nor a ForSequenceClassification model")
         raise ConfigError("reward.fn.path", f"{reward_path} {what} (<rm run>/checkpoints/final, or a hub id)")
@@ -220,9 +220,11 @@ def looks_local(path: str) -> bool:
     return Path(path).exists() or path.startswith(("/", ".", "~"))
 
 
-def check_init_from(model: DictConfig) -> None:
-    """model.init_from must be a folder with a model in it (a checkpoint of an earlier run)."""
+def check_init_from(model: DictConfig, stage: str) -> None:
+    """model.init_from must be a folder with a model in it (a checkpoint of an earlier run); a reward
+    model only for stage=rm (a policy loaded from one would get an LM head it never had)."""
     from rlhf_exp.models.peft import weights_folder
+    from rlhf_exp.models.reward import is_reward_model_folder
 
     if not model.get("init_from"):
         return
@@ -231,6 +233,10 @@ def check_init_from(model: DictConfig) -> None:
         what = "does not exist" if not folder.exists() else "holds no model (no config.json)"
         raise ConfigError("model.init_from", f"{folder} {what}: name a checkpoint folder of an earlier run "
                           "(<run>/checkpoints/final)")
+    if stage != "rm" and is_reward_model_folder(folder):
+        raise ConfigError("model.init_from", f"{folder} is a reward model, and stage={stage} trains a policy: "
+                          "start it from a causal LM (an SFT run's checkpoints/final); a reward model goes in "
+                          "reward.fn.path (reward=reward_model)")
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

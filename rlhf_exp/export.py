@@ -7,13 +7,12 @@ sampling settings, the stop tokens of its chat format) and a model card (README.
 config, the data, the lineage (which checkpoint each stage started from, with MLflow run ids), the run's
 held-out metrics, and the pipeline's evaluation table and plots when the run is part of a pipeline.
 
-A reward model (stage=rm) is exported as a sequence-classification model, so `AutoModelForSequenceClassification`
-loads it without this package: the backbone and the linear head become `<Arch>ForSequenceClassification`
-(num_labels 1). It reads the last token that is not the pad token, and the RM was trained reading the EOS
-that ends each response: with pad == EOS (SmolLM2, Qwen) it would read the token before. So the export gets
-a pad token of its own (added, the embeddings grown by a row nothing reads), and texts end with the EOS.
-The normalization offset (`reward_mean`) has no place in that head: exported scores are the RM's plus that
-constant (in the card and in config.json).
+A reward model (stage=rm) is a sequence-classification model, so `AutoModelForSequenceClassification`
+loads it without this package: `<Arch>ForSequenceClassification` (num_labels 1), as stage=rm saves it
+(`rlhf_exp.models.reward.save_sequence_classifier`). It reads the last token that is not the pad token, and
+the RM was trained reading the EOS that ends each response, so the RM has a pad token of its own
+(`give_own_pad_token`) and texts end with the EOS. The normalization offset (`reward_mean`) has no place in
+the bias-free head: exported scores are the RM's plus that constant (in the card and in config.json).
 
 `push_to_hub=<repo id>` uploads the folder with huggingface_hub (needs a network and a token).
 """
@@ -39,7 +38,6 @@ HUB_FILES = re.compile(r"(.*\.safetensors|.*\.safetensors\.index\.json|config\.j
                        r"tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|added_tokens\.json|"
                        r"chat_template\.jinja)$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-PAD_TOKEN = "<|rlhf_exp_pad|>"  # an exported RM's pad token when the tokenizer pads with its EOS
 
 
 def checkpoint_folder(target: str, which: str) -> Path:
@@ -88,43 +86,18 @@ def export(checkpoint: Path, out: Path) -> Path:
 
 
 def export_reward_model(weights: Path, staging: Path) -> float:
-    """The RM as `<Arch>ForSequenceClassification` (num_labels 1): the backbone's weights under the class's
-    base model, the head as its `score`. Returns the normalization offset the head cannot hold."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    """The RM as `<Arch>ForSequenceClassification` (num_labels 1) with a pad token that is not the EOS: what
+    stage=rm saves already; an older checkpoint (the head in a file beside the backbone) is converted.
+    Returns the normalization offset the head cannot hold."""
+    from rlhf_exp.models.reward import give_own_pad_token, load_reward_model
 
-    from rlhf_exp.models.reward import HEAD_FILE
-
-    config = AutoConfig.from_pretrained(weights)
-    config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_config(config)
-    backbone = {}
-    for file in sorted(weights.glob("*.safetensors")):
-        if file.name != HEAD_FILE:
-            backbone.update(load_file(str(file)))
-    missing, unexpected = model.base_model.load_state_dict(backbone, strict=False)
-    if unexpected or [k for k in missing if "rotary" not in k]:
-        raise ConfigError("export", f"{weights}: the backbone's weights do not fit {type(model).__name__} "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    head = load_file(str(weights / HEAD_FILE))
-    reward_mean = float(head["reward_mean"].reshape(()) - head.get("bias", torch.zeros(1)).reshape(()))
-    score = next(module for name, module in model.named_children() if name in ("score", "classifier"))
-    with torch.no_grad():
-        score.weight.copy_(head["weight"].reshape(score.weight.shape))
-        if getattr(score, "bias", None) is not None:
-            score.bias.zero_()
-    model.config.rlhf_exp_reward_mean = reward_mean
-    model.config.rlhf_exp_note = ("exported by rlhf_exp: texts end with the EOS; subtract rlhf_exp_reward_mean "
-                                  "for the RM's normalized score")
-    tokenizer = AutoTokenizer.from_pretrained(weights)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(staging, safe_serialization=True)
+    model, tokenizer = load_reward_model(weights)
+    if tokenizer is None:
+        raise ConfigError("export", f"{weights} has no tokenizer: export the RM run's checkpoint, not a critic")
+    give_own_pad_token(model.backbone, tokenizer)
+    model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    return reward_mean
+    return float(model.reward_mean)
 
 
 def write_generation_config(staging: Path, config: dict) -> None:

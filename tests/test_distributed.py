@@ -94,7 +94,7 @@ def assert_matches_one_process(two, one, stage: str, parallel: str) -> None:
     digests = two.data.tags["dist.parameter_digests"].split(",")
     assert len(digests) == 2 and digests[0] == digests[1]  # both ranks end with identical parameters
     assert two.data.metrics["dist/replicas_identical"] == 1.0
-    files = ["model.safetensors"] + (["reward_head.safetensors"] if stage == "rm" else [])
+    files = ["model.safetensors"]  # an RM's head is its score.weight there
     weights = [{f"{f}:{k}": v for f in files for k, v in load_file(str(Path(r.data.tags["checkpoint_dir"]) / f)).items()}
                for r in (two, one)]
     assert weights[0].keys() == weights[1].keys()
@@ -107,8 +107,8 @@ def assert_matches_one_process(two, one, stage: str, parallel: str) -> None:
     if stage == "rm":  # the same best checkpoint, written whole
         best = [Path(r.data.tags["best_checkpoint_dir"]) for r in (two, one)]
         assert (best[0] / "best.json").read_text() == (best[1] / "best.json").read_text()
-        assert torch.allclose(load_file(str(best[0] / "reward_head.safetensors"))["weight"],
-                              load_file(str(best[1] / "reward_head.safetensors"))["weight"], atol=1e-5)
+        assert torch.allclose(load_file(str(best[0] / "model.safetensors"))["score.weight"],
+                              load_file(str(best[1] / "model.safetensors"))["score.weight"], atol=1e-5)
     folder = Path(two.data.tags["checkpoint_dir"])
     if parallel.startswith("deepspeed"):  # DeepSpeed's own checkpoint: one optimizer partition per rank
         assert len(list((folder / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
@@ -157,7 +157,7 @@ def test_two_ranks_sigkilled_mid_run_resume_to_the_uninterrupted_weights(tmp_pat
                           launcher=launcher)
     assert resumed.data.tags["resume_count"] == "1" and "SIGKILL" in resumed.data.tags["killed_note"]
     assert resumed.data.tags["dist.world_size"] == "2" and not resumed.data.tags["run_dir"].endswith("_none")
-    files = ["model.safetensors"] + (["reward_head.safetensors"] if stage == "rm" else [])
+    files = ["model.safetensors"]  # an RM's head is its score.weight there
     for name in files:
         expected, got = (load_file(str(Path(r.data.tags["checkpoint_dir"]) / name)) for r in (whole, resumed))
         assert expected.keys() == got.keys()

@@ -20,8 +20,7 @@ def train(tmp_path: Path, *overrides: str) -> Path:
 
 
 def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alone(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, \
-        GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from rlhf_exp.export import main
     from rlhf_exp.models.reward import load_reward_model
@@ -44,37 +43,50 @@ def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alon
     assert "| sft |" in card and "eval/loss" in card and "training_curves.png" in card
     assert not (folder / "trainer_state.pt").exists() and (folder / "training_curves.png").is_file()
 
-    # the reward model: AutoModelForSequenceClassification scores as the RM does, up to its offset
+    # the reward model: its checkpoint and its export are sequence classifiers that score as the RM does
     assert main([str(rm), f"out={tmp_path / 'rm_export'}"]) == 0
-    folder = tmp_path / "rm_export"
-    card = (folder / "README.md").read_text()
+    card = (tmp_path / "rm_export" / "README.md").read_text()
     lineage = card.split("## Lineage")[1].split("##")[0]
     assert lineage.index("| sft |") < lineage.index("| rm |")  # base -> sft -> rm, with run ids
+    base_tokenizer = AutoTokenizer.from_pretrained(sft / "checkpoints" / "final")
+    assert base_tokenizer.pad_token_id == base_tokenizer.eos_token_id  # SmolLM2's: the case outside readers get wrong
+    own_model, _ = load_reward_model(rm / "checkpoints" / "final")
+    for folder in (rm / "checkpoints" / "final", tmp_path / "rm_export"):
+        assert_outside_loaders_score_as_the_rm(folder, own_model)
+
+
+def assert_outside_loaders_score_as_the_rm(folder: Path, own_model) -> None:
+    """transformers' AutoModelForSequenceClassification and text-classification pipeline, and TRL's
+    get_reward, load `folder` and score right-padded texts ending in the EOS as this project's RM does."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+    from trl.experimental.utils import get_reward
+
+    from rlhf_exp.models.reward import load_reward_model
+
     classifier = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # else the classifier reads the token before the EOS
+    assert classifier.config.pad_token_id == tokenizer.pad_token_id
     texts = ["Summarize: the cat sat on the mat. TL;DR: a cat sat" + tokenizer.eos_token,
              "Summarize: a longer post about moving to a new city for work. TL;DR: moving" + tokenizer.eos_token,
              "short" + tokenizer.eos_token]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     assert batch["attention_mask"][:, -1].tolist().count(0) == 2  # padded: two rows shorter than the other
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # else the classifier reads the token before the EOS
     with torch.no_grad():
         exported_scores = classifier(**batch).logits[:, 0]
-    model, _ = load_reward_model(rm / "checkpoints" / "final")
+        own = torch.stack([own_model(row[mask.bool()][None], torch.tensor([int(mask.sum())]))[0]
+                           for row, mask in zip(batch["input_ids"], batch["attention_mask"])])
     offset = json.loads((folder / "config.json").read_text())["rlhf_exp_reward_mean"]
     assert offset != 0.0  # the RM was normalized on SFT references
-    with torch.no_grad():
-        own = torch.stack([model(row[mask.bool()][None], torch.tensor([int(mask.sum())]))[0]
-                           for row, mask in zip(batch["input_ids"], batch["attention_mask"])])
     assert torch.allclose(exported_scores - offset, own, atol=1e-5)
     assert exported_scores.std() > 1e-3  # the rows score differently: the comparison means something
-
     # TRL's own reward code (what its PPO / online trainers score with) reads the same position
-    from trl.experimental.utils import get_reward
-
     with torch.no_grad():
         _, trl_scores, _ = get_reward(classifier, batch["input_ids"], tokenizer.pad_token_id, context_length=1)
     assert torch.allclose(trl_scores - offset, own, atol=1e-5)
+    # pipeline("text-classification"), its raw score
+    scored = pipeline("text-classification", model=str(folder), function_to_apply="none")(texts)
+    assert torch.allclose(torch.tensor([s["score"] for s in scored]) - offset, own, atol=1e-5)
     # and the folder loads back here as a reward model (GRPO's reward.fn.path), offset included
     reloaded, reloaded_tokenizer = load_reward_model(folder)
     assert reloaded_tokenizer.pad_token_id == tokenizer.pad_token_id

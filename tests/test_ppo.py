@@ -43,7 +43,7 @@ def test_ptx_and_ema_options(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema.parameters()))
     assert trainer.eval_policy is trainer.ema
     folder = trainer.save_checkpoint(tmp_path / "ckpt")
-    assert (folder / "ema" / "model.safetensors").is_file() and (folder / "critic" / "reward_head.safetensors").is_file()
+    assert (folder / "ema" / "model.safetensors").is_file() and (folder / "critic" / "model.safetensors").is_file()
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 2  # the actor loads as an LM

@@ -26,9 +26,9 @@ STAGES = {
 FILES = {
     "sft": ["model.safetensors"],
     "dpo": ["model.safetensors"],
-    "rm": ["model.safetensors", "reward_head.safetensors"],
+    "rm": ["model.safetensors"],  # the head is its score.weight
     "grpo": ["model.safetensors"],
-    "ppo": ["model.safetensors", "ema/model.safetensors", "critic/model.safetensors", "critic/reward_head.safetensors"],
+    "ppo": ["model.safetensors", "ema/model.safetensors", "critic/model.safetensors"],
 }
 RUN = ["stage.max_steps=4", "stage.num_samples=0", "stage.eval_every=null"]
 

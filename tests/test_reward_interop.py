@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import GRPO, mlflow_runs, tiny_config
+from helpers import GRPO, PAIRS, mlflow_runs, tiny_config
 
 GRPO_RM = [arg for arg in GRPO if not arg.startswith("reward.")] + ["stage.minibatch_size=8", "reward=reward_model"]
 
 
 def foreign_reward_model(folder: Path, tokenizer) -> Path:
-    """A LlamaForSequenceClassification from a random config, as another library would save one (a score head
-    with a bias, a pad token of its own)."""
+    """A LlamaForSequenceClassification from a random config, as another library would save one (a pad token
+    of its own)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
@@ -23,8 +23,6 @@ def foreign_reward_model(folder: Path, tokenizer) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1,
                          pad_token_id=tokenizer.pad_token_id)
     model = LlamaForSequenceClassification(config)
-    model.score = torch.nn.Linear(32, 1, bias=True)  # some libraries keep a bias: it must carry over
-    torch.nn.init.normal_(model.score.bias, std=1.0)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -49,7 +47,7 @@ def test_a_sequence_classifier_scores_at_the_eos_as_transformers_reads_it(tmp_pa
     batch = hf_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         theirs = AutoModelForSequenceClassification.from_pretrained(folder)(**batch).logits[:, 0]
-    assert torch.allclose(ours, theirs, atol=1e-5)  # the bias included
+    assert torch.allclose(ours, theirs, atol=1e-5)
     assert (ours[0] - ours[1]).abs() > 1e-4
 
 
@@ -74,3 +72,48 @@ def test_a_folder_that_is_no_reward_model_is_refused_before_the_run(tmp_path):
     with pytest.raises(Exception, match="reward.fn.path.*neither a reward model saved by stage=rm nor a "
                                         "ForSequenceClassification"):
         check_inputs(tiny_config(tmp_path, *GRPO_RM, f"reward.fn.path={tmp_path / 'x'}"))
+
+
+@pytest.mark.parametrize("where", ["model.init_from", "model.path"])
+def test_stage_rm_goes_on_from_a_sequence_classifier_with_its_head(tmp_path, where):
+    """model.init_from=<a reward model another library saved> (or model.path with source=local, as a hub id
+    is): training starts from its backbone and its score head, not from a fresh head, so step 0 scores as
+    the classifier does."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_exp.app import resolved, run_dir_for
+    from rlhf_exp.config import compose_config
+    from rlhf_exp.data.collate import collate_pairs
+    from rlhf_exp.models import load_tokenizer
+    from rlhf_exp.stages.rm import RewardModelTrainer
+    from rlhf_exp.tracking import Tracker
+
+    cfg = compose_config(["model=tiny"])
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    folder = foreign_reward_model(tmp_path / "rm", tokenizer)
+    model = ([f"model.init_from={folder}"] if where == "model.init_from" else
+             ["model.source=local", f"model.path={folder}", "model.tokenizer=null"])
+    cfg = resolved(tiny_config(tmp_path, "stage=rm", *PAIRS, "stage.norm_examples=4", *model))
+    trainer = RewardModelTrainer(cfg, Tracker(), run_dir_for(cfg))
+    trainer.setup()
+    assert trainer.tokenizer.pad_token_id == tokenizer.pad_token_id  # the folder's own pad token, kept
+    pairs = trainer.val_set[:3]
+    batch = collate_pairs(pairs, trainer.tokenizer.pad_token_id)
+    classifier = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        ours = trainer.model.eval()(batch["input_ids"], batch["lengths"])
+        theirs = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert ours.std() > 1e-4
+
+
+def test_a_policy_stage_refuses_a_reward_model_in_init_from(tmp_path):
+    from rlhf_exp.config import compose_config, validate
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.models import load_tokenizer
+
+    cfg = compose_config(["model=tiny"])
+    folder = foreign_reward_model(tmp_path / "rm", load_tokenizer(cfg.model, cfg.paths.cache_dir))
+    with pytest.raises(ConfigError, match=r"model.init_from.*is a reward model, and stage=dpo trains a policy"):
+        validate(tiny_config(tmp_path, "stage=dpo", *PAIRS, f"model.init_from={folder}"))

@@ -14,6 +14,7 @@ model scores references at ~0 wherever it is loaded.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-HEAD_FILE = "reward_head.safetensors"
-META_FILE = "reward_model.json"
+HEAD_FILE = "reward_head.safetensors"  # the head beside LoRA adapters (and beside a backbone in older checkpoints)
+log = logging.getLogger(__name__)
+PAD_TOKEN = "<|rlhf_exp_pad|>"  # a reward model's pad token when the tokenizer pads with its EOS
 
 
 class RewardModel(nn.Module):
@@ -75,22 +77,85 @@ class RewardModel(nn.Module):
         return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
-        """Backbone as a Hugging Face folder, head + normalization beside it. `state_dict`: the whole
-        model's state gathered from FSDP shards (keys "backbone.*", "head.*", "reward_mean")."""
+        """A standard `<Arch>ForSequenceClassification` folder (num_labels 1, the head as its `score`, the
+        offset as `rlhf_exp_reward_mean` in config.json), which TRL, OpenRLHF and transformers' pipelines
+        load. With LoRA adapters on the backbone: the adapters and the head (what a resumed run loads; the
+        merged weights go to merged/ in the standard layout). `state_dict`: the whole model's state gathered
+        from FSDP shards (keys "backbone.*", "head.*", "reward_mean")."""
         folder = Path(folder)
         state = state_dict if state_dict is not None else self.state_dict()
-        backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        if state_dict is None:
+        if hasattr(self.backbone, "peft_config"):
             self.backbone.save_pretrained(folder, safe_serialization=True)
-        else:
-            from rlhf_exp.distributed import save_gathered
+            save_file({"weight": state["head.weight"].detach().float().contiguous().cpu(),
+                       "reward_mean": state["reward_mean"].detach().reshape(1).cpu()}, str(folder / HEAD_FILE))
+            return
+        save_sequence_classifier(self.backbone.config, state, folder)
 
-            save_gathered(self.backbone, folder, backbone_state)
-        save_file({"weight": state["head.weight"].detach().float().contiguous().cpu(),
-                   "reward_mean": state["reward_mean"].detach().reshape(1).cpu()}, str(folder / HEAD_FILE))
-        (folder / META_FILE).write_text(json.dumps({
-            "kind": "rlhf_exp.reward_model", "hidden_size": self.head.in_features,
-            "reward_mean": float(state["reward_mean"]), "score_position": "last real token (EOS)"}, indent=2) + "\n")
+
+def sequence_classifier_class(config):
+    """transformers' `<Arch>ForSequenceClassification` for a backbone's config."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.model_type)
+    if name is None or not hasattr(transformers, name):
+        raise ValueError(f"transformers has no sequence-classification class for model_type={config.model_type}")
+    return getattr(transformers, name)
+
+
+def save_sequence_classifier(backbone_config, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """config.json + model.safetensors (sharded past 5 GB) as `AutoModelForSequenceClassification` reads
+    them: the backbone's weights under the class's base-model prefix, the head as `score.weight`. The head
+    has no bias, so the offset stays in the config: an outside loader's score is this model's plus
+    `rlhf_exp_reward_mean`, read at the last token that is not the pad token (the EOS when pad != EOS)."""
+    import copy
+
+    from huggingface_hub import save_torch_state_dict
+
+    classifier = sequence_classifier_class(backbone_config)
+    config = copy.deepcopy(backbone_config)
+    config.architectures = [classifier.__name__]
+    config.num_labels = 1
+    config.rlhf_exp_reward_mean = float(state["reward_mean"])
+    config.rlhf_exp_score_position = "last real token (EOS); exported scores minus rlhf_exp_reward_mean are normalized"
+    weights = {f"{classifier.base_model_prefix}.{name.removeprefix('backbone.')}": tensor.detach().contiguous()
+               for name, tensor in state.items() if name.startswith("backbone.")}
+    weights["score.weight"] = state["head.weight"].detach().contiguous()
+    config.save_pretrained(folder)
+    save_torch_state_dict(weights, folder)
+
+
+def give_own_pad_token(backbone: nn.Module, tokenizer) -> None:
+    """A pad token that is not the EOS, its row added to the embeddings if they have no spare one.
+
+    Outside loaders (transformers' sequence classifiers, TRL's `get_reward`) find the score position as
+    the last (or the first after the prompt) token that is not the pad token: with pad == EOS (SmolLM2,
+    Qwen) they would read the token before the EOS this model was trained to score. Nothing reads the
+    new row (pads follow the EOS, and attention is causal), so it is zeros, drawn from no RNG. The
+    embedding's `padding_idx` (Llama's: the config's pad, no gradient) moves to it, so the EOS row trains
+    and a reloaded model is built the same way."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        backbone.config.pad_token_id = tokenizer.pad_token_id
+        return
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    grow_embeddings(backbone, len(tokenizer))
+    backbone.config.pad_token_id = tokenizer.pad_token_id
+    embeddings = backbone.get_input_embeddings()
+    if getattr(embeddings, "padding_idx", None) is not None:  # the row kept out of the gradient, as a reload builds it
+        embeddings.padding_idx = tokenizer.pad_token_id
+
+
+def grow_embeddings(backbone: nn.Module, rows: int) -> None:
+    """At least `rows` input embeddings (transformers' resize, which keeps a model's own embedding class,
+    e.g. Gemma's scaled one); the new rows are zeros, and no RNG stream moves."""
+    old = backbone.get_input_embeddings().weight
+    if old.shape[0] >= rows:
+        return
+    devices = [old.device] if old.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        backbone.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        backbone.get_input_embeddings().weight[old.shape[0]:] = 0
 
 
 def load_head(model: RewardModel, folder: str | Path) -> None:
@@ -105,6 +170,53 @@ def load_head(model: RewardModel, folder: str | Path) -> None:
         model.reward_mean.copy_(offset)
 
 
+def load_score_head(model: RewardModel, folder: str | Path) -> None:
+    """The `score` head and offset of a sequence-classifier folder onto `model` (whose backbone was loaded
+    from the same folder, e.g. as a causal LM with its own dtype, 4-bit and attention settings). A
+    `score.bias` in the file is left out, as transformers' decoder classifiers (bias-free) leave it."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            if "score.weight" in weights.keys():
+                with torch.no_grad():
+                    model.head.weight.copy_(weights.get_tensor("score.weight").reshape(model.head.weight.shape))
+                    model.reward_mean.fill_(float(config.get("rlhf_exp_reward_mean") or 0.0))
+                return
+    from rlhf_exp.errors import ConfigError
+
+    raise ConfigError("model.init_from", f"{folder} is a sequence classifier without a `score` head (score.weight)")
+
+
+def sequence_classifier_to_start_from(model_cfg) -> Path | None:
+    """The local folder of the sequence-classification model the RM stage starts from (`model.init_from`,
+    or `model.path` with source=local | hub, a hub snapshot then), whose score head training goes on from;
+    None when the model is a causal LM."""
+    from rlhf_exp.models.peft import weights_folder
+
+    if model_cfg.get("init_from"):
+        folder = weights_folder(model_cfg.init_from)
+    elif model_cfg.get("source") == "local" and model_cfg.get("path"):
+        folder = Path(model_cfg.path)
+    elif model_cfg.get("source") == "hub" and model_cfg.get("path"):
+        from huggingface_hub import snapshot_download
+        from transformers import AutoConfig
+
+        architectures = AutoConfig.from_pretrained(model_cfg.path).architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            return None
+        folder = Path(snapshot_download(model_cfg.path, allow_patterns=["config.json", "*.safetensors"]))
+    else:
+        return None
+    if not is_sequence_classifier_folder(folder):
+        return None
+    log.info("%s is a sequence classifier: the reward model starts from its backbone and score head (its LOAD "
+             "REPORT's unexpected score and missing lm_head are that)", folder)
+    return folder
+
+
 def reward_model_from_causal_lm(causal_lm) -> RewardModel:
     """A fresh head on the causal LM's backbone (its pretrained weights; the LM head is dropped)."""
     backbone = causal_lm.base_model
@@ -113,7 +225,9 @@ def reward_model_from_causal_lm(causal_lm) -> RewardModel:
 
 
 def is_reward_model_folder(folder: str | Path) -> bool:
-    return (Path(folder) / HEAD_FILE).is_file()
+    """A reward model `load_reward_model` reads: a sequence classifier (what stage=rm saves, or a TRL /
+    OpenRLHF one), or a backbone with the head beside it (older checkpoints; LoRA adapters)."""
+    return is_sequence_classifier_folder(folder) or (Path(folder) / HEAD_FILE).is_file()
 
 
 def is_sequence_classifier_folder(folder: str | Path) -> bool:
@@ -160,9 +274,9 @@ def reward_model_from_sequence_classifier(path: str | Path, dtype: torch.dtype =
 
 
 def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(RewardModel in eval mode, its tokenizer or None) from a folder saved by the RM stage (or a PPO
-    checkpoint's critic/, which has no tokenizer of its own), or a decoder sequence-classification model
-    (a folder or a hub id: TRL's and OpenRLHF's reward models, this project's export)."""
+    """(RewardModel in eval mode, its tokenizer or None) from a decoder sequence-classification model (a
+    folder or a hub id: what stage=rm saves, a PPO checkpoint's critic/ (no tokenizer of its own), TRL's and
+    OpenRLHF's reward models), or an older checkpoint's backbone with its head beside it."""
     from transformers import AutoModel, AutoTokenizer
 
     from rlhf_exp.errors import ConfigError
@@ -171,10 +285,10 @@ def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, de
 
     local = Path(folder).exists()
     folder = weights_folder(folder) if local else folder  # a LoRA checkpoint: its merged/ folder
-    if local and not is_reward_model_folder(folder) and not is_sequence_classifier_folder(folder):
-        raise ConfigError("reward model path", f"{folder} is not a reward model (no {HEAD_FILE} of stage=rm, and "
-                          "not a ForSequenceClassification model)")
-    if local and is_reward_model_folder(folder):
+    if local and not is_reward_model_folder(folder):
+        raise ConfigError("reward model path", f"{folder} is not a reward model (not a ForSequenceClassification "
+                          f"model, and no {HEAD_FILE})")
+    if local and not is_sequence_classifier_folder(folder):  # the head beside a backbone (older checkpoints)
         backbone = AutoModel.from_pretrained(folder, dtype=dtype)
         model = RewardModel(backbone, backbone.config.hidden_size)
         load_head(model, folder)

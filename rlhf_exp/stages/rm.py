@@ -9,6 +9,10 @@ calibration (ECE and a reliability plot); the step-0 (untrained head) figures ar
 Deviations: chosen and rejected share one forward pass (concatenated batch); the head has no bias
 (TRL's and OpenRLHF's have none: under Bradley-Terry its gradient cancels, and the stored mean sets
 the offset).
+Saved as a standard `<Arch>ForSequenceClassification` folder with a pad token that is not the EOS, so
+TRL, OpenRLHF and transformers load it and score the same position (models/reward.py). The model may be
+such a classifier (`model.init_from`, or a hub id / folder in `model.path`; TRL's reward models too):
+training goes on from its head.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from rlhf_exp.losses import bradley_terry_loss
 from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.peft import add_reward_adapters, merged_float_copy
-from rlhf_exp.models.reward import RewardModel, load_reward_model, reward_model_from_causal_lm
+from rlhf_exp.models.reward import RewardModel, give_own_pad_token, grow_embeddings, load_reward_model, \
+    load_score_head, reward_model_from_causal_lm, sequence_classifier_to_start_from
 from rlhf_exp.schema import StageConfig, key, non_negative, positive
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, micro_batch, \
@@ -62,9 +67,14 @@ class RewardModelTrainer(Trainer):
         resume = self.stage.get("resume_from")
         if resume and not self.lora:
             model = load_reward_model(resume, device=self.device)[0]
-        else:
+            give_own_pad_token(model.backbone, self.tokenizer)
+        else:  # model.init_from may be a reward model (this project's, TRL's, a hub one saved locally): its head too
             causal_lm = load_causal_lm(self.cfg.model, cfg.paths.cache_dir, self.tokenizer, cfg.hardware, adapters=False)
             model = self.place(reward_model_from_causal_lm(causal_lm))
+            classifier = sequence_classifier_to_start_from(cfg.model)
+            if classifier is not None:
+                load_score_head(model, classifier)
+            give_own_pad_token(model.backbone, self.tokenizer)
             if self.lora:  # adapters on the backbone; the head trains in full
                 add_reward_adapters(model, cfg.hardware, resume)
         self.model = self.trainable(model).train()
@@ -156,8 +166,12 @@ class RewardModelTrainer(Trainer):
 
     def merged_model(self) -> RewardModel:
         """The backbone's adapters merged into float weights, with the trained head and offset."""
-        backbone = merged_float_copy(self.model.backbone, lambda: load_causal_lm(
-            self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).base_model, self.cfg.hardware, "FEATURE_EXTRACTION")
+        def float_backbone():
+            backbone = load_causal_lm(self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).base_model
+            grow_embeddings(backbone, len(self.tokenizer))  # the pad token's row, as the trained one has
+            return backbone
+
+        backbone = merged_float_copy(self.model.backbone, float_backbone, self.cfg.hardware, "FEATURE_EXTRACTION")
         merged = RewardModel(backbone, self.model.head.in_features)
         merged.head.load_state_dict(self.model.head.state_dict())
         merged.reward_mean.copy_(self.model.reward_mean)
