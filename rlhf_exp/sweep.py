@@ -217,7 +217,7 @@ def continue_parent(tracker, study: dict[str, str]) -> tuple[str | None, int]:
     starting a second one, and how many children it has (the continued jobs number on from there).
     Its children left RUNNING were jobs of a search that was killed: closed KILLED."""
     client = tracker.client
-    filters = " and ".join([f"tags.`rlhf_exp.role` = 'sweep'"] + [
+    filters = " and ".join(["tags.`rlhf_exp.role` = 'sweep'"] + [
         f"tags.`{key}` = '{study[key]}'" for key in ("optuna.study", "optuna.storage")])
     found = client.search_runs([tracker.experiment_id()], filter_string=filters, max_results=1,
                                order_by=["attributes.start_time DESC"])

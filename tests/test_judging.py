@@ -51,3 +51,12 @@ def test_sampled_kl_per_sequence_and_per_token():
     per_sequence, per_token = sampled_kl(torch.tensor([-2.0, -4.0]), torch.tensor([-3.0, -7.0]), torch.tensor([2, 6]))
     assert per_sequence == pytest.approx(2.0) and per_token == pytest.approx(4 / 8)
     assert math.isnan(sampled_kl(torch.zeros(1), torch.zeros(1), torch.zeros(1))[1])
+
+
+def test_a_judge_that_cannot_be_loaded_names_its_key():
+    """An unreachable hub id in stage.judge: the error names stage.judge (it named GRPO's reward.fn.path)."""
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.stages.eval import Scorer
+
+    with pytest.raises(ConfigError, match=r"config key `stage.judge`: no-such-org/no-such-reward-model is neither"):
+        Scorer("no-such-org/no-such-reward-model", "cpu", "fp32", 2, "stage.judge")

@@ -3,7 +3,6 @@ that trains nothing, a killed stage resumed, and the data split per phase (rlhf_
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

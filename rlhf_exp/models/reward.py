@@ -242,7 +242,8 @@ class EncoderClassifier(Exception):
     """A sequence classifier without a decoder's last-token `score` head (BERT-like: it pools its own way)."""
 
 
-def reward_model_from_sequence_classifier(path: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
+def reward_model_from_sequence_classifier(path: str | Path, dtype: torch.dtype = torch.float32,
+                                         key: str = "reward.fn.path") -> RewardModel:
     """A decoder `AutoModelForSequenceClassification` with one label (a folder or a hub id) as a RewardModel:
     its base model and `score` head, read at the last real token from the lengths as every RM here is (the
     same position transformers finds when the pad token is not the EOS). The head's bias and an rlhf_exp
@@ -254,10 +255,10 @@ def reward_model_from_sequence_classifier(path: str | Path, dtype: torch.dtype =
     try:
         classifier = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError) as error:
-        raise ConfigError("reward model path", f"{path} is neither a reward model folder of stage=rm nor a "
+        raise ConfigError(key, f"{path} is neither a reward model folder of stage=rm nor a "
                           f"sequence-classification model transformers can load ({str(error)[:300]})") from None
     if classifier.config.num_labels != 1:
-        raise ConfigError("reward model path", f"{path} has {classifier.config.num_labels} labels; a reward model "
+        raise ConfigError(key, f"{path} has {classifier.config.num_labels} labels; a reward model "
                           "scores with one (num_labels=1)")
     score = getattr(classifier, "score", None)
     if not isinstance(score, nn.Linear):
@@ -273,10 +274,12 @@ def reward_model_from_sequence_classifier(path: str | Path, dtype: torch.dtype =
     return model
 
 
-def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      key: str = "reward.fn.path"):
     """(RewardModel in eval mode, its tokenizer or None) from a decoder sequence-classification model (a
     folder or a hub id: what stage=rm saves, a PPO checkpoint's critic/ (no tokenizer of its own), TRL's and
-    OpenRLHF's reward models), or an older checkpoint's backbone with its head beside it."""
+    OpenRLHF's reward models), or an older checkpoint's backbone with its head beside it. `key`: the config
+    key an error names."""
     from transformers import AutoModel, AutoTokenizer
 
     from rlhf_exp.errors import ConfigError
@@ -286,14 +289,14 @@ def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, de
     local = Path(folder).exists()
     folder = weights_folder(folder) if local else folder  # a LoRA checkpoint: its merged/ folder
     if local and not is_reward_model_folder(folder):
-        raise ConfigError("reward model path", f"{folder} is not a reward model (not a ForSequenceClassification "
+        raise ConfigError(key, f"{folder} is not a reward model (not a ForSequenceClassification "
                           f"model, and no {HEAD_FILE})")
     if local and not is_sequence_classifier_folder(folder):  # the head beside a backbone (older checkpoints)
         backbone = AutoModel.from_pretrained(folder, dtype=dtype)
         model = RewardModel(backbone, backbone.config.hidden_size)
         load_head(model, folder)
     else:  # a sequence-classification folder, or a hub id
-        model = reward_model_from_sequence_classifier(folder, dtype)
+        model = reward_model_from_sequence_classifier(folder, dtype, key)
     tokenizer = None
     if not local or (Path(folder) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(folder)

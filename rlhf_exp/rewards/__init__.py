@@ -38,12 +38,12 @@ class RewardModelScorer:
     """
 
     def __init__(self, path: str, batch_size: int = 8, max_tokens: int = 1024, device: str = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", key: str = "reward.fn.path"):
         from rlhf_exp.models.reward import load_reward_model
         from rlhf_exp.runtime import DTYPES, choose_precision
 
         dtype = DTYPES[choose_precision(precision, str(device))[0]]
-        self.model, self.tokenizer = load_reward_model(path, dtype=dtype, device=device)
+        self.model, self.tokenizer = load_reward_model(path, dtype=dtype, device=device, key=key)
         self.batch_size, self.max_tokens, self.device = batch_size, max_tokens, device
 
     @torch.no_grad()

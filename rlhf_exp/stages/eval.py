@@ -39,7 +39,7 @@ from rlhf_exp.metrics import wilson_interval
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.schema import StageConfig, key, positive
 from rlhf_exp.stages.base import Trainer
-from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, StageSpec, micro_batch, sequence_tokens
+from rlhf_exp.stages.spec import HeldModel, StageMemory, StageSpec, micro_batch, sequence_tokens
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,14 @@ class Scorer:
     """A reward model as a judge: stage=rm's folders and decoder sequence classifiers (a folder or hub id) through
     RewardModelScorer; an encoder classifier (BERT-like) through its own forward, prompt + response as text."""
 
-    def __init__(self, path: str, device, precision: str, batch_size: int):
+    def __init__(self, path: str, device, precision: str, batch_size: int, key: str):
         from rlhf_exp.models.reward import EncoderClassifier
         from rlhf_exp.rewards import RewardModelScorer
 
         self.device, self.batch_size = device, batch_size
         try:  # stage=rm's folders and decoder classifiers: scored at the EOS, as in training
-            self.score = RewardModelScorer(path, batch_size=batch_size, device=str(device), precision=precision)
+            self.score = RewardModelScorer(path, batch_size=batch_size, device=str(device), precision=precision,
+                                           key=key)
             return
         except EncoderClassifier:
             pass
@@ -208,7 +209,8 @@ class PolicyEvaluator(Trainer):
 
     def judge_all(self, judge: str, path: str, answers: dict[str, Answers]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Score every policy's responses and the references with `path`; its accuracy on held-out pairs."""
-        scorer = Scorer(path, self.device, str(self.cfg.hardware.precision), self.micro_batch_size("eval"))
+        scorer = Scorer(path, self.device, str(self.cfg.hardware.precision), self.micro_batch_size("eval"),
+                        f"stage.{judge}")
         for name, answer in tqdm(answers.items(), desc=f"eval: {judge} scores", leave=False):
             answer.scores[judge] = torch.tensor(scorer.score(prompts=self.prompts, completions=answer.texts),
                                                 dtype=torch.float64)
