@@ -37,6 +37,9 @@ test: setup ## the test suite (tiny models; a few smoke tests on SmolLM2; the ML
 test-fast: setup ## the suite without the SmolLM2 smoke tests
 	$(PY) -m pytest -q -m "not smoke" $(ARGS)
 
+bench: setup ## our SFT / RM / DPO / GRPO steps against TRL's trainers on the same work, one at a time (ARGS="--stages dpo,grpo --steps 5 | --quick"): bench/results/latest.md
+	$(PY) -m rlhf_exp.bench $(ARGS)
+
 soak: setup ## 50 tiny runs, 4 at a time, against an mlflow server on 127.0.0.1: counts every run, param and metric (ARGS="--jobs N --workers W")
 	$(PY) -m rlhf_exp.soak $(ARGS)
 

@@ -1,0 +1,59 @@
+"""This project's side: the stage's trainer, built from the config a run would compose, stepped directly."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from rlhf_exp.bench.workload import Workload
+
+
+def overrides(stage: str, work: Workload, root: Path) -> list[str]:
+    batch = work.batch[stage]
+    common = [
+        f"stage={stage}", "model=smollm2_135m", "model.source=local", f"model.path={work.model}",
+        "model.tokenizer=null", "model.dtype=float32", "hardware=cpu", f"hardware.precision={work.precision}",
+        f"hardware.num_threads={work.threads}", "hardware.check_memory_plan=false",
+        "data=file", f"data.path={work.files[stage]}", f"data.max_prompt_tokens={work.max_prompt_tokens}",
+        f"data.max_response_tokens={work.max_response_tokens}", "data.val_size=4",
+        f"stage.max_steps={work.total_steps}", f"stage.lr={work.lr}", "stage.warmup_steps=0",
+        "stage.weight_decay=0.0", "stage.adam_betas=[0.9,0.999]", "stage.max_grad_norm=1.0",
+        "stage.eval_every=null", "stage.num_samples=0", f"paths.root_dir={root}",
+    ]
+    if stage == "sft":
+        return common + [f"stage.batch_size={batch}", f"hardware.micro_batch_size.sft={batch}"]
+    if stage == "rm":
+        return common + [f"stage.batch_size={batch}", f"hardware.micro_batch_size.rm={batch}", "stage.norm_examples=0"]
+    if stage == "dpo":
+        return common + [f"stage.batch_size={batch}", f"hardware.micro_batch_size.dpo={batch}", f"stage.beta={work.beta}",
+                         "stage.precompute_ref_logps=false"]  # TRL's default: the reference runs every step
+    rollout = batch * work.samples_per_prompt
+    return common + [
+        f"stage.batch_size={batch}", f"stage.samples_per_prompt={work.samples_per_prompt}",
+        f"stage.minibatch_size={rollout}", f"hardware.micro_batch_size.grpo={rollout}", "stage.updates_per_rollout=1",
+        f"stage.kl_coef={work.kl_coef}", f"stage.clip_ratio={work.clip_ratio}", "stage.dual_clip_c=null",
+        "stage.loss_type=grpo", f"stage.generation.max_new_tokens={work.max_new_tokens}",
+        f"stage.generation.temperature={work.temperature}", "reward=length",
+        f"reward.fn.target_tokens={work.target_tokens}", "reward.missing_eos_score=null"]
+
+
+def run(stage: str, work: Workload) -> dict:
+    """Step times [s], and per step the tokens trained on and (GRPO) generated."""
+    from rlhf_exp.config import compose_config, resolved, validate
+    from rlhf_exp.stages import stage_spec
+    from rlhf_exp.tracking.base import Tracker
+
+    with tempfile.TemporaryDirectory() as root:
+        cfg = resolved(compose_config(overrides(stage, work, Path(root))))
+        validate(cfg)
+        trainer = stage_spec(stage).trainer(cfg=cfg, tracker=Tracker(), run_dir=Path(root) / "run")
+        trainer.setup()
+        times, generated = [], []
+        for _ in range(work.total_steps):
+            start = time.perf_counter()
+            metrics = trainer.train_step()
+            times.append(time.perf_counter() - start)
+            if stage == "grpo":
+                generated.append(metrics["train/response_length"] * metrics["train/rollout_sequences"])
+    return {"step_s": times, "generated_tokens": generated}
