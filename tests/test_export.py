@@ -87,6 +87,10 @@ def assert_outside_loaders_score_as_the_rm(folder: Path, own_model) -> None:
     # pipeline("text-classification"), its raw score
     scored = pipeline("text-classification", model=str(folder), function_to_apply="none")(texts)
     assert torch.allclose(torch.tensor([s["score"] for s in scored]) - offset, own, atol=1e-5)
+    print(f"{folder}: offset {offset:.6f}\n  ours (normalized)            {own.tolist()}\n"
+          f"  AutoModelForSequenceClassification - offset {(exported_scores - offset).tolist()}\n"
+          f"  TRL get_reward - offset              {(trl_scores - offset).tolist()}\n"
+          f"  text-classification pipeline - offset {[s['score'] - offset for s in scored]}")
     # and the folder loads back here as a reward model (GRPO's reward.fn.path), offset included
     reloaded, reloaded_tokenizer = load_reward_model(folder)
     assert reloaded_tokenizer.pad_token_id == tokenizer.pad_token_id
