@@ -98,8 +98,7 @@ def summarize(stage: str, side: dict, work: Workload, shape: Shape, tokens: Step
 
 def compare(stage: str, ours: dict, trl: dict) -> dict:
     """The fields of bench/results/*.json for one stage."""
-    row = {f"ours_{k}" if k != "s" else "ours_s": v for k, v in ours.items()}
-    row |= {f"trl_{k}" if k != "s" else "trl_s": v for k, v in trl.items()}
+    row = {f"ours_{k}": v for k, v in ours.items()} | {f"trl_{k}": v for k, v in trl.items()}
     row["speedup"] = trl["s"] / ours["s"]
     row["peak_fraction"] = ours["peak_fraction"]
     row["target_speedup"] = TARGET_SPEEDUP[stage]

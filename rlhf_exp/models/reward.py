@@ -204,8 +204,7 @@ def sequence_classifier_to_start_from(model_cfg) -> Path | None:
         from huggingface_hub import snapshot_download
         from transformers import AutoConfig
 
-        architectures = AutoConfig.from_pretrained(model_cfg.path).architectures or []
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        if not is_sequence_classifier(AutoConfig.from_pretrained(model_cfg.path).architectures):
             return None
         folder = Path(snapshot_download(model_cfg.path, allow_patterns=["config.json", "*.safetensors"]))
     else:
@@ -235,7 +234,12 @@ def is_sequence_classifier_folder(folder: str | Path) -> bool:
     config = Path(folder) / "config.json"
     if not config.is_file():
         return False
-    return any(str(a).endswith("ForSequenceClassification") for a in json.loads(config.read_text()).get("architectures") or [])
+    return is_sequence_classifier(json.loads(config.read_text()).get("architectures"))
+
+
+def is_sequence_classifier(architectures) -> bool:
+    """A config's `architectures` name a transformers `<Arch>ForSequenceClassification`."""
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures or [])
 
 
 class EncoderClassifier(Exception):
