@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 MLFLOW_PORT ?= 5000
 ARGS ?=
+# Tests run side by side in processes of their own (pytest-xdist; one torch thread each, tests/conftest.py):
+# they are tiny models, mostly process start-up, imports and I/O. On 2 cores the suite took 31 min one at a
+# time and 21 min two at a time. TEST_WORKERS=0: one at a time, with torch's default threads.
+TEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
 
@@ -32,10 +36,10 @@ run: setup ## the main job: the quickstart pipeline (SFT -> RM + judge -> DPO, G
 test: setup ## the test suite (tiny models; a few smoke tests on SmolLM2; the MLflow UI test needs chromium + chromium-driver)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  echo "make test: tests/test_mlflow_ui.py needs Chromium and its driver: sudo apt-get install chromium chromium-driver (.ci/run does)"
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal $(ARGS)
 
 test-fast: setup ## the suite without the SmolLM2 smoke tests
-	$(PY) -m pytest -q -m "not smoke" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal -m "not smoke" $(ARGS)
 
 bench: setup ## our SFT / RM / DPO / GRPO steps against TRL's trainers on the same work, one at a time (ARGS="--stages dpo,grpo --steps 5 | --quick"): bench/results/latest.md
 	$(PY) -m rlhf_exp.bench $(ARGS)
