@@ -62,6 +62,12 @@ class RewardModel(nn.Module):
         hidden = self.last_hidden(input_ids, lengths, attention_mask)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float() - self.reward_mean
 
+    def scores_at(self, positions: torch.Tensor, **inputs) -> torch.Tensor:
+        """Normalized scores [N] (fp32) read at flat positions (row x T + column) of the [P, T] rows `inputs`
+        give the backbone (several responses packed in a row: `ops.shared_prefix`)."""
+        hidden = self.backbone(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float() - self.reward_mean
+
     def response_values(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
                         response_lengths: torch.Tensor) -> torch.Tensor:
         """Critic values aligned with `ops.logprobs.response_logprobs`: [B, R].

@@ -71,17 +71,28 @@ def response_logprobs(model, input_ids: torch.Tensor, prompt_lengths: torch.Tens
                    (columns < (prompt_lengths + response_lengths)[:, None])).long()
     hidden = decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state  # right padding: no mask
     select = target_mask[:, 1:].bool()
-    logits = model.get_output_embeddings()(hidden[:, :-1][select]).float() / temperature  # [N, V]
-    log_norm = torch.logsumexp(logits, dim=-1)
-    picked = torch.gather(logits, -1, input_ids[:, 1:][select].unsqueeze(-1)).squeeze(-1) - log_norm
+    picked, token_entropy = head_logprobs(model, hidden[:, :-1][select], input_ids[:, 1:][select], temperature,
+                                          with_entropy)
     longest = int(response_lengths.max())
     mask = (torch.arange(longest, device=input_ids.device)[None, :] < response_lengths[:, None])
     logps = torch.zeros(batch, longest, device=input_ids.device)
     logps[mask] = picked  # row-major order matches `select`
     entropy = None
+    if token_entropy is not None:
+        entropy = torch.zeros(batch, longest, device=input_ids.device)
+        entropy[mask] = token_entropy
+    return logps, mask.float(), entropy
+
+
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head on the N hidden states that predict `targets`: hidden [N, H], targets [N] ->
+    (log p(target) at `temperature` [N] in fp32, the distribution's entropy [N] without gradient, or None)."""
+    logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, V]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    entropy = None
     if with_entropy:
         with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            entropy = torch.zeros(batch, longest, device=input_ids.device)
-            entropy[mask] = log_norm - (probs * logits).sum(-1)
-    return logps, mask.float(), entropy
+            entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return picked, entropy

@@ -48,13 +48,16 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop_token_ids: Sequence[int],
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, autocast=None, desc: str | None = None) -> list[list[int]]:
-    """Responses (ids, ending at the first stop token when there is one) for each prompt; `desc`: show a
-    progress bar (a step per new token) under that name.
+             generator: torch.Generator | None = None, autocast=None, desc: str | None = None,
+             repeats: int = 1) -> list[list[int]]:
+    """Responses (ids, ending at the first stop token when there is one): `repeats` for each prompt,
+    a prompt's adjacent; `desc`: show a progress bar (a step per new token) under that name.
 
     Prompts are left-padded; position ids follow the attention mask, so padding does not shift
-    positions. Rows that have stopped get pad tokens until every row has stopped or
-    `max_new_tokens` is reached. `min_new_tokens` does not exist here (it forbids EOS).
+    positions. Each prompt is read once and its KV cache copied for its `repeats` rows (GRPO's samples
+    share their prompt). A row that has stopped leaves the batch (its cache rows are dropped), so the
+    rest decode as a smaller batch; its later places hold pad tokens. `min_new_tokens` does not exist
+    here (it forbids EOS).
     """
     if not prompts:
         return []
@@ -64,32 +67,40 @@ def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop
     attention_mask = batch["attention_mask"].to(device)
     position_ids = batch["position_ids"].to(device)
     stops = torch.tensor(list(stop_token_ids), device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    past, new_tokens = None, []
+    rows = len(prompts) * repeats
+    new_tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    alive = torch.arange(rows, device=device)  # rows still sampling, in the order of the cache's rows
+    past, produced = None, 0
     was_training = model.training
     model.eval()
     try:
-        for _ in tqdm(range(max_new_tokens), desc=desc, unit="token", leave=False, disable=desc is None):
+        for step in tqdm(range(max_new_tokens), desc=desc, unit="token", leave=False, disable=desc is None):
             with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
                 # logits_to_keep=1: only the last position is sampled from; a prefill that projected every
                 # prompt position held [B, prompt, V] logits (0.4 GB for 8 TL;DR prompts, 49k vocabulary)
-                out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
-            logits = filter_logits(out.logits[:, -1].float() / temperature, top_k, top_p)
+                out = model(input_ids=input_ids, attention_mask=attention_mask if step == 0 else attention_mask[alive],
+                            position_ids=position_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, last = out.past_key_values, out.logits[:, -1]
+            if step == 0 and repeats > 1:
+                past.batch_repeat_interleave(repeats)
+                last, attention_mask, position_ids = (x.repeat_interleave(repeats, dim=0)
+                                                      for x in (last, attention_mask, position_ids))
+            logits = filter_logits(last.float() / temperature, top_k, top_p)
             token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
-            token = token.masked_fill(done, pad_token_id)
-            new_tokens.append(token)
-            done |= torch.isin(token, stops)
-            if bool(done.all()):
+            new_tokens[alive, step] = token
+            produced = step + 1
+            going = ~torch.isin(token, stops)
+            if not bool(going.any()):
                 break
-            input_ids = token[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
+            input_ids, position_ids = token[:, None], position_ids[:, -1:] + 1
+            if not bool(going.all()):  # drop the stopped rows from the batch and the cache
+                keep = going.nonzero().squeeze(-1)
+                past.batch_select_indices(keep)
+                alive, input_ids, position_ids = alive[keep], input_ids[keep], position_ids[keep]
     finally:
         model.train(was_training)
-    rows = torch.stack(new_tokens, dim=1).tolist()
-    return [truncate_after_stop(row, stop_token_ids)[0] for row in rows]
+    return [truncate_after_stop(row, stop_token_ids)[0] for row in new_tokens[:, :produced].tolist()]
 
 
 def sample(model, prompt_ids: Sequence[Sequence[int]], samples: int, generation, *, pad_token_id: int,
@@ -97,8 +108,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], samples: int, generation,
            desc: str | None = None) -> list[list[int]]:
     """`samples` responses per prompt (a prompt's samples adjacent) with the settings of `generation`
     (max_new_tokens, temperature, top_k, top_p: the stage's `generation` block)."""
-    repeated = [ids for ids in prompt_ids for _ in range(samples)]
-    return generate(model, repeated, pad_token_id=pad_token_id, stop_token_ids=stop_token_ids,
+    return generate(model, prompt_ids, repeats=samples, pad_token_id=pad_token_id, stop_token_ids=stop_token_ids,
                     max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
                     top_k=generation.top_k, top_p=generation.top_p, generator=generator, autocast=autocast,
                     desc=desc)

@@ -9,7 +9,8 @@ visit and for the held-out pairs, so no reference model stays in memory or runs 
 `stage.precompute_ref_logps=false` keeps a frozen copy and scores each batch on the fly (with
 LoRA: the policy with its adapters disabled, and precomputing is exact too, since fresh
 adapters start at zero).
-Log-probs are summed over response tokens only; chosen and rejected share one forward.
+Log-probs are summed over response tokens only; a pair is one row, prompt, chosen, rejected, its prompt
+run once (`ops.shared_prefix`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
 from rlhf_exp.losses.preference import DPO_LOSS_TYPES
 from rlhf_exp.metrics import wilson_interval
-from rlhf_exp.ops import logprobs
+from rlhf_exp.ops import logprobs, shared_prefix
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
+from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs
 from rlhf_exp.schema import StageConfig, in_range, key, one_of, positive
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.rm import pair_length
@@ -69,6 +71,12 @@ class DPOTrainer(Trainer):
     # ------------------------------------------------------------------ log-probs
     def pair_logps(self, model, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chosen [B], rejected [B]) summed response log-probs, and response lengths [2B]."""
+        if can_pack(model):  # one row per pair: prompt, chosen, rejected (the prompt runs once)
+            with self.runtime.autocast():
+                responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+                logps, mask, _ = packed_response_logprobs(model, responses, self.tokenizer.pad_token_id, self.device)
+            sums = logps.sum(-1)
+            return sums[: len(pairs)], sums[len(pairs):], mask.sum(-1)
         batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
         with self.runtime.autocast():
             # right padding: no real token sees a pad, so no attention mask is needed
@@ -108,7 +116,7 @@ class DPOTrainer(Trainer):
             yield "dpo-reference-logps-v1"
             yield disk_cache.weights_hash(model)
             yield f"{self.runtime.precision}:{self.device.type}:{self.micro_batch_size('eval')}"
-            yield from (Path(module.__file__).read_bytes() for module in (logprobs, collate, sys.modules[__name__]))
+            yield from (Path(module.__file__).read_bytes() for module in (logprobs, shared_prefix, collate, sys.modules[__name__]))
             yield from (f"{p.prompt_ids}|{p.chosen_ids}|{p.rejected_ids}" for p in pairs)
 
         return disk_cache.cached_rows(self.cfg.paths.cache_dir if pairs else None, "reference_logps",

@@ -19,6 +19,7 @@ from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.factory import build
 from rlhf_exp.losses.policy import kl_penalty
 from rlhf_exp.ops.logprobs import response_logprobs
+from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs, repeats_a_prompt
 from rlhf_exp.rewards import score_responses
 from rlhf_exp.rollout import Rollout
 from rlhf_exp.rollout.batch import pad_rows, response_mask
@@ -74,7 +75,12 @@ class OnlineRLTrainer(Trainer):
                                self.cfg.reward.missing_eos_score)
 
     def logprobs(self, model, items: list[TokenizedSFT], with_entropy: bool = False):
-        """(log-probs [B, R], mask [B, R], entropy [B, R] or None) of the responses, at the sampling temperature."""
+        """(log-probs [B, R], mask [B, R], entropy [B, R] or None) of the responses, at the sampling temperature;
+        a prompt's samples share one row (its tokens run once) where the attention takes a block mask."""
+        if repeats_a_prompt(items) and can_pack(model):
+            with self.runtime.autocast():
+                return packed_response_logprobs(model, items, self.tokenizer.pad_token_id, self.device,
+                                                self.stage.generation.temperature, with_entropy)
         batch = collate_sft(items, self.tokenizer.pad_token_id)
         prompt_lengths = torch.tensor([len(x.prompt_ids) for x in items])
         response_lengths = torch.tensor([len(x.response_ids) for x in items])

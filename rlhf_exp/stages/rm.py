@@ -6,7 +6,8 @@ Follows Stiennon et al. 2020 and Huang et al. 2024 ("The N+ implementation detai
 mean score of the SFT reference responses is stored in the model and subtracted in forward.
 Evaluation: held-out accuracy with a 95% Wilson interval, loss, score means, margin, and
 calibration (ECE and a reliability plot); the step-0 (untrained head) figures are logged too.
-Deviations: chosen and rejected share one forward pass (concatenated batch); the head has no bias
+Deviations: chosen and rejected share one forward pass, in one row behind their prompt
+(`ops.shared_prefix`; a row each where the attention takes no block mask); the head has no bias
 (TRL's and OpenRLHF's have none: under Bradley-Terry its gradient cancels, and the stored mean sets
 the offset).
 Saved as a standard `<Arch>ForSequenceClassification` folder with a pad token that is not the EOS, so
@@ -35,6 +36,7 @@ from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.peft import add_reward_adapters, merged_float_copy
 from rlhf_exp.models.reward import RewardModel, give_own_pad_token, grow_embeddings, load_reward_model, \
     load_score_head, reward_model_from_causal_lm, sequence_classifier_to_start_from
+from rlhf_exp.ops.shared_prefix import can_pack, pack_by_prompt, packed_inputs
 from rlhf_exp.schema import StageConfig, key, non_negative, positive
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, micro_batch, \
@@ -81,7 +83,14 @@ class RewardModelTrainer(Trainer):
         self.tracker.set_tags({"rm.num_layers": self.model.config.num_hidden_layers})
 
     def pair_scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen scores [B], rejected scores [B]) from one forward over both."""
+        """(chosen scores [B], rejected scores [B]) from one forward over both: a pair is one row, prompt,
+        chosen, rejected (the prompt runs once), where the attention takes a block mask."""
+        if can_pack(self.model):
+            packed = pack_by_prompt([p.chosen for p in pairs] + [p.rejected for p in pairs], self.tokenizer.pad_token_id)
+            with self.runtime.autocast():
+                scores = self.model.scores_at(packed.ends.to(self.device),
+                                              **packed_inputs(self.model, packed, self.device))
+            return scores[: len(pairs)], scores[len(pairs):]
         batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
         with self.runtime.autocast():
             scores = self.model(batch["input_ids"].to(self.device), batch["lengths"])
