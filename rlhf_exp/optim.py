@@ -26,7 +26,7 @@ def build_optimizer(model: torch.nn.Module, stage: DictConfig, name: str = "adam
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
-        return torch.optim.AdamW(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs, fused=can_fuse(params))
     import bitsandbytes as bnb
 
     if name == "adamw_8bit":
@@ -34,6 +34,16 @@ def build_optimizer(model: torch.nn.Module, stage: DictConfig, name: str = "adam
     if name == "paged_adamw_8bit":
         return bnb.optim.PagedAdamW8bit(groups, **kwargs)
     raise ValueError(f"unknown optimizer {name!r}")  # validate() catches this first
+
+
+def can_fuse(params: list[torch.Tensor]) -> bool:
+    """AdamW's fused kernel (one pass over every tensor, CPU and CUDA): torch's CPU default is a Python loop
+    over the tensors, ~0.5 s a step for SmolLM2-135M on 2 cores. Plain floating tensors on one device
+    type only: FSDP's DTensors keep the default."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(params) and len({p.device.type for p in params}) == 1 and params[0].device.type in ("cpu", "cuda") \
+        and all(p.is_floating_point() and not isinstance(p, DTensor) for p in params)
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 from pathlib import Path
 
@@ -153,3 +154,29 @@ def test_bitsandbytes_8bit_adamw_trains(tmp_path, optimizer):
     assert runs[0].info.status == "FINISHED" and runs[0].data.params["hardware.optimizer"] == optimizer
     losses = [m.value for m in client.get_metric_history(runs[0].info.run_id, "eval/loss")]
     assert losses[-1] < losses[0] and metrics["train/loss"] > 0
+
+
+def test_adamw_is_fused_on_plain_tensors_and_steps_as_the_unfused_one():
+    """The stage's AdamW takes torch's fused kernel where it can (a Python loop over tensors otherwise on
+    CPU); catches the fused optimizer built with other groups, decay or betas than the loop it replaces."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.optim import build_optimizer
+
+    stage = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.1, "adam_betas": [0.9, 0.95]})
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    loop_model = copy.deepcopy(fused_model)
+    fused = build_optimizer(fused_model, stage)
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW([{"params": [p for p in loop_model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                              {"params": [p for p in loop_model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
