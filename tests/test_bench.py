@@ -11,14 +11,17 @@ from rlhf_exp.bench.flops import Shape, StepWork, step_flops
 
 def test_the_work_counted_per_step_is_the_least_each_stage_needs():
     """By hand, for a model with 10 body weights, a 5-weight LM head, hidden 2 and one layer; prompts of 3
-    tokens, responses of 2. A forward over T tokens of sequences of S: 2·10·T + 2·5·(head tokens) + 2·1·2·S·T."""
+    tokens, responses of 2. A forward over T tokens of sequences of S: 2·10·T + 2·5·(head tokens) + 2·1·2·S·T.
+    A prompt counts once however many responses follow it."""
     shape, work = Shape(hidden=2, layers=1, body_params=10, head_params=5), StepWork(prompt=3, response=2)
     forward_one = 2 * 10 * 5 + 2 * 5 * 2 + 2 * 1 * 2 * 5 * 5  # 5 tokens, the head on the 2 response tokens
     assert step_flops("sft", shape, work, batch=1) == 3 * forward_one                  # forward + backward
-    assert step_flops("rm", shape, work, batch=1) == 3 * 2 * (2 * 10 * 5 + 2 * 1 * 2 * 5 * 5)  # 2 sequences, no LM head
-    assert step_flops("dpo", shape, work, batch=1) == 4 * 2 * forward_one              # + the reference's forward
+    pair = 3 + 2 + 2  # prompt, chosen, rejected
+    assert step_flops("rm", shape, work, batch=1) == 3 * (2 * 10 * pair + 2 * 1 * 2 * 5 * pair)  # no LM head
+    dpo_forward = 2 * 10 * pair + 2 * 5 * 4 + 2 * 1 * 2 * 5 * pair
+    assert step_flops("dpo", shape, work, batch=1) == 4 * dpo_forward                  # + the reference's forward
     # GRPO: 1 prompt x 2 samples, 4 tokens sampled in all (2 each): sampling, then reference + policy
-    sampling = 2 * 10 * (2 * 3 + 4) + 2 * 5 * 4 + 2 * 1 * 2 * 5 * (2 * 3 + 4)
+    sampling = 2 * 10 * (3 + 4) + 2 * 5 * 4 + 2 * 1 * 2 * 5 * (3 + 4)
     assert step_flops("grpo", shape, work, batch=1, group=2, generated=4) == sampling + 4 * sampling
 
 
@@ -48,3 +51,30 @@ def test_the_quick_benchmark_times_both_sides_and_writes_its_results(tmp_path):
     table = (tmp_path / "latest.md").read_text()
     assert all(f"| {stage} |" in table for stage in ("sft", "rm", "dpo", "grpo")) and "Not identical" in table
     assert len(list(tmp_path.glob("20*.json"))) == 1  # the dated copy kept beside latest.json
+
+
+def test_trl_reads_the_rows_our_trainer_visits_in_the_order_it_visits_them(tmp_path, tokenizer):
+    """Step k is the same examples on both sides: catches an order taken before our held-out split, an
+    off-by-one file line, or a stream seeded apart from the trainer's."""
+    from rlhf_exp.bench.ours import overrides
+    from rlhf_exp.bench.workload import Workload, in_our_order, model_folder
+    from rlhf_exp.config import compose_config, resolved
+    from rlhf_exp.stages.dpo import DPOTrainer
+    from rlhf_exp.tracking.base import Tracker
+
+    rows = [{"prompt": f"Question {i}:", "chosen": f" yes {i}", "rejected": f" no {i}"} for i in range(20)]
+    file = tmp_path / "dpo.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache_dir = str(compose_config([]).paths.cache_dir)
+    work = Workload(model=str(model_folder(True, cache_dir)), files={"dpo": str(file)}, precision="fp32", threads=1,
+                    warmup_steps=1, steps=2)
+    work.batch["dpo"] = 3
+    ordered = [json.loads(line) for line in open(in_our_order("dpo", work, tokenizer, tmp_path))]
+    assert len(ordered) == 9 and all(row in rows for row in ordered)
+
+    cfg = resolved(compose_config(overrides("dpo", work, tmp_path)))
+    trainer = DPOTrainer(cfg=cfg, tracker=Tracker(), run_dir=tmp_path / "run")
+    trainer.setup()
+    visited = [trainer.train_set[i] for i in trainer.batches.take(9)]
+    assert [tokenizer.decode(p.prompt_ids) for p in visited] == [row["prompt"] for row in ordered]
+    assert [tokenizer.decode(p.chosen_ids[:-1]) for p in visited] == [row["chosen"] for row in ordered]

@@ -1,6 +1,7 @@
 """`make bench`: this project's SFT, RM, DPO and GRPO steps against TRL's trainers on identical work.
 
     python -m rlhf_exp.bench [--quick] [--stages sft,rm,dpo,grpo] [--steps 5] [--warmup 1] [--threads N] [--out DIR]
+    python -m rlhf_exp.bench --profile grpo     # our step's top operators: DIR/profile_grpo.md (bench/step_profile.py)
 
 Each measurement runs in a process of its own, back to back (never two at once: they would share the
 cores), so its peak resident memory is its own. Writes DIR/latest.json, DIR/<date>.json (earlier runs
@@ -23,13 +24,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_exp.bench.flops import Shape, StepWork, step_flops
-from rlhf_exp.bench.workload import STAGES, Workload, model_folder, tokenized_length, write_data
+from rlhf_exp.bench.workload import STAGES, Workload, in_our_order, model_folder, tokenized_length, write_data
 
 TARGET_SPEEDUP = {"sft": 1.5, "rm": 1.5, "dpo": 3.0, "grpo": 3.0}
 TARGET_PEAK_FRACTION = 0.35
 NOT_IDENTICAL = [
     "learning-rate schedule: TRL constant, ours cosine from the same lr (no warm-up either side): no effect on the work",
-    "data order: each side draws its own batches from the same examples (their lengths are within the same budgets)",
     "GRPO: sampled lengths differ run to run and side to side; generated tokens per second are reported beside",
     "RM: TRL trains AutoModelForSequenceClassification (its score at the last non-pad token), ours the same "
     "backbone with a scalar head read at the EOS",
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: all cores)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results, --quick bench/results/quick)")
+    parser.add_argument("--profile", choices=STAGES, default=None, help="profile one of our steps instead")
     args = parser.parse_args(argv)
 
     import torch
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = model_folder(args.quick, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = (out / "profile").resolve() if args.profile else Path(tmp)  # a profile's work stays, to profile other code on
         count = 16 if args.quick else 64
         work = Workload(model=str(folder), files={}, precision=precision, threads=threads, warmup_steps=args.warmup,
                         steps=args.steps or (2 if args.quick else 5))
@@ -174,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             work.max_prompt_tokens, work.max_response_tokens, work.max_new_tokens = 192, 32, 8
             work.batch = {"sft": 4, "rm": 2, "dpo": 2, "grpo": 1}
         work.files = write_data(tmp / "data", tokenizer, work.max_prompt_tokens, work.max_response_tokens, count, cache_dir)
+        work.trl_files = {stage: in_our_order(stage, work, tokenizer, tmp / "data") for stage in stages}
         workload = work.save(tmp / "workload.json")
+        if args.profile:
+            report = out / f"profile_{args.profile}.md"
+            return subprocess.run([sys.executable, "-m", "rlhf_exp.bench.step_profile", args.profile, str(workload),
+                                   str(report)]).returncode
         print(f"bench: {folder.name}, {precision} ({reason}), {threads} threads; measuring the matmul peak", flush=True)
         peak = measure("peak", precision, workload, out / "logs")
         if "error" in peak:

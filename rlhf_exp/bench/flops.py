@@ -1,9 +1,11 @@
 """Work per step in matmul FLOPs, and the machine's matmul peak, to say how close a step runs to the limit.
 
 Counted as the least work the step needs, the same for both sides (Kaplan et al. 2020's 2N per token
-forward, 4N backward): the decoder body on every token, the LM head only where a log-prob is used
-(response tokens), attention's score and value products over the causal half. A side that computes the
-LM head over prompt tokens too does more work than counted, and shows a lower fraction.
+forward, 4N backward): the decoder body on every token, a prompt once however many responses follow it
+(GRPO's samples, a pair's chosen and rejected), the LM head only where a log-prob is used (response
+tokens), attention's score and value products over the causal half of prompt + response. A side that
+runs the LM head over prompt tokens, or a prompt once per response, does more work than counted and
+shows a lower fraction.
 """
 
 from __future__ import annotations
@@ -53,15 +55,15 @@ def step_flops(stage: str, shape: Shape, work: StepWork, batch: int, group: int 
     sequence = work.prompt + work.response
     if stage == "sft":
         return 3 * forward_flops(shape, batch * sequence, batch * work.response, sequence)
+    pair_tokens = batch * (work.prompt + 2 * work.response)  # the prompt once, chosen and rejected behind it
     if stage == "rm":  # a scalar head: no LM head
-        return 3 * forward_flops(shape, 2 * batch * sequence, 0, sequence)
+        return 3 * forward_flops(shape, pair_tokens, 0, sequence)
     if stage == "dpo":  # policy forward + backward, the reference forward
-        return 4 * forward_flops(shape, 2 * batch * sequence, 2 * batch * work.response, sequence)
-    sequences = batch * group
-    response = generated / sequences
-    sequence = work.prompt + response
-    sampling = forward_flops(shape, sequences * work.prompt + generated, generated, sequence)
-    return sampling + 4 * forward_flops(shape, sequences * sequence, generated, sequence)  # reference + policy
+        return 4 * forward_flops(shape, pair_tokens, 2 * batch * work.response, sequence)
+    response = generated / (batch * group)
+    tokens = batch * work.prompt + generated  # each prompt once, its samples behind it
+    sampling = forward_flops(shape, tokens, generated, work.prompt + response)
+    return sampling + 4 * forward_flops(shape, tokens, generated, work.prompt + response)  # reference + policy
 
 
 def matmul_peak(dtype: str, size: int = 2048, repeats: int = 8) -> float:

@@ -39,7 +39,7 @@ def common_args(work: Workload, output_dir: str, batch: int) -> dict:
                 adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, optim="adamw_torch",
                 lr_scheduler_type="constant", bf16=work.precision == "bf16", use_cpu=True, report_to="none",
                 logging_steps=1, save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0,
-                dataloader_num_workers=0)
+                dataloader_num_workers=0, train_sampling_strategy="sequential")
 
 
 def run(stage: str, work: Workload) -> dict:
@@ -50,7 +50,8 @@ def run(stage: str, work: Workload) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(work.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data = load_dataset("json", data_files=work.files[stage], split="train")
+    # our visits in our order, read in order: step k trains on the same examples on both sides
+    data = load_dataset("json", data_files=work.trl_files.get(stage, work.files[stage]), split="train")
     timer = step_timer()
     budget = work.max_prompt_tokens + work.max_response_tokens
     with tempfile.TemporaryDirectory() as out:
@@ -91,7 +92,7 @@ def run(stage: str, work: Workload) -> dict:
                                       max_completion_length=work.max_new_tokens, temperature=work.temperature,
                                       top_p=1.0, top_k=0, beta=work.kl_coef, epsilon=work.clip_ratio,
                                       loss_type="grpo", scale_rewards="group", num_iterations=1,
-                                      disable_dropout=True))
+                                      disable_dropout=True, shuffle_dataset=False))
         trainer.train()
     completions = work.batch["grpo"] * work.samples_per_prompt
     return {"step_s": timer.times, "generated_tokens": [n * completions for n in timer.generated] if stage == "grpo" else []}
