@@ -124,3 +124,36 @@ def test_fp16_trains_with_a_gradient_scaler_and_resumes_it(tmp_path):
     assert "scaler" in torch.load(step2 / "trainer_state.pt", weights_only=False)["engine"]
     resumed = run(tiny_config(tmp_path / "b", *common, f"stage.resume_from={step2}"))
     assert resumed["train/loss"] == pytest.approx(metrics["train/loss"], rel=1e-5)
+
+
+def test_dpo_and_grpo_losses_under_bf16_autocast_agree_with_fp32(tmp_path):
+    """What the bf16 default on CPUs with native bf16 (and every bf16 GPU) trains on, against fp32 on the
+    same batch and weights. Stated tolerances: summed response log-probs within 1% (bf16 keeps ~3
+    significant digits), a DPO loss against a shifted reference within 0.01, GRPO's per-token log-probs
+    of a packed rollout within 0.05. Catches a path that drops autocast, or a mask or head that breaks
+    under bf16 (NaN, -inf, or a different dtype's mask)."""
+    from helpers import GRPO, PAIRS
+    from rlhf_exp.data.collate import TokenizedSFT
+    from rlhf_exp.stages.dpo import DPOTrainer
+    from rlhf_exp.stages.grpo import GRPOTrainer
+
+    sums, losses, grpo = {}, {}, {}
+    for precision in ("fp32", "bf16"):
+        dpo = trainer_for(DPOTrainer, tmp_path / f"dpo_{precision}", "stage=dpo", *PAIRS,
+                          f"hardware.precision={precision}", "stage.precompute_ref_logps=false")
+        pairs = [dpo.train_set[i] for i in range(4)]
+        with torch.no_grad():
+            chosen, rejected, lengths = dpo.pair_logps(dpo.model, pairs)
+        sums[precision] = torch.stack([chosen, rejected])
+        shifted = torch.tensor([3.0, 5.0, 4.0, 6.0])  # a reference away from the policy: a loss off log 2
+        losses[precision] = dpo._losses(chosen, rejected, chosen + shifted, rejected - shifted,
+                                        lengths.view(2, -1).T)[0].mean()
+        online = trainer_for(GRPOTrainer, tmp_path / f"grpo_{precision}", *GRPO, f"hardware.precision={precision}")
+        prompt = online.train_set[0].prompt_ids
+        items = [TokenizedSFT(prompt, [100 + k, 200 + k, 300 + k, 2]) for k in range(3)]
+        with torch.no_grad():
+            grpo[precision] = online.logprobs(online.model, items)[0]
+    assert torch.isfinite(sums["bf16"]).all() and torch.isfinite(grpo["bf16"]).all()
+    torch.testing.assert_close(sums["bf16"], sums["fp32"], rtol=0.01, atol=0.0)
+    assert abs(float(losses["bf16"]) - float(losses["fp32"])) < 0.01 and abs(float(losses["fp32"]) - math.log(2)) > 0.1
+    torch.testing.assert_close(grpo["bf16"], grpo["fp32"], atol=0.05, rtol=0.0)
