@@ -31,6 +31,8 @@ TARGET_PEAK_FRACTION = 0.35
 NOT_IDENTICAL = [
     "learning-rate schedule: TRL constant, ours cosine from the same lr (no warm-up either side): no effect on the work",
     "GRPO: sampled lengths differ run to run and side to side; generated tokens per second are reported beside",
+    "micro batches: ours hardware=cpu's (SFT 4 sequences, RM 4 pairs, DPO 2 pairs, GRPO the whole rollout of 8) "
+    "accumulated to the same batch and update; TRL's default, the whole batch in one pass",
     "RM: TRL trains AutoModelForSequenceClassification (its score at the last non-pad token), ours the same "
     "backbone with a scalar head read at the EOS",
 ]

@@ -21,12 +21,13 @@ def overrides(stage: str, work: Workload, root: Path) -> list[str]:
         "stage.weight_decay=0.0", "stage.adam_betas=[0.9,0.999]", "stage.max_grad_norm=1.0",
         "stage.eval_every=null", "stage.num_samples=0", f"paths.root_dir={root}",
     ]
+    # micro batches: hardware=cpu's (what a user's run takes), accumulated to the same batch
     if stage == "sft":
-        return common + [f"stage.batch_size={batch}", f"hardware.micro_batch_size.sft={batch}"]
+        return common + [f"stage.batch_size={batch}"]
     if stage == "rm":
-        return common + [f"stage.batch_size={batch}", f"hardware.micro_batch_size.rm={batch}", "stage.norm_examples=0"]
+        return common + [f"stage.batch_size={batch}", "stage.norm_examples=0"]
     if stage == "dpo":
-        return common + [f"stage.batch_size={batch}", f"hardware.micro_batch_size.dpo={batch}", f"stage.beta={work.beta}",
+        return common + [f"stage.batch_size={batch}", f"stage.beta={work.beta}",
                          "stage.precompute_ref_logps=false"]  # TRL's default: the reference runs every step
     rollout = batch * work.samples_per_prompt
     return common + [

@@ -38,6 +38,9 @@ def common_args(work: Workload, output_dir: str, batch: int) -> dict:
                 learning_rate=work.lr, max_steps=work.total_steps, warmup_steps=0, weight_decay=0.0,
                 adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, optim="adamw_torch",
                 lr_scheduler_type="constant", bf16=work.precision == "bf16", use_cpu=True, report_to="none",
+                # TRL's configs default to gradient checkpointing (activations recomputed in backward: more work,
+                # less memory); ours runs without it on CPU, so neither side does here
+                gradient_checkpointing=False,
                 logging_steps=1, save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0,
                 dataloader_num_workers=0, train_sampling_strategy="sequential")
 
