@@ -112,7 +112,9 @@ def table(results: dict, previous: dict | None) -> str:
              f"{results['machine']['precision']} ({results['machine']['precision_reason']}); matmul peak "
              f"{results['machine']['matmul_peak_gflops']:.1f} GFLOP/s; flags: {' '.join(results['machine']['flags'])}",
              "", f"Model: {results['workload']['model_name']}; {results['workload']['warmup_steps']} warm-up step(s), "
-             f"median of {results['workload']['steps']} timed steps (min-max).", "",
+             f"median of {results['workload']['steps']} timed steps (min-max); both sides without gradient "
+             "checkpointing (TRL's configs turn it on by default: activations recomputed, more work, less memory).",
+             "",
              "| stage | ours s/step | TRL s/step | speedup (target) | trained tok/s ours / TRL | generated tok/s ours / TRL "
              "| % matmul peak ours / TRL (target 35%) | peak RSS GiB ours / TRL |",
              "|---|---|---|---|---|---|---|---|"]
