@@ -78,3 +78,12 @@ def test_trl_reads_the_rows_our_trainer_visits_in_the_order_it_visits_them(tmp_p
     visited = [trainer.train_set[i] for i in trainer.batches.take(9)]
     assert [tokenizer.decode(p.prompt_ids) for p in visited] == [row["prompt"] for row in ordered]
     assert [tokenizer.decode(p.chosen_ids[:-1]) for p in visited] == [row["chosen"] for row in ordered]
+
+
+def test_our_micro_batches_are_hardware_cpus_where_they_divide_the_batch():
+    """The benchmark's quick mode takes 2 RM pairs a step, fewer than hardware=cpu's 4: the micro batch
+    must divide the batch, or the stage refuses the config (as it did)."""
+    from rlhf_exp.bench.ours import micro_batch
+
+    assert micro_batch("sft", 8) == 4 and micro_batch("rm", 4) == 4 and micro_batch("dpo", 4) == 2
+    assert micro_batch("rm", 2) == 2 and micro_batch("dpo", 3) == 1 and micro_batch("sft", 6) == 3

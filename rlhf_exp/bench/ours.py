@@ -9,6 +9,15 @@ from pathlib import Path
 from rlhf_exp.bench.workload import Workload
 
 
+def micro_batch(stage: str, batch: int) -> int:
+    """hardware=cpu's micro batch (what a user's run takes), or the largest below it that divides `batch`:
+    accumulated to the same batch and update as TRL's one pass."""
+    from rlhf_exp.config import compose_config
+
+    default = int(compose_config(["hardware=cpu"]).hardware.micro_batch_size[stage])
+    return max(size for size in range(1, min(default, batch) + 1) if batch % size == 0)
+
+
 def overrides(stage: str, work: Workload, root: Path) -> list[str]:
     batch = work.batch[stage]
     common = [
@@ -21,13 +30,14 @@ def overrides(stage: str, work: Workload, root: Path) -> list[str]:
         "stage.weight_decay=0.0", "stage.adam_betas=[0.9,0.999]", "stage.max_grad_norm=1.0",
         "stage.eval_every=null", "stage.num_samples=0", f"paths.root_dir={root}",
     ]
-    # micro batches: hardware=cpu's (what a user's run takes), accumulated to the same batch
+    if stage in ("sft", "rm", "dpo"):
+        common += [f"stage.batch_size={batch}", f"hardware.micro_batch_size.{stage}={micro_batch(stage, batch)}"]
     if stage == "sft":
-        return common + [f"stage.batch_size={batch}"]
+        return common
     if stage == "rm":
-        return common + [f"stage.batch_size={batch}", "stage.norm_examples=0"]
+        return common + ["stage.norm_examples=0"]
     if stage == "dpo":
-        return common + [f"stage.batch_size={batch}", f"stage.beta={work.beta}",
+        return common + [f"stage.beta={work.beta}",
                          "stage.precompute_ref_logps=false"]  # TRL's default: the reference runs every step
     rollout = batch * work.samples_per_prompt
     return common + [
