@@ -2,12 +2,20 @@
 
 `masked_next_token_logprobs` projects only the positions a loss needs onto the vocabulary:
 for TL;DR SFT ~85% of tokens are prompt, and the vocabulary projection plus log-softmax
-over 49k tokens is a fifth of the step's compute and most of its memory.
+over 49k tokens is a fifth of the step's compute and most of its memory. `head_logprobs`
+projects at most `LOGITS_CHUNK_BYTES` of fp32 logits at a time, so no [tokens, vocabulary]
+float32 tensor is held for a long batch (the Liger / Cut-Cross-Entropy idea, in plain PyTorch).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+# The fp32 logits of one chunk of positions: 256 MiB is 1365 tokens of SmolLM2's 49k vocabulary and
+# 440 of Qwen2.5's 152k. A batch that fits in one chunk runs as one projection; a longer one is split,
+# and each chunk's logits are recomputed in backward instead of kept (one more head matmul per chunk).
+LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
 def decoder(model):
@@ -50,9 +58,9 @@ def masked_next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: t
     hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state  # [B, T, H]
     select = target_mask[:, 1:].bool()  # [B, T-1]: which next tokens are scored
-    logits = model.get_output_embeddings()(hidden[:, :-1][select])  # [N, V]
+    picked, _ = head_logprobs(model, hidden[:, :-1][select], input_ids[:, 1:][select], temperature)  # [N]
     out = torch.zeros(select.shape, dtype=torch.float32, device=hidden.device)
-    out[select] = token_logprobs(logits, input_ids[:, 1:][select], temperature)
+    out[select] = picked
     return out
 
 
@@ -85,10 +93,27 @@ def response_logprobs(model, input_ids: torch.Tensor, prompt_lengths: torch.Tens
 
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  with_entropy: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head on the N hidden states that predict `targets`: hidden [N, H], targets [N] ->
-    (log p(target) at `temperature` [N] in fp32, the distribution's entropy [N] without gradient, or None)."""
-    logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, V]
+    (log p(target) at `temperature` [N] in fp32, the distribution's entropy [N] without gradient, or None).
+
+    At most `chunk_bytes` of fp32 logits exist at once (see LOGITS_CHUNK_BYTES)."""
+    head = model.get_output_embeddings()
+    rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    if hidden.shape[0] <= rows:
+        return _head_chunk(head, hidden, targets, temperature, with_entropy)
+    keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    parts = [checkpoint(_head_chunk, head, h, t, temperature, with_entropy, use_reentrant=False) if keep_graph
+             else _head_chunk(head, h, t, temperature, with_entropy)
+             for h, t in zip(hidden.split(rows), targets.split(rows))]
+    picked = torch.cat([p for p, _ in parts])
+    return picked, torch.cat([e for _, e in parts]) if with_entropy else None
+
+
+def _head_chunk(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = head(hidden).float() / temperature  # [n, V]
     log_norm = torch.logsumexp(logits, dim=-1)
     picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     entropy = None
