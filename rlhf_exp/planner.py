@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.distributed import deepspeed_stage, shards_weights
+from rlhf_exp.ops.logprobs import LOGITS_CHUNK_BYTES
 
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 * 1.0 + 1 / (64 * 256) * 4  # 4-bit weights, 8-bit absmax per 64, fp32 per 256 blocks
@@ -267,8 +268,10 @@ def add_activations(plan: Plan, role: str, shape: Shape, cfg: DictConfig, sequen
         layers = 1 if cfg.hardware.gradient_checkpointing else shape.layers
         plan.add(role, "activations: LoRA inputs (dropout copies, 4-bit casts)", per_token * layers * sequences * tokens)
     if scored_tokens:
-        # fp32 logits, their log-softmax and gradient for the scored positions only
-        plan.add(role, f"LM-head logits: {scored_tokens} positions", scored_tokens * shape.vocab * 4 * 3)
+        # fp32 logits, their log-softmax and gradient for the scored positions only, one chunk at a time
+        at_once = min(scored_tokens, max(1, LOGITS_CHUNK_BYTES // (4 * shape.vocab)))
+        chunked = f" in chunks of {at_once}" if at_once < scored_tokens else ""
+        plan.add(role, f"LM-head logits: {scored_tokens} positions{chunked}", at_once * shape.vocab * 4 * 3)
 
 
 def plan_run(cfg: DictConfig) -> Plan:
@@ -286,7 +289,10 @@ def plan_run(cfg: DictConfig) -> Plan:
         quantized = bool(hardware.get("load_in_4bit")) if held.quantized is None else held.quantized
         add_model(plan, held.role, shapes[held.shape], cfg, trains=held.trains, quantized=quantized,
                   reward_head=held.reward_head, weight_bytes=held.weight_bytes)
-    if memory.kv_cache is not None:
+    if memory.kv_cache is not None and hardware.get("rollout_backend") == "vllm" and plan.available_gib:
+        utilization = float(hardware.vllm_gpu_memory_utilization)
+        plan.add("vllm", f"engine: weights + KV cache ({utilization:.0%} of the GPU)", utilization * plan.available_gib * GIB)
+    elif memory.kv_cache is not None:
         sequences, tokens = memory.kv_cache
         kv_bytes = 2 if hardware.precision != "fp32" else 4
         kv = sequences * tokens * policy.layers * 2 * policy.kv_heads * policy.head_dim * kv_bytes

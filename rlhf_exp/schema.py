@@ -209,7 +209,8 @@ class HardwareConfig:
     optimizer: str = key(one_of(OPTIMIZERS))
     load_in_4bit: bool = MISSING
     lora: LoraConfig = field(default_factory=LoraConfig)
-    rollout_backend: str = key(Rule(lambda v: v == "hf", "must be hf (the built-in sampler); others are not built in yet"))
+    rollout_backend: str = key(one_of(("hf", "vllm")))
+    vllm_gpu_memory_utilization: float = key(Rule(lambda v: 0 < v < 1, "must be between 0 and 1"))
     check_memory_plan: bool = MISSING
 
 

@@ -9,6 +9,7 @@ statistics that are exact token-weighted means over every micro batch and rank.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
@@ -23,6 +24,7 @@ from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs, repea
 from rlhf_exp.rewards import score_responses
 from rlhf_exp.rollout import Rollout
 from rlhf_exp.rollout.batch import pad_rows, response_mask
+from rlhf_exp.rollout.vllm_engine import VLLMRollouts, require_vllm
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, micro_batch, sequence_tokens
 
@@ -51,6 +53,7 @@ class OnlineRLTrainer(Trainer):
 
         Returns the policy; the stage decides what `self.model` (the optimized module) holds.
         """
+        require_vllm(self.cfg.hardware, self.world_size)  # before any weights are read
         self.prepare_data("prompt")
         policy = self.load_policy()
         self.reference = self.frozen_reference(policy)  # LoRA: the policy with adapters disabled
@@ -67,7 +70,18 @@ class OnlineRLTrainer(Trainer):
         return self.policy
 
     def sample(self, prompt_ids, samples, model=None, generator=None, desc=None) -> list[list[int]]:
-        return super().sample(prompt_ids, samples, model if model is not None else self.policy, generator, desc)
+        model = model if model is not None else self.policy
+        if self.cfg.hardware.rollout_backend == "vllm" and model is self.policy:
+            return self.vllm_rollouts.generate(prompt_ids, samples, model, self.tokenizer, self.step,
+                                               self.stage.generation, self.stop_token_ids,
+                                               generator if generator is not None else self.random.rollout)
+        return super().sample(prompt_ids, samples, model, generator, desc)
+
+    @functools.cached_property
+    def vllm_rollouts(self) -> VLLMRollouts:
+        prompt, _ = sequence_tokens(self.cfg)
+        return VLLMRollouts(self.cfg.hardware, self.run_dir / "vllm_model",
+                            prompt + int(self.stage.generation.max_new_tokens), int(self.cfg.seed))
 
     def score(self, prompts: list[str], responses: list[list[int]]):
         """(rewards with the no-EOS score substituted, raw scores, whether each response stopped, texts)."""
@@ -174,6 +188,10 @@ class OnlineRLTrainer(Trainer):
         return {"train/reward_mean": mean, "train/reward_std": variance ** 0.5, "train/score_mean": total["score"] / n,
                 "train/eos_rate": total["eos"] / n, "train/response_length": total["length"] / n,
                 "train/rollout_sequences": n}
+
+    def close(self) -> None:
+        self.__dict__.pop("vllm_rollouts", None)  # the colocated engine's GPU memory goes with it
+        super().close()
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -1,0 +1,155 @@
+"""hardware.rollout_backend=vllm: GRPO and PPO rollouts from vLLM colocated with the trainer.
+
+One vLLM engine lives in the training process on the same GPU (TRL's `vllm_mode="colocate"`, OpenRLHF's and
+verl's hybrid engine), holding `hardware.vllm_gpu_memory_utilization` of the GPU for its weights and KV cache.
+It starts from the policy as it is at the first rollout (written once to `<run>/vllm_model`), and the policy's
+weights are copied into it before any rollout that follows an update (LoRA: merged for the copy, then
+unmerged). The log-probs the losses use are still the trainer's own: vLLM only proposes the tokens.
+
+Each request's seed is drawn from the run's rollout generator, so a run's rollouts depend on its seed, as
+with the built-in sampler (not bit-for-bit the same tokens: different kernels, different sampler).
+
+vLLM is not a dependency (`pip install vllm` on a CUDA machine); where it or a GPU is missing the run
+stops before loading any weights, saying so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.models.peft import is_4bit, is_peft
+from rlhf_exp.rollout.generation import truncate_after_stop
+
+
+def require_vllm(hardware: DictConfig, world_size: int) -> None:
+    """Stop a run that asks for vLLM rollouts where they cannot run, naming every reason."""
+    if hardware.rollout_backend != "vllm":
+        return
+    reasons = []
+    if not str(hardware.device).startswith("cuda"):
+        reasons.append(f"hardware.device is {hardware.device} (vLLM runs on CUDA GPUs)")
+    elif not torch.cuda.is_available():
+        reasons.append("no CUDA GPU is visible to torch")
+    if importlib.util.find_spec("vllm") is None:
+        reasons.append("the vllm package is not installed (pip install vllm, on a CUDA machine)")
+    if hardware.load_in_4bit:
+        reasons.append("hardware.load_in_4bit: the 4-bit base cannot be copied into vLLM after each update")
+    if world_size > 1:
+        reasons.append(f"{world_size} processes: the colocated engine is built for one")
+    if reasons:
+        raise ConfigError("hardware.rollout_backend", f"vllm cannot run here: {'; '.join(reasons)}. "
+                          "Use hardware.rollout_backend=hf (the built-in sampler).")
+
+
+def vllm_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight under the names of the plain Hugging Face model vLLM loaded.
+
+    A PeftModel must have its adapters merged while this is read: the adapters' own weights are
+    left out and `base_model.model.` / `.base_layer` are taken off the merged layers' names."""
+    peft = is_peft(model)
+    for name, param in model.named_parameters():
+        if peft:
+            if model.prefix in name or "original_module" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            name = name.replace("modules_to_save.default.", "")
+        yield name, param.data
+
+
+@contextmanager
+def adapters_merged(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` with a PeftModel's adapters merged into its weights for the duration (others: as they are)."""
+    if not is_peft(model):
+        yield model
+        return
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+
+
+def with_stop_token(token_ids: Sequence[int], finish_reason: str | None, stop_reason) -> list[int]:
+    """A completion's tokens ending with the stop token that ended it (vLLM reports it in `stop_reason`)."""
+    token_ids = list(token_ids)
+    if finish_reason == "stop" and isinstance(stop_reason, int) and (not token_ids or token_ids[-1] != stop_reason):
+        token_ids.append(stop_reason)
+    return token_ids
+
+
+def _set_launcher_environment() -> None:
+    """vLLM's external_launcher joins the process group torch.distributed would: one process here."""
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+
+
+class VLLMRollouts:
+    """Samples for the policy from a colocated vLLM engine, keeping the engine's weights the policy's."""
+
+    def __init__(self, hardware: DictConfig, folder: Path, max_model_len: int, seed: int):
+        self.hardware, self.folder, self.max_model_len, self.seed = hardware, Path(folder), max_model_len, seed
+        self.llm = None
+        self.synced_at: int | None = None  # the trainer step whose weights the engine holds
+
+    def _start(self, policy: torch.nn.Module, tokenizer) -> None:
+        from vllm import LLM
+
+        with adapters_merged(policy) as model:
+            base = model.get_base_model() if is_peft(model) else model
+            # vLLM reads a Hugging Face folder: the policy as it is now, in its own dtype
+            state = dict(vllm_weights(model))
+            base.save_pretrained(self.folder, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(self.folder)
+        _set_launcher_environment()
+        self.llm = LLM(model=str(self.folder), gpu_memory_utilization=float(self.hardware.vllm_gpu_memory_utilization),
+                       max_model_len=self.max_model_len, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
+                       seed=self.seed, enable_prefix_caching=True, distributed_executor_backend="external_launcher",
+                       max_num_batched_tokens=max(4096, self.max_model_len))
+
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module, tokenizer, step: int) -> None:
+        """The engine's weights made the policy's at `step` (starting the engine on the first call)."""
+        if is_4bit(policy):
+            raise ConfigError("hardware.rollout_backend", "vllm: a 4-bit policy cannot be copied into vLLM")
+        if self.llm is None:
+            self._start(policy, tokenizer)
+        elif self.synced_at != step:
+            engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+            with adapters_merged(policy) as model:
+                for name, tensor in vllm_weights(model):
+                    engine_model.load_weights([(name, tensor)])
+            self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
+        self.synced_at = step
+
+    def generate(self, prompts: Sequence[Sequence[int]], samples: int, policy: torch.nn.Module, tokenizer,
+                 step: int, generation, stop_token_ids: Sequence[int], generator: torch.Generator) -> list[list[int]]:
+        """`samples` responses per prompt (a prompt's adjacent) from `policy` as it is at trainer `step`,
+        each ending at its first stop token if any."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.sync(policy, tokenizer, step)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+        params = SamplingParams(n=samples, temperature=float(generation.temperature),
+                                top_k=int(generation.top_k) or -1, top_p=float(generation.top_p),
+                                max_tokens=int(generation.max_new_tokens), stop_token_ids=list(stop_token_ids),
+                                seed=seed, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [truncate_after_stop(with_stop_token(c.token_ids, c.finish_reason, c.stop_reason), stop_token_ids)[0]
+                for out in outputs for c in out.outputs]
+
+    def close(self) -> None:
+        self.llm = None

@@ -1,0 +1,136 @@
+"""hardware.rollout_backend=vllm on a machine without vLLM or a GPU: the refusal, and the glue between the trainer
+and the engine (the engine's start folder, the weight copy after each update, the stop token, the seeds) against a
+stand-in for vLLM's `LLM` that keeps what it is given. vLLM itself runs only where the device tool lends a GPU."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import GRPO, LORA, trainer_for
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.runtime import RandomStreams
+from rlhf_exp.stages import online
+from rlhf_exp.stages.base import Trainer
+from rlhf_exp.stages.grpo import GRPOTrainer
+
+VLLM = ["hardware.rollout_backend=vllm"]
+
+
+def test_vllm_rollouts_are_refused_where_they_cannot_run_before_any_weights_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "load_policy", lambda self: pytest.fail("weights were read before the refusal"))
+    with pytest.raises(ConfigError) as info:
+        trainer_for(GRPOTrainer, tmp_path, *GRPO, *VLLM, "hardware.lora.enabled=true", "hardware.load_in_4bit=true")
+    message = str(info.value)
+    assert "`hardware.rollout_backend`: vllm cannot run here" in message and "hardware.device is cpu" in message
+    assert "hardware.load_in_4bit" in message and "rollout_backend=hf" in message
+    if "vllm" not in sys.modules:
+        assert "pip install vllm" in message
+
+
+class FakeLLM:
+    """What the trainer uses of vllm.LLM: reads the folder it is pointed at, takes weights by name (refusing names
+    its model lacks, as vLLM's load_weights does), samples from the request's seed."""
+
+    made: list["FakeLLM"] = []
+
+    def __init__(self, model: str, **kwargs):
+        self.kwargs = kwargs
+        self.weights = load_file(f"{model}/model.safetensors")
+        self.loads, self.resets, self.seeds, self.completions = 0, 0, [], []
+        runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self.load_weights))
+        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+            driver_worker=types.SimpleNamespace(model_runner=runner)))
+        FakeLLM.made.append(self)
+
+    def load_weights(self, pairs):
+        for name, tensor in pairs:
+            assert name in self.weights, f"vLLM's model has no weight {name}"
+            self.weights[name] = tensor.clone()
+        self.loads += 1
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.seeds.append(params.seed)
+        draw = torch.Generator().manual_seed(params.seed)
+        outputs = []
+        for _ in prompts:
+            completions = []
+            for _ in range(params.n):
+                length = int(torch.randint(1, params.max_tokens + 1, (1,), generator=draw))
+                stopped = length < params.max_tokens
+                # vLLM's stop_reason names the stop token; here the token itself is left out of token_ids
+                completions.append(types.SimpleNamespace(
+                    token_ids=torch.randint(3, 200, (length,), generator=draw).tolist(),
+                    finish_reason="stop" if stopped else "length",
+                    stop_reason=params.stop_token_ids[0] if stopped else None))
+            self.completions += completions
+            outputs.append(types.SimpleNamespace(outputs=completions))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = FakeLLM, lambda **kw: types.SimpleNamespace(**kw)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: prompt_token_ids
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(online, "require_vllm", lambda *_: None)  # a CPU stands in for the GPU here
+    FakeLLM.made = []
+
+
+def merged_weights(peft_model) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in copy.deepcopy(peft_model).merge_and_unload().state_dict().items()}
+
+
+def assert_holds(engine: FakeLLM, expected: dict[str, torch.Tensor]) -> None:
+    assert engine.weights.keys() <= expected.keys() and len(engine.weights) > 0
+    for name, tensor in engine.weights.items():
+        assert torch.allclose(tensor, expected[name], atol=1e-6), name
+
+
+def test_grpo_samples_from_the_vllm_engine_and_copies_the_merged_policy_in_after_each_update(tmp_path, fake_vllm):
+    """Catches: adapter weights or PEFT names sent to vLLM (it refuses them), rollouts from stale weights (no copy
+    after an update, or a prefix cache still holding the old keys), adapters left merged into the trained policy,
+    a stop token vLLM reported but left out of the response, and seeds that do not come from the run's generator."""
+    trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, *LORA, *VLLM)
+    with torch.no_grad():  # adapters that change the function, so merged weights differ from the base
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    before_any_update = merged_weights(trainer.model)
+    lora_output = trainer.model(input_ids=torch.tensor([[5, 6, 7]])).logits
+
+    metrics = trainer.train_step()
+    engine = FakeLLM.made[-1]
+    assert_holds(engine, before_any_update)  # started from the policy as it was, adapters merged
+    assert engine.loads == 0 and engine.resets == 0
+    lengths = [len(c.token_ids) + (c.finish_reason == "stop") for c in engine.completions]
+    assert metrics["train/response_length"] == pytest.approx(sum(lengths) / len(lengths))
+    assert metrics["train/eos_rate"] == pytest.approx(
+        sum(c.finish_reason == "stop" for c in engine.completions) / len(engine.completions))
+
+    trainer.step = 1
+    after_first_update = merged_weights(trainer.model)
+    assert any(not torch.equal(after_first_update[n], before_any_update[n]) for n in engine.weights)
+    trainer.train_step()
+    assert len(FakeLLM.made) == 1 and engine.resets == 1
+    assert_holds(engine, after_first_update)
+    # the trained policy is back to base + adapters (a merge left in place would apply the adapters twice)
+    merged_flags = [m.merged for m in trainer.model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+    assert merged_flags and not any(merged_flags)
+    assert not torch.allclose(trainer.model(input_ids=torch.tensor([[5, 6, 7]])).logits, lora_output)  # it trained
+
+    # each rollout's seed is a draw from the run's rollout generator
+    streams = RandomStreams(trainer.cfg.seed, torch.device("cpu"))
+    draws = [int(torch.randint(0, 2**31 - 1, (1,), generator=streams.rollout)) for _ in engine.seeds]
+    assert engine.seeds == draws and len(set(draws)) == len(draws)
