@@ -210,6 +210,7 @@ class HardwareConfig:
     load_in_4bit: bool = MISSING
     lora: LoraConfig = field(default_factory=LoraConfig)
     rollout_backend: str = key(one_of(("hf", "vllm")))
+    liger_kernel: bool = MISSING
     vllm_gpu_memory_utilization: float = key(Rule(lambda v: 0 < v < 1, "must be between 0 and 1"))
     check_memory_plan: bool = MISSING
 

@@ -180,3 +180,34 @@ def test_adamw_is_fused_on_plain_tensors_and_steps_as_the_unfused_one():
             optimizer.step()
     for a, b in zip(fused_model.parameters(), loop_model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_liger_kernel_falls_back_to_the_chunked_head_on_a_cpu_and_is_refused_on_cuda_without_the_package(
+        tmp_path, caplog):
+    """Catches a CPU run that tried Liger's Triton kernel (an import or launch error), a fallback that computed
+    a different loss, and a GPU run asking for Liger without it that silently ran without."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from helpers import trainer_for
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.ops.liger import liger_enabled
+    from rlhf_exp.stages.sft import SFTTrainer
+
+    caplog.set_level("INFO", logger="rlhf_exp.ops.liger")
+    losses = []
+    for flag in ("false", "true"):
+        torch.manual_seed(0)
+        trainer = trainer_for(SFTTrainer, tmp_path / flag, f"hardware.liger_kernel={flag}")
+        losses.append(trainer.train_step()["train/loss"])
+        assert trainer.liger is False
+    assert losses[0] == losses[1]
+    assert "on cpu the chunked LM head runs instead" in caplog.text
+
+    on_cuda = OmegaConf.create({"liger_kernel": True, "device": "cuda"})
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ConfigError, match="hardware.liger_kernel.*pip install liger-kernel"):
+            liger_enabled(on_cuda)
+    else:
+        assert liger_enabled(on_cuda)

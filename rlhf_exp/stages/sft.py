@@ -21,6 +21,7 @@ from rlhf_exp import distributed
 from rlhf_exp.data.batching import chunks, length_order
 from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.losses import sft_loss
+from rlhf_exp.ops.liger import fused_response_nll, liger_enabled
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.schema import StageConfig
 from rlhf_exp.stages.base import Trainer
@@ -37,6 +38,7 @@ class SFTTrainer(Trainer):
     def setup_data_and_model(self) -> None:
         self.prepare_data("sft")
         self.model = self.load_policy()
+        self.liger = liger_enabled(self.cfg.hardware)
 
     def _response_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p of each response token [B, T-1], 0 elsewhere; the mask of those targets [B, T-1])."""
@@ -59,8 +61,13 @@ class SFTTrainer(Trainer):
                          for c in chunks(self.shard(items), self.micro_batch_size())]
         loss_sum = 0.0
         for batch in micro_batches:
-            logps, mask = self._response_logps(batch)
-            loss = sft_loss(logps, mask, num_tokens)
+            if self.liger:  # sft_loss's value from Liger's fused kernel: no logits kept for backward
+                with self.runtime.autocast():
+                    loss = fused_response_nll(self.model, batch["input_ids"].to(self.device),
+                                              batch["response_mask"].to(self.device)) / num_tokens
+            else:
+                logps, mask = self._response_logps(batch)
+                loss = sft_loss(logps, mask, num_tokens)
             self.backward(loss)
             loss_sum += loss.item()
         totals = distributed.sum_values({"loss": loss_sum, "tokens": sum(int(b["attention_mask"].sum())
