@@ -117,3 +117,17 @@ def test_a_policy_stage_refuses_a_reward_model_in_init_from(tmp_path):
     folder = foreign_reward_model(tmp_path / "rm", load_tokenizer(cfg.model, cfg.paths.cache_dir))
     with pytest.raises(ConfigError, match=r"model.init_from.*is a reward model, and stage=dpo trains a policy"):
         validate(tiny_config(tmp_path, "stage=dpo", *PAIRS, f"model.init_from={folder}"))
+
+
+def test_the_scorer_batches_by_length_and_returns_scores_in_the_callers_order(tmp_path, tokenizer):
+    """Catches scores put back in the sorted order instead of the caller's (rewards given to other samples)."""
+    from rlhf_exp.rewards import RewardModelScorer
+
+    scorer = RewardModelScorer(str(foreign_reward_model(tmp_path / "rm", tokenizer)), batch_size=2)
+    prompts = ["Post: a long move abroad, and all that came with it.\nTL;DR:", "Post: a cat.\nTL;DR:",
+               "Post: rent.\nTL;DR:", "Post: the job I left after nine years.\nTL;DR:", "Post: a dog.\nTL;DR:"]
+    completions = [" moving away from everyone I know", " cat", " rent went up again this year", " quit", " dog"]
+    together = scorer(prompts, completions)
+    alone = [scorer([p], [c])[0] for p, c in zip(prompts, completions)]
+    assert together == pytest.approx(alone, abs=1e-5)
+    assert len({round(s, 4) for s in alone}) == len(alone)  # distinct scores: a swap would show
