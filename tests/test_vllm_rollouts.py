@@ -114,6 +114,7 @@ def test_grpo_samples_from_the_vllm_engine_and_copies_the_merged_policy_in_after
     engine = FakeLLM.made[-1]
     assert_holds(engine, before_any_update)  # started from the policy as it was, adapters merged
     assert engine.loads == 0 and engine.resets == 0
+    assert engine.kwargs["dtype"] == "float32" and engine.kwargs["seed"] == trainer.cfg.seed  # the run's precision
     lengths = [len(c.token_ids) + (c.finish_reason == "stop") for c in engine.completions]
     assert metrics["train/response_length"] == pytest.approx(sum(lengths) / len(lengths))
     assert metrics["train/eos_rate"] == pytest.approx(

@@ -99,8 +99,10 @@ def _set_launcher_environment() -> None:
 class VLLMRollouts:
     """Samples for the policy from a colocated vLLM engine, keeping the engine's weights the policy's."""
 
-    def __init__(self, hardware: DictConfig, folder: Path, max_model_len: int, seed: int):
+    def __init__(self, hardware: DictConfig, folder: Path, max_model_len: int, seed: int, precision: str):
         self.hardware, self.folder, self.max_model_len, self.seed = hardware, Path(folder), max_model_len, seed
+        # the engine computes in the run's precision, whatever the trained weights are kept in (fp32 masters)
+        self.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
         self.llm = None
         self.synced_at: int | None = None  # the trainer step whose weights the engine holds
 
@@ -109,13 +111,13 @@ class VLLMRollouts:
 
         with adapters_merged(policy) as model:
             base = model.get_base_model() if is_peft(model) else model
-            # vLLM reads a Hugging Face folder: the policy as it is now, in its own dtype
+            # vLLM reads a Hugging Face folder: the policy as it is now
             state = dict(vllm_weights(model))
             base.save_pretrained(self.folder, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(self.folder)
         _set_launcher_environment()
         self.llm = LLM(model=str(self.folder), gpu_memory_utilization=float(self.hardware.vllm_gpu_memory_utilization),
-                       max_model_len=self.max_model_len, dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
+                       max_model_len=self.max_model_len, dtype=self.dtype,
                        seed=self.seed, enable_prefix_caching=True, distributed_executor_backend="external_launcher",
                        max_num_batched_tokens=max(4096, self.max_model_len))
 
@@ -150,6 +152,3 @@ class VLLMRollouts:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [truncate_after_stop(with_stop_token(c.token_ids, c.finish_reason, c.stop_reason), stop_token_ids)[0]
                 for out in outputs for c in out.outputs]
-
-    def close(self) -> None:
-        self.llm = None

@@ -81,7 +81,8 @@ class OnlineRLTrainer(Trainer):
     def vllm_rollouts(self) -> VLLMRollouts:
         prompt, _ = sequence_tokens(self.cfg)
         return VLLMRollouts(self.cfg.hardware, self.run_dir / "vllm_model",
-                            prompt + int(self.stage.generation.max_new_tokens), int(self.cfg.seed))
+                            prompt + int(self.stage.generation.max_new_tokens), int(self.cfg.seed),
+                            self.runtime.precision)
 
     def score(self, prompts: list[str], responses: list[list[int]]):
         """(rewards with the no-EOS score substituted, raw scores, whether each response stopped, texts)."""
