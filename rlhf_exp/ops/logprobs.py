@@ -100,7 +100,8 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatur
 
     At most `chunk_bytes` of fp32 logits exist at once (see LOGITS_CHUNK_BYTES)."""
     head = model.get_output_embeddings()
-    rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    # out_features, not weight.shape: a DeepSpeed ZeRO-3 rank holds an empty placeholder for the weight
+    rows = max(1, chunk_bytes // (4 * vocabulary_size(head)))
     if hidden.shape[0] <= rows:
         return _head_chunk(head, hidden, targets, temperature, with_entropy)
     keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
@@ -109,6 +110,11 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatur
              for h, t in zip(hidden.split(rows), targets.split(rows))]
     picked = torch.cat([p for p, _ in parts])
     return picked, torch.cat([e for _, e in parts]) if with_entropy else None
+
+
+def vocabulary_size(head: torch.nn.Module) -> int:
+    out_features = getattr(head, "out_features", None)
+    return int(out_features) if out_features else max(int(head.weight.shape[0]), 1)
 
 
 def _head_chunk(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
