@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.distributed import deepspeed_stage, shards_weights
-from rlhf_exp.ops.logprobs import LOGITS_CHUNK_BYTES
+from rlhf_exp.ops.logprobs import chunk_rows
 
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 * 1.0 + 1 / (64 * 256) * 4  # 4-bit weights, 8-bit absmax per 64, fp32 per 256 blocks
@@ -269,7 +269,7 @@ def add_activations(plan: Plan, role: str, shape: Shape, cfg: DictConfig, sequen
         plan.add(role, "activations: LoRA inputs (dropout copies, 4-bit casts)", per_token * layers * sequences * tokens)
     if scored_tokens:
         # fp32 logits, their log-softmax and gradient for the scored positions only, one chunk at a time
-        at_once = min(scored_tokens, max(1, LOGITS_CHUNK_BYTES // (4 * shape.vocab)))
+        at_once = min(scored_tokens, chunk_rows(shape.vocab))
         chunked = f" in chunks of {at_once}" if at_once < scored_tokens else ""
         plan.add(role, f"LM-head logits: {scored_tokens} positions{chunked}", at_once * shape.vocab * 4 * 3)
 

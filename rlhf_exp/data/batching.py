@@ -22,6 +22,19 @@ def length_order(items: Sequence[T], length) -> list[int]:
     return sorted(range(len(items)), key=lambda i: length(items[i]))
 
 
+def scores_in_length_order(items: Sequence[T], length, score_chunk, size: int, wrap=lambda c: c) -> torch.Tensor:
+    """`score_chunk(list of items) -> tensor [n, ...]` over chunks of `size` items of similar length (less
+    padding); rows come back in the items' order. `wrap`: around the list of chunks (a progress bar)."""
+    order = length_order(items, length)
+    parts = [score_chunk([items[i] for i in chunk]).float().cpu() for chunk in wrap(list(chunks(order, size)))]
+    if not parts:
+        return torch.zeros(0)
+    stacked = torch.cat(parts)
+    out = torch.empty_like(stacked)
+    out[order] = stacked
+    return out
+
+
 class BatchStream:
     """An endless stream of example indices, reshuffled each epoch from (seed, epoch).
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.ops.logprobs import decoder
+from rlhf_exp.ops.logprobs import scored_hidden
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,6 @@ def fused_response_nll(model, input_ids: torch.Tensor, target_mask: torch.Tensor
     `losses.sft_loss`, from Liger's fused linear cross-entropy. input_ids [B, T] right-padded -> scalar."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    hidden = decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]
-    select = target_mask[:, 1:].bool()
+    hidden, targets, _ = scored_hidden(model, input_ids, target_mask)  # [N, H], [N]
     head = model.get_output_embeddings()
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden[:, :-1][select],
-                                                             input_ids[:, 1:][select], head.bias)
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets, head.bias)

@@ -55,13 +55,20 @@ def masked_next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: t
     The backbone runs once; the LM head runs on the selected positions only. Models whose
     head does more than a linear projection (logit soft-capping) need `next_token_logprobs`.
     """
-    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state  # [B, T, H]
-    select = target_mask[:, 1:].bool()  # [B, T-1]: which next tokens are scored
-    picked, _ = head_logprobs(model, hidden[:, :-1][select], input_ids[:, 1:][select], temperature)  # [N]
+    hidden, targets, select = scored_hidden(model, input_ids, target_mask, attention_mask, position_ids)
+    picked, _ = head_logprobs(model, hidden, targets, temperature)  # [N]
     out = torch.zeros(select.shape, dtype=torch.float32, device=hidden.device)
     out[select] = picked
     return out
+
+
+def scored_hidden(model, input_ids: torch.Tensor, target_mask: torch.Tensor, attention_mask=None, position_ids=None):
+    """The backbone once, then the hidden states that predict the targets where target_mask [B, T] is 1:
+    (hidden [N, H], targets [N], select [B, T-1]: which next tokens are scored)."""
+    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # [B, T, H]
+    select = target_mask[:, 1:].bool()
+    return hidden[:, :-1][select], input_ids[:, 1:][select], select
 
 
 def response_logprobs(model, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor,
@@ -101,7 +108,7 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatur
     At most `chunk_bytes` of fp32 logits exist at once (see LOGITS_CHUNK_BYTES)."""
     head = model.get_output_embeddings()
     # out_features, not weight.shape: a DeepSpeed ZeRO-3 rank holds an empty placeholder for the weight
-    rows = max(1, chunk_bytes // (4 * vocabulary_size(head)))
+    rows = chunk_rows(vocabulary_size(head), chunk_bytes)
     if hidden.shape[0] <= rows:
         return _head_chunk(head, hidden, targets, temperature, with_entropy)
     keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
@@ -110,6 +117,11 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatur
              for h, t in zip(hidden.split(rows), targets.split(rows))]
     picked = torch.cat([p for p, _ in parts])
     return picked, torch.cat([e for _, e in parts]) if with_entropy else None
+
+
+def chunk_rows(vocabulary: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    """How many positions' fp32 logits fit in `chunk_bytes` (at least one)."""
+    return max(1, chunk_bytes // (4 * vocabulary))
 
 
 def vocabulary_size(head: torch.nn.Module) -> int:

@@ -48,7 +48,7 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
-        from rlhf_exp.data.batching import length_order
+        from rlhf_exp.data.batching import scores_in_length_order
         from rlhf_exp.data.collate import TokenizedSFT, collate_sft
         from rlhf_exp.data.tokens import encode_prompt
 
@@ -58,15 +58,13 @@ class RewardModelScorer:
             response_ids = (self.tokenizer(completion, add_special_tokens=False).input_ids + [eos])[: self.max_tokens]
             prompt_ids = encode_prompt(prompt, self.tokenizer, self.max_tokens - len(response_ids))
             items.append(TokenizedSFT(prompt_ids, response_ids))
+        def score(chunk):
+            batch = collate_sft(chunk, self.tokenizer.pad_token_id)
+            return self.model(batch["input_ids"].to(self.device), batch["lengths"])
+
         # batches of similar lengths: the padding of a batch is to its longest sequence
-        order = length_order(items, lambda x: len(x.prompt_ids) + len(x.response_ids))
-        scores = [0.0] * len(items)
-        for start in range(0, len(items), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            batch = collate_sft([items[i] for i in chunk], self.tokenizer.pad_token_id)
-            for i, score in zip(chunk, self.model(batch["input_ids"].to(self.device), batch["lengths"]).tolist()):
-                scores[i] = score
-        return scores
+        return scores_in_length_order(items, lambda x: len(x.prompt_ids) + len(x.response_ids), score,
+                                      self.batch_size).tolist()
 
 
 def score_responses(reward_fn, tokenizer, prompts: Sequence[str], responses: Sequence[Sequence[int]],

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.models.peft import is_4bit, is_peft
+from rlhf_exp.models.peft import is_peft
 from rlhf_exp.rollout.generation import truncate_after_stop
 
 
@@ -124,8 +124,6 @@ class VLLMRollouts:
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module, tokenizer, step: int) -> None:
         """The engine's weights made the policy's at `step` (starting the engine on the first call)."""
-        if is_4bit(policy):
-            raise ConfigError("hardware.rollout_backend", "vllm: a 4-bit policy cannot be copied into vLLM")
         if self.llm is None:
             self._start(policy, tokenizer)
         elif self.synced_at != step:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlhf_exp import checkpoint, distributed, stopping
-from rlhf_exp.data.batching import BatchStream, chunks, length_order
+from rlhf_exp.data.batching import BatchStream, scores_in_length_order
 from rlhf_exp.data.hf import data_label
 from rlhf_exp.engine import Engine
 from rlhf_exp.errors import ConfigError, NonFiniteError
@@ -161,16 +161,9 @@ class Trainer:
         (less padding), with `model` in eval mode; rows come back in the items' order."""
         was_training = model.training
         model.eval()
-        order = length_order(items, length)
-        parts = [score_chunk([items[i] for i in chunk]).float().cpu()
-                 for chunk in tqdm(list(chunks(order, self.micro_batch_size("eval"))), desc=desc, leave=False,
-                                   disable=desc is None)]
+        out = scores_in_length_order(items, length, score_chunk, self.micro_batch_size("eval"),
+                                     lambda c: tqdm(c, desc=desc, leave=False, disable=desc is None))
         model.train(was_training)
-        if not parts:
-            return torch.zeros(0)
-        stacked = torch.cat(parts)
-        out = torch.empty_like(stacked)
-        out[order] = stacked
         return out
 
     def micro_batch_size(self, use: str | None = None) -> int:
