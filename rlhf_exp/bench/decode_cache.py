@@ -21,15 +21,19 @@ def per_token_ms(model, make_cache, forward) -> tuple[float, float]:
     """(the slowest token's ms, which holds any compilation; the median token's ms)."""
     import torch
 
+    from rlhf_exp.rollout.generation import cache_keyword
+
+    keyword = cache_keyword(model)
     ids = torch.randint(100, 20000, (ROWS, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=make_cache(), use_cache=True, logits_to_keep=1,
-                    cache_position=torch.arange(PROMPT))
-        cache, token, times = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
+        cache = make_cache()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, cache_position=torch.arange(PROMPT),
+                    **{keyword: cache})
+        token, times = out.logits[:, -1].argmax(-1, keepdim=True), []
         for t in range(NEW):
             start = time.perf_counter()
             position = PROMPT + t
-            logits = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1,
+            logits = forward(input_ids=token, use_cache=True, logits_to_keep=1, **{keyword: cache},
                              cache_position=torch.tensor([position]),
                              position_ids=torch.full((ROWS, 1), position)).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from transformers import StaticCache
+    from transformers import DynamicCache, StaticCache
 
     from rlhf_exp.config import compose_config
     from rlhf_exp.models import load_causal_lm
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return StaticCache(config=model.config, max_batch_size=ROWS, max_cache_len=PROMPT + NEW + 1,
                            dtype=next(model.parameters()).dtype)
 
-    ways = [("dynamic cache, eager (the built-in sampler)", lambda: None, model),
+    ways = [("dynamic cache, eager (the built-in sampler)", lambda: DynamicCache(config=model.config), model),
             ("static cache, eager", static, model)]
     if args.compile:
         compiled = torch.compile(model.forward, dynamic=False)

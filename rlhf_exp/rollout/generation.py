@@ -9,9 +9,11 @@ generator and training came to depend on how often it evaluated. Here every draw
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
+from transformers import DynamicCache
 from tqdm.auto import tqdm
 
 from rlhf_exp.data.collate import left_pad
@@ -45,6 +47,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def cache_keyword(model) -> str:
+    """The name `model.forward` takes its KV cache by: transformers renamed `past_key_values` to `cache`
+    (the old name is deprecated and goes in 5.40, inside the range this package allows)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop_token_ids: Sequence[int],
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -70,7 +79,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop
     rows = len(prompts) * repeats
     new_tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     alive = torch.arange(rows, device=device)  # rows still sampling, in the order of the cache's rows
-    past, produced = None, 0
+    past, produced = DynamicCache(config=model.config), 0  # filled in place by each forward
+    cache = {cache_keyword(model): past}
     was_training = model.training
     model.eval()
     try:
@@ -79,8 +89,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int, stop
                 # logits_to_keep=1: only the last position is sampled from; a prefill that projected every
                 # prompt position held [B, prompt, V] logits (0.4 GB for 8 TL;DR prompts, 49k vocabulary)
                 out = model(input_ids=input_ids, attention_mask=attention_mask if step == 0 else attention_mask[alive],
-                            position_ids=position_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past, last = out.past_key_values, out.logits[:, -1]
+                            position_ids=position_ids, use_cache=True, logits_to_keep=1, **cache)
+            last = out.logits[:, -1]
             if step == 0 and repeats > 1:
                 past.batch_repeat_interleave(repeats)
                 last, attention_mask, position_ids = (x.repeat_interleave(repeats, dim=0)
