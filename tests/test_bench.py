@@ -46,6 +46,9 @@ def test_the_quick_benchmark_times_both_sides_and_writes_its_results(tmp_path):
         assert row["speedup"] == pytest.approx(row["trl_s"] / row["ours_s"])
         assert row["ours_peak_gib"] > 0.2 and row["trl_peak_gib"] > 0.2  # a process's own peak, torch loaded
         assert 0 < row["peak_fraction"] < 2
+        for side in ("ours", "trl"):  # each side's fraction is of the peak measured in its own process
+            assert row[f"{side}_peak_fraction"] == pytest.approx(
+                row[f"{side}_flops_per_step"] / row[f"{side}_s"] / (row[f"{side}_matmul_peak_gflops"] * 1e9))
     grpo = results["stages"]["grpo"]
     assert grpo["ours_generated_per_step"] > 0 and grpo["trl_generated_per_step"] > 0
     table = (tmp_path / "latest.md").read_text()

@@ -80,8 +80,9 @@ def mean_tokens(file: str, tokenizer, stage: str) -> StepWork:
     return StepWork(prompt, response)
 
 
-def summarize(stage: str, side: dict, work: Workload, shape: Shape, tokens: StepWork, peak: float) -> dict:
-    """Median / min / max seconds per timed step, tokens per second, the fraction of the matmul peak."""
+def summarize(stage: str, side: dict, work: Workload, shape: Shape, tokens: StepWork) -> dict:
+    """Median / min / max seconds per timed step, tokens per second, the fraction of the matmul peak
+    measured in the side's own process around its steps."""
     timed = side["step_s"][work.warmup_steps:]
     median = statistics.median(timed)
     batch = work.batch[stage]
@@ -90,7 +91,8 @@ def summarize(stage: str, side: dict, work: Workload, shape: Shape, tokens: Step
     sequences = {"sft": batch, "rm": 2 * batch, "dpo": 2 * batch}.get(stage, batch * work.samples_per_prompt)
     per_sequence = tokens.prompt + (tokens.response if stage != "grpo" else generated / sequences)
     out = {"s": median, "min_s": min(timed), "max_s": max(timed), "steps_s": side["step_s"],
-           "tokens_per_s": sequences * per_sequence / median, "peak_fraction": flops / median / peak,
+           "tokens_per_s": sequences * per_sequence / median,
+           "peak_fraction": flops / median / side["matmul_peak_flops"], "matmul_peak_gflops": side["matmul_peak_flops"] / 1e9,
            "peak_gib": side["peak_gib"], "flops_per_step": flops}
     if stage == "grpo":
         out["generated_tokens_per_s"] = generated / median
@@ -107,10 +109,18 @@ def compare(stage: str, ours: dict, trl: dict) -> dict:
     return row
 
 
+def peak_range(stages: dict) -> str:
+    """How far the matmul peak, measured again around each side's steps (each fraction's own), drifted."""
+    peaks = [row[f"{side}_matmul_peak_gflops"] for row in stages.values() if "error" not in row
+             for side in ("ours", "trl")]
+    return f", {min(peaks):.1f}-{max(peaks):.1f} around the sides' steps (each % below is of its own)" if peaks else ""
+
+
 def table(results: dict, previous: dict | None) -> str:
     lines = [f"Benchmark {results['date']}: {results['machine']['cpu']}, {results['machine']['threads']} threads, "
              f"{results['machine']['precision']} ({results['machine']['precision_reason']}); matmul peak "
-             f"{results['machine']['matmul_peak_gflops']:.1f} GFLOP/s; flags: {' '.join(results['machine']['flags'])}",
+             f"{results['machine']['matmul_peak_gflops']:.1f} GFLOP/s at the start"
+             f"{peak_range(results['stages'])}; flags: {' '.join(results['machine']['flags'])}",
              "", f"Model: {results['workload']['model_name']}; {results['workload']['warmup_steps']} warm-up step(s), "
              f"median of {results['workload']['steps']} timed steps (min-max); both sides without gradient "
              "checkpointing (TRL's configs turn it on by default: activations recomputed, more work, less memory).",
@@ -202,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("failed" if "error" in sides[side] else f"{time.perf_counter() - start:.0f} s", flush=True)
             failed = [s["error"] for s in sides.values() if "error" in s]
             rows[stage] = {"error": "; ".join(failed)} if failed else compare(
-                stage, summarize(stage, sides["ours"], work, shape, tokens, peak["flops"]),
-                summarize(stage, sides["trl"], work, shape, tokens, peak["flops"]))
+                stage, summarize(stage, sides["ours"], work, shape, tokens),
+                summarize(stage, sides["trl"], work, shape, tokens))
     import transformers
     import trl
 

@@ -1,6 +1,10 @@
 """One measurement in a process of its own, so its peak memory is its own:
 
     python -m rlhf_exp.bench.worker <ours | trl | peak> <stage | precision> <workload.json> <result.json>
+
+A side's worker also measures the matmul peak in its own process just before and just after its steps:
+a shared machine's speed drifts over a benchmark run (this 2-core box's has read from 92 to 184 GFLOP/s on
+the same day), and a side's fraction of the peak is only meaningful against the peak of its own minutes.
 """
 
 from __future__ import annotations
@@ -16,20 +20,21 @@ def main(argv: list[str]) -> int:
 
     from rlhf_exp.bench.workload import Workload
 
+    from rlhf_exp.bench.flops import matmul_peak
+
     work = Workload.load(workload)
     torch.set_num_threads(work.threads)
     if side == "peak":
-        from rlhf_exp.bench.flops import matmul_peak
-
         out = {"flops": matmul_peak(what)}
-    elif side == "ours":
-        from rlhf_exp.bench import ours
-
-        out = ours.run(what, work)
     else:
-        from rlhf_exp.bench import trl_side
-
-        out = trl_side.run(what, work)
+        if side == "ours":
+            from rlhf_exp.bench.ours import run
+        else:
+            from rlhf_exp.bench.trl_side import run
+        before = matmul_peak(work.precision)
+        out = run(what, work)
+        # the faster of the two: the fraction is then, if anything, an underestimate
+        out["matmul_peak_flops"] = max(before, matmul_peak(work.precision))
     Path(result).write_text(json.dumps(out))
     return 0
 
