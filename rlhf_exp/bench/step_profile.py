@@ -5,8 +5,9 @@
 
 Builds the stage's trainer as the benchmark does (`bench.ours.overrides`), runs the warm-up steps, then
 profiles one step: its phase times (the stage's `time/*` metrics) and the 20 operators with the most
-self CPU time. It uses only what older checkouts have too, so a profile before a change is this file run
-against the older code: `PYTHONPATH=<older checkout> python rlhf_exp/bench/step_profile.py grpo ...`.
+self CPU time, beside the matmul rate measured just before it (a shared machine's speed drifts: compare
+two profiles at the rates they state). It uses only what older checkouts have too, so a profile before a
+change is this file run against the older code: `PYTHONPATH=<older checkout> python rlhf_exp/bench/step_profile.py grpo ...`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv: list[str]) -> int:
 
     import rlhf_exp
     from rlhf_exp.bench import ours
+    from rlhf_exp.bench.flops import matmul_peak
     from rlhf_exp.bench.workload import Workload
     from rlhf_exp.config import compose_config, resolved, validate
     from rlhf_exp.stages import stage_spec
@@ -42,6 +44,7 @@ def main(argv: list[str]) -> int:
         trainer.setup()
         for _ in range(work.warmup_steps):
             trainer.train_step()
+        rate = matmul_peak(work.precision)
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             metrics = trainer.train_step()
@@ -49,7 +52,8 @@ def main(argv: list[str]) -> int:
     operators = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=40)
     phases = ", ".join(f"{k[5:-2]} {v:.2f} s" for k, v in metrics.items() if k.startswith("time/") and k != "time/step_s")
     text = (f"# Profile of one {stage} step ({Path(rlhf_exp.__file__).parent.parent})\n\n"
-            f"{work.threads} threads, {work.precision}; the step took {seconds:.2f} s under the profiler"
+            f"{work.threads} threads, {work.precision}, matmul peak {rate / 1e9:.0f} GFLOP/s just before; "
+            f"the step took {seconds:.2f} s under the profiler"
             f"{f' ({phases})' if phases else ''}.\n\n```\n{operators}```\n")
     Path(out).write_text(text)
     print(text)
