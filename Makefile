@@ -10,6 +10,7 @@ ARGS ?=
 # Tests run side by side in processes of their own (pytest-xdist; one torch thread each, tests/conftest.py):
 # they are tiny models, mostly process start-up, imports and I/O. On 2 cores the suite took 31 min one at a
 # time and 21 min two at a time. TEST_WORKERS=0: one at a time, with torch's default threads.
+# --durations=20: the slowest tests at the end of every run, so a slow CI log says where the time went.
 TEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
@@ -36,7 +37,7 @@ run: setup ## the main job: the quickstart pipeline (SFT -> RM + judge -> DPO, G
 test: setup ## the test suite (tiny models; a few smoke tests on SmolLM2; the MLflow UI test needs chromium + chromium-driver)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  echo "make test: tests/test_mlflow_ui.py needs Chromium and its driver: sudo apt-get install chromium chromium-driver (.ci/run does)"
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal --durations=20 $(ARGS)
 
 test-fast: setup ## the suite without the SmolLM2 smoke tests
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal -m "not smoke" $(ARGS)
