@@ -92,7 +92,8 @@ def summarize(stage: str, side: dict, work: Workload, shape: Shape, tokens: Step
     per_sequence = tokens.prompt + (tokens.response if stage != "grpo" else generated / sequences)
     out = {"s": median, "min_s": min(timed), "max_s": max(timed), "steps_s": side["step_s"],
            "tokens_per_s": sequences * per_sequence / median,
-           "peak_fraction": flops / median / side["matmul_peak_flops"], "matmul_peak_gflops": side["matmul_peak_flops"] / 1e9,
+           "peak_fraction": flops / median / side["matmul_peak_flops"],
+           "matmul_peak_gflops": side["matmul_peak_flops"] / 1e9,
            "peak_gib": side["peak_gib"], "flops_per_step": flops}
     if stage == "grpo":
         out["generated_tokens_per_s"] = generated / median

@@ -18,9 +18,8 @@ def main(argv: list[str]) -> int:
     side, what, workload, result = argv
     import torch
 
-    from rlhf_exp.bench.workload import Workload
-
     from rlhf_exp.bench.flops import matmul_peak
+    from rlhf_exp.bench.workload import Workload
 
     work = Workload.load(workload)
     torch.set_num_threads(work.threads)
