@@ -53,11 +53,34 @@ def launched() -> bool:
 
 
 def init(device: str) -> None:
+    """The process group of a torchrun run. On GPUs NCCL carries CUDA tensors and gloo any CPU tensor a
+    library hands a collective (NCCL alone has no CPU backend); this project's own collectives go through
+    `all_reduce_sum`, on the device the group wants."""
     if launched() and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
         if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local)  # before the group: NCCL binds each rank to its current device
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl", device_id=local)
+        else:
+            dist.init_process_group(backend="gloo")
+
+
+def collective_device() -> torch.device:
+    """Where a tensor handed to `all_reduce` must live: this rank's GPU when the group runs NCCL (a CPU
+    tensor there dies with "No backend type associated with device type cpu"), else the CPU (gloo)."""
+    if dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the ranks (of a group of one too), moved to the group's device for the collective;
+    returned there."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    on_device = tensor.to(collective_device())
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device
 
 
 def close() -> None:
@@ -131,15 +154,15 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     params = [p for p in parameters if p.grad is not None]
     if not any(isinstance(p, DTensor) for p in params):
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+    sharded, replicated = 0.0, 0.0
     for p in params:
         if isinstance(p.grad, DTensor):
-            sharded += p.grad.to_local().detach().double().pow(2).sum().cpu()
+            sharded = sharded + p.grad.to_local().detach().double().pow(2).sum().to(collective_device())
         else:
-            replicated += p.grad.detach().double().pow(2).sum().cpu()
-    dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
-    total = math.sqrt(float(sharded + replicated))
+            replicated = replicated + float(p.grad.detach().double().pow(2).sum())
+    if isinstance(sharded, torch.Tensor):
+        sharded = float(all_reduce_sum(sharded))
+    total = math.sqrt(sharded + replicated)
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for p in params:
@@ -204,9 +227,8 @@ def sum_values(values: dict[str, float]) -> dict[str, float]:
     if world_size() == 1:
         return values
     keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, packed.tolist()))
+    packed = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, packed.cpu().tolist()))
 
 
 def sum_by_key(values: dict[str, float]) -> dict[str, float]:
