@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import rlhf_exp
 from rlhf_exp import distributed, stopping, sweep
 from rlhf_exp.checkpoint import check_resumable, resume_point
-from rlhf_exp.config import PROJECT_ROOT, check_inputs, config_group_options, flatten, resolved, validate
+from rlhf_exp.config import AUTO_CHOICE, PROJECT_ROOT, check_inputs, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_yaml_files
 from rlhf_exp.runtime import choose_precision
 from rlhf_exp.stages import stage_spec
@@ -70,12 +70,13 @@ def check_memory(cfg: DictConfig) -> dict[str, float] | None:
             raise
         log.warning("no memory plan for this run (the model's shape is unknown); launching without the check")
         return None
+    tips = "\n".join(f"  - {tip}" for tip in plan.advice(cfg, stage_spec(cfg.stage.name).micro_batch))
     if cfg.get("plan"):
-        print(f"memory plan: stage={cfg.stage.name} model={cfg.model.name} hardware={cfg.hardware.name}\n{plan.table()}")
+        print(f"memory plan: stage={cfg.stage.name} model={cfg.model.name} hardware={cfg.hardware.name}\n{plan.table()}"
+              + (f"\nTry:\n{tips}" if plan.fits is False else ""))
         return {"plan/total_gib": plan.total_gib, "plan/tensors_gib": plan.tensors_gib,
                 "plan/fits": float(plan.fits) if plan.fits is not None else float("nan")}
     if plan.fits is False:
-        tips = "\n".join(f"  - {tip}" for tip in plan.advice(cfg.hardware, stage_spec(cfg.stage.name).micro_batch))
         raise UserInputError(f"this run is not expected to fit in {plan.available_gib:.1f} GiB "
                              f"(hardware={cfg.hardware.name}):\n{plan.table()}\nTry:\n{tips}\n"
                              "(hardware.check_memory_plan=false launches anyway)")
@@ -202,6 +203,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, flo
         check_inputs(cfg)
     precision_reason = choose_precision(requested_precision, str(cfg.hardware.device))[1]
     log.info("precision: %s (%s)", cfg.hardware.precision, precision_reason)
+    for choice in AUTO_CHOICE:
+        log.info(choice)
     if cfg.stage.get("resume_from"):
         cfg.stage.resume_from = str(resume_point(Path(cfg.stage.resume_from)))
         check_resumable(Path(cfg.stage.resume_from), cfg, stage_spec(cfg.stage.name).resume_fixed)

@@ -8,7 +8,7 @@ works without Hydra's `@main`, so tests and tools can `compose_config([...])` an
 from __future__ import annotations
 
 import dataclasses
-
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -34,43 +34,112 @@ def run_id() -> str:
     return shared or _PROCESS_RUN_IDS.setdefault(os.getpid(), secrets.token_hex(3))
 
 
+log = logging.getLogger(__name__)
+
+# compute capabilities flash-attn 2 has kernels for: Ampere (8.0, 8.6), Ada (8.9), Hopper (9.0); not
+# Blackwell (10.x, 12.x: the GB10 of a DGX Spark is 12.1) nor anything older
+FLASH_ATTENTION_CAPABILITIES = ((8, 0), (10, 0))
+
+
 def best_attention() -> str:
-    """flash_attention_2 where the flash-attn package is installed and a GPU is visible, else sdpa."""
+    """flash_attention_2 where flash-attn imports (a wheel built for another torch is found but fails to load)
+    and has kernels for the visible GPU, else sdpa; the choice and why are logged. Under flash-attention the
+    prompt packing of DPO / RM / GRPO is off (it takes no block mask): they run padded rows."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "sdpa"
     import importlib.util
 
     if importlib.util.find_spec("flash_attn") is None:
+        log.info("attention: sdpa (flash-attn is not installed)")
         return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as error:  # ImportError, or an undefined symbol of a wheel built for another torch
+        log.warning("attention: sdpa (flash-attn is installed but does not import: %s)", str(error).splitlines()[0][:200])
+        return "sdpa"
+    capability = torch.cuda.get_device_capability()
+    low, high = FLASH_ATTENTION_CAPABILITIES
+    if not low <= capability < high:
+        log.info("attention: sdpa (flash-attn 2 has no kernels for compute capability %d.%d)", *capability)
+        return "sdpa"
+    log.info("attention: flash_attention_2 on compute capability %d.%d; DPO, RM and GRPO then run padded rows, "
+             "not prompt-packed ones (flash-attention takes no block mask)", *capability)
+    return "flash_attention_2"
+
+
+def gpu_present() -> str | None:
+    """What says an NVIDIA GPU is in this machine whether or not torch can use it (`nvidia-smi -L`, or the
+    /dev/nvidia<N> device files), or None."""
+    import glob
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        gpus = [line for line in (out.stdout.splitlines() if out and out.returncode == 0 else [])
+                if line.startswith("GPU ")]  # without a driver it exits non-zero, saying so on stdout
+        if gpus:
+            return f"nvidia-smi -L: {gpus[0]}"
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    return f"{devices[0]} exists" if devices else None
+
+
+def detect_hardware() -> tuple[str, str, float | None]:
+    """(profile, why, GiB free on the GPU or None) for this machine: what `hardware=auto` becomes. A GPU that
+    is present but that torch cannot use stops the run: `auto` would otherwise train on the CPU, quietly."""
     import torch
 
-    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    if not torch.cuda.is_available():
+        present = gpu_present()
+        if present:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError("hardware", f"a GPU is present ({present}) but torch {torch.__version__} ({build}) "
+                              "cannot use it: most often a torch built for a newer CUDA than the driver runs "
+                              "(nvidia-smi shows the driver's CUDA version; README.md's Docker section lists builds and drivers). "
+                              "Install a matching torch, or pass hardware=cpu to train on the CPU")
+        return "cpu", "no GPU", None
+    name = torch.cuda.get_device_name(0)
+    free, total = torch.cuda.mem_get_info(0)
+    free_gib, total_gib = free / 2**30, total / 2**30
+    if "GB10" in name.upper() or "SPARK" in name.upper():
+        profile = "dgx_spark"
+    elif "4090" in name or total_gib < 40:
+        profile = "rtx4090"  # a 24 GB class card: QLoRA settings
+    else:
+        profile = "h100"  # 40 GB and more: LoRA in bf16
+    return profile, f"{name}, {total_gib:.1f} GiB ({free_gib:.1f} free)", free_gib
+
+
+AUTO_CHOICE: list[str] = []  # what `hardware=auto` became and why, logged once the run's logging is set up
 
 
 def detect_hardware_profile() -> str:
     """The hardware profile for this machine: what `hardware=auto` becomes."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name(0).upper()
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    if "GB10" in name or "SPARK" in name:
-        return "dgx_spark"
-    if "4090" in name or total_gb < 40:
-        return "rtx4090"  # 24 GB class: QLoRA settings
-    return "h100"  # 80 GB class (H100, H200, A100-80GB)
+    return detect_hardware()[0]
 
 
 def resolve_auto_hardware(overrides: Iterable[str]) -> list[str]:
-    """Command-line overrides with `hardware=auto` (or no hardware choice) made concrete."""
+    """Command-line overrides with `hardware=auto` (or no hardware choice) made concrete: the profile that
+    matches this machine, planned against the memory its GPU has free (not the profile's nominal card)."""
     overrides = list(overrides)
     choices = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hardware"]
     if choices and any(o.split("=", 1)[1] != "auto" for o in choices):
         return overrides
-    picked = f"hardware={detect_hardware_profile()}"
+    profile, why, free_gib = detect_hardware()
+    picked = [f"hardware={profile}"]
+    if free_gib is not None and not any(o.split("=", 1)[0] == "hardware.memory_gb" for o in overrides):
+        picked.append(f"hardware.memory_gb={free_gib:.1f}")
+        why += f"; planned against the {free_gib:.1f} GiB free"
+    AUTO_CHOICE[:] = [f"hardware=auto: {profile} ({why})"]
     kept = [o for o in overrides if o not in choices]
     # beside the other overrides: Hydra's command line takes them as one contiguous group
     last = max((i for i, o in enumerate(kept) if "=" in o and not o.startswith("-")), default=len(kept) - 1)
-    return kept[: last + 1] + [picked] + kept[last + 1:]
+    return kept[: last + 1] + picked + kept[last + 1:]
 
 
 def register_resolvers() -> None:
