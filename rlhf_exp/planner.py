@@ -82,6 +82,9 @@ class Plan:
     available_gib: float | None = None
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    # role -> how its weights are held: {"linear": "nf4" | bytes per weight, "rest": bytes per weight}
+    # (what tests compare with the models the stages build)
+    held: dict[str, dict] = field(default_factory=dict)
 
     def add(self, model: str, what: str, nbytes: float) -> None:
         if nbytes > 0:
@@ -112,9 +115,10 @@ class Plan:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    def advice(self, hardware: DictConfig, micro_key: str) -> list[str]:
-        """What to change, cheapest first, for a run that does not fit (`micro_key`: the stage's micro batch)."""
-        tips = []
+    def advice(self, cfg: DictConfig, micro_key: str) -> list[str]:
+        """What to change, cheapest first, for a run that does not fit (`micro_key`: the stage's micro batch).
+        Never empty: after the hardware levers come the sequence lengths, then the models themselves."""
+        hardware, tips = cfg.hardware, []
         micro = OmegaConf.select(hardware, f"micro_batch_size.{micro_key}")
         if micro and micro > 1:
             tips.append(f"a smaller micro batch: hardware.micro_batch_size.{micro_key}={max(1, micro // 2)}")
@@ -126,6 +130,23 @@ class Plan:
             tips.append("LoRA: hardware.lora.enabled=true")
         if not hardware.load_in_4bit:
             tips.append("QLoRA: hardware.lora.enabled=true hardware.load_in_4bit=true")
+        if any(what.startswith("engine:") for _, what, _ in self.rows):
+            share = float(hardware.vllm_gpu_memory_utilization)
+            tips.append(f"a smaller vLLM share: hardware.vllm_gpu_memory_utilization={share / 2:.2f}, "
+                        "or hardware.rollout_backend=hf")
+        kv = [what for _, what, _ in self.rows if what.startswith("KV cache")]
+        if kv and int(cfg.stage.get("batch_size") or 1) > 1:
+            tips.append(f"fewer prompts per rollout (the KV cache): stage.batch_size={int(cfg.stage.batch_size) // 2}")
+        data = cfg.get("data") or {}
+        if data.get("max_prompt_tokens"):
+            shorter = f"shorter sequences: data.max_prompt_tokens={max(1, int(data.max_prompt_tokens) // 2)}"
+            new = OmegaConf.select(cfg, "stage.generation.max_new_tokens")
+            if new:
+                shorter += f" stage.generation.max_new_tokens={max(1, int(new) // 2)}"
+            tips.append(shorter)
+        tips.append(f"a smaller model (model={cfg.model.name} now" +
+                    (", and its reward model at reward.fn.path)" if any(m in ("reward model", "critic")
+                                                                        for m, _, _ in self.rows) else ")"))
         return tips
 
 
@@ -197,15 +218,19 @@ def processes(cfg: DictConfig) -> int:
 
 
 def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: bool, quantized: bool,
-              reward_head: bool = False, weight_bytes: int | None = None) -> None:
+              reward_head: bool = False, weight_bytes: int | None = None, fp32_head: bool = False) -> None:
     """Weights, and for a trained model its gradients, optimizer states and autocast copies (per rank
     under a sharded `parallel` mode: FSDP keeps 1/N of the transformer blocks plus one gathered block).
-    A fully trained model's weights are fp32 masters (hardware.master_weights=fp32) whatever model.dtype."""
+    A fully trained model's weights are fp32 masters (hardware.master_weights=fp32) whatever model.dtype.
+    Under 16-bit autocast a LoRA policy's frozen LM head is kept in fp32 (`Trainer.trainable`), as a frozen
+    copy's is when `fp32_head`."""
     hardware = cfg.hardware
     lora = hardware.lora.enabled
     wbytes = weight_bytes or _DTYPE_BYTES[cfg.model.dtype]
     if trains and not lora and hardware.get("master_weights", "fp32") == "fp32":
         wbytes = 4
+    autocast = hardware.precision != "fp32"
+    head_in_fp32 = not reward_head and not quantized and wbytes < 4 and autocast and (fp32_head or (trains and lora))
     params = shape.params - (shape.vocab * shape.hidden if reward_head and not shape.tied else 0)
     ranks, fsdp, shard_states = sharding(cfg, trains)
     if fsdp:
@@ -219,11 +244,17 @@ def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: b
             plan.add(role, "autocast 16-bit weight copies", (shape.vocab * shape.hidden + shape.linear_params) * 2)
         return
     if quantized:
-        # bitsandbytes NF4 for the linear layers; the rest is cast to fp32 for training (peft)
+        # bitsandbytes NF4 for the linear layers; the rest is cast to fp32 for training (peft's
+        # prepare_model_for_kbit_training), or stays as loaded in a frozen model
+        rest = 4 if trains else wbytes
         plan.add(role, "weights (linear layers NF4)", shape.linear_params * NF4_BYTES)
-        plan.add(role, "weights (embeddings, norms: fp32)", (params - shape.linear_params) * 4)
+        plan.add(role, f"weights (embeddings, norms: {rest * 8}-bit)", (params - shape.linear_params) * rest)
+        plan.held[role] = {"linear": "nf4", "rest": rest}
     else:
         plan.add(role, f"weights ({wbytes * 8}-bit)", params * wbytes)
+        plan.held[role] = {"linear": wbytes, "rest": wbytes}
+    if head_in_fp32:
+        plan.add(role, "LM head kept in fp32 (beyond its 16-bit row)", shape.vocab * shape.hidden * (4 - wbytes))
     if not trains:
         return
     count = trainable_params(shape, hardware, reward_head)
@@ -238,8 +269,8 @@ def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: b
         plan.add(role, f"optimizer states ({hardware.optimizer})", count * state_bytes)
     if hardware.precision != "fp32" and (wbytes == 4 or quantized):
         # autocast caches a 16-bit copy of each fp32 weight it casts, for the backward pass (4-bit
-        # layers compute through bitsandbytes: only the fp32 LM head is cast)
-        cast = shape.vocab * shape.hidden + (0 if quantized else shape.linear_params)
+        # layers compute through bitsandbytes: only the fp32 LM head is cast; a scalar head has none)
+        cast = (0 if reward_head else shape.vocab * shape.hidden) + (0 if quantized else shape.linear_params)
         plan.add(role, "autocast 16-bit weight copies", cast * 2)
 
 
@@ -288,7 +319,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     for held in memory.models:
         quantized = bool(hardware.get("load_in_4bit")) if held.quantized is None else held.quantized
         add_model(plan, held.role, shapes[held.shape], cfg, trains=held.trains, quantized=quantized,
-                  reward_head=held.reward_head, weight_bytes=held.weight_bytes)
+                  reward_head=held.reward_head, weight_bytes=held.weight_bytes, fp32_head=held.fp32_head)
     if memory.kv_cache is not None and hardware.get("rollout_backend") == "vllm" and plan.available_gib:
         utilization = float(hardware.vllm_gpu_memory_utilization)
         plan.add("vllm", f"engine: weights + KV cache ({utilization:.0%} of the GPU)", utilization * plan.available_gib * GIB)

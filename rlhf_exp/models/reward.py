@@ -45,6 +45,12 @@ class RewardModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on hidden states [..., H] -> [...] in fp32, outside autocast: under bf16 autocast the head's
+        matmul would run in bf16, rounding a score of 5 to 1/32."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
     def last_hidden(self, input_ids: torch.Tensor, lengths: torch.Tensor,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden state at each row's last real token: [B, T] ids, [B] lengths -> [B, H].
@@ -60,13 +66,13 @@ class RewardModel(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalized scores [B] (fp32)."""
         hidden = self.last_hidden(input_ids, lengths, attention_mask)
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float() - self.reward_mean
+        return self.score(hidden) - self.reward_mean
 
     def scores_at(self, positions: torch.Tensor, **inputs) -> torch.Tensor:
         """Normalized scores [N] (fp32) read at flat positions (row x T + column) of the [P, T] rows `inputs`
         give the backbone (several responses packed in a row: `ops.shared_prefix`)."""
         hidden = self.backbone(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float() - self.reward_mean
+        return self.score(hidden) - self.reward_mean
 
     def response_values(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
                         response_lengths: torch.Tensor) -> torch.Tensor:
@@ -80,7 +86,7 @@ class RewardModel(nn.Module):
         positions = (prompt_lengths.to(input_ids.device)[:, None] - 1
                      + torch.arange(longest, device=input_ids.device)[None, :]).clamp(max=input_ids.shape[1] - 1)
         picked = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
+        return self.score(picked)
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
         """A standard `<Arch>ForSequenceClassification` folder (num_labels 1, the head as its `score`, the
@@ -253,17 +259,19 @@ class EncoderClassifier(Exception):
 
 
 def reward_model_from_sequence_classifier(path: str | Path, dtype: torch.dtype = torch.float32,
-                                         key: str = "reward.fn.path") -> RewardModel:
+                                         key: str = "reward.fn.path", quantization=None) -> RewardModel:
     """A decoder `AutoModelForSequenceClassification` with one label (a folder or a hub id) as a RewardModel:
     its base model and `score` head, read at the last real token from the lengths as every RM here is (the
     same position transformers finds when the pad token is not the EOS). The head's bias and an rlhf_exp
-    export's `rlhf_exp_reward_mean` become the offset, so the scores are the exported RM's own."""
+    export's `rlhf_exp_reward_mean` become the offset, so the scores are the exported RM's own. `quantization`:
+    bitsandbytes' config for a 4-bit backbone (the `score` head is kept out of it and read in fp32)."""
     from transformers import AutoModelForSequenceClassification
 
     from rlhf_exp.errors import ConfigError
 
     try:
-        classifier = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            str(path), dtype=dtype, **quantized_loading(quantization, keep=("score",)))
     except (OSError, ValueError) as error:
         raise ConfigError(key, f"{path} is neither a reward model folder of stage=rm nor a "
                           f"sequence-classification model transformers can load ({str(error)[:300]})") from None
@@ -284,12 +292,37 @@ def reward_model_from_sequence_classifier(path: str | Path, dtype: torch.dtype =
     return model
 
 
+def quantized_loading(quantization, keep: tuple[str, ...] = ()) -> dict:
+    """`from_pretrained` keywords for bitsandbytes' 4-bit loading (none without `quantization`), the modules
+    named in `keep` left in float (a scalar head: 4-bit would round a score away)."""
+    if quantization is None:
+        return {}
+    import copy
+
+    quantization = copy.deepcopy(quantization)
+    quantization.llm_int8_skip_modules = sorted(set(quantization.llm_int8_skip_modules or ()) | set(keep))
+    return {"quantization_config": quantization}
+
+
+def place_reward_model(model: RewardModel, device: str | torch.device) -> RewardModel:
+    """The model on `device`; a 4-bit backbone stays where bitsandbytes put it (only the head and offset move)."""
+    from rlhf_exp.models.peft import is_4bit
+
+    if is_4bit(model.backbone):
+        model.head.to(device)
+        model.reward_mean.data = model.reward_mean.data.to(device)
+        return model
+    return model.to(device)
+
+
 def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                      key: str = "reward.fn.path"):
+                      key: str = "reward.fn.path", quantization=None):
     """(RewardModel in eval mode, its tokenizer or None) from a decoder sequence-classification model (a
     folder or a hub id: what stage=rm saves, a PPO checkpoint's critic/ (no tokenizer of its own), TRL's and
     OpenRLHF's reward models), or an older checkpoint's backbone with its head beside it. `key`: the config
-    key an error names."""
+    key an error names. The backbone in `dtype` (a frozen scorer: the compute dtype), or its linear layers
+    in 4-bit NF4 with `quantization` (bitsandbytes' config: `models.peft.quantization_config`); the head and
+    the offset are fp32 either way."""
     from transformers import AutoModel, AutoTokenizer
 
     from rlhf_exp.errors import ConfigError
@@ -302,14 +335,14 @@ def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, de
         raise ConfigError(key, f"{folder} is not a reward model (not a ForSequenceClassification "
                           f"model, and no {HEAD_FILE})")
     if local and not is_sequence_classifier_folder(folder):  # the head beside a backbone (older checkpoints)
-        backbone = AutoModel.from_pretrained(folder, dtype=dtype)
+        backbone = AutoModel.from_pretrained(folder, dtype=dtype, **quantized_loading(quantization))
         model = RewardModel(backbone, backbone.config.hidden_size)
         load_head(model, folder)
     else:  # a sequence-classification folder, or a hub id
-        model = reward_model_from_sequence_classifier(folder, dtype, key)
+        model = reward_model_from_sequence_classifier(folder, dtype, key, quantization)
     tokenizer = None
     if not local or (Path(folder) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return place_reward_model(model, device).eval(), tokenizer

@@ -34,16 +34,19 @@ class RewardModelScorer:
     Texts are re-encoded with the RM's own tokenizer, so an RM with a different tokenizer from
     the policy's works; its stored normalization (reward_mean) is applied by the model. It runs
     on the policy's device and precision (conf/reward/reward_model.yaml), frozen weights in the
-    compute dtype.
+    compute dtype, or its linear layers in 4-bit NF4 with `load_in_4bit` (hardware.load_in_4bit: a 7B
+    RM beside a QLoRA policy on a 24 GB card); the head in fp32.
     """
 
     def __init__(self, path: str, batch_size: int = 8, max_tokens: int = 1024, device: str = "cpu",
-                 precision: str = "fp32", key: str = "reward.fn.path"):
+                 precision: str = "fp32", key: str = "reward.fn.path", load_in_4bit: bool = False):
+        from rlhf_exp.models.peft import nf4_config
         from rlhf_exp.models.reward import load_reward_model
         from rlhf_exp.runtime import DTYPES, choose_precision
 
         dtype = DTYPES[choose_precision(precision, str(device))[0]]
-        self.model, self.tokenizer = load_reward_model(path, dtype=dtype, device=device, key=key)
+        self.model, self.tokenizer = load_reward_model(path, dtype=dtype, device=device, key=key,
+                                                       quantization=nf4_config(dtype) if load_in_4bit else None)
         self.batch_size, self.max_tokens, self.device = batch_size, max_tokens, device
 
     @torch.no_grad()

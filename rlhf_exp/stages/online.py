@@ -9,6 +9,7 @@ statistics that are exact token-weighted means over every micro batch and rank.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections import defaultdict
 
@@ -17,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import distributed
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+from rlhf_exp.distributed import shards_weights
 from rlhf_exp.factory import build
 from rlhf_exp.losses.policy import kl_penalty
+from rlhf_exp.models.peft import is_4bit, is_peft
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs, repeats_a_prompt
 from rlhf_exp.rewards import score_responses
@@ -26,7 +29,7 @@ from rlhf_exp.rollout import Rollout
 from rlhf_exp.rollout.batch import pad_rows, response_mask
 from rlhf_exp.rollout.vllm_engine import VLLMRollouts, require_vllm
 from rlhf_exp.stages.base import Trainer
-from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, micro_batch, sequence_tokens
+from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, compute_bytes, micro_batch, sequence_tokens
 
 Stats = dict[str, tuple[float, float]]  # name -> (sum, count): means that add up exactly over micro batches and ranks
 
@@ -47,6 +50,9 @@ def policy_stats(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.
 
 class OnlineRLTrainer(Trainer):
     curve_metrics = ("train/reward_mean", "eval/reward_mean")
+    _sampling_copy: torch.nn.Module | None = None
+    _sampling_copy_at = -1
+    optimizer_steps = 0  # in this process: when the sampling copy is stale
 
     def setup_policy(self):
         """Prompts (with the data's reference responses where it has them), the policy, its frozen reference and the reward source.
@@ -75,7 +81,35 @@ class OnlineRLTrainer(Trainer):
             return self.vllm_rollouts.generate(prompt_ids, samples, model, self.tokenizer, self.step,
                                                self.stage.generation, self.stop_token_ids,
                                                generator if generator is not None else self.random.rollout)
+        if model is self.policy:
+            model = self.sampling_policy()
         return super().sample(prompt_ids, samples, model, generator, desc)
+
+    @functools.cached_property
+    def samples_from_a_copy(self) -> bool:
+        """Whether rollouts sample from a compute-dtype copy of the policy (`sampling_policy`): a policy trained in
+        full with fp32 master weights under 16-bit autocast, whole on this rank (not FSDP / ZeRO-3 shards)."""
+        policy = self.policy
+        return (self.runtime.precision != "fp32" and not is_peft(policy) and not is_4bit(policy)
+                and not distributed.is_sharded(policy) and not shards_weights(self.cfg.get("parallel") or {})
+                and any(p.requires_grad and p.dtype == torch.float32 for p in policy.parameters()))
+
+    def sampling_policy(self):
+        """What the built-in sampler decodes with: the policy, or (`samples_from_a_copy`) a copy of it in the
+        compute dtype, made at the first rollout and refreshed when an optimizer step has moved the policy.
+        Under autocast every fp32 weight is cast again at every decode step (a cast is kept only within one
+        autocast region, and never for a weight without gradients); the copy casts once per update, for 2 bytes
+        a weight. Log-probs are still the policy's own (`logprobs`)."""
+        if not self.samples_from_a_copy:
+            return self.policy
+        if self._sampling_copy is None:
+            self._sampling_copy = copy.deepcopy(self.policy).to(self.runtime.compute_dtype).eval().requires_grad_(False)
+        elif self._sampling_copy_at != self.optimizer_steps:
+            with torch.no_grad():
+                for kept, param in zip(self._sampling_copy.parameters(), self.policy.parameters(), strict=True):
+                    kept.copy_(param)
+        self._sampling_copy_at = self.optimizer_steps
+        return self._sampling_copy
 
     @functools.cached_property
     def vllm_rollouts(self) -> VLLMRollouts:
@@ -163,6 +197,7 @@ class OnlineRLTrainer(Trainer):
                     first = {"train/first_minibatch_ratio": flat["ratio_mean:sum"] / flat["ratio_mean:count"],
                              "train/first_minibatch_approx_kl": flat["approx_kl:sum"] / flat["approx_kl:count"]}
                 step = self.optimizer_step()
+                self.optimizer_steps += 1
                 skipped += step.get("train/skipped_steps", 0.0)
                 grad_norms.append(step["train/grad_norm"])
                 lr = step["train/lr"]  # the lr of the last step taken, as every stage reports it
@@ -191,7 +226,10 @@ class OnlineRLTrainer(Trainer):
                 "train/rollout_sequences": n}
 
     def close(self) -> None:
-        self.__dict__.pop("vllm_rollouts", None)  # the colocated engine's GPU memory goes with it
+        engine = self.__dict__.pop("vllm_rollouts", None)
+        if engine is not None:
+            engine.close()  # the colocated engine's GPU memory returned, its process group gone
+        self._sampling_copy = None
         super().close()
 
     # ------------------------------------------------------------------ evaluation
@@ -220,6 +258,21 @@ class OnlineRLTrainer(Trainer):
                 "eval/kl": float((kl * mask).sum() / mask.sum().clamp(min=1))}
 
 
+def uses_reward_model(cfg: DictConfig) -> bool:
+    """The reward is a trained reward model: a path is set, or the scorer is (a plan made before the RM exists)."""
+    target = str(OmegaConf.select(cfg, "reward.fn._target_", default="") or "")
+    return bool(OmegaConf.select(cfg, "reward.fn.path", default=None)) or target.endswith("RewardModelScorer")
+
+
+def samples_from_a_copy(cfg: DictConfig) -> bool:
+    """`OnlineRLTrainer.samples_from_a_copy` from the config: full fine-tuning, fp32 masters, 16-bit autocast, the
+    built-in sampler, unsharded weights."""
+    hardware = cfg.hardware
+    return (hardware.precision != "fp32" and not hardware.lora.enabled and not hardware.load_in_4bit
+            and hardware.get("master_weights", "fp32") == "fp32" and hardware.rollout_backend != "vllm"
+            and not shards_weights(cfg.get("parallel") or {}))
+
+
 def online_memory(cfg: DictConfig, stage_key: str, rollout_sequences: int, extra: list[HeldModel],
                   extra_activations: list[Activations] = ()) -> StageMemory:
     """Policy (trained), reference (unless LoRA: adapters disabled), the reward model when the reward is one,
@@ -229,9 +282,10 @@ def online_memory(cfg: DictConfig, stage_key: str, rollout_sequences: int, extra
     new = int(cfg.stage.generation.max_new_tokens)
     models = [HeldModel("policy", trains=True)]
     if not cfg.hardware.lora.enabled:
-        models.append(HeldModel("reference"))
-    if OmegaConf.select(cfg, "reward.fn.path", default=None):  # a trained RM scores, in the compute dtype
-        models.append(HeldModel("reward model", shape="reward", reward_head=True, quantized=False,
-                                weight_bytes=4 if cfg.hardware.precision == "fp32" else 2))
+        models.append(HeldModel("reference", weight_bytes=compute_bytes(cfg), fp32_head=True))
+    if samples_from_a_copy(cfg):
+        models.append(HeldModel("sampling copy", weight_bytes=2))
+    if uses_reward_model(cfg):  # a trained RM scores: in the compute dtype, or 4-bit (RewardModelScorer)
+        models.append(HeldModel("reward model", shape="reward", reward_head=True, weight_bytes=compute_bytes(cfg)))
     return StageMemory(models + extra, [Activations("policy", "policy", micro, prompt + new, micro * new),
                                         *extra_activations], kv_cache=(rollout_sequences, prompt + new))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from rlhf_exp.data.batching import BatchStream
@@ -30,14 +30,15 @@ from rlhf_exp.errors import ConfigError
 from rlhf_exp.losses import sft_loss
 from rlhf_exp.losses.policy import clipped_policy_loss, clipped_value_loss, gae, kl_penalty, per_token_rewards, whiten
 from rlhf_exp.models import load_causal_lm
-from rlhf_exp.models.peft import add_reward_adapters, is_peft, load_adapter_weights
+from rlhf_exp.models.peft import add_reward_adapters, is_peft, load_adapter_weights, quantization_config
 from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.rollout import Rollout
 from rlhf_exp.rollout.batch import pad_rows
+from rlhf_exp.runtime import dtype_of
 from rlhf_exp.schema import OnlineRLConfig, in_range, key, non_negative, one_of, optional, positive
-from rlhf_exp.stages.online import OnlineRLTrainer, Stats, online_memory, policy_stats
-from rlhf_exp.stages.spec import Activations, HeldModel, micro_batch, sequence_tokens, StageSpec
+from rlhf_exp.stages.online import OnlineRLTrainer, Stats, online_memory, policy_stats, uses_reward_model
+from rlhf_exp.stages.spec import Activations, HeldModel, compute_bytes, micro_batch, sequence_tokens, StageSpec
 
 EMA = "ema"
 CRITIC_INITS = ("auto", "reward_model", "policy")
@@ -58,8 +59,7 @@ class PPOConfig(OnlineRLConfig):
 
 def critic_source(cfg: DictConfig) -> str:
     """Where the critic starts: "reward_model" (the RM at reward.fn.path) or "policy" (its backbone)."""
-    has_rm = bool(OmegaConf.select(cfg, "reward.fn.path", default=None))
-    return "reward_model" if has_rm and cfg.stage.critic_init in ("auto", "reward_model") else "policy"
+    return "reward_model" if uses_reward_model(cfg) and cfg.stage.critic_init in ("auto", "reward_model") else "policy"
 
 
 class PolicyAndValue(nn.Module):
@@ -88,13 +88,20 @@ class PPOTrainer(OnlineRLTrainer):
         self.ptx_stream = BatchStream(len(self.train_set), self.cfg.seed + 7)
 
     def setup_critic(self, policy) -> nn.Module:
-        """From the trained RM or the policy's backbone (`critic_source`); with LoRA, adapters on it."""
+        """From the trained RM or the policy's backbone (`critic_source`); with LoRA, adapters on it.
+
+        Trained in full, its weights are fp32 masters (`trainable`). With LoRA its frozen base is held as
+        the policy's is: in the compute dtype, or its linear layers in 4-bit with hardware.load_in_4bit
+        (QLoRA); adapters and the value head in fp32."""
         resume = self.stage.get("resume_from")
         saved_critic = Path(resume) / "critic" if resume else None
+        loaded_as = dtype_of(self.cfg.model.dtype)
         if saved_critic is not None and saved_critic.is_dir() and not self.lora:
-            return self.trainable(load_reward_model(saved_critic, device=self.device)[0]).train()
+            return self.trainable(load_reward_model(saved_critic, dtype=loaded_as, device=self.device)[0]).train()
         if critic_source(self.cfg) == "reward_model":
-            critic = load_reward_model(self.cfg.reward.fn.path, device=self.device)[0]
+            frozen = self.runtime.compute_dtype if self.lora else loaded_as
+            critic = load_reward_model(self.cfg.reward.fn.path, dtype=frozen, device=self.device,
+                                       quantization=quantization_config(self.cfg.hardware) if self.lora else None)[0]
         elif self.lora:  # a separate frozen base for the critic; the policy's base stays the reference
             critic = reward_model_from_causal_lm(load_causal_lm(
                 self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer, self.cfg.hardware, adapters=False))
@@ -246,8 +253,9 @@ def memory(cfg: DictConfig):
     prompt, _ = sequence_tokens(cfg)
     tokens = prompt + int(cfg.stage.generation.max_new_tokens)
     from_rm = critic_source(cfg) == "reward_model"
+    # as setup_critic loads it: trained in full (fp32 masters), or a frozen base in the compute dtype or 4-bit
     critic = HeldModel("critic", shape="reward" if from_rm else "policy", trains=True, reward_head=True,
-                       quantized=False if from_rm else None)
+                       weight_bytes=compute_bytes(cfg) if from_rm and cfg.hardware.lora.enabled else None)
     extra = [critic] + ([HeldModel("EMA of the actor", weight_bytes=4)] if cfg.stage.ema_decay else [])
     return online_memory(cfg, "ppo", cfg.stage.batch_size, extra, [Activations("critic", critic.shape, micro, tokens, 0)])
 

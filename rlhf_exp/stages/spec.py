@@ -31,6 +31,7 @@ class HeldModel:
     reward_head: bool = False      # a scalar head instead of the LM head
     quantized: bool | None = None  # None: 4-bit as hardware.load_in_4bit says
     weight_bytes: int | None = None  # bytes per weight as held; None: model.dtype's (what trains: see master_weights)
+    fp32_head: bool = False        # its LM head kept in fp32 under 16-bit autocast (models.loading.frozen_copy)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ def micro_batch(cfg: DictConfig, key: str) -> int:
         raise ConfigError(f"hardware.micro_batch_size.{key}", f"hardware={cfg.hardware.name} sets no micro batch "
                           f"size for {key!r}; add it to the profile or on the command line")
     return int(size)
+
+
+def compute_bytes(cfg: DictConfig) -> int:
+    """Bytes per weight of a frozen model held in the compute dtype (hardware.precision; auto counts as 16-bit)."""
+    return 4 if cfg.hardware.precision == "fp32" else 2
 
 
 def sequence_tokens(cfg: DictConfig) -> tuple[int, int]:
