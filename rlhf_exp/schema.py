@@ -212,6 +212,7 @@ class HardwareConfig:
     rollout_backend: str = key(one_of(("hf", "vllm")))
     liger_kernel: bool = MISSING
     vllm_gpu_memory_utilization: float = key(Rule(lambda v: 0 < v < 1, "must be between 0 and 1"))
+    vllm_sleep_mode: bool = MISSING
     check_memory_plan: bool = MISSING
 
 

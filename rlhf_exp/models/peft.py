@@ -9,13 +9,18 @@ Checkpoint layout with LoRA: the folder holds the adapters (what a resumed run l
 base); the final checkpoint also gets `merged/`, a plain Hugging Face folder with the adapters
 merged into float base weights (4-bit bases are reloaded in float for this, the usual QLoRA
 export), which `AutoModelForCausalLM.from_pretrained` loads without peft.
+
+Merging never writes the trained model: `merged_weights` computes each merged weight out of place,
+one layer at a time. peft's `merge_adapter()` / `unmerge_adapter()` in place on a bf16 base do not
+round trip, so a base merged and unmerged at every vLLM weight sync drifts, and under LoRA that base
+is also the KL reference (huggingface/trl#6688: 28% of the mean |W| after 100 cycles).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -35,13 +40,17 @@ def quantization_config(hardware: DictConfig | None):
     """bitsandbytes NF4 config for QLoRA, or None."""
     if hardware is None or not hardware.get("load_in_4bit"):
         return None
-    from transformers import BitsAndBytesConfig
-
     from rlhf_exp.runtime import DTYPES, choose_precision
 
-    compute = DTYPES[choose_precision(hardware.precision, str(hardware.device))[0]]
+    return nf4_config(DTYPES[choose_precision(hardware.precision, str(hardware.device))[0]])
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    """bitsandbytes' 4-bit NF4 with double quantization (QLoRA's), computing in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def lora_config(hardware: DictConfig, task_type: str):
@@ -116,22 +125,75 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
         raise ValueError(f"adapters in {folder} do not fit this model: unexpected {unexpected[:3]}")
 
 
-def merged_float_copy(peft_model: nn.Module, build_float_base: Callable[[], nn.Module], hardware: DictConfig,
-                      task_type: str = "CAUSAL_LM") -> nn.Module:
-    """The adapters of `peft_model` merged into a float copy of its base.
+def plain_name(peft_name: str, adapter_prefix: str = "lora_") -> str | None:
+    """The name a PeftModel's parameter has in the plain model its adapters merge into; None for an
+    adapter's own weight (and for the frozen original beside a `modules_to_save` copy)."""
+    if adapter_prefix in peft_name or "original_module" in peft_name:
+        return None
+    name = peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
+    return name.replace("modules_to_save.default.", "")
 
-    A float base is copied; a 4-bit base is rebuilt in float by `build_float_base` (merging into
-    NF4 weights would round the adapters away) and the adapters are copied onto it.
-    """
+
+def merged_weights(peft_model: nn.Module, device: str | torch.device | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name in the plain model, tensor) for every parameter of the model `peft_model`'s LoRA adapters merge
+    into. A merged weight is computed out of place, (base in fp32 + B A scaling) cast to the base's dtype, one
+    layer at a time; nothing of `peft_model` is written. `device`: where the tensors go (None: where they are,
+    the unmerged ones then the model's own)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {f"{name}.base_layer.weight": module for name, module in peft_model.named_modules()
+              if isinstance(module, LoraLayer)}
+    for name, param in peft_model.named_parameters():
+        plain = plain_name(name, getattr(peft_model, "prefix", "lora_"))
+        if plain is None:
+            continue
+        tensor = param.detach()
+        layer = layers.get(name)
+        if layer is not None:
+            if layer.merged:
+                raise RuntimeError(f"{name}: adapters are merged into the module; merged_weights merges out of place")
+            adapters = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
+            if adapters:
+                delta = sum(layer.get_delta_weight(a).float() for a in adapters)
+                tensor = (tensor.float() + delta).to(tensor.dtype)
+        yield plain, tensor if device is None else tensor.to(device)
+
+
+def merged_copy_on_cpu(peft_model: nn.Module) -> nn.Module:
+    """A plain model (no peft) on the CPU whose weights are `merged_weights(peft_model)`: the trained model is
+    neither written nor copied on its device (a deep copy of a 7B model on the GPU is another 14.5 GiB)."""
     import copy
 
+    prefix = getattr(peft_model, "prefix", "lora_")
+    merged = dict(merged_weights(peft_model, device="cpu"))
+    memo: dict[int, torch.Tensor] = {}
+    for name, param in peft_model.named_parameters():
+        plain = plain_name(name, prefix)
+        # adapter weights: placeholders, dropped with the LoRA layers by unload() below
+        tensor = merged[plain] if plain is not None else torch.empty(0)
+        memo[id(param)] = nn.Parameter(tensor, requires_grad=False)
+    for buffer in peft_model.buffers():
+        memo[id(buffer)] = buffer.detach().to("cpu", copy=True)
+    clone = copy.deepcopy(peft_model, memo)  # the structure, with the tensors above in place of the device's
+    return clone.unload()  # peft: the LoRA layers replaced by their base layers, nothing merged again
+
+
+def merged_float_copy(peft_model: nn.Module, build_float_base: Callable[[], nn.Module], hardware: DictConfig,
+                      task_type: str = "CAUSAL_LM") -> nn.Module:
+    """The adapters of `peft_model` merged into a float copy of its base, on the CPU.
+
+    A float base is merged out of place (`merged_copy_on_cpu`); a 4-bit base is rebuilt in float by
+    `build_float_base` (merging into NF4 weights would round the adapters away) and the adapters are
+    copied onto it.
+    """
     from peft import get_peft_model, set_peft_model_state_dict
 
     if not is_4bit(peft_model):
-        return copy.deepcopy(peft_model).merge_and_unload()
+        return merged_copy_on_cpu(peft_model)
     fresh = get_peft_model(build_float_base(), lora_config(hardware, task_type))
     set_peft_model_state_dict(fresh, adapter_state(peft_model))
-    return fresh.merge_and_unload()
+    return merged_copy_on_cpu(fresh)
 
 
 def weights_folder(folder: str | Path) -> Path:
