@@ -29,11 +29,23 @@ def build_optimizer(model: torch.nn.Module, stage: DictConfig, name: str = "adam
         return torch.optim.AdamW(groups, **kwargs, fused=can_fuse(params))
     import bitsandbytes as bnb
 
-    if name == "adamw_8bit":
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    if name == "paged_adamw_8bit":
-        return bnb.optim.PagedAdamW8bit(groups, **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}")  # validate() catches this first
+    if name not in ("adamw_8bit", "paged_adamw_8bit"):
+        raise ValueError(f"unknown optimizer {name!r}")  # validate() catches this first
+    keep_embeddings_32bit(model)
+    optimizer = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return optimizer(groups, **kwargs)
+
+
+def keep_embeddings_32bit(model: torch.nn.Module) -> None:
+    """8-bit Adam keeps 32-bit states for embedding weights (and so a tied LM head), as the HF Trainer does and
+    the 8-bit optimizers paper advises: their rows' updates are sparse and uneven, and blockwise 8-bit
+    quantization of their moments destabilizes training. bitsandbytes reads these overrides at its first step."""
+    import bitsandbytes as bnb
+
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.weight.requires_grad:
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
 
 
 def can_fuse(params: list[torch.Tensor]) -> bool:

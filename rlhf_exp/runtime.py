@@ -98,10 +98,23 @@ def check_device(hardware: DictConfig) -> torch.device:
     return device
 
 
+def allow_tf32(device: torch.device) -> bool:
+    """TF32 for the fp32 matmuls of a GPU of compute capability 8.0 or later (Ampere, Ada, Hopper, Blackwell):
+    the fp32 LM head and value heads, fp32 runs; torch leaves it off for matmuls. Nothing changes on a CPU
+    (there "high" may let oneDNN run fp32 matmuls in bf16) or an older GPU."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def make_runtime(hardware: DictConfig) -> Runtime:
     device = check_device(hardware)
     if hardware.get("num_threads"):
         torch.set_num_threads(int(hardware.num_threads))
+    if allow_tf32(device):
+        log.info("TF32 on for fp32 matmuls (compute capability %d.%d)", *torch.cuda.get_device_capability(device))
     return Runtime(device=device, precision=choose_precision(hardware.precision, str(hardware.device))[0])
 
 

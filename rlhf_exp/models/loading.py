@@ -50,6 +50,25 @@ def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def head_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head's weight in fp32 (and so a tied input embedding's): log-probs are read from fp32 logits
+    (`ops.logprobs.head_logprobs` runs the head outside autocast), where a bf16 logit of 20 is rounded to
+    1/8. A model without an LM head (a reward model) is returned as it is."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None and head.weight.is_floating_point() and head.weight.dtype != torch.float32:
+        head.weight.data = head.weight.data.float()
+    return model
+
+
+def frozen_copy(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of `model` in the compute dtype, the LM head in fp32: autocast would otherwise cast every
+    weight of an fp32 model at every forward, and never keeps those casts for weights without gradients."""
+    import copy
+
+    return head_in_fp32(copy.deepcopy(model).to(compute_dtype).eval().requires_grad_(False))
+
+
 def _folder_for(spec: dict[str, Any], cache_dir: str, key: str) -> str:
     """Where from_pretrained reads for a spec with source gguf / hub / local."""
     source = spec.get("source")
@@ -65,10 +84,23 @@ def _folder_for(spec: dict[str, Any], cache_dir: str, key: str) -> str:
     raise ConfigError(f"{key}.source", f"cannot load weights or a tokenizer from source={source!r}")
 
 
+def is_gated_refusal(error: BaseException) -> bool:
+    """The hub refused a gated repository (Llama-2, Mistral) to a caller without an accepted licence or token:
+    huggingface_hub's GatedRepoError anywhere in the chain, or transformers' wording of it."""
+    while error is not None:
+        if type(error).__name__ == "GatedRepoError" or "gated repo" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _from_pretrained(loader, where: str, key: str, **kwargs):
     try:
         return loader.from_pretrained(where, **kwargs)
     except OSError as exc:
+        if is_gated_refusal(exc):
+            raise ConfigError(f"{key}.path", f"{where} is a gated model: accept its licence on its hub page, then "
+                              "set HF_TOKEN to a read token (docker compose passes the host's HF_TOKEN)") from None
         raise ConfigError(
             f"{key}.path",
             f"could not load {where!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "

@@ -131,7 +131,9 @@ def vocabulary_size(head: torch.nn.Module) -> int:
 
 def _head_chunk(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = head(hidden).float() / temperature  # [n, V]
+    # outside autocast, in the head's dtype (fp32: Trainer.trainable, frozen_copy): fp32 logits for the log-softmax
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = head(hidden.to(head.weight.dtype)).float() / temperature  # [n, V]
     log_norm = torch.logsumexp(logits, dim=-1)
     picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     entropy = None

@@ -16,6 +16,11 @@ This is packing with per-document positions (as in Krell et al. 2021) plus a sha
 The mask is a 4D `[P, 1, T, T]` tensor, which transformers passes to the attention as it is: boolean
 for SDPA, additive for eager attention. Kernels that take no such mask (flash-attention 2, flex) and
 batches where no prompt repeats keep the padded rows of `ops.logprobs.response_logprobs`.
+
+Training steps run under `masked_attention_kernels()`: SDPA without its cuDNN backend, which PyTorch
+prefers on Hopper and whose backward returns NaN for inputs with an explicit mask when a row is 64 mod
+128 wide and some row's log-sum-exp is very negative, as a Qwen2.5 head's is (pytorch/pytorch#196678,
+huggingface/trl#7181: DPO went NaN on Qwen2.5 with the default SDPA backend).
 """
 
 from __future__ import annotations
@@ -24,11 +29,20 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.ops.logprobs import decoder, head_logprobs
 
 MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a 4D mask as it is
+# SDPA's backends for masked rows: all but cuDNN attention (see above). Flash attention takes no mask, so SDPA
+# passes it over for these rows anyway; on a CPU, flash and math are the kernels there are.
+MASKED_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def masked_attention_kernels():
+    """The SDPA backends a training step (forward, a checkpointed layer's recomputation, backward) may use."""
+    return sdpa_kernel(list(MASKED_SDPA_BACKENDS))
 
 
 @dataclass

@@ -11,7 +11,6 @@ history; `stage.resume_from=<checkpoint>` continues from it.
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import math
@@ -34,10 +33,11 @@ from rlhf_exp.engine import Engine
 from rlhf_exp.errors import ConfigError, NonFiniteError
 from rlhf_exp.memory import PeakMemory
 from rlhf_exp.redact import redact
-from rlhf_exp.models.loading import disable_dropout, upcast_trainable
+from rlhf_exp.models.loading import disable_dropout, frozen_copy, head_in_fp32, upcast_trainable
 from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
+from rlhf_exp.ops.shared_prefix import masked_attention_kernels
 from rlhf_exp.rollout import sample
-from rlhf_exp.runtime import RandomStreams, dtype_of, make_runtime, rng_state, seed_everything, set_rng_state
+from rlhf_exp.runtime import RandomStreams, make_runtime, rng_state, seed_everything, set_rng_state
 from rlhf_exp.stages import stage_spec
 from rlhf_exp.stages.spec import StageSpec, metric_direction
 from rlhf_exp.tracking import Tracker
@@ -136,20 +136,24 @@ class Trainer:
         return model if is_4bit(model) else model.to(self.device)
 
     def trainable(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A model that trains, on the device, its trainable weights in fp32 (hardware.master_weights=fp32)."""
+        """A model that trains, on the device, its trainable weights in fp32 (hardware.master_weights=fp32);
+        under autocast a frozen 16-bit LM head (LoRA's base) is kept in fp32 too (log-probs from fp32 logits)."""
         model = self.place(model)
+        if self.runtime.precision != "fp32":
+            head_in_fp32(model)
         return upcast_trainable(model) if self.cfg.hardware.master_weights == "fp32" else model
 
     def frozen_reference(self, policy: torch.nn.Module) -> torch.nn.Module:
-        """The starting policy, frozen: with LoRA the policy itself with adapters disabled (no copy),
-        else a copy in model.dtype (reloaded from the start when resuming, since the policy has moved)."""
+        """The starting policy, frozen: with LoRA the policy itself with adapters disabled (no copy), else a copy
+        in the compute dtype with its LM head in fp32 (`frozen_copy`; reloaded from the start when resuming,
+        since the policy has moved)."""
         if is_peft(policy):
             return AdaptersDisabled(policy).eval()
         from rlhf_exp.models import load_causal_lm
 
         start = policy if not self.stage.get("resume_from") else load_causal_lm(
             self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
-        return copy.deepcopy(start).to(dtype_of(self.cfg.model.dtype)).eval().requires_grad_(False)
+        return frozen_copy(start, self.runtime.compute_dtype)
 
     def shard(self, items: Sequence[T]) -> Sequence[T]:
         """This process's share of a global batch (all of it in a single process)."""
@@ -325,7 +329,8 @@ class Trainer:
         update) or loss stops the run naming the step, with nothing written after the last finite checkpoint."""
         last = self.last_checkpoint or self.stage.get("resume_from")
         try:
-            metrics = train_step()
+            with masked_attention_kernels():  # no cuDNN attention: NaN gradients under packed masks
+                metrics = train_step()
         except NonFiniteError as error:
             raise error.at_step(self.step + 1, last) from None
         loss = metrics.get("train/loss")
