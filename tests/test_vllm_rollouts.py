@@ -43,12 +43,14 @@ class FakeLLM:
         self.kwargs = kwargs
         self.weights = load_file(f"{model}/model.safetensors")
         self.loads, self.resets, self.seeds, self.completions = 0, 0, [], []
+        self.asleep, self.events = False, []
         runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self.load_weights))
         self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
             driver_worker=types.SimpleNamespace(model_runner=runner)))
         FakeLLM.made.append(self)
 
     def load_weights(self, pairs):
+        assert not self.asleep or "wake:weights" in self.events[-1:], "weights written while the engine sleeps"
         for name, tensor in pairs:
             assert name in self.weights, f"vLLM's model has no weight {name}"
             self.weights[name] = tensor.clone()
@@ -57,11 +59,23 @@ class FakeLLM:
     def reset_prefix_cache(self):
         self.resets += 1
 
+    def sleep(self, level):
+        assert self.kwargs.get("enable_sleep_mode"), "sleep() on an engine started without sleep mode"
+        self.asleep = True
+        self.events.append(f"sleep:{level}")
+
+    def wake_up(self, tags):
+        self.events += [f"wake:{tag}" for tag in tags]
+        if "kv_cache" in tags:
+            self.asleep = False
+
     def generate(self, prompts, params, use_tqdm=True):
-        self.seeds.append(params.seed)
-        draw = torch.Generator().manual_seed(params.seed)
+        assert not self.asleep, "generate() on a sleeping engine"
+        assert isinstance(params, list) and len(params) == len(prompts), "one SamplingParams per request"
         outputs = []
-        for _ in prompts:
+        for params in params:
+            self.seeds.append(params.seed)
+            draw = torch.Generator().manual_seed(params.seed)
             completions = []
             for _ in range(params.n):
                 length = int(torch.randint(1, params.max_tokens + 1, (1,), generator=draw))
@@ -131,7 +145,50 @@ def test_grpo_samples_from_the_vllm_engine_and_copies_the_merged_policy_in_after
     assert merged_flags and not any(merged_flags)
     assert not torch.allclose(trainer.model(input_ids=torch.tensor([[5, 6, 7]])).logits, lora_output)  # it trained
 
-    # each rollout's seed is a draw from the run's rollout generator
+    # each request (a prompt) has a seed of its own, drawn from the run's rollout generator: one seed per call gave
+    # two equal prompts the same samples
     streams = RandomStreams(trainer.cfg.seed, torch.device("cpu"))
-    draws = [int(torch.randint(0, 2**31 - 1, (1,), generator=streams.rollout)) for _ in engine.seeds]
-    assert engine.seeds == draws and len(set(draws)) == len(draws)
+    prompts_per_rollout = trainer.stage.batch_size
+    draws = [s for _ in range(len(engine.seeds) // prompts_per_rollout)
+             for s in torch.randint(0, 2**31 - 1, (prompts_per_rollout,), generator=streams.rollout).tolist()]
+    assert engine.seeds == draws and len(set(draws)) == len(draws) and len(draws) == 2 * prompts_per_rollout
+
+
+def test_the_engine_sleeps_between_rollouts_and_is_torn_down_with_its_run(tmp_path, fake_vllm, monkeypatch):
+    """hardware.vllm_sleep_mode: the engine releases its memory after each rollout, its weights are copied in again
+    (awake) before the next one even at the same step, and a run's close() tears the engine down (vLLM's model
+    parallel state and distributed environment destroyed), so a second run in this process starts its own."""
+    destroyed = []
+    parallel_state = types.ModuleType("vllm.distributed.parallel_state")
+    parallel_state.destroy_model_parallel = lambda: destroyed.append("model_parallel")
+    parallel_state.destroy_distributed_environment = lambda: destroyed.append("distributed_environment")
+    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", parallel_state)
+
+    trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, *LORA, *VLLM, "hardware.vllm_sleep_mode=true")
+    trainer.train_step()
+    engine = FakeLLM.made[-1]
+    assert engine.kwargs["enable_sleep_mode"] and engine.asleep and engine.events == ["wake:kv_cache", "sleep:2"]
+    trainer.evaluate()  # the same step: the weights were released, so they are copied in again
+    assert engine.loads > 0 and engine.events[2:4] == ["wake:weights", "wake:kv_cache"] and engine.asleep
+    trainer.close()
+    assert destroyed == ["model_parallel", "distributed_environment"]
+
+    second = trainer_for(GRPOTrainer, tmp_path / "second", *GRPO, *LORA, *VLLM)
+    second.train_step()
+    assert len(FakeLLM.made) == 2 and not FakeLLM.made[-1].kwargs["enable_sleep_mode"]
+    second.close()
+
+
+@pytest.mark.parametrize(("installed", "refused"), [("0.18.2", True), ("0.19.1", False), ("0.24.0+cu129", False),
+                                                    ("0.40.0", False)])
+def test_the_vllm_version_window_is_checked_before_any_weights_load(installed, refused, caplog):
+    """transformers 5 needs vLLM 0.19.1 or later; a newer release than the checked window runs with a warning."""
+    from rlhf_exp.rollout.vllm_engine import VLLM_VERSIONS, vllm_version_problem
+
+    problem = vllm_version_problem(installed)
+    assert (problem is not None) == refused
+    if refused:
+        assert installed in problem and VLLM_VERSIONS[0] in problem
+    warned = any("newer than" in r.message for r in caplog.records)
+    assert warned == (installed == "0.40.0")
