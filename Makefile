@@ -45,6 +45,21 @@ test-fast: setup ## the suite without the SmolLM2 smoke tests
 bench: setup ## our SFT / RM / DPO / GRPO steps against TRL's trainers on the same work, one at a time (ARGS="--stages dpo,grpo --steps 5 | --quick"): bench/results/latest.md
 	$(PY) -m rlhf_exp.bench $(ARGS)
 
+# make gpu-check: the machine's own Python where there is no .venv (a CUDA machine's torch); DRY=1: this .venv, on the CPU
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+BUNDLE ?=
+
+gpu-check: ## on a CUDA machine: the tests marked gpu and the measured GPU checks, gpu_check/gpu_check.{json,md} (DRY=1: the same on the CPU at small sizes; BUNDLE=dir from make gpu-bundle where packages are missing)
+ifeq ($(DRY),1)
+	@$(MAKE) --no-print-directory setup
+	$(PY) -m rlhf_exp.gpu_check --dry $(ARGS)
+else
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m rlhf_exp.gpu_check $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
+endif
+
+gpu-bundle: setup ## what a CUDA machine without a network needs for make gpu-check (wheels, the tiny tokenizer): BUNDLE=.gpu-bundle
+	$(PY) -m rlhf_exp.gpu_check --make-bundle $(or $(BUNDLE),.gpu-bundle)
+
 soak: setup ## 50 tiny runs, 4 at a time, against an mlflow server on 127.0.0.1: counts every run, param and metric (ARGS="--jobs N --workers W")
 	$(PY) -m rlhf_exp.soak $(ARGS)
 
@@ -58,4 +73,4 @@ ui: setup ## the MLflow UI for this project's runs, on http://127.0.0.1:$(MLFLOW
 clean-runs: ## delete local run folders (keeps mlflow.db)
 	rm -rf runs multiruns
 
-.PHONY: help setup run test test-fast soak report ui clean-runs
+.PHONY: help setup run test test-fast gpu-check gpu-bundle soak report ui clean-runs
