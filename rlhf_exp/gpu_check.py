@@ -545,11 +545,16 @@ def bundle(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = compose_config(["model=tiny"])
     load_tokenizer(cfg.model, cfg.paths.cache_dir).save_pretrained(folder / TOKENIZER_FOLDER)
-    wheels = ["hydra-core", "omegaconf", "antlr4-python3-runtime==4.9.3", "bitsandbytes"]
+    from importlib.metadata import version
+
+    # the versions this project's tests ran with here; pure-Python ones built as wheels (antlr4 4.9.3, which
+    # omegaconf 2.3 needs, is on PyPI as a source archive only), bitsandbytes as PyPI's x86-64 CUDA wheel
+    pure = [f"{name}=={version(name)}" for name in ("hydra-core", "omegaconf", "antlr4-python3-runtime")]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(folder / "wheels"), *pure], check=True)
     platforms = [arg for n in ("2_28", "2_27", "2_24", "2_17") for arg in ("--platform", f"manylinux_{n}_x86_64")]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-                    "3.12", "--implementation", "cp", *platforms, "--platform", "manylinux2014_x86_64", "--platform",
-                    "any", "-d", str(folder / "wheels"), *wheels], check=True)
+                    "3.12", "--implementation", "cp", *platforms, "--platform", "manylinux2014_x86_64",
+                    "-d", str(folder / "wheels"), f"bitsandbytes=={version('bitsandbytes')}"], check=True)
     print(f"{folder}: carry it, then: python3 -m pip install -q --no-index --no-deps --target /tmp/site "
           f"{folder}/wheels/*.whl && PYTHONPATH=/tmp/site:. python3 -m rlhf_exp.gpu_check --bundle {folder}")
 
