@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from rlhf_exp.checkpoint import drop_training_state
 from rlhf_exp.config import compose_config, flatten, resolved
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.lineage import Source, lineage_tags, resolve_references
+from rlhf_exp.lineage import PREFIX, Source, lineage_tags, resolve_references, string_leaves
 from rlhf_exp.redact import redact
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,26 @@ def summary_line(role: str, metrics: dict[str, float], minutes: float) -> str:
     return f"pipeline: {role} finished in {minutes:.1f} min" + (f": {shown}" if shown else "")
 
 
+def plan_pipeline(spec: DictConfig, user: list[str]) -> dict[str, float]:
+    """plan=true for a whole pipeline: every stage's memory plan, in order; nothing is trained, tracked or
+    recorded. The inputs a stage takes from earlier ones (`run:<role>`) do not exist yet and are planned
+    without them: a model.init_from as the model it starts from (the stages before it keep its shape), a
+    reward model at reward.fn.path in the policy's shape; stage=eval's policies and judges hold no more
+    than one policy at a time."""
+    from rlhf_exp import app
+
+    figures: dict[str, float] = {}
+    for role in stages_to_run(spec):
+        stage_cfg = compose_config([*stage_overrides(spec, role, user), "plan=true"])
+        with read_write(stage_cfg):
+            for key, text in string_leaves(OmegaConf.to_container(stage_cfg, resolve=False)):
+                if text.startswith(PREFIX):
+                    OmegaConf.update(stage_cfg, key, None, merge=False)
+        print(f"pipeline {spec.name}, stage {role}:")
+        figures.update({f"{role}/{name}": value for name, value in app.run(stage_cfg).items()})
+    return figures
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     """Run cfg.pipeline's stages in order (see the module docstring); returns the last stage's metrics."""
     from rlhf_exp import app
@@ -135,6 +155,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     spec = cfg.pipeline
     if not spec.get("stages"):
         raise ConfigError("pipeline.stages", "lists no stage")
+    if cfg.get("plan"):
+        return plan_pipeline(spec, command_line_overrides())
     folder = Path(OmegaConf.select(cfg, "paths.runs_dir")) / "pipelines" / spec.name
     state = load_state(folder)
     user = command_line_overrides()

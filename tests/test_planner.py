@@ -175,3 +175,17 @@ def test_a_run_that_does_not_fit_is_always_told_a_next_lever(tmp_path):
     tips = plan.advice(cfg, "ppo")
     assert tips and any("data.max_prompt_tokens=" in t for t in tips) and "reward.fn.path" in tips[-1]
     assert not any("QLoRA" in t or "LoRA:" in t or "gradient_checkpointing" in t for t in tips)  # already on
+
+
+def test_plan_true_for_a_whole_pipeline_plans_every_stage_and_runs_nothing(tmp_path):
+    """It started the pipeline: a parent MLflow run, SFT recorded as finished with the plan's figures, then the RM
+    stage failed on run:sft, which did not exist. Now every stage is planned (the GRPO stage with its reward
+    model) and nothing is tracked or recorded."""
+    out = run_cli("experiment=tldr_pipeline", "hardware=rtx4090", "plan=true",
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "RLHF_EXP_RUNS_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    sections = out.stdout.split("pipeline tldr, stage ")[1:]
+    assert [s.split(":", 1)[0] for s in sections] == ["sft", "rm", "judge", "dpo", "grpo", "eval"]
+    assert all("verdict: fits" in s for s in sections)
+    assert "reward model" in sections[4]  # grpo scores with the RM the pipeline trains
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "pipelines").exists()
