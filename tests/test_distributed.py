@@ -33,7 +33,8 @@ def launch(tmp_path: Path, nproc: int, overrides: list[str], launcher: str = "to
               "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines=1",
                              f"--num_processes={nproc}", "--mixed_precision=no", "--dynamo_backend=no"],
               }[launcher] if nproc > 1 else [sys.executable]
-    env = {**os.environ, **tracked_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **tracked_env(tmp_path), "OMP_NUM_THREADS": "1",  # tests/: GRPO's reward function
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([*prefix, "-m", "rlhf_exp", *TINY, *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -118,10 +119,12 @@ def assert_matches_one_process(two, one, stage: str, parallel: str) -> None:
 
 
 # Greedy rollouts (top_k=1) are the same whichever rank samples them, so two ranks must take the one
-# process's steps exactly. Identical samples give zero group advantages; the k1 KL term's gradient
-# (kl_coef x grad of the response log-probs, token-mean over the global minibatch) is what trains.
+# process's steps exactly. A group's samples are then one text, whose group-relative advantages sum to zero:
+# what trains is the KL term, whose gradient is not zero because the reference (a bf16 copy) computes a little
+# differently from the fp32 master weights under bf16 autocast; deterministic, and the same on every rank.
 GRPO = ["stage=grpo", "reward=length", "stage.samples_per_prompt=2", "stage.minibatch_size=8",
-        "stage.updates_per_rollout=1", "stage.generation.top_k=1", "stage.kl_estimator=k1", "stage.kl_coef=0.5",
+        "hardware.precision=bf16",
+        "stage.updates_per_rollout=1", "stage.generation.top_k=1", "stage.kl_estimator=k3", "stage.kl_coef=0.5",
         "stage.max_steps=2", "stage.eval_examples=4", "stage.num_samples=0", "stage.lr=1e-3",
         "hardware.micro_batch_size.grpo=2"]
 
@@ -131,12 +134,17 @@ def test_grpo_two_ranks_match_one_process(one_process, two_processes):
     digests = two.data.tags["dist.parameter_digests"].split(",")
     assert digests[0] == digests[1]
     assert two.data.metrics["train/rollout_sequences"] == one.data.metrics["train/rollout_sequences"] == 8
+    # bf16 autocast: the rows a forward packs differ between one process and two ranks, and so its rounding
+    # (~1e-4); a rank's gradient left unsummed, or summed twice, is off by a factor of 2
     for name in ("train/grad_norm", "train/loss", "train/kl", "train/response_length"):
-        assert two.data.metrics[name] == pytest.approx(one.data.metrics[name], rel=1e-4, abs=1e-6), name
-    assert one.data.metrics["train/grad_norm"] > 0  # the KL term really trained
+        assert two.data.metrics[name] == pytest.approx(one.data.metrics[name], rel=2e-3, abs=1e-6), name
+    assert one.data.metrics["train/grad_norm"] > 0.1  # the KL term really trained
+    # Adam steps a coordinate by up to lr whatever its gradient's size: where a gradient is ~0, bf16 rounding can
+    # flip its step (lr 1e-3, 2 steps); the bulk of the weights agree far closer
     weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "model.safetensors")) for r in (two, one)]
     for name in weights[0]:
-        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
+        assert torch.allclose(weights[0][name], weights[1][name], atol=4e-3), name
+        assert (weights[0][name] - weights[1][name]).abs().mean() < 1e-4, name
 
 
 @pytest.mark.parametrize("stage,parallel,launcher", [("sft", "ddp", "accelerate"), ("dpo", "zero1", "torchrun"),

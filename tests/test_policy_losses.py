@@ -45,6 +45,56 @@ def test_kl_estimators_by_hand():
     assert kl_penalty(torch.tensor([0.0]), torch.tensor([-100.0]), "k3").isfinite().all()  # clamped at 20
     with pytest.raises(ValueError, match="unknown KL estimator"):
         kl_penalty(same, same, "k4")
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(same, same, "k2+")
+
+
+@pytest.mark.parametrize(("estimator", "expected_gradient"), [
+    ("k1", "zero"), ("k2", "forward"), ("k3", "reverse"), ("k1+", "forward"), ("k3+", "forward")])
+def test_kl_estimators_expected_gradients_by_exact_enumeration(estimator, expected_gradient):
+    """Over a 6-token softmax policy, E_{x~pi}[grad estimator(x)] (the gradient through log pi(x) only, as a loss
+    on the policy's own samples is differentiated) summed exactly over x: k1's is zero (it only adds noise, so a
+    kl_coef sweep with k1 shows nothing), k3's is the gradient of KL(ref || pi), k2's, k1+'s and k3+'s that of
+    KL(pi || ref). The docstring said k3 gave KL(pi || ref)'s."""
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=generator, dtype=torch.float64).requires_grad_(True)
+    ref = torch.log_softmax(torch.randn(6, generator=generator, dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    pi = logp.exp().detach()
+    values = kl_penalty(logp, ref, estimator)  # one estimate per possible sampled token
+    (grad,) = torch.autograd.grad((pi * values).sum(), theta, retain_graph=True)
+    forward_kl = (logp.exp() * (logp - ref)).sum()
+    reverse_kl = (ref.exp() * (ref - logp)).sum()
+    target = {"zero": torch.zeros(6, dtype=torch.float64),
+              "forward": torch.autograd.grad(forward_kl, theta, retain_graph=True)[0],
+              "reverse": torch.autograd.grad(reverse_kl, theta, retain_graph=True)[0]}[expected_gradient]
+    assert torch.allclose(grad, target, atol=1e-12), (grad, target)
+    assert grad.abs().max() > 1e-3 or expected_gradient == "zero"
+    # whatever the gradient, every estimator but k2 is unbiased for the value of KL(pi || ref)
+    if estimator != "k2":
+        assert (pi * values.detach()).sum().item() == pytest.approx(forward_kl.item(), abs=1e-12)
+
+
+def test_grpo_refuses_plain_k1_as_a_loss(tmp_path):
+    from helpers import tiny_config
+    from rlhf_exp.config import validate
+    from rlhf_exp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage.kl_estimator.*k1\+ keeps its value"):
+        validate(tiny_config(tmp_path, "stage=grpo", "stage.kl_estimator=k1"))
+    validate(tiny_config(tmp_path, "stage=grpo", "stage.kl_estimator=k1+"))
+
+
+def test_an_overflowed_ratio_times_a_zero_advantage_is_zero_not_nan():
+    """A flat group (advantage 0) with a log-ratio past exp's range gave 0 x inf = NaN; the log-ratio is clamped
+    at +-20 before exp, as verl does."""
+    logps, old = torch.tensor([[100.0, -100.0, 0.5]]), torch.zeros(1, 3)
+    loss, _ = clipped_policy_loss(logps.requires_grad_(True), old, torch.zeros(1, 3), 0.2, 3.0)
+    assert torch.isfinite(loss).all() and torch.equal(loss.detach(), torch.zeros(1, 3))
+    loss.sum().backward()
+    assert torch.isfinite(logps.grad).all()
+    ratio_loss, _ = clipped_policy_loss(torch.tensor([[0.5]]), torch.zeros(1, 1), torch.tensor([[1.0]]), 10.0)
+    assert ratio_loss.item() == pytest.approx(-math.exp(0.5))  # within the clamp nothing changes
 
 
 def test_group_advantages_by_hand():

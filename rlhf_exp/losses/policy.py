@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k3+")
+# as a loss on the policy's own samples: plain k1's expected gradient is zero (`kl_penalty`)
+KL_LOSS_ESTIMATORS = ("k2", "k3", "k1+", "k3+")
+LOG_RATIO_CLAMP = 20.0  # |log ratio| before exp (verl's): exp(20) ~ 5e8 stays finite, 0 x ratio stays 0
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -42,23 +45,36 @@ def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3",
-               clamp: float = 20.0, k3_max: float = 10.0) -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman 2020).
-
-    logps, ref_logps [B, T] -> [B, T], with log r = ref_logps - logps clamped to +-clamp:
+               clamp: float = LOG_RATIO_CLAMP, k3_max: float = 10.0) -> torch.Tensor:
+    """Per-token estimates of KL(policy || reference) from samples of the policy (Schulman 2020, "Approximating
+    KL divergence"). logps, ref_logps [B, T] -> [B, T], with log r = ref_logps - logps clamped to +-clamp:
       k1 = -log r            (unbiased, high variance, can be negative)
       k2 = (log r)^2 / 2     (biased, low variance)
       k3 = r - 1 - log r     (unbiased, low variance, >= 0), capped at k3_max as verl does: r grows
                              as e^log r, so one token the reference finds far likelier would swamp a batch
+      k1+, k3+               k1's or k3's value with k2's gradient, through a straight-through term (verl's
+                             `kl_penalty`): the value to report, the gradient to follow
+
+    Their values all estimate KL(policy || reference). As a loss (GRPO's kl_coef term), differentiated through
+    log pi of the sampled tokens only, their expected gradients differ:
+      k1: E_pi[grad log pi] = 0, only noise (right as a penalty in PPO's reward, wrong as a loss)
+      k2, k1+, k3+: exactly grad KL(policy || reference)
+      k3: grad KL(reference || policy), the reverse KL (what TRL's GRPO and the DeepSeekMath paper use)
     """
+    base = estimator.removesuffix("+")
     log_ratio = (ref_logps - logps).clamp(-clamp, clamp)
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k2":
+    if base == "k1" and estimator in KL_ESTIMATORS:
+        value = -log_ratio
+    elif base == "k2" and estimator == "k2":
         return 0.5 * log_ratio.pow(2)
-    if estimator == "k3":
-        return (torch.exp(log_ratio) - 1 - log_ratio).clamp(max=k3_max)
-    raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
+    elif base == "k3" and estimator in KL_ESTIMATORS:
+        value = (torch.exp(log_ratio) - 1 - log_ratio).clamp(max=k3_max)
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
+    if not estimator.endswith("+"):
+        return value
+    straight = 0.5 * (logps - ref_logps).pow(2)  # k2: its gradient, none of its value
+    return straight - straight.detach() + value.detach()
 
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
@@ -67,12 +83,13 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), optionally dual-clipped.
 
     logps, old_logps [B, T]; advantages [B, T] (or [B, 1], broadcast) -> (loss [B, T], clipped [B, T]).
-    With ratio = exp(logps - old_logps): loss = max(-A ratio, -A clip(ratio, 1 - e, 1 + e)).
+    With ratio = exp(logps - old_logps), the log-ratio clamped to +-20 (verl's; an overflowed ratio times a
+    flat group's zero advantage was NaN): loss = max(-A ratio, -A clip(ratio, 1 - e, 1 + e)).
     Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5): where A < 0 the
     loss is also capped at -A c (c > 1), so a huge ratio on a bad action cannot blow up the step.
     `clipped` marks tokens where a clip decided the loss (for the clip fraction).
     """
-    ratio = torch.exp(logps - old_logps)
+    ratio = torch.exp((logps - old_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # no inf: 0 x inf = NaN
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
     loss = torch.maximum(unclipped, clipped)

@@ -6,8 +6,9 @@ scored by the `reward` group (a response without EOS gets `reward.missing_eos_sc
 normalized within each prompt's group, then `stage.updates_per_rollout` passes over the rollout in
 minibatches of `stage.minibatch_size` sequences; every minibatch is an optimizer step (the DGX Spark
 seed stepped once per pass after zeroing per minibatch). Loss per token: clipped (optionally
-dual-clipped) surrogate + kl_coef x KL(policy || reference) (k1 / k2 / k3), aggregated per
-`stage.loss_aggregation`.
+dual-clipped) surrogate + kl_coef x a KL estimate (`stage.kl_estimator`: k3, TRL's and the paper's, whose
+gradient is that of KL(reference || policy); k2, k1+ or k3+ for the gradient of KL(policy || reference);
+plain k1 is refused: its expected gradient is zero), aggregated per `stage.loss_aggregation`.
 
 `stage.loss_type` presets the two choices that define the variant (an explicit key wins):
   grpo     advantages divided by the group's std, seq-mean-token-mean (the paper)
@@ -32,7 +33,7 @@ from omegaconf import DictConfig
 
 from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.losses.policy import KL_ESTIMATORS, LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss, \
+from rlhf_exp.losses.policy import KL_LOSS_ESTIMATORS, LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss, \
     flat_groups, group_advantages, kl_penalty
 from rlhf_exp.rollout import Rollout
 from rlhf_exp.schema import OnlineRLConfig, Rule, key, one_of, optional, positive
@@ -49,7 +50,8 @@ LOSS_TYPES = {"grpo": (True, "seq-mean-token-mean"), "dr_grpo": (False, "seq-mea
 class GRPOConfig(OnlineRLConfig):
     samples_per_prompt: int = key(Rule(lambda v: v >= 2, "must be >= 2 (advantages compare a prompt's samples)"))
     updates_per_rollout: int = key(positive())
-    kl_estimator: str = key(one_of(KL_ESTIMATORS))
+    kl_estimator: str = key(Rule(lambda v: v in KL_LOSS_ESTIMATORS, f"must be one of {', '.join(KL_LOSS_ESTIMATORS)} "
+                                 "(k1 as a loss has zero expected gradient: k1+ keeps its value with k2's gradient)"))
     loss_type: str = key(one_of(tuple(LOSS_TYPES)))
     scale_rewards_by_std: Optional[bool] = key()  # null: as loss_type says
     loss_aggregation: Optional[str] = key(optional(one_of(LOSS_AGGREGATIONS), "as loss_type says"))
