@@ -56,3 +56,19 @@ def test_ppo_cli_two_steps_tiny(tmp_path):
     client, runs = mlflow_runs(tmp_path / "m.db")
     assert runs[0].info.status == "FINISHED"
     assert len(metric_history(client, runs[0], "train/value_loss")) == 2
+
+
+def test_ppo_ptx_is_refused_on_prompts_without_references_before_any_weights_load(tmp_path, monkeypatch):
+    """Prompt-only rows have an empty reference, tokenized as [end]: the ptx term maximised log p(end | prompt)."""
+    import json
+
+    import pytest
+
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.stages.base import Trainer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?"}) + "\n" for i in range(40)))
+    monkeypatch.setattr(Trainer, "load_policy", lambda self: pytest.fail("weights were read before the refusal"))
+    with pytest.raises(ConfigError, match=r"stage.ptx_coef.*32 of 32 training prompts of file:.*prompts.jsonl have no reference"):
+        ppo_trainer(tmp_path, "data=file", f"data.path={prompts}", "data.val_size=8", "stage.ptx_coef=0.5")

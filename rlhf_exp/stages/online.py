@@ -61,10 +61,15 @@ class OnlineRLTrainer(Trainer):
         """
         require_vllm(self.cfg.hardware, self.world_size)  # before any weights are read
         self.prepare_data("prompt")
+        self.check_prompt_data()
         policy = self.load_policy()
         self.reference = self.frozen_reference(policy)  # LoRA: the policy with adapters disabled
         self.reward_fn = build(self.cfg.reward.fn, "reward.fn", self.cfg.allowed_targets)
         return policy
+
+    def check_prompt_data(self) -> None:
+        """What the stage needs of its prompts beyond their text, checked before any weights load (PPO-ptx:
+        references)."""
 
     @property
     def policy(self):

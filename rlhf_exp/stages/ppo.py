@@ -26,6 +26,7 @@ from torch import nn
 
 from rlhf_exp.data.batching import BatchStream
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+from rlhf_exp.data.hf import data_label
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.losses import sft_loss
 from rlhf_exp.losses.policy import clipped_policy_loss, clipped_value_loss, gae, kl_penalty, per_token_rewards, whiten
@@ -86,6 +87,18 @@ class PPOTrainer(OnlineRLTrainer):
         self.model = PolicyAndValue(policy, self.setup_critic(policy))
         self.ema = self.setup_ema(policy) if self.stage.ema_decay else None
         self.ptx_stream = BatchStream(len(self.train_set), self.cfg.seed + 7)
+
+    def check_prompt_data(self) -> None:
+        """PPO-ptx learns the data's reference responses: a prompt without one (a prompt-only data set) is
+        tokenized as the end token alone, and its ptx term would teach the policy to stop at once."""
+        if not self.stage.ptx_coef:
+            return
+        missing = sum(1 for item in self.train_set if len(item.response_ids) <= 1)
+        if missing:
+            raise ConfigError("stage.ptx_coef", f"{missing} of {len(self.train_set)} training prompts of "
+                              f"{data_label(self.cfg.data)} have no reference response (prompt-only rows), and the "
+                              "ptx term on them would maximise log p(end | prompt): set stage.ptx_coef=0, or use "
+                              "prompt data with references (prompt + completion)")
 
     def setup_critic(self, policy) -> nn.Module:
         """From the trained RM or the policy's backbone (`critic_source`); with LoRA, adapters on it.
