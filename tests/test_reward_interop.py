@@ -131,3 +131,44 @@ def test_the_scorer_batches_by_length_and_returns_scores_in_the_callers_order(tm
     alone = [scorer([p], [c])[0] for p, c in zip(prompts, completions)]
     assert together == pytest.approx(alone, abs=1e-5)
     assert len({round(s, 4) for s in alone}) == len(alone)  # distinct scores: a swap would show
+
+
+def test_the_scorer_ends_completions_with_the_token_the_rm_trained_on(tmp_path, tokenizer):
+    """stage=rm trains on responses ending with the chat template's end of turn; the scorer appended the tokenizer's
+    EOS. Where the two differ (Qwen2.5 base under ChatML: <|im_end|> against <|endoftext|>) every reward, the
+    normalization and every judge figure was read at a token the RM never trained on, with no error."""
+    from transformers import AutoConfig
+
+    from rlhf_exp.data.tokens import encode_prompt
+    from rlhf_exp.models.reward import END_TOKEN_KEY
+    from rlhf_exp.rewards import RewardModelScorer
+
+    folder = foreign_reward_model(tmp_path / "rm", tokenizer)
+    trained_end = "<|endoftext|>"  # not this tokenizer's EOS (<|im_end|>): a template's end of turn stands in
+    assert tokenizer.convert_tokens_to_ids(trained_end) != tokenizer.eos_token_id
+    config = AutoConfig.from_pretrained(folder)
+    setattr(config, END_TOKEN_KEY, trained_end)
+    config.save_pretrained(folder)
+    scorer = RewardModelScorer(str(folder))
+    prompt, completion = "Post: a cat.\nTL;DR:", " a cat"
+    ids = encode_prompt(prompt, tokenizer, 1024) + tokenizer(completion, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        at_trained_end = scorer.model(torch.tensor([ids + [tokenizer.convert_tokens_to_ids(trained_end)]]),
+                                      torch.tensor([len(ids) + 1])).item()
+        at_eos = scorer.model(torch.tensor([ids + [tokenizer.eos_token_id]]), torch.tensor([len(ids) + 1])).item()
+    assert at_trained_end != pytest.approx(at_eos, abs=1e-4)
+    assert scorer([prompt], [completion])[0] == pytest.approx(at_trained_end, abs=1e-5)
+
+
+def test_stage_rm_records_the_end_token_its_responses_ended_with(tmp_path):
+    from transformers import AutoConfig
+
+    from helpers import trainer_for
+    from rlhf_exp.models.reward import END_TOKEN_KEY
+    from rlhf_exp.stages.rm import RewardModelTrainer
+
+    trainer = trainer_for(RewardModelTrainer, tmp_path, "stage=rm", *PAIRS, "stage.norm_examples=4")
+    trainer.model.save_pretrained(tmp_path / "saved")
+    recorded = getattr(AutoConfig.from_pretrained(tmp_path / "saved"), END_TOKEN_KEY)
+    assert recorded == trainer.tokenizer.convert_ids_to_tokens(trainer.stop_token_ids[-1])
+    trainer.close()

@@ -25,6 +25,27 @@ from torch import nn
 HEAD_FILE = "reward_head.safetensors"  # the head beside LoRA adapters (and beside a backbone in older checkpoints)
 log = logging.getLogger(__name__)
 PAD_TOKEN = "<|rlhf_exp_pad|>"  # a reward model's pad token when the tokenizer pads with its EOS
+# config.json's record of the token every response the RM trained on ended with (a chat template's end of turn,
+# else the EOS): scoring must end a completion with the same token (Qwen2.5 base: <|im_end|>, not its EOS)
+END_TOKEN_KEY = "rlhf_exp_end_token"
+
+
+def record_end_token(model: nn.Module, token: str) -> None:
+    """Keep in `model`'s config (saved with it) the token its training responses ended with."""
+    setattr(model.config, END_TOKEN_KEY, token)
+
+
+def end_token_id(model: nn.Module, tokenizer) -> int:
+    """The id a completion scored by `model` must end with: the token it trained on where its config records one
+    (this project's RMs), else the tokenizer's EOS (a reward model from elsewhere)."""
+    token = getattr(model.config, END_TOKEN_KEY, None)
+    if token is not None:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and tokenizer.convert_ids_to_tokens(token_id) == token:  # not the unknown token
+            return int(token_id)
+        log.warning("the reward model trained on responses ending with %r, which its tokenizer does not have: "
+                     "scoring with the EOS", token)
+    return tokenizer.eos_token_id
 
 
 class RewardModel(nn.Module):

@@ -32,7 +32,9 @@ class RewardModelScorer:
     """A trained reward model (stage=rm) as a reward function.
 
     Texts are re-encoded with the RM's own tokenizer, so an RM with a different tokenizer from
-    the policy's works; its stored normalization (reward_mean) is applied by the model. It runs
+    the policy's works; each completion ends with the token the RM's responses ended with in training
+    (recorded in its config by stage=rm; the EOS for an RM from elsewhere); its stored normalization
+    (reward_mean) is applied by the model. It runs
     on the policy's device and precision (conf/reward/reward_model.yaml), frozen weights in the
     compute dtype, or its linear layers in 4-bit NF4 with `load_in_4bit` (hardware.load_in_4bit: a 7B
     RM beside a QLoRA policy on a 24 GB card); the head in fp32.
@@ -41,13 +43,14 @@ class RewardModelScorer:
     def __init__(self, path: str, batch_size: int = 8, max_tokens: int = 1024, device: str = "cpu",
                  precision: str = "fp32", key: str = "reward.fn.path", load_in_4bit: bool = False):
         from rlhf_exp.models.peft import nf4_config
-        from rlhf_exp.models.reward import load_reward_model
+        from rlhf_exp.models.reward import end_token_id, load_reward_model
         from rlhf_exp.runtime import DTYPES, choose_precision
 
         dtype = DTYPES[choose_precision(precision, str(device))[0]]
         self.model, self.tokenizer = load_reward_model(path, dtype=dtype, device=device, key=key,
                                                        quantization=nf4_config(dtype) if load_in_4bit else None)
         self.batch_size, self.max_tokens, self.device = batch_size, max_tokens, device
+        self.end_id = end_token_id(self.model, self.tokenizer)  # what its training responses ended with
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
@@ -55,10 +58,10 @@ class RewardModelScorer:
         from rlhf_exp.data.collate import TokenizedSFT, collate_sft
         from rlhf_exp.data.tokens import encode_prompt
 
-        eos = self.tokenizer.eos_token_id
+        end = self.end_id
         items = []
         for prompt, completion in zip(prompts, completions):
-            response_ids = (self.tokenizer(completion, add_special_tokens=False).input_ids + [eos])[: self.max_tokens]
+            response_ids = (self.tokenizer(completion, add_special_tokens=False).input_ids + [end])[: self.max_tokens]
             prompt_ids = encode_prompt(prompt, self.tokenizer, self.max_tokens - len(response_ids))
             items.append(TokenizedSFT(prompt_ids, response_ids))
         def score(chunk):

@@ -35,7 +35,7 @@ from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilso
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.peft import add_reward_adapters, merged_float_copy
 from rlhf_exp.models.reward import RewardModel, give_own_pad_token, grow_embeddings, load_reward_model, \
-    load_score_head, reward_model_from_causal_lm, sequence_classifier_to_start_from
+    load_score_head, record_end_token, reward_model_from_causal_lm, sequence_classifier_to_start_from
 from rlhf_exp.ops.shared_prefix import can_pack, pack_by_prompt, packed_inputs
 from rlhf_exp.schema import StageConfig, key, non_negative, positive
 from rlhf_exp.stages.base import Trainer
@@ -80,6 +80,7 @@ class RewardModelTrainer(Trainer):
             if self.lora:  # adapters on the backbone; the head trains in full
                 add_reward_adapters(model, cfg.hardware, resume)
         self.model = self.trainable(model).train()
+        record_end_token(self.model, self.tokenizer.convert_ids_to_tokens(self.stop_token_ids[-1]))
         self.tracker.set_tags({"rm.num_layers": self.model.config.num_hidden_layers})
 
     def pair_scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
