@@ -120,3 +120,26 @@ def test_a_reward_model_reads_the_same_scores_from_packed_pairs_as_from_rows(tok
     scores = model.scores_at(packed.ends, **packed_inputs(model, packed, torch.device("cpu")))
     torch.testing.assert_close(scores, rows, atol=1e-5, rtol=1e-5)
     assert rows.std() > 1e-3  # the responses score differently: the comparison means something
+
+
+def test_an_empty_prompt_is_a_sequence_start_and_never_reads_another_row(tokenizer):
+    """With a tokenizer that adds no BOS an empty prompt was no token at all: packed, its responses' first token
+    was read off the previous row's last hidden state (row * T - 1); in a padded row the log-probs did not line
+    up. Its prompt is now the EOS alone, and packing an empty prompt is refused rather than read wrongly."""
+    from rlhf_exp.data.collate import tokenize_sft
+    from rlhf_exp.data.formats import SFTExample
+    from rlhf_exp.data.tokens import bos_prefix
+
+    assert not bos_prefix(tokenizer)  # SmolLM2's tokenizer adds none, as Qwen's does not
+    empty = tokenize_sft(SFTExample("", " a short answer"), tokenizer, 48, 16)
+    assert empty.prompt_ids == [tokenizer.eos_token_id]
+    model = tiny_model(tokenizer)
+    items = [TokenizedSFT(list(range(300, 310)), [11, 12]), TokenizedSFT(list(range(300, 310)), [13]),
+             TokenizedSFT(empty.prompt_ids, empty.response_ids), TokenizedSFT(empty.prompt_ids, [14, 15, 2])]
+    batch = collate_sft(items, PAD)
+    separate = response_logprobs(model, batch["input_ids"], torch.tensor([len(x.prompt_ids) for x in items]),
+                                 torch.tensor([len(x.response_ids) for x in items]))
+    packed = packed_response_logprobs(model, items, PAD, torch.device("cpu"))
+    torch.testing.assert_close(packed[0], separate[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="empty prompt"):
+        pack_by_prompt([TokenizedSFT([5, 6], [7]), TokenizedSFT([], [8]), TokenizedSFT([], [9])], PAD)

@@ -43,13 +43,17 @@ def stop_token_ids(tokenizer, chat: bool) -> list[int]:
 
 def encode_prompt(text: str, tokenizer, max_tokens: int) -> list[int]:
     """Prompt ids, cut from the front to `max_tokens` (long prompts keep their end), with the tokenizer's
-    BOS first where its encoding adds one and the text does not already start with it."""
+    BOS first where its encoding adds one and the text does not already start with it. An empty prompt of a
+    tokenizer without BOS (Qwen) is the EOS alone, as a sequence start: a response's first token is then
+    predicted from it, in a row of its own or packed behind it (with no prompt token at all a packed row read
+    the row before's last hidden state)."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
     bos = bos_prefix(tokenizer)
     if bos and ids[:1] == bos:
         bos = []
     keep = max(max_tokens - len(bos), 0)
-    return bos + (ids[max(len(ids) - keep, 0):] if keep else [])
+    prompt = bos + (ids[max(len(ids) - keep, 0):] if keep else [])
+    return prompt if prompt or max_tokens < 1 else [tokenizer.eos_token_id]
 
 
 # ChatML (the template SmolLM2 and Qwen use) for a base model whose tokenizer has none: data.chat_template=chatml

@@ -81,6 +81,8 @@ def pack_by_prompt(items: Sequence[TokenizedSFT], pad_token_id: int) -> PackedRo
     ends = [-1] * len(items)
     for row, (prompt, members) in enumerate(rows.items()):
         p = len(prompt)
+        if p == 0:  # its first response token would be read off the previous row's last position
+            raise ValueError("an empty prompt cannot be packed: data.tokens.encode_prompt gives every prompt a token")
         input_ids[row, :p] = torch.tensor(prompt, dtype=torch.long)
         position_ids[row, :p] = torch.arange(p)
         segment[row, :p] = 0
