@@ -218,19 +218,19 @@ def processes(cfg: DictConfig) -> int:
 
 
 def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: bool, quantized: bool,
-              reward_head: bool = False, weight_bytes: int | None = None, fp32_head: bool = False) -> None:
+              reward_head: bool = False, weight_bytes: int | None = None, rest_bytes: int | None = None) -> None:
     """Weights, and for a trained model its gradients, optimizer states and autocast copies (per rank
     under a sharded `parallel` mode: FSDP keeps 1/N of the transformer blocks plus one gathered block).
     A fully trained model's weights are fp32 masters (hardware.master_weights=fp32) whatever model.dtype.
-    Under 16-bit autocast a LoRA policy's frozen LM head is kept in fp32 (`Trainer.trainable`), as a frozen
-    copy's is when `fp32_head`."""
+    Under 16-bit autocast a LoRA policy's frozen LM head is kept in fp32 (`Trainer.trainable`); `rest_bytes`:
+    all but the decoder's linear layers held in another dtype (a frozen copy's embeddings, norms and LM head)."""
     hardware = cfg.hardware
     lora = hardware.lora.enabled
     wbytes = weight_bytes or _DTYPE_BYTES[cfg.model.dtype]
     if trains and not lora and hardware.get("master_weights", "fp32") == "fp32":
         wbytes = 4
     autocast = hardware.precision != "fp32"
-    head_in_fp32 = not reward_head and not quantized and wbytes < 4 and autocast and (fp32_head or (trains and lora))
+    head_in_fp32 = not reward_head and not quantized and wbytes < 4 and autocast and trains and lora
     params = shape.params - (shape.vocab * shape.hidden if reward_head and not shape.tied else 0)
     ranks, fsdp, shard_states = sharding(cfg, trains)
     if fsdp:
@@ -250,6 +250,10 @@ def add_model(plan: Plan, role: str, shape: Shape, cfg: DictConfig, *, trains: b
         plan.add(role, "weights (linear layers NF4)", shape.linear_params * NF4_BYTES)
         plan.add(role, f"weights (embeddings, norms: {rest * 8}-bit)", (params - shape.linear_params) * rest)
         plan.held[role] = {"linear": "nf4", "rest": rest}
+    elif rest_bytes and rest_bytes != wbytes:
+        plan.add(role, f"weights (linear layers {wbytes * 8}-bit)", shape.linear_params * wbytes)
+        plan.add(role, f"weights (embeddings, norms, head: {rest_bytes * 8}-bit)", (params - shape.linear_params) * rest_bytes)
+        plan.held[role] = {"linear": wbytes, "rest": rest_bytes}
     else:
         plan.add(role, f"weights ({wbytes * 8}-bit)", params * wbytes)
         plan.held[role] = {"linear": wbytes, "rest": wbytes}
@@ -319,7 +323,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     for held in memory.models:
         quantized = bool(hardware.get("load_in_4bit")) if held.quantized is None else held.quantized
         add_model(plan, held.role, shapes[held.shape], cfg, trains=held.trains, quantized=quantized,
-                  reward_head=held.reward_head, weight_bytes=held.weight_bytes, fp32_head=held.fp32_head)
+                  reward_head=held.reward_head, weight_bytes=held.weight_bytes, rest_bytes=held.rest_bytes)
     if memory.kv_cache is not None and hardware.get("rollout_backend") == "vllm" and plan.available_gib:
         utilization = float(hardware.vllm_gpu_memory_utilization)
         plan.add("vllm", f"engine: weights + KV cache ({utilization:.0%} of the GPU)", utilization * plan.available_gib * GIB)

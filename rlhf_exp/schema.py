@@ -191,6 +191,7 @@ class LoraConfig:
     alpha: float = key(positive())
     dropout: float = key(in_range(0, 1, "[)"))
     target_modules: Any = MISSING
+    init_weights: Any = MISSING  # peft's init_lora_weights: a bool or a method's name
     merge_on_save: bool = MISSING
 
 

@@ -407,21 +407,28 @@ def test_reward_and_value_heads_read_fp32_scores_under_bf16_autocast():
     assert torch.allclose(scores, (hidden @ model.head.weight.T).squeeze(-1), atol=1e-5, rtol=0)
 
 
-def test_the_frozen_reference_is_held_in_the_compute_dtype_with_an_fp32_head(tmp_path):
-    """It was a copy in model.dtype: fp32 weights under bf16 autocast are cast again at every forward (and, frozen,
-    never cached), and a bf16 model on an fp32 CPU run computed in emulated bf16."""
+def test_the_frozen_reference_computes_as_the_policy_does_and_its_kl_starts_at_zero(tmp_path):
+    """The reference was a copy in model.dtype (fp32 weights re-cast at every forward, and never cached: frozen;
+    a bf16 model on an fp32 CPU run computed in emulated bf16). Then a copy all in bf16 beside fp32 master weights
+    ran its residual stream in bf16, the policy's in fp32: their log-probs differed before any update (a KL
+    floor, 0.0018 nats at most on this tiny model). Now its linear layers are bf16 (what autocast feeds the
+    policy's matmuls) and the rest fp32 as the policy's: identical log-probs at step 0."""
     from helpers import GRPO, trainer_for
+    from rlhf_exp.data.collate import TokenizedSFT
     from rlhf_exp.planner import plan_run
     from rlhf_exp.stages.grpo import GRPOTrainer
 
     trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, "hardware.precision=bf16")
     reference = trainer.reference
-    head = reference.get_output_embeddings().weight
-    assert head.dtype == torch.float32
-    assert {p.dtype for p in reference.parameters() if p is not head} == {torch.bfloat16}
+    assert reference.get_output_embeddings().weight.dtype == torch.float32
+    linear = {p.dtype for n, p in reference.named_parameters() if n.endswith("proj.weight")}
+    assert linear == {torch.bfloat16}
     plan = plan_run(trainer.cfg)
-    assert plan.held["reference"] == held_as(reference) == {"linear": 2, "rest": 2}
-    assert any(model == "reference" and what.startswith("LM head kept in fp32") for model, what, _ in plan.rows)
+    assert plan.held["reference"] == held_as(reference) == {"linear": 2, "rest": 4}
+    prompts = [trainer.train_set[i].prompt_ids for i in range(2)]
+    items = [TokenizedSFT(p, r) for p, r in zip([prompts[0]] * 2 + [prompts[1]] * 2, trainer.sample(prompts, 2))]
+    policy, ref = trainer.rollout_logprobs(trainer.policy, items), trainer.rollout_logprobs(reference, items)
+    assert torch.equal(policy, ref), float((policy - ref).abs().max())
     trainer.close()
 
 
@@ -445,11 +452,12 @@ def test_rollouts_sample_from_a_compute_dtype_copy_refreshed_after_each_update(t
     """With fp32 master weights under bf16 autocast every decode step cast every weight again (measured here on a
     CPU in bf16, where the same happens): the sampler now decodes with a bf16 copy that no step casts, made equal
     to the policy again after each optimizer step."""
-    from helpers import GRPO, trainer_for
+    from helpers import GRPO, VARIED, trainer_for
     from rlhf_exp.planner import plan_run
     from rlhf_exp.stages.grpo import GRPOTrainer
 
-    trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, "hardware.precision=bf16", "stage.generation.max_new_tokens=4")
+    trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, *VARIED, "hardware.precision=bf16",
+                          "stage.generation.max_new_tokens=4")
     prompts = [trainer.train_set[0].prompt_ids]
     weight_size = 64 * 64
     with WeightCasts(weight_size) as casts:

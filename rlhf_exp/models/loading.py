@@ -61,12 +61,28 @@ def head_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def frozen_copy(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """A frozen copy of `model` in the compute dtype, the LM head in fp32: autocast would otherwise cast every
-    weight of an fp32 model at every forward, and never keeps those casts for weights without gradients."""
+def frozen_copy(model: torch.nn.Module, compute_dtype: torch.dtype, rest_dtype: torch.dtype = torch.float32
+                ) -> torch.nn.Module:
+    """A frozen copy of `model` that computes as the policy does under autocast: the decoder's linear weights in
+    the compute dtype (what autocast casts the policy's to at every forward, and never keeps for weights without
+    gradients), everything else (embeddings, norms, the LM head) in `rest_dtype`, the policy's master dtype. A
+    copy all in bf16 ran its residual stream in bf16 where the policy's is fp32: its log-probs differed from the
+    starting policy's (KL > 0 at step 0)."""
     import copy
 
-    return head_in_fp32(copy.deepcopy(model).to(compute_dtype).eval().requires_grad_(False))
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    get_head = getattr(frozen, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for module in frozen.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.is_floating_point():
+                continue
+            linear = isinstance(module, torch.nn.Linear) and module is not head
+            param.data = param.data.to(compute_dtype if linear else rest_dtype)
+    for buffer in frozen.buffers():
+        if buffer.is_floating_point() and buffer.dtype != torch.float32:
+            buffer.data = buffer.data.to(rest_dtype)
+    return head_in_fp32(frozen)
 
 
 def _folder_for(spec: dict[str, Any], cache_dir: str, key: str) -> str:

@@ -59,7 +59,7 @@ def lora_config(hardware: DictConfig, task_type: str):
     lora = hardware.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias="none", task_type=task_type)
+                      bias="none", task_type=task_type, init_lora_weights=lora.get("init_weights", True))
 
 
 def add_adapters(model: nn.Module, hardware: DictConfig, task_type: str = "CAUSAL_LM") -> nn.Module:

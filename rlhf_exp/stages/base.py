@@ -37,7 +37,7 @@ from rlhf_exp.models.loading import disable_dropout, frozen_copy, head_in_fp32, 
 from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
 from rlhf_exp.ops.shared_prefix import masked_attention_kernels
 from rlhf_exp.rollout import sample
-from rlhf_exp.runtime import RandomStreams, make_runtime, rng_state, seed_everything, set_rng_state
+from rlhf_exp.runtime import RandomStreams, dtype_of, make_runtime, rng_state, seed_everything, set_rng_state
 from rlhf_exp.stages import stage_spec
 from rlhf_exp.stages.spec import StageSpec, metric_direction
 from rlhf_exp.tracking import Tracker
@@ -145,15 +145,16 @@ class Trainer:
 
     def frozen_reference(self, policy: torch.nn.Module) -> torch.nn.Module:
         """The starting policy, frozen: with LoRA the policy itself with adapters disabled (no copy), else a copy
-        in the compute dtype with its LM head in fp32 (`frozen_copy`; reloaded from the start when resuming,
-        since the policy has moved)."""
+        that computes as the policy does (`frozen_copy`: linear weights in the compute dtype, the rest in the
+        policy's master dtype; reloaded from the start when resuming, since the policy has moved)."""
         if is_peft(policy):
             return AdaptersDisabled(policy).eval()
         from rlhf_exp.models import load_causal_lm
 
         start = policy if not self.stage.get("resume_from") else load_causal_lm(
             self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer).to(self.device)
-        return frozen_copy(start, self.runtime.compute_dtype)
+        masters = torch.float32 if self.cfg.hardware.master_weights == "fp32" else dtype_of(self.cfg.model.dtype)
+        return frozen_copy(start, self.runtime.compute_dtype, masters)
 
     def shard(self, items: Sequence[T]) -> Sequence[T]:
         """This process's share of a global batch (all of it in a single process)."""

@@ -36,8 +36,8 @@ from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs
 from rlhf_exp.schema import StageConfig, in_range, key, one_of, positive
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.rm import pair_length
-from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, compute_bytes, \
-    micro_batch, sequence_tokens
+from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, \
+    frozen_reference, micro_batch, sequence_tokens
 
 
 @dataclass
@@ -202,8 +202,7 @@ def memory(cfg: DictConfig) -> StageMemory:
     micro = micro_batch(cfg, "dpo")
     prompt, response = sequence_tokens(cfg)
     precomputed, lora = cfg.stage.precompute_ref_logps, cfg.hardware.lora.enabled
-    models = [HeldModel("policy", trains=True)] + ([] if precomputed or lora else [
-        HeldModel("reference", weight_bytes=compute_bytes(cfg), fp32_head=True)])
+    models = [HeldModel("policy", trains=True)] + ([] if precomputed or lora else [frozen_reference(cfg)])
     note = ("precomputed log-probs, no model held" if precomputed
             else "adapters disabled (no copy)" if lora else "a frozen copy")
     return StageMemory(models, [Activations("policy", "policy", 2 * micro, prompt + response, 2 * micro * response)],

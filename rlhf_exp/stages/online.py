@@ -29,7 +29,8 @@ from rlhf_exp.rollout import Rollout
 from rlhf_exp.rollout.batch import pad_rows, response_mask
 from rlhf_exp.rollout.vllm_engine import VLLMRollouts, require_vllm
 from rlhf_exp.stages.base import Trainer
-from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, compute_bytes, micro_batch, sequence_tokens
+from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, compute_bytes, frozen_reference, micro_batch, \
+    sequence_tokens
 
 Stats = dict[str, tuple[float, float]]  # name -> (sum, count): means that add up exactly over micro batches and ranks
 
@@ -287,7 +288,7 @@ def online_memory(cfg: DictConfig, stage_key: str, rollout_sequences: int, extra
     new = int(cfg.stage.generation.max_new_tokens)
     models = [HeldModel("policy", trains=True)]
     if not cfg.hardware.lora.enabled:
-        models.append(HeldModel("reference", weight_bytes=compute_bytes(cfg), fp32_head=True))
+        models.append(frozen_reference(cfg))
     if samples_from_a_copy(cfg):
         models.append(HeldModel("sampling copy", weight_bytes=2))
     if uses_reward_model(cfg):  # a trained RM scores: in the compute dtype, or 4-bit (RewardModelScorer)

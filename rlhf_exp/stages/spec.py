@@ -31,7 +31,8 @@ class HeldModel:
     reward_head: bool = False      # a scalar head instead of the LM head
     quantized: bool | None = None  # None: 4-bit as hardware.load_in_4bit says
     weight_bytes: int | None = None  # bytes per weight as held; None: model.dtype's (what trains: see master_weights)
-    fp32_head: bool = False        # its LM head kept in fp32 under 16-bit autocast (models.loading.frozen_copy)
+    rest_bytes: int | None = None  # bytes per weight of all but the decoder's linear layers (embeddings, norms,
+    #                                the LM head), where they differ from weight_bytes (models.loading.frozen_copy)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,19 @@ def micro_batch(cfg: DictConfig, key: str) -> int:
 def compute_bytes(cfg: DictConfig) -> int:
     """Bytes per weight of a frozen model held in the compute dtype (hardware.precision; auto counts as 16-bit)."""
     return 4 if cfg.hardware.precision == "fp32" else 2
+
+
+def master_bytes(cfg: DictConfig) -> int:
+    """Bytes per weight of what trains in full: fp32 masters (hardware.master_weights=fp32), else model.dtype's."""
+    if cfg.hardware.get("master_weights", "fp32") == "fp32":
+        return 4
+    return 4 if cfg.model.dtype in ("float32", "fp32") else 2
+
+
+def frozen_reference(cfg: DictConfig) -> HeldModel:
+    """The reference a stage holds as a copy (models.loading.frozen_copy): linear layers in the compute dtype,
+    the rest as the policy's master weights."""
+    return HeldModel("reference", weight_bytes=compute_bytes(cfg), rest_bytes=master_bytes(cfg))
 
 
 def sequence_tokens(cfg: DictConfig) -> tuple[int, int]:
