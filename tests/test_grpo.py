@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -123,3 +125,25 @@ def test_the_reward_model_scorer_runs_on_the_policys_device_and_precision(tmp_pa
     assert weights.device.type == cfg.hardware.device and weights.dtype == torch.bfloat16
     scores = scorer(prompts=["a prompt"], completions=["a reply"])
     assert len(scores) == 1
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_without_a_kl_term_no_reference_is_held_or_run_unless_its_kl_is_asked_for(tmp_path, stage):
+    """kl_coef=0 (TRL's default beta) still copied the policy into a reference and ran it on every rollout and
+    evaluation, for nothing but train/kl and eval/kl; now none is held, and report_kl=true holds one again."""
+    from helpers import PPO, VARIED
+    from rlhf_exp.planner import plan_run
+    from rlhf_exp.stages.ppo import PPOTrainer
+
+    cls, overrides = (GRPOTrainer, [*GRPO, *VARIED]) if stage == "grpo" else (PPOTrainer, PPO)
+    trainer = trainer_for(cls, tmp_path, *overrides, "stage.kl_coef=0")
+    assert trainer.reference is None
+    assert "reference" not in {model for model, _, _ in plan_run(trainer.cfg).rows}
+    metrics = {**trainer.train_step(), **trainer.evaluate()}
+    assert "train/kl" not in metrics and "eval/kl" not in metrics and math.isfinite(metrics["train/loss"])
+    trainer.close()
+    asked = trainer_for(cls, tmp_path / "asked", *overrides, "stage.kl_coef=0", "stage.report_kl=true")
+    assert asked.reference is not None
+    metrics = asked.train_step()
+    assert metrics["train/kl"] >= 0
+    asked.close()

@@ -16,7 +16,7 @@ from rlhf_exp.data.collate import TokenizedSFT
 class Rollout:
     items: list[TokenizedSFT]             # prompt and response ids; an empty response stays (its group used it)
     mask: torch.Tensor                    # [B, R] 1 on response tokens
-    ref_logps: torch.Tensor               # [B, R] under the frozen reference
+    ref_logps: torch.Tensor | None        # [B, R] under the frozen reference; None: no reference (kl_coef=0)
     advantages: torch.Tensor              # [B, R] (GRPO: the sequence's advantage on each of its tokens)
     old_logps: torch.Tensor | None = None   # [B, R] under the sampling policy; None: the update's own first pass
     old_values: torch.Tensor | None = None  # [B, R] critic values at sampling (PPO)

@@ -116,7 +116,9 @@ class GRPOTrainer(OnlineRLTrainer):
         logps, mask, entropy = self.logprobs(self.model, micro.items, with_entropy=True)
         old = logps.detach() if micro.old_logps is None else micro.old_logps
         pg_loss, clipped = clipped_policy_loss(logps, old, micro.advantages, stage.clip_ratio, stage.dual_clip_c)
-        per_token = pg_loss + stage.kl_coef * kl_penalty(logps, micro.ref_logps, stage.kl_estimator)
+        per_token = pg_loss
+        if stage.kl_coef:
+            per_token = per_token + stage.kl_coef * kl_penalty(logps, micro.ref_logps, stage.kl_estimator)
         loss = aggregate_loss(per_token, mask, self.aggregation, max_tokens=stage.generation.max_new_tokens,
                               num_sequences=size["sequences"], num_tokens=size["tokens"])
         return loss, policy_stats(logps, old, micro.ref_logps, mask, clipped, entropy)

@@ -35,7 +35,7 @@ from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, compute_by
 Stats = dict[str, tuple[float, float]]  # name -> (sum, count): means that add up exactly over micro batches and ranks
 
 
-def policy_stats(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+def policy_stats(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor,
                  clipped: torch.Tensor, entropy: torch.Tensor | None) -> Stats:
     """Per-token diagnostics of a micro batch ([B, R] tensors): ratio to the sampling policy, approx-KL to it,
     clip fraction, entropy, and `kl`: the k3 estimate of KL(policy || reference), the same in GRPO and PPO."""
@@ -43,7 +43,9 @@ def policy_stats(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.
         log_ratio = (logps - old_logps) * mask
         tokens = float(mask.sum())
         per_token = {"ratio_mean": torch.exp(log_ratio), "approx_kl": 0.5 * log_ratio ** 2,
-                     "clip_fraction": clipped.float(), "kl": kl_penalty(logps, ref_logps, "k3")}
+                     "clip_fraction": clipped.float()}
+        if ref_logps is not None:  # no reference held (kl_coef=0): no KL to report
+            per_token["kl"] = kl_penalty(logps, ref_logps, "k3")
         if entropy is not None:
             per_token["entropy"] = entropy
         return {name: (float((value * mask).sum()), tokens) for name, value in per_token.items()}
@@ -64,7 +66,8 @@ class OnlineRLTrainer(Trainer):
         self.prepare_data("prompt")
         self.check_prompt_data()
         policy = self.load_policy()
-        self.reference = self.frozen_reference(policy)  # LoRA: the policy with adapters disabled
+        # LoRA: the policy with adapters disabled; none at all without a KL term (or report_kl)
+        self.reference = self.frozen_reference(policy) if uses_reference(self.cfg) else None
         self.reward_fn = build(self.cfg.reward.fn, "reward.fn", self.cfg.allowed_targets)
         return policy
 
@@ -159,7 +162,8 @@ class OnlineRLTrainer(Trainer):
         """The rollout's masks and reference log-probs (and the sampling policy's, unless the update's own
         first forward will be them); advantages are filled in by the stage."""
         mask = response_mask(items, self.device)
-        return Rollout(items=items, mask=mask, ref_logps=self.rollout_logprobs(self.reference, items),
+        reference = None if self.reference is None else self.rollout_logprobs(self.reference, items)
+        return Rollout(items=items, mask=mask, ref_logps=reference,
                        advantages=torch.zeros_like(mask),
                        old_logps=self.rollout_logprobs(self.policy, items) if with_old_logps else None)
 
@@ -250,8 +254,8 @@ class OnlineRLTrainer(Trainer):
         rewards, raw, stopped, texts = self.score(prompts, responses)
         items = [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses)]
         mask = response_mask(items, self.device)
-        kl = kl_penalty(self.rollout_logprobs(self.eval_policy, items), self.rollout_logprobs(self.reference, items),
-                        "k3")
+        kl = None if self.reference is None else kl_penalty(
+            self.rollout_logprobs(self.eval_policy, items), self.rollout_logprobs(self.reference, items), "k3")
         n = min(self.stage.get("num_samples") or 0, len(texts))
         if n:
             self.tracker.log_table([{"step": self.step, "prompt": prompts[i][-600:], "generation": texts[i],
@@ -261,7 +265,12 @@ class OnlineRLTrainer(Trainer):
         return {"eval/reward_mean": float(rewards.mean()), "eval/score_mean": float(raw.mean()),
                 "eval/eos_rate": sum(stopped) / len(stopped),
                 "eval/response_length": sum(len(r) for r in responses) / len(responses),
-                "eval/kl": float((kl * mask).sum() / mask.sum().clamp(min=1))}
+                **({} if kl is None else {"eval/kl": float((kl * mask).sum() / mask.sum().clamp(min=1))})}
+
+
+def uses_reference(cfg: DictConfig) -> bool:
+    """Whether GRPO / PPO hold a reference: a KL term to train with (kl_coef > 0), or report_kl."""
+    return float(cfg.stage.kl_coef) > 0 or bool(cfg.stage.get("report_kl"))
 
 
 def uses_reward_model(cfg: DictConfig) -> bool:
@@ -287,7 +296,7 @@ def online_memory(cfg: DictConfig, stage_key: str, rollout_sequences: int, extra
     prompt, _ = sequence_tokens(cfg)
     new = int(cfg.stage.generation.max_new_tokens)
     models = [HeldModel("policy", trains=True)]
-    if not cfg.hardware.lora.enabled:
+    if not cfg.hardware.lora.enabled and uses_reference(cfg):
         models.append(frozen_reference(cfg))
     if samples_from_a_copy(cfg):
         models.append(HeldModel("sampling copy", weight_bytes=2))

@@ -190,7 +190,8 @@ class PPOTrainer(OnlineRLTrainer):
         mask = rollout.mask
         with torch.no_grad():
             rollout.old_values = self.rollout_values(rollout.items) * mask
-            kl = kl_penalty(rollout.old_logps, rollout.ref_logps, "k1") * mask
+            kl = torch.zeros_like(mask) if rollout.ref_logps is None else \
+                kl_penalty(rollout.old_logps, rollout.ref_logps, "k1") * mask
             token_rewards = per_token_rewards(rewards.to(self.device), kl, mask, stage.kl_coef)
             advantages, rollout.returns = gae(token_rewards, rollout.old_values, mask, stage.gamma, stage.lam)
             rollout.advantages = whiten(advantages, mask) if stage.whiten_advantages else advantages
