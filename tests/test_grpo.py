@@ -147,3 +147,24 @@ def test_without_a_kl_term_no_reference_is_held_or_run_unless_its_kl_is_asked_fo
     metrics = asked.train_step()
     assert metrics["train/kl"] >= 0
     asked.close()
+
+
+def test_every_id_the_models_generation_config_ends_with_stops_a_rollout(tmp_path):
+    """Sampling stopped only at the EOS and the template's end of turn: a model whose generation_config.json lists
+    more (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>) ran on past its own end to the length cap."""
+    from transformers import GenerationConfig
+
+    from rlhf_exp.config import resolved
+    from rlhf_exp.models import load_causal_lm, load_tokenizer
+
+    cfg = resolved(tiny_config(tmp_path))
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    model = load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    other_end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    GenerationConfig(eos_token_id=[tokenizer.eos_token_id, other_end]).save_pretrained(tmp_path / "model")
+    trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, f"model.init_from={tmp_path / 'model'}")
+    assert other_end in trainer.stop_token_ids and trainer.stop_token_ids[-1] == tokenizer.eos_token_id
+    assert truncate_after_stop([5, 6, other_end, 7], trainer.stop_token_ids)[0] == [5, 6, other_end]
+    trainer.close()

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_exp.data.tokens import generation_eos_ids
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.models.embedded import float_checkpoint
 from rlhf_exp.runtime import dtype_of
@@ -171,7 +172,10 @@ def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedT
     if model_cfg.get("num_layers"):
         keep_first_layers(model, int(model_cfg.num_layers))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # the tokenizer's EOS, and every id the model's own generation config ends a generation with (Qwen2.5-Instruct
+    # lists <|im_end|> and <|endoftext|>): `data.tokens.with_generation_stops` makes them all stop a response
+    model.generation_config.eos_token_id = list(dict.fromkeys(
+        [tokenizer.eos_token_id, *generation_eos_ids(model.generation_config)]))
     if adapters and uses_lora(hardware):
         model = add_adapters(model, hardware)
         if model_cfg.get("adapter_from"):

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import distributed
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+from rlhf_exp.data.tokens import with_generation_stops
 from rlhf_exp.distributed import shards_weights
 from rlhf_exp.factory import build
 from rlhf_exp.losses.policy import kl_penalty
@@ -66,6 +67,7 @@ class OnlineRLTrainer(Trainer):
         self.prepare_data("prompt")
         self.check_prompt_data()
         policy = self.load_policy()
+        self.stop_token_ids = with_generation_stops(self.stop_token_ids, policy)
         # LoRA: the policy with adapters disabled; none at all without a KL term (or report_kl)
         self.reference = self.frozen_reference(policy) if uses_reference(self.cfg) else None
         self.reward_fn = build(self.cfg.reward.fn, "reward.fn", self.cfg.allowed_targets)
