@@ -72,3 +72,27 @@ def test_ppo_ptx_is_refused_on_prompts_without_references_before_any_weights_loa
     monkeypatch.setattr(Trainer, "load_policy", lambda self: pytest.fail("weights were read before the refusal"))
     with pytest.raises(ConfigError, match=r"stage.ptx_coef.*32 of 32 training prompts of file:.*prompts.jsonl have no reference"):
         ppo_trainer(tmp_path, "data=file", f"data.path={prompts}", "data.val_size=8", "stage.ptx_coef=0.5")
+
+
+def test_a_critic_from_a_reward_model_of_another_vocabulary_is_refused(tokenizer):
+    """The critic was fed the policy's token ids whatever the RM's tokenizer: with another vocabulary it read
+    other tokens, silently. The RM's own added pad token does not count as a difference."""
+    import pytest
+
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.stages.ppo import check_same_vocabulary
+
+    class Vocabulary:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    vocab = tokenizer.get_vocab()
+    check_same_vocabulary(tokenizer, Vocabulary({**vocab, "<|rlhf_exp_pad|>": len(vocab)}))
+    swapped = dict(vocab)
+    first, second = sorted(vocab, key=vocab.get)[100:102]
+    swapped[first], swapped[second] = vocab[second], vocab[first]
+    with pytest.raises(ConfigError, match=r"stage.critic_init.*2 of its tokens have other ids.*critic_init=policy"):
+        check_same_vocabulary(tokenizer, Vocabulary(swapped))

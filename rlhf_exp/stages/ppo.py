@@ -113,8 +113,10 @@ class PPOTrainer(OnlineRLTrainer):
             return self.trainable(load_reward_model(saved_critic, dtype=loaded_as, device=self.device)[0]).train()
         if critic_source(self.cfg) == "reward_model":
             frozen = self.runtime.compute_dtype if self.lora else loaded_as
-            critic = load_reward_model(self.cfg.reward.fn.path, dtype=frozen, device=self.device,
-                                       quantization=quantization_config(self.cfg.hardware) if self.lora else None)[0]
+            critic, rm_tokenizer = load_reward_model(self.cfg.reward.fn.path, dtype=frozen, device=self.device,
+                                                     quantization=quantization_config(self.cfg.hardware) if self.lora else None)
+            if rm_tokenizer is not None:
+                check_same_vocabulary(self.tokenizer, rm_tokenizer)
         elif self.lora:  # a separate frozen base for the critic; the policy's base stays the reference
             critic = reward_model_from_causal_lm(load_causal_lm(
                 self.cfg.model, self.cfg.paths.cache_dir, self.tokenizer, self.cfg.hardware, adapters=False))
@@ -252,6 +254,18 @@ class PPOTrainer(OnlineRLTrainer):
     def write_extra_files(self, folder: Path) -> None:
         if self.ema is not None:
             self.ema.save_pretrained(folder / EMA, safe_serialization=True)
+
+
+def check_same_vocabulary(policy_tokenizer, rm_tokenizer) -> None:
+    """The critic reads the policy's token ids: a critic started from a reward model needs every policy token to
+    have the same id in the RM's vocabulary (the RM's own added pad token aside), else it is fed other tokens."""
+    rm_vocab = rm_tokenizer.get_vocab()
+    differ = [token for token, index in policy_tokenizer.get_vocab().items() if rm_vocab.get(token) != index]
+    if differ:
+        raise ConfigError("stage.critic_init", f"the reward model at reward.fn.path has another vocabulary than the "
+                          f"policy ({len(differ)} of its tokens have other ids, e.g. {differ[0]!r}): a critic started "
+                          "from it would read the policy's token ids as other tokens; use stage.critic_init=policy "
+                          "(the reward model still scores, with its own tokenizer)")
 
 
 def checks(cfg: DictConfig) -> None:
