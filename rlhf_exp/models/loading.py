@@ -174,8 +174,8 @@ def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedT
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # the tokenizer's EOS, and every id the model's own generation config ends a generation with (Qwen2.5-Instruct
     # lists <|im_end|> and <|endoftext|>): `data.tokens.with_generation_stops` makes them all stop a response
-    model.generation_config.eos_token_id = list(dict.fromkeys(
-        [tokenizer.eos_token_id, *generation_eos_ids(model.generation_config)]))
+    ends = list(dict.fromkeys([tokenizer.eos_token_id, *generation_eos_ids(model.generation_config)]))
+    model.generation_config.eos_token_id = ends[0] if len(ends) == 1 else ends
     if adapters and uses_lora(hardware):
         model = add_adapters(model, hardware)
         if model_cfg.get("adapter_from"):
