@@ -318,7 +318,7 @@ def check_held_models_against_the_plan(ctx: Context) -> dict:
             "hardware.load_in_4bit=true", "hardware.micro_batch_size.ppo=2"]))
         trainer = PPOTrainer(cfg, Tracker(), folder / "run")
         trainer.setup()
-        built = {"policy": trainer.policy, "reward model": trainer.reward_fn.model, "critic": trainer.model.critic}
+        built = {"policy": trainer.policy, "reward model": trainer.rewards.reward_model, "critic": trainer.model.critic}
         plan = plan_run(cfg)
         out, ok = {}, True
         for role, model in built.items():

@@ -150,7 +150,7 @@ class DataConfig:
     # the conf/data option (tldr, hh_rlhf, ...); for data=hub, the hub data set's configuration (load_dataset's name)
     name: Optional[str] = None
     format: str = key(one_of(tuple(FORMATS)))
-    source: str = key(one_of(("vendored", "hub", "file")))
+    source: str = key(one_of(("vendored", "hub", "file", "generated")))
     val_size: int = key(positive())
     max_train_examples: Optional[int] = key(optional(positive(), "all of them"))
     max_prompt_tokens: int = key(positive())
@@ -166,6 +166,14 @@ class DataConfig:
     max_rows: Optional[int] = key(optional(positive(), "all of them"), default=None)
     columns: Optional[Dict[str, Optional[str]]] = None
     type: Optional[str] = key(optional(one_of(TRL_TYPES), "detected from the columns"), default=None)
+    # data=arithmetic / data=gsm8k (rlhf_exp/data/math_problems.py): the question as the prompt says it, and the
+    # generated problems' difficulty, count and seed
+    question_template: Optional[str] = None
+    digits: int = key(positive(), default=1)
+    terms: int = key(Rule(lambda v: v >= 2, "must be >= 2"), default=2)
+    operations: List[str] = field(default_factory=lambda: ["+", "-", "*"])
+    num_problems: int = key(positive(), default=300)
+    generator_seed: int = 0
     # the tokenizer's chat template, or chatml, or a Jinja file (conversational data and chat formats use it)
     chat_template: Optional[str] = None
     on_bad_row: str = key(one_of(("error", "skip")), default="error")

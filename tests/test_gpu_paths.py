@@ -105,14 +105,14 @@ def test_the_plan_holds_every_model_as_the_stage_builds_it(tmp_path, reward_mode
     overrides += ["reward=reward_model", f"reward.fn.path={reward_model_folder}", "model.dtype=bfloat16",
                   "hardware.precision=bf16", *hardware]
     trainer = trainer_for(PPOTrainer, tmp_path, *overrides)
-    built = {"policy": trainer.policy, "reward model": trainer.reward_fn.model, "critic": trainer.model.critic}
+    built = {"policy": trainer.policy, "reward model": trainer.rewards.reward_model, "critic": trainer.model.critic}
     if not hardware:  # full fine-tuning: a frozen reference, and rollouts from a bf16 copy of the fp32 masters
         built["reference"] = trainer.reference
         built["sampling copy"] = trainer.sampling_policy()
     plan = plan_run(trainer.cfg)
     assert {role: held_as(model) for role, model in built.items()} == {role: plan.held[role] for role in built}
     assert set(plan.held) == set(built)
-    for head in (trainer.reward_fn.model.head, trainer.model.critic.head):
+    for head in (trainer.rewards.reward_model.head, trainer.model.critic.head):
         assert head.weight.dtype == torch.float32  # a score read in bf16 loses its low bits
     trainer.close()
 

@@ -8,22 +8,13 @@ import pytest
 import torch
 
 from helpers import GRPO, VARIED, mlflow_runs, metric_history, run_cli, tiny_config, tracked_env, trainer_for
-from rlhf_exp.rewards import keyword_reward, length_reward, score_completions
+from rlhf_exp.rewards import keyword_reward, length_reward
 from rlhf_exp.rollout.generation import truncate_after_stop
 from rlhf_exp.stages.grpo import GRPOTrainer
 
 
 def grpo_trainer(tmp_path, *overrides):
     return trainer_for(GRPOTrainer, tmp_path, *GRPO, *overrides)
-
-
-def test_missing_eos_score_replaces_the_reward_not_adds_to_it():
-    rewards, raw = score_completions(length_reward, ["p", "p"], ["a b", "a b"], [[1, 2], [1, 2]],
-                                     has_eos=[True, False], missing_eos_score=-1.0)
-    assert raw.tolist() == pytest.approx([-0.9, -0.9])  # |2 - 20| / 20
-    assert rewards.tolist() == pytest.approx([-0.9, -1.0])
-    kept, _ = score_completions(length_reward, ["p"], ["a"], [[1]], has_eos=[False], missing_eos_score=None)
-    assert kept.tolist() == pytest.approx([-0.95])
 
 
 def test_rule_rewards_and_eos_truncation():

@@ -91,6 +91,13 @@ def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str
     return collate_sft([p.chosen for p in batch] + [p.rejected for p in batch], pad_token_id)
 
 
+def texts_of(example: SFTExample | PreferenceExample) -> tuple[str, ...]:
+    """What tokenizing an example reads: its texts (not its origin or data row)."""
+    if isinstance(example, PreferenceExample):
+        return example.prompt, example.chosen, example.rejected
+    return example.prompt, example.completion
+
+
 def tokenize_examples(examples: Sequence[SFTExample] | Sequence[PreferenceExample], tokenizer, *,
                       max_prompt_tokens: int, max_response_tokens: int, end_id: int | None = None,
                       cache_dir: str | Path | None = None) -> list[TokenizedSFT] | list[TokenizedPair]:
@@ -103,7 +110,7 @@ def tokenize_examples(examples: Sequence[SFTExample] | Sequence[PreferenceExampl
     fingerprint = tokenizer_hash(tokenizer)
     if cache_dir is not None and fingerprint is not None:
         code = [Path(__file__).read_bytes(), Path(tokens.__file__).read_bytes()]
-        texts = ("\0".join(astuple(ex)[:-1]) for ex in examples)  # all but `origin`, which tokenizes nothing
+        texts = ("\0".join(texts_of(ex)) for ex in examples)
         key = digest([fingerprint, *code, f"{max_prompt_tokens},{max_response_tokens},{end_id}", *texts])
         path = Path(cache_dir) / "tokenized" / f"{key[:32]}.json"
         kept = read_json(path)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from omegaconf import DictConfig
 
@@ -29,6 +29,9 @@ class SFTExample:
     prompt: str
     completion: str
     origin: str = ""
+    # the data row's other columns (an `answer`, a `solution`), which reward functions read by name as TRL passes
+    # them; a conversational prompt's messages under "prompt" (reward functions get those, not the rendered text)
+    row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def split_key(self) -> str:
@@ -481,12 +484,15 @@ class ShareGptFormat(DataFormat):
 
 
 from rlhf_exp.data.hf import TYPES, HfFormat, typed_format  # noqa: E402 (it builds on DataFormat above)
+from rlhf_exp.data.math_problems import ArithmeticFormat, Gsm8kFormat  # noqa: E402 (likewise)
 
 FORMATS: dict[str, type[DataFormat]] = {
     "tldr": TldrFormat,
     "hh_rlhf": HhRlhfFormat,
     "jsonl": JsonlFormat,
     "sharegpt": ShareGptFormat,
+    "arithmetic": ArithmeticFormat,
+    "gsm8k": Gsm8kFormat,
     # data=hub / data=file: TRL's types, detected from the columns (trl) or named
     "trl": HfFormat,
     **{kind: typed_format(kind) for kind in TYPES},

@@ -17,6 +17,7 @@ tokenizing step ends with the template's end-of-turn token.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -302,12 +303,25 @@ class HfFormat(DataFormat):
         return checked_pair(PreferenceExample(self._prompt_text(prompt, rec), self._response_text(chosen, rec, "chosen"),
                                               self._response_text(rejected, rec, "rejected"), rec.origin), rec)
 
+    def _reward_row(self, rec: Record) -> dict:
+        """What reward functions get of the row, as TRL passes it: every column but the prompt and completion by
+        its own name, and a conversational prompt's messages under "prompt"."""
+        used = {self.columns["prompt"], self.columns["completion"]}
+        row = {name: value for name, value in rec.data.items() if name not in used}
+        prompt = rec.data.get(self.columns["prompt"])
+        if is_conversation(prompt):
+            row["prompt"] = self._messages(prompt, rec)
+        return row
+
     def _prompt_example(self, rec: Record) -> SFTExample:
-        """A prompt to sample from, with its reference response where the data set has one ("" otherwise)."""
+        """A prompt to sample from, with its reference response where the data set has one ("" otherwise), and
+        the row's columns for reward functions."""
         kind = self.dataset_type
         if kind == "prompt_only":
-            return SFTExample(self._prompt_text(self._value(rec, "prompt"), rec), "", rec.origin)
-        return self._sft_example(rec)
+            example = SFTExample(self._prompt_text(self._value(rec, "prompt"), rec), "", rec.origin)
+        else:
+            example = self._sft_example(rec)
+        return replace(example, row=self._reward_row(rec))
 
     def sft_examples(self) -> list[SFTExample]:
         if self.dataset_type not in _MAKES["sft"]:

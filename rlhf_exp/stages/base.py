@@ -186,7 +186,7 @@ class Trainer:
 
         ("prompt": prompts to sample from, with their references where the data has them.)
         Sets self.tokenizer, self.stop_token_ids, self.train_set, self.val_set (held-out, cut to
-        stage.eval_examples), self.val_examples (their texts) and self.batches.
+        stage.eval_examples), self.train_examples and self.val_examples (their texts and rows) and self.batches.
         """
         from rlhf_exp.data import data_tokenizer, load_preference_splits, load_prompt_splits, load_sft_splits
         from rlhf_exp.data.collate import tokenize_examples
@@ -203,7 +203,7 @@ class Trainer:
                            max_response_tokens=data.max_response_tokens, end_id=self.stop_token_ids[-1])
         self.train_set = tokenize(train, cache_dir=self.cfg.paths.cache_dir)
         self.val_set = tokenize(val)
-        self.val_examples = val
+        self.train_examples, self.val_examples = train, val  # their texts and data rows
         self.batches = BatchStream(len(self.train_set), self.cfg.seed)
         self.tracker.set_tags({"data.num_train": len(self.train_set), "data.num_eval": len(self.val_set)})
         self.memory.start()  # what the models and training add is measured from here

@@ -88,7 +88,8 @@ class GRPOTrainer(OnlineRLTrainer):
 
         t = time.perf_counter()
         prompts = [self.tokenizer.decode(p) for p in prompt_ids for _ in range(group)]
-        rewards, raw, stopped, _ = self.score(prompts, responses)
+        scores = self.score(prompts, responses, [self.train_examples[i].row for i in indices for _ in range(group)])
+        rewards, stopped = scores.rewards, scores.stopped
         advantages = group_advantages(rewards, group, self.scale_by_std)
         flat = flat_groups(rewards, group)
         if bool(flat.all()):
@@ -107,7 +108,7 @@ class GRPOTrainer(OnlineRLTrainer):
         t = time.perf_counter()
         stats = self.update(rollout, stage.updates_per_rollout)
         times["update"] = time.perf_counter() - t
-        return {**self.rollout_metrics(rewards, raw, stopped, responses), **stats,
+        return {**self.rollout_metrics(scores, responses), **stats,
                 "train/flat_group_fraction": float(flat.float().mean()),
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": time.perf_counter() - start}
 

@@ -20,12 +20,11 @@ from rlhf_exp import distributed
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.data.tokens import with_generation_stops
 from rlhf_exp.distributed import shards_weights
-from rlhf_exp.factory import build
 from rlhf_exp.losses.policy import kl_penalty
 from rlhf_exp.models.peft import is_4bit, is_peft
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs, repeats_a_prompt
-from rlhf_exp.rewards import score_responses
+from rlhf_exp.rewards import Scores, build_rewards, reward_function_metrics, reward_function_totals, score_responses
 from rlhf_exp.rollout import Rollout
 from rlhf_exp.rollout.batch import pad_rows, response_mask
 from rlhf_exp.rollout.vllm_engine import VLLMRollouts, require_vllm
@@ -70,7 +69,7 @@ class OnlineRLTrainer(Trainer):
         self.stop_token_ids = with_generation_stops(self.stop_token_ids, policy)
         # LoRA: the policy with adapters disabled; none at all without a KL term (or report_kl)
         self.reference = self.frozen_reference(policy) if uses_reference(self.cfg) else None
-        self.reward_fn = build(self.cfg.reward.fn, "reward.fn", self.cfg.allowed_targets)
+        self.rewards = build_rewards(self.cfg.reward, self.cfg.allowed_targets)
         return policy
 
     def check_prompt_data(self) -> None:
@@ -129,10 +128,11 @@ class OnlineRLTrainer(Trainer):
                             prompt + int(self.stage.generation.max_new_tokens), int(self.cfg.seed),
                             self.runtime.precision)
 
-    def score(self, prompts: list[str], responses: list[list[int]]):
-        """(rewards with the no-EOS score substituted, raw scores, whether each response stopped, texts)."""
-        return score_responses(self.reward_fn, self.tokenizer, prompts, responses, self.stop_token_ids,
-                               self.cfg.reward.missing_eos_score)
+    def score(self, prompts: list[str], responses: list[list[int]], rows: list[dict]) -> Scores:
+        """The responses' rewards (the no-EOS score substituted), raw sums, each function's values, whether each
+        stopped, and texts; `rows`: each response's prompt's data row (its columns go to the reward functions)."""
+        return score_responses(self.rewards, self.tokenizer, prompts, responses, self.stop_token_ids,
+                               self.cfg.reward.missing_eos_score, rows, self.step, int(self.stage.max_steps))
 
     def logprobs(self, model, items: list[TokenizedSFT], with_entropy: bool = False):
         """(log-probs [B, R], mask [B, R], entropy [B, R] or None) of the responses, at the sampling temperature;
@@ -224,18 +224,21 @@ class OnlineRLTrainer(Trainer):
         out["train/lr"] = lr
         return {**out, **first}
 
-    def rollout_metrics(self, rewards: torch.Tensor, raw: torch.Tensor, stopped: list[bool],
-                        responses: list[list[int]]) -> dict[str, float]:
-        """Reward, score, EOS rate and length of this step's samples, over every rank."""
-        rewards = rewards.double()
+    def rollout_metrics(self, scores: Scores, responses: list[list[int]]) -> dict[str, float]:
+        """Reward, score, each reward function's mean and std, EOS rate and length of this step's samples, over
+        every rank."""
+        rewards = scores.rewards.double()
+        functions = reward_function_totals(scores.per_function)
         total = distributed.sum_values({"n": len(responses), "reward": float(rewards.sum()),
-                                        "reward_sq": float((rewards ** 2).sum()), "score": float(raw.sum()),
-                                        "eos": sum(stopped), "length": sum(len(r) for r in responses)})
+                                        "reward_sq": float((rewards ** 2).sum()), "score": float(scores.raw.sum()),
+                                        "eos": sum(scores.stopped), "length": sum(len(r) for r in responses),
+                                        **{f"fn/{k}": v for k, v in functions.items()}})
         n, mean = total["n"], total["reward"] / total["n"]
         variance = max(total["reward_sq"] - n * mean ** 2, 0.0) / max(n - 1, 1)  # unbiased, as torch.std
+        functions = {k[3:]: v for k, v in total.items() if k.startswith("fn/")}
         return {"train/reward_mean": mean, "train/reward_std": variance ** 0.5, "train/score_mean": total["score"] / n,
                 "train/eos_rate": total["eos"] / n, "train/response_length": total["length"] / n,
-                "train/rollout_sequences": n}
+                "train/rollout_sequences": n, **reward_function_metrics(functions, "train")}
 
     def close(self) -> None:
         engine = self.__dict__.pop("vllm_rollouts", None)
@@ -253,7 +256,8 @@ class OnlineRLTrainer(Trainer):
         responses = self.sample(prompt_ids, 1, self.eval_policy, generator=self.random.fresh(1),
                                 desc=f"{self.stage.name} eval: {len(prompt_ids)} answers")
         prompts = [ex.prompt for ex in self.val_examples]
-        rewards, raw, stopped, texts = self.score(prompts, responses)
+        scores = self.score(prompts, responses, [ex.row for ex in self.val_examples])
+        rewards, raw, stopped, texts = scores.rewards, scores.raw, scores.stopped, scores.texts
         items = [TokenizedSFT(p, r) for p, r in zip(prompt_ids, responses)]
         mask = response_mask(items, self.device)
         kl = None if self.reference is None else kl_penalty(
@@ -267,6 +271,7 @@ class OnlineRLTrainer(Trainer):
         return {"eval/reward_mean": float(rewards.mean()), "eval/score_mean": float(raw.mean()),
                 "eval/eos_rate": sum(stopped) / len(stopped),
                 "eval/response_length": sum(len(r) for r in responses) / len(responses),
+                **reward_function_metrics(reward_function_totals(scores.per_function), "eval"),
                 **({} if kl is None else {"eval/kl": float((kl * mask).sum() / mask.sum().clamp(min=1))})}
 
 

@@ -179,12 +179,15 @@ class PPOTrainer(OnlineRLTrainer):
     def train_step(self) -> dict[str, float]:
         stage, times = self.stage, {}
         start = time.perf_counter()
-        prompt_ids = [self.train_set[i].prompt_ids for i in self.batches.take(stage.batch_size)]
+        indices = self.batches.take(stage.batch_size)
+        prompt_ids = [self.train_set[i].prompt_ids for i in indices]
         responses = self.sample(prompt_ids, 1)
         times["generation"] = time.perf_counter() - start
 
         t = time.perf_counter()
-        rewards, raw, stopped, _ = self.score([self.tokenizer.decode(p) for p in prompt_ids], responses)
+        scores = self.score([self.tokenizer.decode(p) for p in prompt_ids], responses,
+                            [self.train_examples[i].row for i in indices])
+        rewards = scores.rewards
         times["scoring"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -202,7 +205,7 @@ class PPOTrainer(OnlineRLTrainer):
         t = time.perf_counter()
         stats = self.update(rollout, stage.ppo_epochs)
         times["update"] = time.perf_counter() - t
-        return {**self.rollout_metrics(rewards, raw, stopped, responses), **stats,
+        return {**self.rollout_metrics(scores, responses), **stats,
                 "train/non_score_reward": float((-stage.kl_coef * kl).sum(-1).mean()),
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": time.perf_counter() - start}
 
