@@ -279,3 +279,21 @@ def test_a_blend_of_an_unknown_or_mismatched_source_names_the_key(tokenizer):
 
     with pytest.raises(ConfigError, match=r"data.blend.*weight > 0"):
         validate(resolved(compose_config(["model=tiny", "data=tldr", "data.blend={hh_rlhf: -1}"])))
+
+
+def test_a_prefix_of_the_held_out_pairs_draws_from_every_hh_subset(tmp_path):
+    """stage.eval_examples takes the first held-out pairs. Before: they kept the file's order, and HH-RLHF's file
+    order is its four subsets one after another, so the first 200 held-out pairs were all harmless-base (the RM
+    on HH scored below chance, and fell as it learned the mixture)."""
+    from pathlib import Path
+
+    from helpers import tiny_config
+    from rlhf_exp.data import data_tokenizer, load_preference_splits
+
+    cfg = tiny_config(tmp_path, "data=hh_rlhf")
+    tokenizer, _ = data_tokenizer(cfg.model, cfg.data, cfg.paths.cache_dir)
+    _, held_out = load_preference_splits(cfg.data, tokenizer, cfg.seed)
+    subsets = [Path(pair.origin.rsplit(":", 1)[0]).name.split(".")[0] for pair in held_out[:200]]
+    shares = {name: subsets.count(name) / len(subsets) for name in set(subsets)}
+    assert set(shares) == {"harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"}
+    assert all(0.08 < share < 0.45 for share in shares.values()), shares  # about 27 / 28 / 13 / 32 %
