@@ -22,13 +22,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                     eps: float = 1e-7) -> torch.Tensor:
+                     eps: float = 1e-4) -> torch.Tensor:
     """GRPO advantages (Shao et al. 2024, DeepSeekMath eq. 3 with outcome supervision).
 
     rewards [P * G], the G samples of each prompt adjacent -> [P * G]:
     (r - mean of its group) / (std of its group + eps). `scale_by_std=False` is Dr. GRPO
     (Liu et al. 2025), which drops the std to avoid weighting easy / hard prompts up.
-    The std is the unbiased one (torch's default), as in the DGX Spark seed and TRL.
+    The std is the unbiased one (torch's default) and eps TRL's 1e-4, as in TRL (tests/test_trl_parity.py):
+    a group whose rewards differ only by rounding gets advantages near 0, not of order 1.
     """
     groups = rewards.view(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)

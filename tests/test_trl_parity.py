@@ -1,0 +1,339 @@
+"""Parity with TRL on identical inputs: for one batch and the tiny model in fp32, the loss each stage computes
+(through its own log-prob code) and its gradient equal what TRL's trainer computes (`compute_loss` /
+`_compute_loss`, with TRL's own forward) on the same token ids, to 1e-5. TRL is a test-only dependency (the
+`dev` extra). Where this project differs on purpose the test names the difference and checks the relation.
+
+What each would catch: a shifted or off-by-one response mask, the end token not scored, temperature not
+applied to the log-probs, a loss normalized over the wrong count (per micro batch instead of per batch, per
+sequence instead of per token), a sign or clip-side error in the surrogate, the KL term on the wrong side,
+IPO's length normalization missing, the reference's log-probs taken from the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import GRPO, PAIRS, trainer_for
+
+trl = pytest.importorskip("trl", reason="TRL is a test-only dependency: pip install -e '.[dev]'")
+
+from datasets import Dataset  # noqa: E402
+
+from rlhf_exp.data.collate import TokenizedSFT, collate_pairs, collate_sft  # noqa: E402
+from rlhf_exp.losses.policy import group_advantages  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+def common_args(tmp_path) -> dict:
+    return dict(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none", per_device_train_batch_size=8,
+                gradient_checkpointing=False, bf16=False, logging_steps=1, save_strategy="no", seed=0,
+                dataloader_num_workers=0)
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {name.removeprefix("base_model.model."): p.grad.detach().clone()
+            for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys() and ours
+    worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    scale = max(float(g.abs().max()) for g in ours.values())
+    assert worst <= TOLERANCE * max(1.0, scale), f"largest gradient difference {worst:.3g} (largest gradient {scale:.3g})"
+
+
+def on_disk(model, tokenizer, folder):
+    """`model` with a folder behind its name (TRL reads the model's config and generation config by name)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model.config._name_or_path = model.name_or_path = str(folder)
+    return model
+
+
+def perturbed(model, seed: int = 1, size: float = 0.02):
+    """A copy of `model` moved off it (a policy that has trained a little: its log-probs differ from the
+    reference's)."""
+    moved = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * size)
+    return moved
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+
+def right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    return ids, torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+
+
+# ----------------------------------------------------------------------------------------------- GRPO
+
+# TRL loss_type -> our stage keys giving the same loss (TRL has no dual clip: it is off on our side)
+GRPO_LOSS_TYPES = {
+    "grpo": ["stage.loss_type=grpo"],                                   # seq-mean-token-mean
+    "bnpo": ["stage.loss_type=grpo", "stage.loss_aggregation=token-mean"],
+    "dr_grpo": ["stage.loss_type=dr_grpo"],                             # sum / (B x max_completion_length)
+    "dapo": ["stage.loss_type=grpo", "stage.loss_aggregation=token-mean"],  # sum / num_items_in_batch (tokens)
+}
+
+
+@pytest.mark.parametrize("loss_type", list(GRPO_LOSS_TYPES))
+def test_grpo_loss_and_gradients_equal_trls(tmp_path, loss_type):
+    from trl import GRPOConfig, GRPOTrainer
+
+    group, new_tokens, temperature, beta = 4, 6, 0.7, 0.05
+    ours = trainer_for(__import__("rlhf_exp.stages.grpo", fromlist=["GRPOTrainer"]).GRPOTrainer, tmp_path,
+                       *GRPO, "stage.minibatch_size=8", "stage.dual_clip_c=null", f"stage.kl_coef={beta}",
+                       "stage.kl_estimator=k3", "stage.clip_ratio=0.2", f"stage.generation.temperature={temperature}",
+                       f"stage.generation.max_new_tokens={new_tokens}", *GRPO_LOSS_TYPES[loss_type])
+    reference = copy.deepcopy(ours.model)
+    ours.model = perturbed(ours.model)
+    ours.reference = reference
+    policy_at_start = on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
+
+    generator = torch.Generator().manual_seed(0)
+    prompts = [ours.train_set[k].prompt_ids for k in range(2)]
+    lengths = [6, 2, 5, 3, 6, 1, 4, 6]  # ragged, one at the budget
+    items = [TokenizedSFT(prompts[k // group], torch.randint(10, 500, (n,), generator=generator).tolist())
+             for k, n in enumerate(lengths)]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0])
+    advantages = group_advantages(rewards, group, scale_by_std=loss_type != "dr_grpo")
+
+    rollout = ours.make_rollout(items)
+    # an older sampling policy: ratios both sides of the clip range
+    rollout.old_logps = (rollout.old_logps + torch.randn(rollout.old_logps.shape, generator=generator) * 0.3) * rollout.mask
+    rollout.advantages = advantages[:, None] * rollout.mask
+    loss, _ = ours.minibatch_loss(rollout, {"tokens": float(rollout.mask.sum()), "sequences": len(items)})
+    loss.backward()
+
+    trainer = GRPOTrainer(
+        model=policy_at_start, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+        processing_class=ours.tokenizer, train_dataset=Dataset.from_list([{"prompt": "x"}] * 8),
+        args=GRPOConfig(**common_args(tmp_path), num_generations=group, max_completion_length=new_tokens,
+                        temperature=temperature, beta=beta, epsilon=0.2, loss_type=loss_type,
+                        scale_rewards="none" if loss_type == "dr_grpo" else "group", disable_dropout=True,
+                        # TRL 1.16's default (True) weights the KL term by the ratio to the sampling policy (the
+                        # DeepSeek-V3.2 correction); ours is the plain term: the relation is the next test's
+                        use_bias_correction_kl=False))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    prompt_ids, prompt_mask = left_pad([x.prompt_ids for x in items], ours.tokenizer.pad_token_id)
+    completion_ids, completion_mask = right_pad([x.response_ids for x in items], ours.tokenizer.pad_token_id)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages,
+              "old_per_token_logps": rollout.old_logps, "ref_per_token_logps": rollout.ref_logps,
+              "num_items_in_batch": completion_mask.sum()}
+    theirs = trainer._compute_loss(trainer.model, inputs)
+    theirs.backward()
+
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    assert_same_gradients(gradients(ours.model), gradients(trainer.model))
+
+
+def test_grpo_advantages_equal_trls_formula():
+    """TRL computes advantages inline in `_generate_and_score_completions` (no function to call): its formula,
+    (r - group mean) / (group std + 1e-4) with the unbiased std (scale_rewards="group"), and r - group mean
+    (scale_rewards="none", Dr. GRPO)."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0])
+    grouped = rewards.view(-1, 4)
+    mean = grouped.mean(dim=1).repeat_interleave(4)
+    std = grouped.std(dim=1).repeat_interleave(4)
+    assert torch.allclose(group_advantages(rewards, 4, scale_by_std=True), (rewards - mean) / (std + 1e-4),
+                          atol=TOLERANCE)
+    assert torch.allclose(group_advantages(rewards, 4, scale_by_std=False), rewards - mean, atol=TOLERANCE)
+
+
+def test_trls_default_bias_corrected_kl_is_ours_plus_the_ratio_weighted_difference(tmp_path):
+    """TRL 1.16 multiplies the per-token k3 by the ratio to the sampling policy by default
+    (`use_bias_correction_kl=True`); ours does not (the GRPO paper's and verl's term). On identical inputs TRL's
+    loss is ours + beta * aggregate((ratio - 1) * k3), exactly."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf_exp.losses.policy import kl_penalty
+    from rlhf_exp.stages.grpo import GRPOTrainer as OurGRPO
+
+    beta = 1.0  # a KL term large enough that the correction shows
+    ours = trainer_for(OurGRPO, tmp_path, *GRPO, "stage.minibatch_size=8", "stage.dual_clip_c=null",
+                       f"stage.kl_coef={beta}", "stage.generation.temperature=1.0")
+    ours.reference, ours.model = copy.deepcopy(ours.model), perturbed(ours.model)
+    policy_at_start = on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
+    generator = torch.Generator().manual_seed(0)
+    items = [TokenizedSFT(ours.train_set[k // 4].prompt_ids, torch.randint(10, 500, (n,), generator=generator).tolist())
+             for k, n in enumerate([6, 2, 5, 3, 6, 1, 4, 6])]
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0]), 4)
+    rollout = ours.make_rollout(items)
+    rollout.old_logps = (rollout.old_logps + torch.randn(rollout.old_logps.shape, generator=generator) * 0.3) * rollout.mask
+    rollout.advantages = advantages[:, None] * rollout.mask
+    with torch.no_grad():
+        loss, _ = ours.minibatch_loss(rollout, {"tokens": float(rollout.mask.sum()), "sequences": len(items)})
+        logps, mask, _ = ours.logprobs(ours.model, items)
+        weighted = (torch.exp(logps - rollout.old_logps) - 1) * kl_penalty(logps, rollout.ref_logps, "k3")
+        correction = beta * float(((weighted * mask).sum(-1) / mask.sum(-1)).mean())
+
+    trainer = GRPOTrainer(
+        model=policy_at_start, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+        processing_class=ours.tokenizer, train_dataset=Dataset.from_list([{"prompt": "x"}] * 8),
+        args=GRPOConfig(**common_args(tmp_path), num_generations=4, max_completion_length=6, temperature=1.0,
+                        beta=beta, epsilon=0.2, loss_type="grpo", disable_dropout=True))
+    assert trainer.args.use_bias_correction_kl  # TRL's default
+    trainer.current_gradient_accumulation_steps = 1
+    prompt_ids, prompt_mask = left_pad([x.prompt_ids for x in items], ours.tokenizer.pad_token_id)
+    completion_ids, completion_mask = right_pad([x.response_ids for x in items], ours.tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = trainer._compute_loss(trainer.model, {
+            "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": rollout.old_logps,
+            "ref_per_token_logps": rollout.ref_logps})
+    assert abs(correction) > 1e-4  # the inputs make the two differ
+    assert float(theirs) == pytest.approx(float(loss) + correction, abs=TOLERANCE)
+
+
+# ----------------------------------------------------------------------------------------------- SFT
+
+def test_sft_loss_and_gradients_equal_trls(tmp_path):
+    """Completion-only SFT, the mean NLL over every response token of the batch (TRL's default for
+    prompt-completion data, num_items_in_batch = the batch's tokens)."""
+    from trl import SFTConfig, SFTTrainer as TrlSFT
+
+    from rlhf_exp.losses.sft import sft_loss
+    from rlhf_exp.stages.sft import SFTTrainer
+
+    ours = trainer_for(SFTTrainer, tmp_path)
+    start = on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
+    batch = collate_sft(ours.train_set[:4], ours.tokenizer.pad_token_id)
+    logps, mask = ours._response_logps(batch)
+    loss = sft_loss(logps, mask, mask.sum())
+    loss.backward()
+
+    trainer = TrlSFT(model=start, processing_class=ours.tokenizer,
+                     train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b"}] * 8),
+                     args=SFTConfig(**common_args(tmp_path), completion_only_loss=True, packing=False))
+    trainer.model.train()
+    labels = batch["input_ids"].masked_fill(batch["response_mask"] == 0, -100)
+    theirs = trainer.compute_loss(trainer.model, {"input_ids": batch["input_ids"],
+                                                  "attention_mask": batch["attention_mask"], "labels": labels})
+    theirs.backward()
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    assert_same_gradients(gradients(ours.model), gradients(trainer.model))
+
+
+# ----------------------------------------------------------------------------------------------- reward model
+
+def test_reward_model_bradley_terry_loss_and_gradients_equal_trls(tmp_path):
+    """Our RM (backbone + bias-free linear head, scored at the response's end token) as the
+    ForSequenceClassification model TRL's RewardTrainer trains: the same weights, the same pairs."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf_exp.losses import bradley_terry_loss
+    from rlhf_exp.stages.rm import RewardModelTrainer
+
+    ours = trainer_for(RewardModelTrainer, tmp_path, "stage=rm", *PAIRS)
+    pad = ours.tokenizer.pad_token_id
+    config = AutoConfig.for_model(**{**ours.model.backbone.config.to_dict(), "num_labels": 1, "pad_token_id": pad})
+    classifier = AutoModelForSequenceClassification.from_config(config)
+    classifier.model.load_state_dict(ours.model.backbone.state_dict())
+    with torch.no_grad():
+        classifier.score.weight.copy_(ours.model.head.weight)
+    classifier = on_disk(classifier, ours.tokenizer, tmp_path / "rm")
+
+    pairs = ours.train_set[:4]
+    chosen, rejected = ours.pair_scores(pairs)
+    loss = bradley_terry_loss(chosen, rejected).mean()
+    loss.backward()
+
+    trainer = RewardTrainer(model=classifier, processing_class=ours.tokenizer,
+                            train_dataset=Dataset.from_list([{"chosen": "a", "rejected": "b"}] * 8),
+                            args=RewardConfig(**common_args(tmp_path), center_rewards_coefficient=None))
+    trainer.model.train()
+    batch = collate_pairs(pairs, pad)  # all chosen rows, then all rejected: TRL's order
+    theirs = trainer.compute_loss(trainer.model, {"input_ids": batch["input_ids"],
+                                                  "attention_mask": batch["attention_mask"]})
+    theirs.backward()
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    ours_grads = {name.replace("backbone.", "model.", 1).replace("head.", "score.", 1): g
+                  for name, g in gradients(ours.model).items()}
+    assert_same_gradients(ours_grads, gradients(trainer.model))
+
+
+# ----------------------------------------------------------------------------------------------- DPO
+
+def dpo_sides(tmp_path, loss_type: str, label_smoothing: float = 0.0, beta: float = 0.1):
+    """Our DPO trainer (a moved policy, the starting model as reference) and TRL's on copies of the same two models."""
+    from trl import DPOConfig, DPOTrainer as TrlDPO
+
+    from rlhf_exp.stages.dpo import DPOTrainer
+
+    ours = trainer_for(DPOTrainer, tmp_path, "stage=dpo", *PAIRS, "stage.precompute_ref_logps=false",
+                       f"stage.loss_type={loss_type}", f"stage.label_smoothing={label_smoothing}", f"stage.beta={beta}")
+    reference = ours.reference
+    ours.model = perturbed(ours.model, size=0.05)
+    policy = on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
+    ref_copy = on_disk(copy.deepcopy(reference), ours.tokenizer, tmp_path / "reference")
+    trainer = TrlDPO(model=policy, ref_model=ref_copy, processing_class=ours.tokenizer,
+                     train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 8),
+                     args=DPOConfig(**common_args(tmp_path), beta=beta, loss_type=[loss_type if loss_type != "cdpo"
+                                                                                    else "sigmoid"],
+                                    precompute_ref_log_probs=False))
+    trainer.model.train()
+    return ours, trainer
+
+
+def our_dpo_loss(ours, pairs) -> torch.Tensor:
+    from rlhf_exp.stages.dpo import pair_lengths
+
+    chosen, rejected, _ = ours.pair_logps(ours.model, pairs)
+    ref_chosen, ref_rejected = ours.reference_logps(list(range(len(pairs))), pairs)
+    losses, _, _ = ours._losses(chosen, rejected, ref_chosen, ref_rejected, pair_lengths(pairs))
+    return losses.mean()
+
+
+def trl_dpo_loss(trainer, pairs, pad: int) -> torch.Tensor:
+    batch = collate_pairs(pairs, pad)
+    return trainer.compute_loss(trainer.model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                                "completion_mask": batch["response_mask"]})
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_loss_and_gradients_equal_trls(tmp_path, loss_type):
+    """sigmoid (Rafailov et al.), hinge (SLiC) and IPO on per-token average log-ratios, TRL's normalization (ours
+    is `ipo`; `ipo_sum` is the paper's summed form, which TRL does not have)."""
+    ours, trainer = dpo_sides(tmp_path, loss_type, beta=0.5 if loss_type == "hinge" else 0.1)
+    pairs = ours.train_set[:4]
+    loss = our_dpo_loss(ours, pairs)
+    loss.backward()
+    theirs = trl_dpo_loss(trainer, pairs, ours.tokenizer.pad_token_id)
+    theirs.backward()
+    assert float(loss.detach()) != pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-3)  # the policy moved
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    assert_same_gradients(gradients(ours.model), gradients(trainer.model))
+
+
+def test_conservative_dpo_is_trls_sigmoid_on_the_pairs_and_on_them_swapped(tmp_path):
+    """cDPO (Mitchell 2023; label_smoothing = the share of flipped labels): TRL 1.16 no longer smooths its sigmoid
+    loss, so the relation is checked instead: (1 - e) TRL(sigmoid, pairs) + e TRL(sigmoid, chosen and rejected
+    swapped), loss and gradients."""
+    from rlhf_exp.data.collate import TokenizedPair
+
+    smoothing = 0.1
+    ours, trainer = dpo_sides(tmp_path, "sigmoid", label_smoothing=smoothing)
+    pairs = ours.train_set[:4]
+    loss = our_dpo_loss(ours, pairs)
+    loss.backward()
+    swapped = [TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids) for p in pairs]
+    pad = ours.tokenizer.pad_token_id
+    theirs = (1 - smoothing) * trl_dpo_loss(trainer, pairs, pad) + smoothing * trl_dpo_loss(trainer, swapped, pad)
+    theirs.backward()
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    assert_same_gradients(gradients(ours.model), gradients(trainer.model))
