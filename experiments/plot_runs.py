@@ -1,7 +1,8 @@
 """Curves of MLflow runs as a PNG, for the write-ups.
 
 python experiments/plot_runs.py OUT.png RUN_ID[,RUN_ID...] METRIC [METRIC ...] [--title T] [--uri sqlite:///mlflow.db]
-Several runs: one line per run and metric, labelled by run name.
+Several runs: one line per run and metric, labelled by run name. A `<x>/mean` metric with `<x>/ci_low` and
+`<x>/ci_high` logged (a 0/1 reward's Wilson interval) gets its interval as a band.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def main() -> None:
             name = f"{label}: {metric}" if label else metric
             history[name] = [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
             names.append(name)
+            if metric.endswith("/mean"):  # its 95% interval, drawn as a band where the run logged one
+                for side in ("ci_low", "ci_high"):
+                    history[f"{name.removesuffix('/mean')}/{side}"] = [
+                        (m.step, m.value) for m in client.get_metric_history(run_id, f"{metric.removesuffix('/mean')}/{side}")]
     fig = curves_figure(history, names, args.title)
     try:
         fig.savefig(args.out, dpi=110)

@@ -361,8 +361,12 @@ class Trainer:
         self.last_metrics.update(metrics)
         self.tracker.log_metrics(metrics, step=self.step)
 
+    def plotted_metrics(self) -> list[str]:
+        """What training_curves.png shows: `curve_metrics`, and what a run adds (each reward function's)."""
+        return list(self.curve_metrics)
+
     def log_curves(self) -> None:
-        fig = curves_figure(self.history, list(self.curve_metrics), f"{self.stage.name}: {self.cfg.model.name} "
+        fig = curves_figure(self.history, self.plotted_metrics(), f"{self.stage.name}: {self.cfg.model.name} "
                             f"on {data_label(self.cfg.data)}")
         try:
             fig.savefig(self.run_dir / "training_curves.png")

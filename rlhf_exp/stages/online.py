@@ -72,6 +72,11 @@ class OnlineRLTrainer(Trainer):
         self.rewards = build_rewards(self.cfg.reward, self.cfg.allowed_targets)
         return policy
 
+    def plotted_metrics(self) -> list[str]:
+        """The reward curves, and each reward function's held-out mean (with its interval for a 0/1 check)."""
+        return [*self.curve_metrics, *sorted(name for name in self.history
+                                             if name.startswith("eval/rewards/") and name.endswith("/mean"))]
+
     def check_prompt_data(self) -> None:
         """What the stage needs of its prompts beyond their text, checked before any weights load (PPO-ptx:
         references)."""

@@ -9,13 +9,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def curves_figure(history: dict[str, list[tuple[int, float]]], names: list[str], title: str):
-    """One line per metric in `names` (those present), x = optimizer step."""
+    """One line per metric in `names` (those present), x = optimizer step; a `<x>/mean` whose `<x>/ci_low` and
+    `<x>/ci_high` are logged too gets its interval as a band."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name in names:
         points = history.get(name)
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=name)
+            line, = ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=name)
+            low, high = (history.get(name.removesuffix("/mean") + f"/ci_{side}") for side in ("low", "high"))
+            if name.endswith("/mean") and low and high and len(low) == len(high) == len(points):
+                ax.fill_between([s for s, _ in low], [v for _, v in low], [v for _, v in high],
+                                color=line.get_color(), alpha=0.2, label=f"{name}: 95% interval")
     ax.set_xlabel("optimizer step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
