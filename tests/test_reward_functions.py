@@ -212,3 +212,13 @@ def test_a_raising_reward_function_stops_the_run_in_one_line_naming_it(tmp_path)
     last = done.stderr.strip().splitlines()[-1]
     assert "reward.funcs[0]" in last and "reward function raises raised RuntimeError: the grader is down" in last
     assert "Traceback" not in done.stderr
+
+
+def test_the_plan_counts_a_reward_model_listed_in_reward_funcs():
+    from rlhf_exp.stages.online import uses_reward_model
+
+    scorer = {"_target_": "rlhf_exp.rewards.RewardModelScorer", "path": "rm/checkpoints/final", "weight": 0.5}
+    math_only = {"fn": None, "funcs": [{"_target_": "rlhf_exp.rewards.verifiable.math_reward"}]}
+    assert not uses_reward_model(OmegaConf.create({"reward": math_only}))
+    assert uses_reward_model(OmegaConf.create({"reward": {**math_only, "funcs": [*math_only["funcs"], scorer]}}))
+    assert uses_reward_model(OmegaConf.create({"reward": {"fn": scorer, "funcs": []}}))

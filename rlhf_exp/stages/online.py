@@ -286,9 +286,11 @@ def uses_reference(cfg: DictConfig) -> bool:
 
 
 def uses_reward_model(cfg: DictConfig) -> bool:
-    """The reward is a trained reward model: a path is set, or the scorer is (a plan made before the RM exists)."""
-    target = str(OmegaConf.select(cfg, "reward.fn._target_", default="") or "")
-    return bool(OmegaConf.select(cfg, "reward.fn.path", default=None)) or target.endswith("RewardModelScorer")
+    """A trained reward model scores, as reward.fn or in reward.funcs: a path is set, or the scorer is named (a
+    plan made before the RM exists)."""
+    entries = [OmegaConf.select(cfg, "reward.fn", default=None), *(OmegaConf.select(cfg, "reward.funcs") or [])]
+    return any(entry is not None and hasattr(entry, "get") and (
+        bool(entry.get("path")) or str(entry.get("_target_") or "").endswith("RewardModelScorer")) for entry in entries)
 
 
 def samples_from_a_copy(cfg: DictConfig) -> bool:
