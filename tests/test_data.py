@@ -297,3 +297,18 @@ def test_a_prefix_of_the_held_out_pairs_draws_from_every_hh_subset(tmp_path):
     shares = {name: subsets.count(name) / len(subsets) for name in set(subsets)}
     assert set(shares) == {"harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"}
     assert all(0.08 < share < 0.45 for share in shares.values()), shares  # about 27 / 28 / 13 / 32 %
+
+
+def test_held_out_rows_come_in_one_prompt_order_whatever_the_file_order():
+    """A prefix of the held-out rows is the same prompts in every list that holds them (a pipeline's SFT posts and
+    preference pairs, a file read in another order), and not the file's first rows."""
+    from rlhf_exp.data.formats import SFTExample
+    from rlhf_exp.data.splits import split_by_phase
+
+    rows = [SFTExample(f"p{i}", "a") for i in range(200)]
+    for split in (lambda r: split_by_prompt(r, 40, seed=3)[1],
+                  lambda r: split_by_phase(r, "sft", {"sft": 1, "rm": 1}, 0.2, seed=3)[1]):
+        forward, backward = split(rows), split(list(reversed(rows)))
+        assert [r.prompt for r in forward] == [r.prompt for r in backward]
+        positions = [int(r.prompt[1:]) for r in forward]
+        assert positions != sorted(positions) and positions != sorted(positions, reverse=True)

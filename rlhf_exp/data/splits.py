@@ -18,8 +18,9 @@ def _prompt_key(prompt: str) -> str:
 
 
 def split_by_prompt(examples: Sequence[T], val_size: int, seed: int) -> tuple[list[T], list[T]]:
-    """(train, val): whole prompts go to val, in a seed-fixed order, until it holds >= val_size rows. Both come
-    shuffled with the seed, so any prefix of val (stage.eval_examples) is a random draw of the held-out prompts,
+    """(train, val): whole prompts go to val, in a seed-fixed order, until it holds >= val_size rows. Train comes
+    shuffled and val in the order of `prompt_position` (a hash of prompt and seed), so any prefix of val
+    (stage.eval_examples) is a random draw of the held-out prompts, the same in every list that holds them,
     not the first rows of the file: HH-RLHF's file order is its subsets one after another, and the first 200
     held-out pairs were all harmless-base, whose chosen replies are the shorter refusals, scored against an RM
     that trained on the mixture (below chance, and falling as it learned)."""
@@ -38,7 +39,7 @@ def split_by_prompt(examples: Sequence[T], val_size: int, seed: int) -> tuple[li
     train = [ex for i, ex in enumerate(examples) if i not in val_rows]
     val = [ex for i, ex in enumerate(examples) if i in val_rows]
     random.Random(seed + 1).shuffle(train)
-    random.Random(seed + 2).shuffle(val)
+    val.sort(key=lambda ex: prompt_position(ex.split_key, seed))  # stable: a prompt's rows stay in file order
     return train, val
 
 
@@ -53,8 +54,8 @@ def split_by_phase(examples: Sequence[T], phase: str, shares: dict[str, float], 
     """(train, val) of one pipeline phase, as DeepSpeed-Chat splits one data set 2:4:4 over SFT, RM and RL:
     prompts in the first `held_out` of [0, 1) are the evaluation prompts of every phase (no phase trains on
     them); the rest is cut in the order of `shares` ({"sft": 2, "rm": 4, "rl": 4}), and `phase`'s portion
-    is its training data. Whole prompts move, so no prompt is in two phases. Both come shuffled with the seed
-    (see `split_by_prompt`: a prefix of val is a random draw)."""
+    is its training data. Whole prompts move, so no prompt is in two phases. Train comes shuffled, val in
+    `prompt_position` order: a prefix of val is a random draw, and the same prompts in every phase and kind."""
     names = list(shares)
     total = float(sum(shares.values()))
     start = sum(shares[n] for n in names[: names.index(phase)]) / total
@@ -67,5 +68,5 @@ def split_by_phase(examples: Sequence[T], phase: str, shares: dict[str, float], 
         elif start <= (where - held_out) / (1 - held_out) < end:
             train.append(example)
     random.Random(seed + 1).shuffle(train)
-    random.Random(seed + 2).shuffle(val)
+    val.sort(key=lambda ex: prompt_position(ex.split_key, seed))
     return train, val
