@@ -206,9 +206,9 @@ def build_rewards(reward: DictConfig, allowed_targets: Sequence[str]) -> Rewards
     """`reward.fn` (when set) and each `reward.funcs` entry, built; an entry's `weight` (default 1) and `name`
     (default the function's) are read off before it is built. A `_target_` naming a function is taken as it is
     (TRL's reward functions), not called to make one."""
-    from hydra._internal.utils import _locate
+    from hydra.utils import get_object
 
-    from rlhf_exp.factory import build
+    from rlhf_exp.factory import build, check_targets
 
     entries = []
     if reward.get("fn") is not None:
@@ -229,10 +229,9 @@ def build_rewards(reward: DictConfig, allowed_targets: Sequence[str]) -> Rewards
         name = node.pop("name", None)
         if not _is_number(weight) or not math.isfinite(float(weight)):
             raise ConfigError(f"{key}.weight", f"must be a finite number, got {weight!r}")
-        from rlhf_exp.factory import check_targets
-        check_targets(node, allowed_targets, key)
+        check_targets(node, allowed_targets, key)  # before anything is imported
         try:
-            target = _locate(str(node._target_))
+            target = get_object(str(node._target_))
         except Exception:
             target = None  # build reports it, naming the key
         if target is not None and not inspect.isclass(target) and "_partial_" not in node:
