@@ -106,7 +106,8 @@ def write_generation_config(staging: Path, config: dict) -> None:
 
     from omegaconf import OmegaConf
 
-    from rlhf_exp.data.formats import FORMATS, uses_chat_template
+    from rlhf_exp.data.formats import uses_chat_template
+    from rlhf_exp.data.registry import FORMATS
     from rlhf_exp.data.tokens import stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(staging)

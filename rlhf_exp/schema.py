@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, get_type_hints
 
 from omegaconf import MISSING
 
-from rlhf_exp.data.formats import FORMATS
+from rlhf_exp.data.registry import FORMATS
 from rlhf_exp.data.hf import TYPES as TRL_TYPES
 from rlhf_exp.engine import NONFINITE_POLICIES
 from rlhf_exp.optim import OPTIMIZERS

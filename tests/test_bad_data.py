@@ -20,7 +20,8 @@ from rlhf_exp.app import resolved
 from rlhf_exp.config import compose_config
 from rlhf_exp.data import load_sft_splits
 from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_pair, tokenize_sft
-from rlhf_exp.data.formats import PreferenceExample, SFTExample, get_format
+from rlhf_exp.data.formats import PreferenceExample, SFTExample
+from rlhf_exp.data.registry import get_format
 from rlhf_exp.data.sources import read_jsonl
 from rlhf_exp.errors import DataError
 

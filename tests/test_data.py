@@ -11,7 +11,8 @@ import pytest
 from rlhf_exp.app import resolved
 from rlhf_exp.config import compose_config
 from rlhf_exp.data import load_preference_splits, load_sft_splits
-from rlhf_exp.data.formats import TLDR_TEMPLATE, get_format, split_dialogue, tldr_prompt
+from rlhf_exp.data.formats import TLDR_TEMPLATE, split_dialogue, tldr_prompt
+from rlhf_exp.data.registry import get_format
 from rlhf_exp.data.splits import split_by_prompt
 from rlhf_exp.errors import ConfigError, DataError
 
@@ -51,7 +52,8 @@ def test_hh_rlhf_vendored_pairs_split_at_the_last_assistant_turn(tokenizer):
 
 
 def test_hh_rlhf_dialogues_go_through_the_chat_template_as_messages(tokenizer):
-    from rlhf_exp.data.formats import dialogue_messages, is_chat
+    from rlhf_exp.data.formats import dialogue_messages
+    from rlhf_exp.data.registry import is_chat
 
     plain = get_format(data_cfg("hh_rlhf", "data.chat_template=none"), tokenizer).preference_examples()
     templated = get_format(data_cfg("hh_rlhf"), tokenizer).preference_examples()

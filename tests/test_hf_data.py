@@ -9,7 +9,7 @@ import pytest
 
 from helpers import GRPO, mlflow_runs, tiny_config
 from rlhf_exp.config import compose_config
-from rlhf_exp.data.formats import get_format, is_chat
+from rlhf_exp.data.registry import get_format, is_chat
 from rlhf_exp.data.hf import extract_prompt
 from rlhf_exp.errors import ConfigError
 

@@ -7,7 +7,8 @@ from collections import Counter
 
 from omegaconf import DictConfig
 
-from rlhf_exp.data.formats import PreferenceExample, SFTExample, get_format
+from rlhf_exp.data.formats import PreferenceExample, SFTExample
+from rlhf_exp.data.registry import get_format
 from rlhf_exp.data.hf import data_label
 from rlhf_exp.data.splits import split_by_phase, split_by_prompt
 from rlhf_exp.data.tokens import NO_TEMPLATE

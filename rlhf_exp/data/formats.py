@@ -483,36 +483,7 @@ class ShareGptFormat(DataFormat):
         return self.collect(self._records(), self._pair)
 
 
-from rlhf_exp.data.hf import TYPES, HfFormat, typed_format  # noqa: E402 (it builds on DataFormat above)
-from rlhf_exp.data.math_problems import ArithmeticFormat, Gsm8kFormat  # noqa: E402 (likewise)
-
-FORMATS: dict[str, type[DataFormat]] = {
-    "tldr": TldrFormat,
-    "hh_rlhf": HhRlhfFormat,
-    "jsonl": JsonlFormat,
-    "sharegpt": ShareGptFormat,
-    "arithmetic": ArithmeticFormat,
-    "gsm8k": Gsm8kFormat,
-    # data=hub / data=file: TRL's types, detected from the columns (trl) or named
-    "trl": HfFormat,
-    **{kind: typed_format(kind) for kind in TYPES},
-}
-
-
 def uses_chat_template(cfg: DictConfig, tokenizer) -> bool:
     """Whether data with turns goes through a chat template: the tokenizer has one (or data.chat_template set
     it) and data.chat_template is not none."""
     return cfg.get("chat_template") != NO_TEMPLATE and bool(getattr(tokenizer, "chat_template", None))
-
-
-def is_chat(cfg: DictConfig, tokenizer) -> bool:
-    """Whether responses are chat turns (ended by the template's end of turn): ShareGPT's, HH-RLHF's through a
-    template, a conversational data=hub / data=file set's."""
-    return get_format(cfg, tokenizer).chat
-
-
-def get_format(cfg: DictConfig, tokenizer, cache_dir: str | Path | None = None) -> DataFormat:
-    """The format `data.format` names (`cache_dir`: where work worth keeping between runs goes)."""
-    if cfg.format not in FORMATS:
-        raise ConfigError("data.format", f"unknown format {cfg.format!r}; known: {sorted(FORMATS)}")
-    return FORMATS[cfg.format](cfg, tokenizer, cache_dir)

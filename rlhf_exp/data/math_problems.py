@@ -13,8 +13,7 @@ import itertools
 import random
 from typing import Iterator
 
-from rlhf_exp.data import formats
-from rlhf_exp.data.formats import DataFormat, SFTExample
+from rlhf_exp.data.formats import DataFormat, SFTExample, uses_chat_template
 from rlhf_exp.data.sources import Record, read_hub, read_jsonl, vendored
 from rlhf_exp.errors import ConfigError, DataError
 
@@ -61,7 +60,7 @@ class MathFormat(DataFormat):
 
     @property
     def chat(self) -> bool:
-        return formats.uses_chat_template(self.cfg, self.tokenizer)  # (defined below this module's import)
+        return uses_chat_template(self.cfg, self.tokenizer)
 
     def question_prompt(self, question: str) -> str:
         text = str(self.cfg.question_template).format(question=question)
