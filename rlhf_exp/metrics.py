@@ -6,6 +6,13 @@ import math
 from typing import Sequence
 
 
+def std_from_sums(n: float, total: float, sum_sq: float) -> float:
+    """The unbiased (torch.std's) standard deviation of n values from their sum and sum of squares: sums that add
+    up over micro batches and ranks."""
+    mean = total / n
+    return (max(sum_sq - n * mean ** 2, 0.0) / max(n - 1, 1)) ** 0.5
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% (z = 1.96) Wilson score interval for a proportion; honest near 0, 1 and for small n."""
     if n == 0:

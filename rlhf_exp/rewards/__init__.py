@@ -275,7 +275,7 @@ def reward_function_metrics(totals: dict[str, float], prefix: str) -> dict[str, 
     """Each function's mean and (unbiased) std over the completions it scored, from `reward_function_totals`
     (`<prefix>/rewards/<name>/mean`, `/std`); where every value was 0 or 1 (a correctness check), the 95% Wilson
     interval of the mean too (`/ci_low`, `/ci_high`)."""
-    from rlhf_exp.metrics import wilson_interval
+    from rlhf_exp.metrics import std_from_sums, wilson_interval
 
     out = {}
     for name in dict.fromkeys(key.rsplit(":", 1)[0] for key in totals):
@@ -284,7 +284,7 @@ def reward_function_metrics(totals: dict[str, float], prefix: str) -> dict[str, 
             continue
         mean = total / n
         out[f"{prefix}/rewards/{name}/mean"] = mean
-        out[f"{prefix}/rewards/{name}/std"] = (max(totals[f"{name}:sum_sq"] - n * mean ** 2, 0.0) / max(n - 1, 1)) ** 0.5
+        out[f"{prefix}/rewards/{name}/std"] = std_from_sums(n, total, totals[f"{name}:sum_sq"])
         if totals[f"{name}:binary"] == n:
             low, high = wilson_interval(round(total), int(n))
             out[f"{prefix}/rewards/{name}/ci_low"], out[f"{prefix}/rewards/{name}/ci_high"] = low, high

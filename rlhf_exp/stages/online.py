@@ -21,6 +21,7 @@ from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.data.tokens import with_generation_stops
 from rlhf_exp.distributed import shards_weights
 from rlhf_exp.losses.policy import kl_penalty
+from rlhf_exp.metrics import std_from_sums
 from rlhf_exp.models.peft import is_4bit, is_peft
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs, repeats_a_prompt
@@ -239,9 +240,9 @@ class OnlineRLTrainer(Trainer):
                                         "eos": sum(scores.stopped), "length": sum(len(r) for r in responses),
                                         **{f"fn/{k}": v for k, v in functions.items()}})
         n, mean = total["n"], total["reward"] / total["n"]
-        variance = max(total["reward_sq"] - n * mean ** 2, 0.0) / max(n - 1, 1)  # unbiased, as torch.std
         functions = {k[3:]: v for k, v in total.items() if k.startswith("fn/")}
-        return {"train/reward_mean": mean, "train/reward_std": variance ** 0.5, "train/score_mean": total["score"] / n,
+        return {"train/reward_mean": mean, "train/reward_std": std_from_sums(n, total["reward"], total["reward_sq"]),
+                "train/score_mean": total["score"] / n,
                 "train/eos_rate": total["eos"] / n, "train/response_length": total["length"] / n,
                 "train/rollout_sequences": n, **reward_function_metrics(functions, "train")}
 
