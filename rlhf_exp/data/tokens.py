@@ -41,21 +41,6 @@ def stop_token_ids(tokenizer, chat: bool) -> list[int]:
     return [tokenizer.eos_token_id] + ([end] if end != tokenizer.eos_token_id else [])
 
 
-def generation_eos_ids(generation_config) -> list[int]:
-    """The ids a generation config ends a generation with (an int, a list, or none)."""
-    eos = getattr(generation_config, "eos_token_id", None)
-    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
-
-
-def with_generation_stops(stop_ids: list[int], model) -> list[int]:
-    """`stop_ids` (EOS, then the token responses are trained to end with) and every id `model`'s generation config
-    ends a generation with, placed before the last: sampling stopped only at the EOS and the template's end of
-    turn, so a model whose generation config lists more (Qwen2.5-Instruct's <|endoftext|> beside <|im_end|>)
-    ran on past them to the length cap."""
-    extra = [i for i in generation_eos_ids(getattr(model, "generation_config", None)) if i not in stop_ids]
-    return [*stop_ids[:-1], *extra, stop_ids[-1]] if extra else list(stop_ids)
-
-
 def encode_prompt(text: str, tokenizer, max_tokens: int) -> list[int]:
     """Prompt ids, cut from the front to `max_tokens` (long prompts keep their end), with the tokenizer's
     BOS first where its encoding adds one and the text does not already start with it. An empty prompt of a

@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhf_exp.data.tokens import generation_eos_ids
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.models.embedded import float_checkpoint
 from rlhf_exp.runtime import dtype_of
@@ -144,6 +143,21 @@ def _tokenizer_spec(model_cfg: DictConfig) -> dict[str, Any]:
     if model_cfg.get("tokenizer"):
         return OmegaConf.to_container(model_cfg.tokenizer, resolve=True)
     return OmegaConf.to_container(model_cfg, resolve=True)
+
+
+def generation_eos_ids(generation_config) -> list[int]:
+    """The ids a generation config ends a generation with (an int, a list, or none)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
+
+
+def with_generation_stops(stop_ids: list[int], model) -> list[int]:
+    """`stop_ids` (EOS, then the token responses are trained to end with) and every id `model`'s generation config
+    ends a generation with, placed before the last: sampling stopped only at the EOS and the template's end of
+    turn, so a model whose generation config lists more (Qwen2.5-Instruct's <|endoftext|> beside <|im_end|>)
+    ran on past them to the length cap."""
+    extra = [i for i in generation_eos_ids(getattr(model, "generation_config", None)) if i not in stop_ids]
+    return [*stop_ids[:-1], *extra, stop_ids[-1]] if extra else list(stop_ids)
 
 
 def load_causal_lm(model_cfg: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase,

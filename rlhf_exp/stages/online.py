@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import distributed
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
-from rlhf_exp.data.tokens import with_generation_stops
 from rlhf_exp.distributed import shards_weights
 from rlhf_exp.losses.policy import kl_penalty
 from rlhf_exp.metrics import std_from_sums
+from rlhf_exp.models.loading import with_generation_stops
 from rlhf_exp.models.peft import is_4bit, is_peft
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs, repeats_a_prompt
