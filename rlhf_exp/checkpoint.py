@@ -1,12 +1,15 @@
 """Checkpoints: a folder that loads as a Hugging Face model, with `trainer_state.pt` beside it.
 
 A checkpoint is written into `<folder>.partial` and renamed into place, so a run that dies mid-write
-leaves the previous checkpoint whole. Sharded models are gathered whole first (every rank takes
-part), so a sharded run's model folder loads anywhere.
+leaves the previous checkpoint whole; its `manifest.json` (every file's size and sha256) is written
+last, and a resume trusts only a checkpoint whose files still match it (a truncated or overwritten
+file sends it to the newest checkpoint that verifies). Sharded models are gathered whole first (every
+rank takes part), so a sharded run's model folder loads anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
 RUN_CONFIG = "run_config.json"  # the run's config (secrets redacted), read before anything loads on resume
+MANIFEST = "manifest.json"      # written last: {"files": {relative path: {"size", "sha256"}}}
 
 # What a resumed run may change: when it stops, what it evaluates, samples and saves, what a NaN does.
 # Everything else in the stage's groups (StageSpec.resume_fixed) and these hardware keys would train
@@ -86,8 +90,66 @@ def save(folder: Path, *, model: torch.nn.Module, tokenizer, engine: Engine,
         if training_state:
             torch.save(state, staging / TRAINER_STATE)
         (staging / RUN_CONFIG).write_text(json.dumps(state["config"], indent=1, default=str))
+        write_manifest(staging)
     log.info("checkpoint: %s", folder)
     return folder
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file under `folder` with its size and sha256, in `folder/manifest.json`: written last, so a
+    checkpoint whose manifest is there was written whole, and one whose files no longer match it was damaged."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (None: its header accounts for every byte)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        start = file.read(8)
+        if len(start) < 8:
+            return f"{path} is cut off ({size} bytes)"
+        header_bytes = int.from_bytes(start, "little")
+        if 8 + header_bytes > size:
+            return f"{path} is cut off ({size} bytes, its header alone says {8 + header_bytes})"
+        try:
+            header = json.loads(file.read(header_bytes))
+        except ValueError:
+            return f"{path} has an unreadable header"
+    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + header_bytes + end != size:
+        return f"{path} has {size} bytes where its header says {8 + header_bytes + end}"
+    return None
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why `folder` is not a whole checkpoint to resume from (None: it is). With a manifest, every file it lists
+    must be there with its size and sha256; a checkpoint written before manifests must have its trainer state
+    and safetensors files whose headers account for every byte."""
+    if not (folder / TRAINER_STATE).is_file():
+        return f"no {TRAINER_STATE} in {folder}"
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return next((why for why in map(safetensors_damage, sorted(folder.rglob("*.safetensors"))) if why), None)
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest} is unreadable"
+    for name, written in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != written["size"]:
+            return f"{path} has {path.stat().st_size} bytes, {written['size']} were written"
+        if file_sha256(path) != written["sha256"]:
+            return f"{path} is not what was written (its sha256 differs)"
+    return None
 
 
 def prune_step_checkpoints(checkpoints: Path, keep: int) -> list[Path]:
@@ -114,6 +176,8 @@ def drop_training_state(run_dir: Path) -> int:
         elif path.is_file():
             freed += path.stat().st_size
             path.unlink()
+    if (checkpoints / "final" / MANIFEST).is_file():  # what is left still verifies
+        write_manifest(checkpoints / "final")
     return freed
 
 
@@ -126,15 +190,33 @@ def saved_config(folder: Path) -> dict[str, Any]:
 def resume_point(path: Path) -> Path:
     """The checkpoint `stage.resume_from` names: a checkpoint folder, or a run folder, whose newest whole
     checkpoint it means (as TRL's `resume_from_checkpoint=True`): what a run a SIGKILL or an OOM kill
-    ended without a word resumes from. `<name>.partial` folders, cut off mid-write, are never picked."""
+    ended without a word resumes from. `<name>.partial` folders, cut off mid-write, are never picked; a
+    checkpoint whose files no longer match its manifest (a truncated file, a full disk, a copy cut short)
+    is passed over for the newest one that verifies, and the log says so. A named checkpoint that is
+    damaged is refused, naming the file."""
     if (path / TRAINER_STATE).is_file() or not (path / "checkpoints").is_dir():
+        damage = checkpoint_damage(path) if (path / TRAINER_STATE).is_file() else None
+        if damage:
+            run_folder = path.parent.parent if path.parent.name == "checkpoints" else None
+            raise ConfigError("stage.resume_from", f"{path} is damaged: {damage}" + (
+                f". stage.resume_from={run_folder} resumes from the run's newest checkpoint that is whole"
+                if run_folder else ""))
         return path
-    whole = [c for c in (path / "checkpoints").iterdir()
-             if not c.name.endswith(".partial") and (c / TRAINER_STATE).is_file()]
-    if not whole:
-        raise ConfigError("stage.resume_from", f"{path} is a run folder without a whole checkpoint in "
-                          f"{path / 'checkpoints'} (stage.save_every sets how often one is written)")
-    return max(whole, key=lambda c: (c.name == "final", c.name))  # step_000012 < step_000120 < final
+    candidates = sorted((c for c in (path / "checkpoints").iterdir()
+                         if not c.name.endswith(".partial") and (c / TRAINER_STATE).is_file()),
+                        key=lambda c: (c.name == "final", c.name), reverse=True)  # final, step_000120, step_000012
+    passed_over = []
+    for candidate in candidates:
+        damage = checkpoint_damage(candidate)
+        if damage is None:
+            for folder, why in passed_over:
+                log.warning("checkpoint %s is damaged (%s): resuming from %s instead", folder.name, why, candidate.name)
+            return candidate
+        passed_over.append((candidate, damage))
+    damaged = "; ".join(f"{folder.name}: {why}" for folder, why in passed_over)
+    raise ConfigError("stage.resume_from", f"{path} is a run folder without a whole checkpoint in "
+                      f"{path / 'checkpoints'}" + (f" (damaged: {damaged})" if damaged else
+                                                  " (stage.save_every sets how often one is written)"))
 
 
 def check_resumable(folder: Path, cfg: DictConfig, fixed_groups: Sequence[str]) -> None:

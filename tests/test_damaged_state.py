@@ -1,0 +1,109 @@
+"""What a run on a shared machine meets: a damaged newest checkpoint, a second process on the same run,
+changed data between a run and its resume. Each must lose nothing and say what happened in one line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from helpers import mlflow_runs, tiny_config
+from rlhf_exp.app import run
+from rlhf_exp.checkpoint import MANIFEST, checkpoint_damage, resume_point
+from rlhf_exp.errors import ConfigError
+
+RUN = ["stage.num_samples=0", "stage.eval_every=null", "stage.lr=1e-3"]
+
+
+def truncate(path: Path, keep: int = 1000) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny SFT run of 3 steps with checkpoints step_000001, step_000002 and final, FINISHED in its own MLflow database."""
+    tmp_path = tmp_path_factory.mktemp("finished")
+    run(tiny_config(tmp_path, *RUN, "stage.max_steps=3", "stage.save_every=1"))
+    _, [finished] = mlflow_runs(tmp_path / "mlflow.db")
+    return tmp_path, Path(finished.data.tags["run_dir"])
+
+
+def copied_run(finished_run, tmp_path: Path) -> Path:
+    """A copy of the finished run's project (runs and MLflow database) in tmp_path / "project"."""
+    import json
+    import shutil
+
+    source_root, run_dir = finished_run
+    shutil.copytree(source_root, tmp_path / "project")
+    copy = tmp_path / "project" / run_dir.relative_to(source_root)
+    record = json.loads((copy / "tracking.json").read_text())
+    record["tracking_uri"] = f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+    (copy / "tracking.json").write_text(json.dumps(record))
+    return copy
+
+
+def test_every_checkpoint_has_a_manifest_that_a_changed_byte_fails(finished_run, tmp_path):
+    run_dir = copied_run(finished_run, tmp_path)
+    step = run_dir / "checkpoints" / "step_000002"
+    assert (step / MANIFEST).is_file() and checkpoint_damage(step) is None
+    weights = step / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # the same size, one byte flipped: only the hash sees it
+    weights.write_bytes(bytes(data))
+    assert "sha256" in checkpoint_damage(step) and str(weights) in checkpoint_damage(step)
+    other = run_dir / "checkpoints" / "step_000001"
+    (other / "tokenizer.json").unlink()
+    assert checkpoint_damage(other) == f"{other / 'tokenizer.json'} is missing"
+
+
+def test_a_checkpoint_without_a_manifest_is_checked_by_its_safetensors_headers(finished_run, tmp_path):
+    run_dir = copied_run(finished_run, tmp_path)
+    step = run_dir / "checkpoints" / "step_000001"
+    (step / MANIFEST).unlink()  # written before manifests
+    assert checkpoint_damage(step) is None
+    truncate(step / "model.safetensors", 50_000)
+    assert "model.safetensors has 50000 bytes where its header says" in checkpoint_damage(step)
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_whole_one(finished_run, tmp_path, caplog):
+    """Before: a truncated model.safetensors in the newest checkpoint died with a 39-line SafetensorError
+    traceback after the MLflow run was reopened, turning a FINISHED run FAILED."""
+    run_dir = copied_run(finished_run, tmp_path)
+    project = tmp_path / "project"
+    checkpoints = run_dir / "checkpoints"
+    truncate(checkpoints / "final" / "model.safetensors")
+    truncate(checkpoints / "step_000002" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="rlhf_exp.checkpoint"):
+        assert resume_point(run_dir) == checkpoints / "step_000001"
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("checkpoint final is damaged") and "resuming from step_000001" in m for m in said)
+    assert any(m.startswith("checkpoint step_000002 is damaged") for m in said)
+
+    # naming the damaged checkpoint itself: refused in one line naming the file, and MLflow is not touched
+    client, [before] = mlflow_runs(project / "mlflow.db")
+    with pytest.raises(ConfigError) as refused:
+        run(tiny_config(project, *RUN, "stage.max_steps=4", f"stage.resume_from={checkpoints / 'final'}"))
+    message = str(refused.value)
+    assert "\n" not in message and str(checkpoints / "final" / "model.safetensors") in message
+    assert f"stage.resume_from={run_dir} resumes from the run's newest checkpoint that is whole" in message
+    _, [after] = mlflow_runs(project / "mlflow.db")
+    assert after.info.status == "FINISHED" and after.data.tags == before.data.tags
+
+    # the run folder: resumed from step 1, three more steps, FINISHED in the same MLflow run
+    run(tiny_config(project, *RUN, "stage.max_steps=4", f"stage.resume_from={run_dir}"))
+    client, [resumed] = mlflow_runs(project / "mlflow.db")
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from"] == str(checkpoints / "step_000001")
+    assert {m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")} == {1, 2, 3, 4}
+
+
+def test_a_run_folder_with_only_damaged_checkpoints_is_refused_naming_each(finished_run, tmp_path):
+    run_dir = copied_run(finished_run, tmp_path)
+    for folder in (run_dir / "checkpoints").iterdir():
+        truncate(folder / "model.safetensors")
+    with pytest.raises(ConfigError) as refused:
+        resume_point(run_dir)
+    assert refused.value.key == "stage.resume_from"
+    for name in ("final", "step_000002", "step_000001"):
+        assert f"{name}: {run_dir / 'checkpoints' / name / 'model.safetensors'} has 1000 bytes" in str(refused.value)
