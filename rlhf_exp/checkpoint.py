@@ -88,11 +88,20 @@ def save(folder: Path, *, model: torch.nn.Module, tokenizer, engine: Engine,
         extra_files(staging)
         state = trainer_state(engine_state)
         if training_state:
-            torch.save(state, staging / TRAINER_STATE)
+            save_torch_file(state, staging / TRAINER_STATE)
         (staging / RUN_CONFIG).write_text(json.dumps(state["config"], indent=1, default=str))
         write_manifest(staging)
     log.info("checkpoint: %s", folder)
     return folder
+
+
+def save_torch_file(obj: Any, path: Path) -> None:
+    """torch.save through a Python file object: a full disk is then an OSError (ENOSPC). Given a path, torch
+    writes through its own C++ writer, which reports a full disk as a RuntimeError without an errno
+    ("[enforce fail at inline_container.cc] . unexpected pos 704 vs 598")."""
+    with open(path, "wb") as file:
+        torch.save(obj, file)
+        file.flush()
 
 
 def file_sha256(path: Path) -> str:

@@ -62,6 +62,11 @@ class DiskFullError(ReportedError, OSError):
         return self.strerror
 
 
+# what writers that drop the errno say for a short write: safetensors, and torch.save's zip writer
+# ("[enforce fail at inline_container.cc] . unexpected pos 704 vs 598", "file write failed")
+SHORT_WRITE = ("No space left on device", "unexpected pos ", "file write failed")
+
+
 def is_disk_full(error: BaseException) -> bool:
-    """ENOSPC as an OSError, or as the text of an error a writer (safetensors) raised in its place."""
-    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+    """ENOSPC as an OSError, or as the text of an error a writer (safetensors, torch.save) raised in its place."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(s in str(error) for s in SHORT_WRITE)

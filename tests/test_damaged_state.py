@@ -107,3 +107,26 @@ def test_a_run_folder_with_only_damaged_checkpoints_is_refused_naming_each(finis
     assert refused.value.key == "stage.resume_from"
     for name in ("final", "step_000002", "step_000001"):
         assert f"{name}: {run_dir / 'checkpoints' / name / 'model.safetensors'} has 1000 bytes" in str(refused.value)
+
+
+@pytest.mark.parametrize("values", [1_000, 1_000_000])
+def test_the_trainer_state_on_a_full_disk_is_one_line_naming_the_folder(tmp_path, values):
+    """Before: torch.save(state, path) on a full disk raised `RuntimeError: [enforce fail at
+    inline_container.cc] . unexpected pos 704 vs 598`, which the disk-full check did not know: a traceback.
+    /dev/full answers every write with ENOSPC, as a full disk does."""
+    import stat
+
+    import torch
+
+    from rlhf_exp.checkpoint import save_torch_file, written_into_place
+    from rlhf_exp.errors import DiskFullError
+
+    if not Path("/dev/full").exists() or not stat.S_ISCHR(Path("/dev/full").stat().st_mode):
+        pytest.skip("this machine has no /dev/full device to stand for a full disk")
+    folder = tmp_path / "checkpoints" / "final"
+    with pytest.raises(DiskFullError) as full:
+        with written_into_place(folder):
+            save_torch_file({"weights": torch.zeros(values)}, Path("/dev/full"))
+    message = str(full.value)
+    assert "\n" not in message and message.startswith(f"no space left on the device while writing {folder} (")
+    assert "MiB free" in message and not folder.with_name("final.partial").exists()

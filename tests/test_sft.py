@@ -94,13 +94,12 @@ def test_a_full_disk_keeps_the_earlier_checkpoint_and_says_so_in_one_line(tmp_pa
 
     real_save, calls = torch.save, []
 
-    def save_until_the_disk_fills(obj, path, *args, **kwargs):
-        calls.append(path)
+    def save_until_the_disk_fills(obj, file, *args, **kwargs):
+        calls.append(file.name)  # checkpoints save through a file object (checkpoint.save_torch_file)
         if len(calls) > 1:  # step 2's checkpoint is written; the final one finds the disk full
-            with open(path, "wb") as half_written:
-                half_written.write(b"\0" * 1024)
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_save(obj, path, *args, **kwargs)
+            file.write(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, "No space left on device", file.name)
+        return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(base.torch, "save", save_until_the_disk_fills)
     with pytest.raises(DiskFullError, match=r"no space left on the device while writing .*checkpoints.final ") as caught:
