@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import rlhf_exp
-from rlhf_exp import distributed, stopping, sweep
+from rlhf_exp import distributed, run_lock, stopping, sweep
 from rlhf_exp.checkpoint import check_resumable, resume_point
 from rlhf_exp.config import AUTO_CHOICE, PROJECT_ROOT, check_inputs, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_yaml_files
@@ -217,6 +217,22 @@ def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, flo
     if run_dir is None:
         run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg)) if distributed.is_main() else None))
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock.all_locked(folders_written(cfg, run_dir) if distributed.is_main() else []):
+        return tracked_run(cfg, run_dir, job, lineage_tags, precision_reason)
+
+
+def folders_written(cfg: DictConfig, run_dir: Path) -> list[Path]:
+    """The run folders this run writes into: its own and, when resuming, the one it continues (whose MLflow
+    run and outbox it takes over), so that a second process on either is refused."""
+    resumed = Path(cfg.stage.resume_from) if cfg.stage.get("resume_from") else None
+    continued = resumed.parent.parent if resumed is not None and resumed.parent.name == "checkpoints" else None
+    return [*([continued] if continued is not None else []), run_dir]
+
+
+def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str],
+                precision_reason: str) -> dict[str, float]:
+    """The checked run in its folder: config written, tracker run opened (or continued), the stage's trainer
+    fitted, the tracker run closed FINISHED, FAILED or KILLED whatever happens."""
     written = redact(OmegaConf.to_container(cfg, resolve=True))  # the config as stored: no secrets
     if distributed.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))

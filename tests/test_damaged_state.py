@@ -130,3 +130,51 @@ def test_the_trainer_state_on_a_full_disk_is_one_line_naming_the_folder(tmp_path
     message = str(full.value)
     assert "\n" not in message and message.startswith(f"no space left on the device while writing {folder} (")
     assert "MiB free" in message and not folder.with_name("final.partial").exists()
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from rlhf_exp.run_lock import locked
+with locked(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_holders_lock_taken_over(finished_run, tmp_path,
+                                                                                         caplog):
+    """Before: two resumes of one folder started together both trained, overwrote each other's checkpoints,
+    logged into one MLflow run twice, and the second wrote a false SIGKILL note on the first's run."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from rlhf_exp.run_lock import LOCK_FILE, RunFolderBusy
+
+    run_dir = copied_run(finished_run, tmp_path)
+    project = tmp_path / "project"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _, [before] = mlflow_runs(project / "mlflow.db")
+        with pytest.raises(RunFolderBusy) as refused:
+            run(tiny_config(project, *RUN, "stage.max_steps=4", f"stage.resume_from={run_dir}"))
+        message = str(refused.value)
+        assert "\n" not in message
+        assert message.startswith(f"{run_dir} is in use by process {holder.pid} on {socket.gethostname()} (since ")
+        _, [after] = mlflow_runs(project / "mlflow.db")  # the tracker never heard of the second process
+        assert after.info.status == "FINISHED" and after.data.tags == before.data.tags
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # dies holding it: the kernel drops the lock, the file still names it
+        holder.wait()
+    assert str(holder.pid) in (run_dir / LOCK_FILE).read_text()
+    with caplog.at_level(logging.WARNING, logger="rlhf_exp.run_lock"):
+        run(tiny_config(project, *RUN, "stage.max_steps=4", f"stage.resume_from={run_dir}"))
+    assert any(r.getMessage() == f"took over the run lock of {run_dir} from process {holder.pid} on "
+               f"{socket.gethostname()}, which died without releasing it" for r in caplog.records)
+    _, [resumed] = mlflow_runs(project / "mlflow.db")
+    assert resumed.info.status == "FINISHED" and "killed_note" not in resumed.data.tags
+    assert (run_dir / LOCK_FILE).read_text() == ""  # released when the run ended
