@@ -166,6 +166,24 @@ def record_run(tracker: Tracker, run_dir: Path, earlier: str | None) -> None:
         log.warning("run %s was left RUNNING by a process that died: marked KILLED", earlier)
 
 
+def close_runs_of_dead_processes(cfg: DictConfig, tracker: Tracker) -> None:
+    """A run SIGKILLed before its first checkpoint is never resumed, so nothing else would close its tracker
+    run: at each start, the project's run folders whose lock names a process that died holding it have their
+    tracker run, if still RUNNING, closed KILLED."""
+    if tracker.uri is None:
+        return
+    roots = [Path(cfg.paths.runs_dir), Path(cfg.paths.root_dir) / "multiruns"]
+    folders = [lock.parent for root in roots if root.is_dir() for lock in root.glob(f"*/*/{run_lock.LOCK_FILE}")]
+    for folder, holder in run_lock.take_stale_locks(folders):
+        record = json.loads((folder / RUN_RECORD).read_text()) if (folder / RUN_RECORD).is_file() else {}
+        if record.get("tracking_uri") != tracker.uri:
+            continue
+        note = (f"its process ({holder.get('pid', '?')} on {holder.get('host', '?')}) died without closing it "
+                "(SIGKILL, an OOM kill); marked KILLED at the next start in this project")
+        if tracker.close_abandoned(record["run_id"], note):
+            log.warning("run %s (%s) was left RUNNING by a process that died: marked KILLED", record["run_id"], folder)
+
+
 def resolve_run_references(cfg: DictConfig) -> dict[str, str]:
     """Config values `run:<MLflow run id>[@best|@last]` become that run's checkpoint folder (a pipeline
     resolves `run:<role>` itself, before this); returns lineage tags (`init_from`, `init_from_run_id`)."""
@@ -242,6 +260,7 @@ def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str
     if job is not None:  # the sweep's tracker (where its parent run is)
         cfg.tracking.tracking_uri = job.tracking_uri
     tracker = make_tracker(cfg.tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
+    close_runs_of_dead_processes(cfg, tracker)
     run_name = cfg.get("run_name") or (job.run_name(cfg.stage.name) if job else
                                        f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}")
     tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,

@@ -43,9 +43,7 @@ def locked(folder: Path) -> Iterator[None]:
     lock_file = folder / LOCK_FILE
     handle = open(lock_file, "a+")  # never truncated before the lock is held: it names the holder
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(handle, tries=20):  # a moment's hold by another start's look for dead runs is waited out
             now = holder(lock_file)
             raise RunFolderBusy(
                 f"{folder} is in use by process {now.get('pid', '?')} on {now.get('host', '?')} (since "
@@ -69,6 +67,37 @@ def locked(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+def _try_lock(handle, tries: int = 1) -> bool:
+    for attempt in range(tries):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+    return False
+
+
+def take_stale_locks(folders: Iterable[Path]) -> list[tuple[Path, dict]]:
+    """The run folders among `folders` whose lock names a holder that died holding it (a SIGKILL, an OOM kill),
+    with that holder; their locks are cleared. Folders of live runs are left alone."""
+    stale = []
+    for folder in folders:
+        lock_file = Path(folder) / LOCK_FILE
+        if not lock_file.is_file() or not lock_file.stat().st_size:
+            continue
+        with open(lock_file, "a+") as handle:
+            if not _try_lock(handle):
+                continue  # held: a live run
+            left = holder(lock_file)
+            if left:
+                handle.seek(0)
+                handle.truncate()
+                stale.append((Path(folder), left))
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return stale
 
 
 @contextmanager

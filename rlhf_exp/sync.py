@@ -16,10 +16,11 @@ from rlhf_exp.errors import ReportedError, UserInputError
 
 
 def sync(run_dir: Path) -> tuple[int, int]:
-    """Send the outbox of `run_dir`; returns (records sent, metric values sent)."""
+    """Send the outbox of `run_dir`; returns (records sent, metric values sent). An artifact the store still
+    refuses is left for the next sync and named; everything else goes on being sent."""
     from rlhf_exp.app import RUN_RECORD
     from rlhf_exp.tracking.mlflow_tracker import check_reachable, ready_client, send_record
-    from rlhf_exp.tracking.outbox import OUTBOX, pending, read_sent, write_sent
+    from rlhf_exp.tracking.outbox import ARTIFACT_KINDS, OUTBOX, mark_sent, pending
 
     record_file = run_dir / RUN_RECORD
     if not record_file.is_file():
@@ -31,13 +32,23 @@ def sync(run_dir: Path) -> tuple[int, int]:
         return 0, 0
     check_reachable(record["tracking_uri"])
     client = ready_client(record["tracking_uri"])
-    sent, values = read_sent(folder), 0
-    for item in todo:
-        send_record(client, record["run_id"], item)
+    sent, values, refused = 0, 0, []
+    for index, item in todo:
+        try:
+            send_record(client, record["run_id"], item)
+        except Exception as error:
+            if item["kind"] not in ARTIFACT_KINDS:
+                raise
+            refused.append(f"{item.get('path') or item.get('artifact_file')} ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0][:200] if str(error) else ''})")
+            continue
+        mark_sent(folder, index)
         sent += 1
-        write_sent(folder, sent)
         values += len(item.get("values", {}))
-    return len(todo), values
+    if refused:
+        raise UserInputError(f"{run_dir}: sent {sent} records ({values} metric values); the artifact store refused "
+                             f"{len(refused)} artifacts, kept for the next sync: {'; '.join(refused[:3])}")
+    return sent, values
 
 
 def main(argv: list[str] | None = None) -> int:

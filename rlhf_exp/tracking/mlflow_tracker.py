@@ -121,9 +121,11 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def send_record(client, run_id: str, record: dict[str, Any]) -> None:
-    """One outbox record (rlhf_exp.tracking.outbox) to MLflow."""
+    """One outbox record (rlhf_exp.tracking.outbox) to MLflow: to the run it names (records written before
+    they named one: to `run_id`)."""
     from mlflow.entities import Metric, RunTag
 
+    run_id = record.get("run_id") or run_id
     kind = record["kind"]
     if kind == "metrics":
         client.log_batch(run_id, metrics=[Metric(k, float(v), record["time"], record["step"])
@@ -219,6 +221,7 @@ class MlflowTracker(Tracker):
         send_record(self.client, self.run_id, record)
 
     def _emit(self, record: dict[str, Any]) -> None:
+        record["run_id"] = self.run_id
         if self.outbox is not None:
             self.outbox.put(record)
         else:
@@ -279,7 +282,15 @@ class MlflowTracker(Tracker):
         if self.outbox is None:
             return
         left = self.outbox.close(self.flush_timeout_s)
-        if left:
+        failed = dict(self.outbox.failed_artifacts)
+        if failed:
+            first = next(iter(failed.values()))
+            message = (f"tracking: {len(failed)} artifacts of run {self.run_id} could not be stored ({first}); the run's "
+                       f"metrics and its status went on without them. They are kept in {self.outbox.folder}: send "
+                       f"them with: python -m rlhf_exp.sync {self.run_dir}")
+            log.warning("%s", message)
+            print(message, file=sys.stderr)
+        elif left:
             message = (f"tracking: {left} records of run {self.run_id} are not in MLflow yet ({self.uri} did not take "
                        f"them within tracking.flush_timeout_s={self.flush_timeout_s:g}); they are kept in "
                        f"{self.outbox.folder}. Send them with: python -m rlhf_exp.sync {self.run_dir}")
