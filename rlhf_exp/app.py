@@ -267,17 +267,24 @@ def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str
             "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason,
             "overrides": " ".join(sweep.job_overrides()), **lineage_tags, **(job.tags() if job else {})}
-    trainer, status = None, "FAILED"
+    status = "FAILED"
     earlier = resumed_run(cfg, tracker)
     continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None
     if cfg.stage.get("resume_from"):
         tags["resumed_from"] = str(cfg.stage.resume_from)
+    # data, weights and the resumed checkpoint load before the tracker run opens (or reopens): what they
+    # refuse (a bad data file, changed data on resume) creates no FAILED run and leaves a resumed run as it was
+    trainer = stage_spec(cfg.stage.name).trainer(cfg=cfg, tracker=tracker, run_dir=run_dir)
+    try:
+        trainer.prepare()
+    except BaseException:
+        trainer.close()
+        raise
     tracker.start(run_name, flatten(written), tags, run_dir=run_dir, continue_run=continued,
                   parent_run_id=job.parent_run_id if job else None)
     try:
         record_run(tracker, run_dir, earlier)
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
-        trainer = stage_spec(cfg.stage.name).trainer(cfg=cfg, tracker=tracker, run_dir=run_dir)
         with stopping.stop_at_step_boundary():
             metrics = trainer.fit()
         objective = sweep.objective_of(cfg)[0]
@@ -300,8 +307,7 @@ def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str
         status = "KILLED"
         raise
     finally:
-        if trainer is not None:
-            trainer.close()
+        trainer.close()
         for log_file in run_dir.glob("*.log"):  # Hydra's job log, failed runs included
             try:
                 tracker.log_artifact(str(log_file), "logs")

@@ -35,7 +35,7 @@ MANIFEST = "manifest.json"      # written last: {"files": {relative path: {"size
 # Everything else in the stage's groups (StageSpec.resume_fixed) and these hardware keys would train
 # a different run (a changed stage.lr used to keep the old schedule silently), so it is refused.
 CHANGEABLE_ON_RESUME = ("stage.max_steps", "stage.eval_every", "stage.eval_examples", "stage.num_samples",
-                        "stage.save_every", "stage.resume_from", "stage.on_nonfinite")
+                        "stage.save_every", "stage.resume_from", "stage.on_nonfinite", "data.allow_changed_on_resume")
 FIXED_HARDWARE = ("hardware.lora", "hardware.load_in_4bit", "hardware.optimizer", "hardware.master_weights")
 
 

@@ -173,6 +173,9 @@ class DataConfig:
     terms: int = key(Rule(lambda v: v >= 2, "must be >= 2"), default=2)
     operations: List[str] = field(default_factory=lambda: ["+", "-", "*"])
     num_problems: int = key(positive(), default=300)
+    # a resume compares the data with the data the checkpoint trained on (digests of both splits) and refuses
+    # a change; true: go on with the changed data
+    allow_changed_on_resume: bool = False
     generator_seed: int = 0
     # the tokenizer's chat template, or chatml, or a Jinja file (conversational data and chat formats use it)
     chat_template: Optional[str] = None

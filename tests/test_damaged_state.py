@@ -178,3 +178,38 @@ def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_holders_lock_tak
     _, [resumed] = mlflow_runs(project / "mlflow.db")
     assert resumed.info.status == "FINISHED" and "killed_note" not in resumed.data.tags
     assert (run_dir / LOCK_FILE).read_text() == ""  # released when the run ended
+
+
+def test_a_resume_on_changed_data_is_refused_naming_the_file_and_the_split(tmp_path):
+    """Before: an edited training file of the same path and row count resumed silently on the new contents,
+    held-out set included: only the row count was compared."""
+    import json
+
+    data = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(24)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    on_file = ["data=jsonl", f"data.path={data}", "data.val_size=4", *RUN]
+    run(tiny_config(tmp_path, *on_file, "stage.max_steps=2", "stage.save_every=1"))
+    _, [first] = mlflow_runs(tmp_path / "mlflow.db")
+    step = Path(first.data.tags["run_dir"]) / "checkpoints" / "step_000001"
+
+    rows[3]["completion"] = " It is six, give or take."  # one row edited, the same count
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ConfigError) as refused:
+        run(tiny_config(tmp_path, *on_file, "stage.max_steps=3", f"stage.resume_from={step}"))
+    message = str(refused.value)
+    assert refused.value.key == "data.path" and "\n" not in message
+    assert f"{data} is not the data {step} was trained on: the " in message and "(20 -> 20 rows, other contents)" in message
+    assert "data.allow_changed_on_resume=true" in message
+    _, [after] = mlflow_runs(tmp_path / "mlflow.db")  # refused before the tracker run was reopened
+    assert after.info.status == "FINISHED" and after.data.tags == first.data.tags
+
+    rows.append({"prompt": "Question 99: what is one plus one?", "completion": " Two."})
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ConfigError, match=r"changed"):
+        run(tiny_config(tmp_path, *on_file, "stage.max_steps=3", f"stage.resume_from={step}"))
+    # meant: it goes on with the changed data
+    run(tiny_config(tmp_path, *on_file, "stage.max_steps=3", f"stage.resume_from={step}",
+                    "data.allow_changed_on_resume=true"))
+    _, [resumed] = mlflow_runs(tmp_path / "mlflow.db")
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"] == str(step)

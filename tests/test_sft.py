@@ -78,14 +78,16 @@ def test_run_logs_params_metrics_artifacts_and_a_loadable_checkpoint(tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
-def test_failed_run_is_marked_failed_and_the_next_run_in_the_process_starts(tmp_path):
-    bad = tmp_path / "bad.jsonl"  # found (a missing file is refused before the run exists), but unreadable
+def test_a_refused_data_file_creates_no_run_and_the_next_run_in_the_process_starts(tmp_path):
+    """Data and weights load before the tracker run opens: a file found but unreadable used to leave a FAILED
+    MLflow run behind, although checks run before the run exists (a run failing in training: test_nonfinite)."""
+    bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": \n')
     with pytest.raises(Exception, match="invalid JSON"):
         run(tiny_config(tmp_path, "data=jsonl", f"data.path={bad}"))
     run(tiny_config(tmp_path, "stage.max_steps=1"))
     _, runs = mlflow_runs(tmp_path / "mlflow.db")
-    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert [r.info.status for r in runs] == ["FINISHED"]
 
 
 def test_a_full_disk_keeps_the_earlier_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch):

@@ -65,9 +65,11 @@ class BatchStream:
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size, "seed": self.seed}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["size"] != self.size:
+    def load_state_dict(self, state: dict[str, int], other_size_allowed: bool = False) -> None:
+        """The checkpoint's position; on a training set of another size (other_size_allowed: the user said
+        data.allow_changed_on_resume=true) the same epoch goes on from the same share of it."""
+        if state["size"] != self.size and not other_size_allowed:
             raise ConfigError("stage.resume_from", f"checkpoint was made on {state['size']} training examples, "
                               f"this run has {self.size}: the data config differs")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.epoch, self.cursor = state["epoch"], state["cursor"] * self.size // state["size"]
         self._order = self._permutation()

@@ -7,6 +7,7 @@ EOS token as pad, so such a mask would drop every EOS the model must learn to em
 
 from __future__ import annotations
 
+import json
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -120,6 +121,11 @@ def tokenize_examples(examples: Sequence[SFTExample] | Sequence[PreferenceExampl
              for ex in tqdm(examples, desc="tokenize", leave=False, disable=len(examples) < 500)]
     write_json(path, [astuple(item) for item in items])
     return items
+
+
+def split_digest(items: Sequence[TokenizedSFT] | Sequence[TokenizedPair]) -> str:
+    """sha256 of a tokenized split, in order: what a resumed run compares to know it trains on the same data."""
+    return digest(json.dumps(astuple(item)) for item in items)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -71,6 +71,7 @@ class Trainer:
         self.random = RandomStreams(cfg.seed, self.runtime.device)
         self.memory = PeakMemory(self.runtime.device)
         self.last_checkpoint: Path | None = None  # what a run stopped by a NaN leaves to resume from
+        self.data_changed_on_resume = False  # resumed on other data, as data.allow_changed_on_resume allows
         self.step = 0
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.last_metrics: dict[str, float] = {}
@@ -189,7 +190,8 @@ class Trainer:
         stage.eval_examples), self.train_examples and self.val_examples (their texts and rows) and self.batches.
         """
         from rlhf_exp.data import data_tokenizer, load_preference_splits, load_prompt_splits, load_sft_splits
-        from rlhf_exp.data.collate import tokenize_examples
+        from rlhf_exp.data.collate import split_digest, texts_of, tokenize_examples
+        from rlhf_exp.data.disk_cache import digest
 
         data = self.cfg.data
         self.tokenizer, self.stop_token_ids = data_tokenizer(self.model_cfg, data, self.cfg.paths.cache_dir)
@@ -197,6 +199,8 @@ class Trainer:
         skipped: Counter[str] = Counter()
         train, val = load(data, self.tokenizer, self.cfg.seed, skipped, self.cfg.paths.cache_dir)
         self.report_skipped(skipped)
+        # the held-out digest covers the whole split (stage.eval_examples may change on resume)
+        held_out = {"rows": len(val), "digest": digest("\0".join(texts_of(ex)) for ex in val)}
         if self.stage.get("eval_examples"):
             val = val[: self.stage.eval_examples]
         tokenize = partial(tokenize_examples, tokenizer=self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
@@ -204,6 +208,8 @@ class Trainer:
         self.train_set = tokenize(train, cache_dir=self.cfg.paths.cache_dir)
         self.val_set = tokenize(val)
         self.train_examples, self.val_examples = train, val  # their texts and data rows
+        self.data_splits = {"train": {"rows": len(self.train_set), "digest": split_digest(self.train_set)},
+                            "held-out": held_out}
         self.batches = BatchStream(len(self.train_set), self.cfg.seed)
         self.tracker.set_tags({"data.num_train": len(self.train_set), "data.num_eval": len(self.val_set)})
         self.memory.start()  # what the models and training add is measured from here
@@ -234,8 +240,14 @@ class Trainer:
         if self.stage.get("resume_from"):
             self.load_trainer_state(Path(self.stage.resume_from))
 
+    def prepare(self) -> None:
+        """What can fail on the user's input, done before the tracker run opens (or reopens, on resume): data,
+        models, the resumed checkpoint (`setup`). Once."""
+        if self.engine is None:
+            self.setup()
+
     def fit(self) -> dict[str, float]:
-        self.setup()
+        self.prepare()
         max_steps, eval_every = self.stage.max_steps, self.stage.eval_every
         if self.step == 0:
             self.after_evaluation(self.evaluate())  # step-0 figures: the gain is visible against them
@@ -408,6 +420,7 @@ class Trainer:
             "history": dict(self.history),
             "config": redact(OmegaConf.to_container(self.cfg, resolve=True)),
             "extra": self.extra_state(),
+            "data": getattr(self, "data_splits", None),
         }
 
     def extra_state(self) -> dict[str, Any]:
@@ -448,9 +461,10 @@ class Trainer:
     def load_trainer_state(self, folder: Path) -> None:
         state = checkpoint.load_trainer_state(folder)
         # checkpoints written before the engine was its own part kept these two at the top level
+        self.check_same_data(state.get("data"), folder)
         engine_state = state.get("engine") or {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
         self.engine.load_state_dict(engine_state, folder, (self.cfg.get("parallel") or {}).get("name", "ddp"))
-        self.batches.load_state_dict(state["batches"])
+        self.batches.load_state_dict(state["batches"], bool(self.cfg.data.get("allow_changed_on_resume")))
         self.history = defaultdict(list, state["history"])
         self.step = state["step"]
         set_rng_state(state["rng"])
@@ -458,6 +472,27 @@ class Trainer:
             self.random.load_state_dict(state["random"])
         self.load_extra_state(state.get("extra", {}))
         log.info("resumed from %s at step %d", folder, self.step)
+
+    def check_same_data(self, saved: dict | None, folder: Path) -> None:
+        """Refuse to resume on data other than the checkpoint's (an edited file of the same path and row count
+        used to go ahead silently), naming the data and each split that changed."""
+        now = getattr(self, "data_splits", None)
+        if not saved or not now:
+            return
+        changed = [f"the {split} split ({saved[split]['rows']} -> {now[split]['rows']} rows" +
+                   (", other contents" if saved[split]["rows"] == now[split]["rows"] else "") + ")"
+                   for split in now if split in saved and saved[split]["digest"] != now[split]["digest"]]
+        self.data_changed_on_resume = bool(changed)
+        if not changed:
+            return
+        if self.cfg.data.get("allow_changed_on_resume"):
+            log.warning("resuming on changed data (data.allow_changed_on_resume=true): %s", " and ".join(changed))
+            return
+        data = self.cfg.data
+        key, source = ("data.path", data.path) if data.get("path") else ("data", f"data={data.name}")
+        raise ConfigError(key, f"{source} is not the data {folder} was trained on: {' and '.join(changed)} changed. "
+                          "Resume on the data it trained on, or set data.allow_changed_on_resume=true to go on "
+                          "with this data")
 
     def close(self) -> None:
         """Free the models so the next run in this process starts clean."""

@@ -136,6 +136,12 @@ class DPOTrainer(Trainer):
     def load_extra_state(self, state: dict) -> None:
         if not self.stage.precompute_ref_logps:
             return
+        if self.data_changed_on_resume:  # data.allow_changed_on_resume: the saved ones score other pairs
+            reference = self.frozen_reference(self.model)
+            self.ref_train = {}
+            self._precompute_reference(reference)
+            del reference
+            return
         self.ref_train, self.ref_val = dict(state["ref_train"]), state["ref_val"]
         added = [i for i in self.planned_visits() if i not in self.ref_train]
         if added:  # resumed with a larger stage.max_steps: score the new pairs under the starting policy

@@ -109,13 +109,17 @@ class Scorer:
 
 
 class PolicyEvaluator(Trainer):
-    def fit(self) -> dict[str, float]:
+    def prepare(self) -> None:
+        """The policies named and the held-out prompts loaded, before the tracker run opens; the policies
+        themselves load in `fit`, one at a time."""
+        if getattr(self, "examples", None) is not None:
+            return
         stage, data = self.stage, self.cfg.data
-        policies = dict(stage.policies or {BASE: BASE})
+        self.policies = dict(stage.policies or {BASE: BASE})
         for role in (stage.baseline, stage.kl_reference):
-            if role is not None and role not in policies:
+            if role is not None and role not in self.policies:
                 raise ConfigError("stage.baseline" if role == stage.baseline else "stage.kl_reference",
-                                  f"{role!r} is not one of stage.policies ({', '.join(policies)})")
+                                  f"{role!r} is not one of stage.policies ({', '.join(self.policies)})")
         self.tokenizer, self.stop_token_ids = data_tokenizer(self.cfg.model, data, self.cfg.paths.cache_dir)
         _, held_out = load_prompt_splits(data, self.tokenizer, self.cfg.seed, cache_dir=self.cfg.paths.cache_dir)
         held_out = held_out[: stage.eval_examples] if stage.eval_examples else held_out
@@ -124,7 +128,11 @@ class PolicyEvaluator(Trainer):
         samples = stage.samples_per_prompt
         self.prompts = [ex.prompt for ex in held_out for _ in range(samples)]
         self.references = [ex.completion for ex in held_out for _ in range(samples)]
-        self.tracker.set_tags({"data.num_eval": len(held_out), "eval.policies": json.dumps(policies)})
+        self.tracker.set_tags({"data.num_eval": len(held_out), "eval.policies": json.dumps(self.policies)})
+
+    def fit(self) -> dict[str, float]:
+        self.prepare()
+        stage, policies = self.stage, self.policies
 
         answers = {name: self.answer(name, where) for name, where in policies.items()}
         if stage.kl_reference is not None:

@@ -156,6 +156,7 @@ class MlflowTracker(Tracker):
         self.artifact_location = artifact_location(tracking, self.uri)
         self.flush_timeout_s = float(tracking.get("flush_timeout_s") or 0)
         self.run_id = None
+        self._before_start: list[dict[str, Any]] = []
         self.outbox: Outbox | None = None
         self.run_dir: Path | None = None
 
@@ -192,6 +193,9 @@ class MlflowTracker(Tracker):
         if run_dir is not None:  # from here on, calls go through the run folder's outbox
             self.run_dir = Path(run_dir)
             self.outbox = Outbox(self.run_dir / OUTBOX, self._send)
+        early, self._before_start = self._before_start, []
+        for record in early:  # made while the run's data and weights loaded
+            self._emit(record)
         log.info("MLflow run %s in %s (experiment %r)", self.run_id, self.uri, self.experiment_name)
 
     def _continue(self, run_id: str, params: dict[str, str], tags: dict[str, str]) -> dict[str, str] | None:
@@ -221,6 +225,9 @@ class MlflowTracker(Tracker):
         send_record(self.client, self.run_id, record)
 
     def _emit(self, record: dict[str, Any]) -> None:
+        if self.run_id is None:  # before start: kept until the run exists
+            self._before_start.append(record)
+            return
         record["run_id"] = self.run_id
         if self.outbox is not None:
             self.outbox.put(record)
