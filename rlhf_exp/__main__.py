@@ -25,8 +25,11 @@ log = logging.getLogger("rlhf_exp")
 def main(cfg: DictConfig) -> float | None:
     """One run; returns the sweep objective's final value (what a sweeper such as Optuna optimizes)."""
     from rlhf_exp import sweep
-    from rlhf_exp.app import run
+    from rlhf_exp.app import redact_hydra_files, run
+    from rlhf_exp.redact import redact_log_handlers
 
+    redact_log_handlers()  # Hydra has just made the console and <job>.log handlers
+    redact_hydra_files()   # before anything can refuse the launch and leave them as they are
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = run(cfg)
@@ -50,7 +53,9 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     from rlhf_exp import sweep
+    from rlhf_exp.redact import protect_output
 
+    protect_output()  # secrets never reach the console, from the first line written
     # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
     sys.argv = [sys.argv[0], *resolve_auto_hardware(sys.argv[1:])]
     register_schemas()  # the typed schemas the group YAMLs name

@@ -22,7 +22,7 @@ import rlhf_exp
 from rlhf_exp import distributed, run_lock, stopping, sweep
 from rlhf_exp.checkpoint import check_resumable, resume_point
 from rlhf_exp.config import AUTO_CHOICE, PROJECT_ROOT, check_inputs, config_group_options, flatten, resolved, validate
-from rlhf_exp.redact import redact, redact_yaml_files
+from rlhf_exp.redact import redact, redact_text, redact_yaml_files
 from rlhf_exp.runtime import choose_precision
 from rlhf_exp.stages import stage_spec
 from rlhf_exp.tracking import Tracker, make_tracker
@@ -149,7 +149,12 @@ def resumed_run(cfg: DictConfig, tracker: Tracker) -> str | None:
     if record is None or not record.is_file():
         return None
     earlier = json.loads(record.read_text())
-    return earlier["run_id"] if earlier.get("tracking_uri") == tracker.uri else None
+    return earlier["run_id"] if earlier.get("tracking_uri") in recorded_forms(tracker.uri) else None
+
+
+def recorded_forms(uri: str | None) -> tuple[str | None, ...]:
+    """A tracking URI as run records hold it: its password redacted (records written before: as it was)."""
+    return (uri, redact_text(uri)) if uri else (uri,)
 
 
 def record_run(tracker: Tracker, run_dir: Path, earlier: str | None) -> None:
@@ -158,7 +163,7 @@ def record_run(tracker: Tracker, run_dir: Path, earlier: str | None) -> None:
     left it RUNNING."""
     if tracker.run_id is None:
         return
-    (run_dir / RUN_RECORD).write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri}))
+    (run_dir / RUN_RECORD).write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": redact_text(tracker.uri)}))
     if earlier is None or earlier == tracker.run_id:
         return
     if tracker.close_abandoned(earlier, f"its process died without closing it (SIGKILL, an OOM kill); "
@@ -176,7 +181,7 @@ def close_runs_of_dead_processes(cfg: DictConfig, tracker: Tracker) -> None:
     folders = [lock.parent for root in roots if root.is_dir() for lock in root.glob(f"*/*/{run_lock.LOCK_FILE}")]
     for folder, holder in run_lock.take_stale_locks(folders):
         record = json.loads((folder / RUN_RECORD).read_text()) if (folder / RUN_RECORD).is_file() else {}
-        if record.get("tracking_uri") != tracker.uri:
+        if record.get("tracking_uri") not in recorded_forms(tracker.uri):
             continue
         note = (f"its process ({holder.get('pid', '?')} on {holder.get('host', '?')}) died without closing it "
                 "(SIGKILL, an OOM kill); marked KILLED at the next start in this project")

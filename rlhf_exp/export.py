@@ -157,8 +157,10 @@ def held_out_metrics(checkpoint: Path) -> dict[str, float]:
     try:
         from mlflow.tracking import MlflowClient
 
+        from rlhf_exp.redact import uri_with_password
+
         tracked = json.loads(record.read_text())
-        metrics = MlflowClient(tracked["tracking_uri"]).get_run(tracked["run_id"]).data.metrics
+        metrics = MlflowClient(uri_with_password(tracked["tracking_uri"])).get_run(tracked["run_id"]).data.metrics
     except Exception as error:  # a card without numbers beats no export
         log.warning("no metrics for the model card (%s)", error)
         return {}

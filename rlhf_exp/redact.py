@@ -1,5 +1,6 @@
 """Secrets kept out of everything a run writes: MLflow params, the config artifact and `config.yaml`,
-`trainer_state.pt` and Hydra's `.hydra/` files.
+`trainer_state.pt`, Hydra's `.hydra/` files, the run records (`tracking.json`, `sweep.json`), and, from the
+first line the process writes, the console and the log files (`protect_output`, `redact_log_handlers`).
 
 A value is hidden when its key names a secret (`hub_token`, `api_key`, `password`, ...) or when it
 looks like one wherever it sits (a Hugging Face / OpenAI / GitHub / AWS / Slack token, a JWT, the
@@ -9,7 +10,10 @@ real values: only what is written is redacted.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,9 @@ _TOKEN_VALUE = re.compile(
     r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})")
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
 _OVERRIDE = re.compile(r"^([+~]{0,2}[\w.\-/@]+)=(.*)$", re.S)
+# inside free text (a log line, an error): `hub_token=value`, `hub_token: value`, `"api_key": "value"`
+_ASSIGNMENT = re.compile(r"(?P<key>[+~]{0,2}[A-Za-z_][\w.\-]*)(?P<q>['\"]?)(?P<sep>=|:[ \t]*)(?P<vq>['\"]?)"
+                         r"(?P<value>[^\s'\",;)\]}]+)")
 
 
 def is_secret_key(name: str) -> bool:
@@ -38,7 +45,14 @@ def redact_text(text: str) -> str:
     override = _OVERRIDE.match(text)
     if override and is_secret_key(override.group(1)):
         return f"{override.group(1)}={REDACTED}"
-    return _URI_PASSWORD.sub(rf"\g<1>{REDACTED}\g<3>", _TOKEN_VALUE.sub(REDACTED, text))
+    text = _URI_PASSWORD.sub(rf"\g<1>{REDACTED}\g<3>", _TOKEN_VALUE.sub(REDACTED, text))
+    return _ASSIGNMENT.sub(_hide_secret_assignment, text)
+
+
+def _hide_secret_assignment(match: re.Match) -> str:
+    if not is_secret_key(match["key"]) or match["value"] == REDACTED:
+        return match.group(0)
+    return f"{match['key']}{match['q']}{match['sep']}{match['vq']}{REDACTED}"
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -60,3 +74,61 @@ def redact_yaml_files(folder: Path) -> None:
         hidden = redact(data)
         if hidden != data:
             path.write_text(yaml.safe_dump(hidden, sort_keys=False))
+
+
+class RedactingStream:
+    """sys.stdout / sys.stderr with secrets hidden in what is written (prints, progress bars, warnings,
+    tracebacks, the log's console handler); everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_text(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def protect_output() -> None:
+    """From here on, secrets never reach the console through sys.stdout / sys.stderr."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream))
+
+
+class RedactingFilter(logging.Filter):
+    """A log record with its message (and traceback) redacted, for every handler it reaches."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = redact_text(message)
+        if hidden != message:
+            record.msg, record.args = hidden, ()
+        if record.exc_info:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def redact_log_handlers() -> None:
+    """Every handler of the root logger (Hydra's console and `<job>.log` file) hides secrets."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+def uri_with_password(recorded: str, env_name: str = "MLFLOW_TRACKING_URI") -> str:
+    """A tracking URI as a run record keeps it (its password redacted), with the password put back from the
+    environment's URI of the same user and host; unchanged when it had none."""
+    if REDACTED not in recorded:
+        return recorded
+    current = os.environ.get(env_name, "")
+    if current and redact_text(current) == recorded:
+        return current
+    from rlhf_exp.errors import UserInputError
+
+    raise UserInputError(f"{recorded} needs its password, which no run record keeps: set {env_name} to that URI "
+                         "with its password")

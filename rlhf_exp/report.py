@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_exp.redact import uri_with_password
 from rlhf_exp.sweep import PARENT_TAG, SWEEP_RECORD, short_label
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,8 @@ def parent_and_uri(target: str, tracking_uri: str | None) -> tuple[str, str, Pat
     if (folder / SWEEP_RECORD).is_file():
         record = json.loads((folder / SWEEP_RECORD).read_text())
         # a sweep that started its own server (sweep.server) kept its runs in store_uri once it stopped
-        return record["parent_run_id"], tracking_uri or record.get("store_uri") or record["tracking_uri"], folder
+        return (record["parent_run_id"], tracking_uri or uri_with_password(record.get("store_uri") or
+                                                                             record["tracking_uri"]), folder)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
     return target, uri, None
 

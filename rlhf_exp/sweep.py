@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import optuna_sweep
-from rlhf_exp.redact import redact, redact_text
+from rlhf_exp.redact import redact, redact_text, uri_with_password
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def current_job() -> SweepJob | None:
         if key.lstrip("+~") in sweep["swept"]:
             swept[key.lstrip("+~")] = value
     number = int(hydra_cfg.job.num) + int(sweep.get("job_offset", 0))
-    return SweepJob(sweep["parent_run_id"], sweep["tracking_uri"], sweep["sweep_id"], number, swept, overrides)
+    return SweepJob(sweep["parent_run_id"], uri_with_password(sweep["tracking_uri"]), sweep["sweep_id"], number,
+                    swept, overrides)
 
 
 def job_overrides() -> list[str]:
@@ -197,10 +198,10 @@ class SweepCallback(Callback):
         if view:
             tracker.set_tags({"ui_view": view})
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        record = {"parent_run_id": tracker.run_id, "tracking_uri": tracker.uri, "sweep_id": sweep_dir.name,
+        record = {"parent_run_id": tracker.run_id, "tracking_uri": redact_text(tracker.uri), "sweep_id": sweep_dir.name,
                   "swept": list(space), "objective": objective, "direction": direction, "job_offset": job_offset}
         if server is not None:  # where the runs are once the sweep's own server has stopped
-            record["store_uri"] = tracking_uri(config.tracking, config.paths.root_dir)
+            record["store_uri"] = redact_text(tracking_uri(config.tracking, config.paths.root_dir))
         (sweep_dir / SWEEP_RECORD).write_text(json.dumps(record, indent=2))
         _OPEN.update(tracker=tracker, sweep_dir=sweep_dir, objective=objective, direction=direction,
                      started=time.time(), server=server, view=view)

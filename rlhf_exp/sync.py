@@ -19,6 +19,7 @@ def sync(run_dir: Path) -> tuple[int, int]:
     """Send the outbox of `run_dir`; returns (records sent, metric values sent). An artifact the store still
     refuses is left for the next sync and named; everything else goes on being sent."""
     from rlhf_exp.app import RUN_RECORD
+    from rlhf_exp.redact import uri_with_password
     from rlhf_exp.tracking.mlflow_tracker import check_reachable, ready_client, send_record
     from rlhf_exp.tracking.outbox import ARTIFACT_KINDS, OUTBOX, mark_sent, pending
 
@@ -30,8 +31,9 @@ def sync(run_dir: Path) -> tuple[int, int]:
     todo = pending(folder)
     if not todo:
         return 0, 0
-    check_reachable(record["tracking_uri"])
-    client = ready_client(record["tracking_uri"])
+    uri = uri_with_password(record["tracking_uri"])
+    check_reachable(uri)
+    client = ready_client(uri)
     sent, values, refused = 0, 0, []
     for index, item in todo:
         try:

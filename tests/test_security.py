@@ -121,3 +121,50 @@ def test_compose_publishes_the_unauthenticated_mlflow_server_on_loopback_only():
     assert published, "the UI is reachable from the host"
     for name, port in published:
         assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond the host's loopback"
+
+
+def test_secrets_planted_everywhere_reach_no_byte_under_the_project_and_no_console(tmp_path):
+    """Before: the password of MLFLOW_TRACKING_URI=http://user:pw@host was written in clear text to
+    rlhf_exp.log, tracking.json, the uploaded log artifact and the console, and a launch refused for a bad
+    key left its value in that run's .hydra/*.yaml (redaction ran only once a run started). Planted: a
+    token in the environment, a password in the tracking URI, a token in an override of a refused launch
+    and a token in a data path; then every file under the project (runs, the server's database and
+    artifacts, the cache) and everything both launches printed is read."""
+    import json
+
+    from rlhf_exp.tracking.server import MlflowServer, free_port
+
+    password = "pw-" + "Qz7" * 6
+    env_token = "hf_" + "Ev1r" * 9
+    override_token = "hf_" + "0vRd" * 9
+    path_token = "hf_" + "PaTh" * 9
+    port = free_port()
+    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), serve_artifacts=True,
+                          port=port)
+    try:
+        data = tmp_path / "data" / path_token / "rows.jsonl"
+        data.parent.mkdir(parents=True)
+        data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f" Answer {i}."}) + "\n"
+                                for i in range(16)))
+        env = {"MLFLOW_TRACKING_URI": f"http://alice:{password}@127.0.0.1:{port}", "HF_TOKEN": env_token,
+               "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs"), "RLHF_EXP_CACHE_DIR": str(tmp_path / "cache")}
+        trained = run_cli(*TINY, "data=jsonl", f"data.path={data}", "data.val_size=4", "stage.max_steps=1",
+                          "stage.num_samples=0", "hydra.job_logging.root.level=INFO", env=env)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        refused = run_cli(*TINY, f"+model.hub_token={override_token}", "stage.max_steps=1", env=env)
+        assert refused.returncode == 2 and "model.hub_token" in refused.stderr
+    finally:
+        server.stop()
+    said = trained.stdout + trained.stderr + refused.stdout + refused.stderr
+    assert f"http://alice:***redacted***@127.0.0.1:{port}" in said  # the URI was printed, its password hidden
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    names = {p.relative_to(tmp_path).as_posix() for p in files}
+    for expected in ("rlhf_exp.log", "tracking.json", ".hydra/overrides.yaml", "server.db", "config.yaml"):
+        assert any(name.endswith(expected) for name in names), expected
+    assert sum(name.endswith(".hydra/overrides.yaml") for name in names) == 2  # the refused launch's too
+    assert any(name.startswith("artifacts/") and name.endswith("rlhf_exp.log") for name in names)
+    for secret in (password, env_token, override_token, path_token):
+        assert secret not in said, f"{secret} printed"
+        for path in files:
+            if path_token not in str(path.relative_to(tmp_path)):  # the data file's own folder name
+                assert secret.encode() not in path.read_bytes(), f"{secret} written to {path}"
