@@ -93,9 +93,9 @@ def test_conversational_rows_get_messages_as_trl_passes_them():
 def test_a_broken_function_stops_naming_its_key_and_the_reason(function, says):
     with pytest.raises(ConfigError) as refused:
         rewards_of(("ok", lambda completions, **_: [0.0] * len(completions), 1.0), ("broken", function, 1.0))(
-            ["p", "q"], ["a", "b"], [[1], [2]])
-    assert refused.value.key == "reward.funcs[1]"
-    assert "reward function broken" in str(refused.value) and says in str(refused.value)
+            ["p", "q"], ["a", "b"], [[1], [2]], step=7)
+    assert refused.value.key == "reward.funcs[1]" and "\n" not in str(refused.value)
+    assert "at global_step 7, reward function broken" in str(refused.value) and says in str(refused.value)
 
 
 def test_nan_stops_the_run_unless_on_nan_ignore():
@@ -105,6 +105,17 @@ def test_nan_stops_the_run_unless_on_nan_ignore():
     assert refused.value.key == "reward.on_nan"
     total, per_function = rewards_of(nan_once, on_nan="ignore")(["p", "q"], ["a", "b"], [[1], [2]])
     assert total.tolist() == [0.0, 1.0] and math.isnan(per_function["nan_once"][0])
+
+
+def test_a_nan_is_named_even_where_the_no_eos_score_would_replace_it():
+    """Before: a NaN from a completion without EOS vanished under reward.missing_eos_score, and elsewhere
+    surfaced steps later as `train/grad_norm is nan ... lower stage.lr`."""
+    nan_without_eos = ("judge", lambda completions, **_: [float("nan"), 1.0], 1.0)
+    with pytest.raises(ConfigError) as refused:
+        score_responses(rewards_of(nan_without_eos), Decoder(), ["p", "p"], [[1, 3], [1, 2]], stop_token_ids=[2],
+                        missing_eos_score=-1.0, step=5)
+    assert refused.value.key == "reward.on_nan"
+    assert "at global_step 5, reward function judge (reward.funcs[0]) returned NaN for completion 0" in str(refused.value)
 
 
 def test_build_takes_a_function_as_it_is_with_its_weight_and_name():
@@ -210,7 +221,7 @@ def test_a_raising_reward_function_stops_the_run_in_one_line_naming_it(tmp_path)
                    "reward.funcs=[{_target_: helpers.rewards.raises}]", env=env_with_helpers(tmp_path))
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
-    assert "reward.funcs[0]" in last and "reward function raises raised RuntimeError: the grader is down" in last
+    assert "reward.funcs[0]" in last and "at global_step 0, reward function raises raised RuntimeError: the grader is down" in last
     assert "Traceback" not in done.stderr
 
 

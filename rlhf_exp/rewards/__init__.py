@@ -139,8 +139,8 @@ class Rewards:
         """The first trained reward model among the functions (its module), or None."""
         return next((f.fn.model for f in self.functions if isinstance(f.fn, RewardModelScorer)), None)
 
-    def _checked(self, function: RewardFunction, values: Any, count: int) -> list[float]:
-        where = f"reward function {function.name}"
+    def _checked(self, function: RewardFunction, values: Any, count: int, step: int) -> list[float]:
+        where = f"at global_step {step}, reward function {function.name}"
         try:
             values = list(values)
         except TypeError:
@@ -184,9 +184,10 @@ class Rewards:
             except ConfigError:
                 raise
             except Exception as exc:
-                raise ConfigError(function.key, f"reward function {function.name} raised {type(exc).__name__}: "
-                                  f"{exc}".splitlines()[0]) from exc
-            per_function[function.name] = torch.tensor(self._checked(function, values, count), dtype=torch.float32)
+                raise ConfigError(function.key, f"at global_step {step}, reward function {function.name} raised "
+                                  f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            per_function[function.name] = torch.tensor(self._checked(function, values, count, step),
+                                                       dtype=torch.float32)
         stacked = torch.stack(list(per_function.values()), dim=1)  # [N, functions]
         weights = torch.tensor([f.weight for f in self.functions], dtype=torch.float32)
         unscored = torch.isnan(stacked).all(dim=1)
