@@ -13,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf_exp.config import CONF_DIR, register_resolvers, register_schemas, resolve_auto_hardware
+from rlhf_exp.config import (CONF_DIR, check_yaml_of_choices, register_resolvers, register_schemas,
+                             resolve_auto_hardware)
 from rlhf_exp.errors import ReportedError
 from rlhf_exp.stopping import RunStopped
 
@@ -56,6 +57,11 @@ def cli() -> None:
     from rlhf_exp.redact import protect_output
 
     protect_output()  # secrets never reach the console, from the first line written
+    try:
+        check_yaml_of_choices(sys.argv[1:])
+    except ReportedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
     sys.argv = [sys.argv[0], *resolve_auto_hardware(sys.argv[1:])]
     register_schemas()  # the typed schemas the group YAMLs name

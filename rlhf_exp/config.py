@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.errors import ConfigError
+from rlhf_exp.errors import ConfigError, UserInputError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -142,6 +142,30 @@ def resolve_auto_hardware(overrides: Iterable[str]) -> list[str]:
     return kept[: last + 1] + picked + kept[last + 1:]
 
 
+def check_yaml_of_choices(overrides: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
+    """The YAML files the command line picks (`experiment=x` -> conf/experiment/x.yaml, each option of a sweep's
+    list) and conf/config.yaml parse: a syntax error is one line naming the file, line and column, not
+    Hydra's traceback of ~95 lines."""
+    import yaml
+
+    files = [conf_dir / "config.yaml"]
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        key = key.lstrip("+~")
+        if equals and not override.startswith("-") and "." not in key and (conf_dir / key).is_dir():
+            files += [conf_dir / key / f"{option.strip()}.yaml" for option in value.split(",") if option.strip()]
+    for path in files:
+        if not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise UserInputError(f"{where}: {problem} (YAML syntax)") from None
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("best_attention"):
         OmegaConf.register_new_resolver("best_attention", best_attention)
@@ -264,8 +288,18 @@ def check_inputs(cfg: DictConfig) -> None:
     from rlhf_exp.runtime import check_device
 
     check_device(cfg.hardware)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.hardware.get("num_threads") and int(cfg.hardware.num_threads) > usable:
+        raise ConfigError("hardware.num_threads", f"{cfg.hardware.num_threads} threads on the {usable} cores this "
+                          f"process may use would oversubscribe them (each step many times slower): at most {usable}")
     if cfg.data.get("source") == "file" and cfg.data.get("path") and not Path(str(cfg.data.path)).exists():
         raise ConfigError("data.path", f"{cfg.data.path}: file not found")
+    if cfg.stage.name in ("grpo", "ppo") and cfg.get("reward") is not None:
+        missing = sorted(OmegaConf.missing_keys(cfg.reward))  # full keys: reward.fn.path
+        if missing:
+            hint = (" (the reward model: <rm run>/checkpoints/final, run:<MLflow run id> or a hub id)"
+                    if missing[0] == "reward.fn.path" else "")
+            raise ConfigError(missing[0], f"has no value; set {missing[0]}=...{hint}")
     reward_path = OmegaConf.select(cfg, "reward.fn.path")
     if isinstance(reward_path, str) and looks_local(reward_path) and not (
             is_reward_model_folder(weights_folder(reward_path))):

@@ -4,6 +4,7 @@ honest splits, tokenizing and padding. Knows nothing of stages or tracking."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -16,6 +17,15 @@ from rlhf_exp.errors import ConfigError
 
 
 def _split(examples: list, data_cfg: DictConfig, seed: int, kind: str):
+    if not examples:  # not a val_size problem: there is nothing to split
+        from rlhf_exp.errors import DataError
+
+        where = data_cfg.get("path") or f"data={data_label(data_cfg)}"
+        has_rows = data_cfg.get("path") and Path(str(data_cfg.path)).is_file() and Path(str(data_cfg.path)).stat().st_size
+        raise DataError(where, f"holds no {kind} examples" + (
+            " (its rows were all dropped as bad rows, or lack the fields this stage reads)" if has_rows
+            else ": the file is empty"
+            if data_cfg.get("path") else ""))
     if data_cfg.get("phase"):
         return _phase_split(examples, data_cfg, seed, kind)
     if len(examples) <= data_cfg.val_size:
