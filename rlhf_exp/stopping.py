@@ -1,7 +1,7 @@
 """Stopping cleanly on SIGTERM and SIGINT: what `docker stop`, SLURM preemption, Kubernetes and Ctrl-C send.
 
-The handler only records the signal; the training loop sees it at the next step boundary, writes a
-checkpoint there and raises `RunStopped`, and the run is closed KILLED with the checkpoint named and
+The handler only records the signal; the training loop sees it at the next step boundary (an evaluation
+or generation pass, at its next batch), writes a checkpoint there and raises `RunStopped`, and the run is closed KILLED with the checkpoint named and
 the command that resumes it printed. A second Ctrl-C stops at once (KeyboardInterrupt), as users expect.
 """
 
@@ -12,7 +12,9 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,31 @@ class RunStopped(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # what the shell reports for a process ended by this signal
+
+
+class PassInterrupted(Exception):
+    """A stop signal seen between the batches of an evaluation or generation pass: the pass is abandoned and
+    the run stops at the step it has reached (its trainer checkpoints there, the evaluation left to redo)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} during an evaluation pass")
+
+
+def check_between_batches() -> None:
+    """Raise PassInterrupted if a stop signal came (in one process: ranks that saw the signal at different
+    batches would leave each other waiting in a collective, so a torchrun pass runs to its end)."""
+    from rlhf_exp import distributed
+
+    if _received and distributed.world_size() == 1:
+        raise PassInterrupted(_received[0])
+
+
+def until_stopped(batches: Iterable[T]) -> Iterator[T]:
+    """`batches`, stopping between two of them once a stop signal came (check_between_batches)."""
+    for batch in batches:
+        check_between_batches()
+        yield batch
 
 
 def received() -> int | None:

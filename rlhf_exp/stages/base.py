@@ -72,6 +72,7 @@ class Trainer:
         self.memory = PeakMemory(self.runtime.device)
         self.last_checkpoint: Path | None = None  # what a run stopped by a NaN leaves to resume from
         self.data_changed_on_resume = False  # resumed on other data, as data.allow_changed_on_resume allows
+        self.eval_pending = False  # an evaluation a stop signal cut short: the resumed run makes it first
         self.step = 0
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.last_metrics: dict[str, float] = {}
@@ -168,7 +169,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         out = scores_in_length_order(items, length, score_chunk, self.micro_batch_size("eval"),
-                                     lambda c: tqdm(c, desc=desc, leave=False, disable=desc is None))
+                                     lambda c: stopping.until_stopped(tqdm(c, desc=desc, leave=False,
+                                                                           disable=desc is None)))
         model.train(was_training)
         return out
 
@@ -249,9 +251,9 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         self.prepare()
         max_steps, eval_every = self.stage.max_steps, self.stage.eval_every
-        if self.step == 0:
-            self.after_evaluation(self.evaluate())  # step-0 figures: the gain is visible against them
         evaluated_at = started_at = self.step
+        if self.step == 0 or self.eval_pending:  # step-0 figures: the gain is visible against them
+            self.evaluate_unless_stopped(started_at)
         with tqdm(total=max_steps, initial=self.step, desc=f"{self.stage.name}", unit="step",
                   dynamic_ncols=True) as bar:
             while self.step < max_steps:
@@ -263,12 +265,12 @@ class Trainer:
                 bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in metrics.items()
                                  if k in ("train/loss", "train/reward_mean", "time/step_s")})
                 if eval_every and self.step % eval_every == 0:
-                    self.after_evaluation(self.evaluate())
+                    self.evaluate_unless_stopped(started_at)
                     evaluated_at = self.step
                 if self.stage.get("save_every") and self.step % self.stage.save_every == 0 and self.step < max_steps:
                     self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
         if evaluated_at != self.step:
-            self.after_evaluation(self.evaluate())
+            self.evaluate_unless_stopped(started_at)
         self.log_memory()
         self.on_train_end()
         if self.world_size > 1:  # every replica must have taken the same steps
@@ -282,6 +284,18 @@ class Trainer:
         if distributed.is_main():
             self.log_curves()
         return dict(self.last_metrics)
+
+    def evaluate_unless_stopped(self, started_at: int) -> None:
+        """The held-out evaluation at this step; a stop signal during it abandons it at its next batch, and the
+        run stops at this step with the evaluation left for the resumed run to make first."""
+        self.eval_pending = True
+        try:
+            metrics = self.evaluate()
+        except stopping.PassInterrupted:
+            self.stop_if_signalled(started_at)
+            raise
+        self.eval_pending = False
+        self.after_evaluation(metrics)
 
     def after_evaluation(self, metrics: dict[str, float]) -> None:
         """Log held-out metrics, say the ones a person watches in one line, and keep the best checkpoint."""
@@ -421,6 +435,7 @@ class Trainer:
             "config": redact(OmegaConf.to_container(self.cfg, resolve=True)),
             "extra": self.extra_state(),
             "data": getattr(self, "data_splits", None),
+            "eval_pending": self.eval_pending,
         }
 
     def extra_state(self) -> dict[str, Any]:
@@ -467,6 +482,7 @@ class Trainer:
         self.batches.load_state_dict(state["batches"], bool(self.cfg.data.get("allow_changed_on_resume")))
         self.history = defaultdict(list, state["history"])
         self.step = state["step"]
+        self.eval_pending = bool(state.get("eval_pending", False))
         set_rng_state(state["rng"])
         if "random" in state:
             self.random.load_state_dict(state["random"])

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from rlhf_exp import stopping
 from rlhf_exp.data import data_tokenizer, load_preference_splits, load_prompt_splits
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.data.hf import data_label
@@ -100,7 +101,7 @@ class Scorer:
     @torch.no_grad()
     def _classifier(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
         out: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
+        for start in stopping.until_stopped(range(0, len(prompts), self.batch_size)):
             texts = [p + c for p, c in zip(prompts[start:start + self.batch_size],
                                            completions[start:start + self.batch_size])]
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
@@ -131,6 +132,14 @@ class PolicyEvaluator(Trainer):
         self.tracker.set_tags({"data.num_eval": len(held_out), "eval.policies": json.dumps(self.policies)})
 
     def fit(self) -> dict[str, float]:
+        """Every policy's answers, judged and compared; a stop signal ends it at the next batch (a rerun makes it
+        whole: an evaluation has no steps to resume)."""
+        try:
+            return self.evaluate_policies()
+        except stopping.PassInterrupted as stop:
+            raise stopping.RunStopped(stop.signum, 0, None) from None
+
+    def evaluate_policies(self) -> dict[str, float]:
         self.prepare()
         stage, policies = self.stage, self.policies
 
@@ -178,8 +187,8 @@ class PolicyEvaluator(Trainer):
         ids: list[list[int]] = []
         size = self.micro_batch_size("eval")
         samples = self.stage.samples_per_prompt
-        for start in tqdm(range(0, len(self.prompt_ids), size), desc=f"eval: {name} answers", unit="batch",
-                          leave=False):
+        for start in stopping.until_stopped(tqdm(range(0, len(self.prompt_ids), size), desc=f"eval: {name} answers",
+                                                 unit="batch", leave=False)):
             ids += self.sample(self.prompt_ids[start:start + size], samples, model, generator=generator)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
         ended = torch.tensor([bool(r) and r[-1] in self.stop_token_ids for r in ids])

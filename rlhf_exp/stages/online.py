@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import distributed
+from rlhf_exp import distributed, stopping
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.distributed import shards_weights
 from rlhf_exp.losses.policy import kl_penalty
@@ -261,6 +261,7 @@ class OnlineRLTrainer(Trainer):
         prompt_ids = [x.prompt_ids for x in self.val_set]
         responses = self.sample(prompt_ids, 1, self.eval_policy, generator=self.random.fresh(1),
                                 desc=f"{self.stage.name} eval: {len(prompt_ids)} answers")
+        stopping.check_between_batches()  # the answers are made; scoring them can wait for the resumed run
         prompts = [ex.prompt for ex in self.val_examples]
         scores = self.score(prompts, responses, [ex.row for ex in self.val_examples])
         rewards, raw, stopped, texts = scores.rewards, scores.raw, scores.stopped, scores.texts

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from rlhf_exp import distributed
+from rlhf_exp import distributed, stopping
 from rlhf_exp.data.batching import chunks, length_order
 from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.losses import sft_loss
@@ -84,8 +84,9 @@ class SFTTrainer(Trainer):
         # similar lengths share a chunk: a fifth fewer tokens through the model on TL;DR (the sum does not depend on order)
         order = length_order(self.val_set, lambda x: len(x.prompt_ids) + len(x.response_ids))
         in_order = [self.val_set[i] for i in order]
-        for chunk in tqdm(list(chunks(in_order, self.micro_batch_size("eval"))), desc="sft eval: held-out loss",
-                          leave=False, disable=not distributed.is_main()):
+        for chunk in stopping.until_stopped(tqdm(list(chunks(in_order, self.micro_batch_size("eval"))),
+                                                 desc="sft eval: held-out loss", leave=False,
+                                                 disable=not distributed.is_main())):
             logps, mask = self._response_logps(collate_sft(chunk, self.tokenizer.pad_token_id))
             nll -= float((logps * mask).sum())
             count += int(mask.sum())
