@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -81,6 +83,30 @@ def check_memory(cfg: DictConfig) -> dict[str, float] | None:
                              f"(hardware={cfg.hardware.name}):\n{plan.table()}\nTry:\n{tips}\n"
                              "(hardware.check_memory_plan=false launches anyway)")
     return None
+
+
+@contextmanager
+def out_of_memory_reported(cfg: DictConfig) -> Iterator[None]:
+    """An allocation that fails (torch's CPU allocator under a cgroup or `ulimit -v` limit, CUDA) is one line
+    with the memory plan's figures and its cheapest levers, not an allocator traceback."""
+    from rlhf_exp.errors import OutOfMemory, is_out_of_memory
+
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        try:
+            from rlhf_exp.planner import plan_run
+
+            plan = plan_run(cfg)
+            where = f"{plan.device}: {plan.available_from}" if plan.available_from else plan.device
+            tips = plan.advice(cfg, stage_spec(cfg.stage.name).micro_batch)[:2]
+            figures = (f"the memory plan expected {plan.total_gib:.2f} GiB of {plan.available_gib or 0:.2f} GiB "
+                       f"available ({where}); try {' or '.join(tips)}")
+        except Exception:  # noqa: BLE001 - a plan is a help here, never a second failure
+            figures = "no memory plan for this run (the model's shape is unknown); try plan=true"
+        raise OutOfMemory(str(cfg.hardware.device), error, figures) from error
 
 
 def check_distributed(cfg: DictConfig) -> None:
@@ -281,7 +307,8 @@ def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str
     # refuse (a bad data file, changed data on resume) creates no FAILED run and leaves a resumed run as it was
     trainer = stage_spec(cfg.stage.name).trainer(cfg=cfg, tracker=tracker, run_dir=run_dir)
     try:
-        trainer.prepare()
+        with out_of_memory_reported(cfg):
+            trainer.prepare()
     except BaseException:
         trainer.close()
         raise
@@ -290,7 +317,7 @@ def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str
     try:
         record_run(tracker, run_dir, earlier)
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
-        with stopping.stop_at_step_boundary():
+        with stopping.stop_at_step_boundary(), out_of_memory_reported(cfg):
             metrics = trainer.fit()
         objective = sweep.objective_of(cfg)[0]
         if job is not None and objective in metrics:  # one column name for every sweep's objective

@@ -70,3 +70,21 @@ SHORT_WRITE = ("No space left on device", "unexpected pos ", "file write failed"
 def is_disk_full(error: BaseException) -> bool:
     """ENOSPC as an OSError, or as the text of an error a writer (safetensors, torch.save) raised in its place."""
     return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(s in str(error) for s in SHORT_WRITE)
+
+
+# what the allocators say when memory runs out (torch's CPU allocator raises a RuntimeError, CUDA its own type)
+OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory", "Cannot allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or any(text in str(error) for text in OUT_OF_MEMORY))
+
+
+class OutOfMemory(ReportedError, MemoryError):
+    """An allocation failed: one line with what was asked for and what the memory plan expected."""
+
+    def __init__(self, device: str, error: BaseException, plan: str):
+        first = next((line.strip() for line in str(error).splitlines() if "allocate" in line or "memory" in line),
+                     type(error).__name__)
+        super().__init__(f"out of memory on {device} ({first[:300]}); {plan}")

@@ -81,6 +81,7 @@ class Plan:
     rows: list[tuple[str, str, float]] = field(default_factory=list)  # (model, what, bytes)
     available_gib: float | None = None
     device: str = "cpu"
+    available_from: str = ""  # where available_gib comes from, when not the profile's figure
     notes: list[str] = field(default_factory=list)
     # role -> how its weights are held: {"linear": "nf4" | bytes per weight, "rest": bytes per weight}
     # (what tests compare with the models the stages build)
@@ -110,7 +111,8 @@ class Plan:
         lines.append(f"{'total':<60}{self.total_gib:>9.3f}")
         if self.available_gib is not None:
             verdict = "fits" if self.fits else "DOES NOT FIT"
-            lines.append(f"{'available (' + self.device + ')':<60}{self.available_gib:>9.3f}")
+            where = f"{self.device}: {self.available_from}" if self.available_from else self.device
+            lines.append(f"{'available (' + where + ')':<60}{self.available_gib:>9.3f}")
             lines.append(f"verdict: {verdict} ({self.total_gib / self.available_gib:.0%} of the memory)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -317,6 +319,8 @@ def plan_run(cfg: DictConfig) -> Plan:
     hardware = cfg.hardware
     device = "cuda" if str(hardware.device).startswith("cuda") else "cpu"
     plan = Plan(available_gib=_available_gib(hardware, device), device=device)
+    if device == "cpu" and not hardware.get("memory_gb"):
+        plan.available_from = cpu_memory_limit()[1]
     memory = stage_spec(cfg.stage.name).memory(cfg)
     policy = model_shape(cfg.model, cfg.paths.cache_dir)
     shapes = {"policy": policy, "reward": _reward_shape(cfg, policy)}
@@ -363,6 +367,25 @@ def _available_gib(hardware: DictConfig, device: str) -> float | None:
         import torch
 
         return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
-    import os
+    return cpu_memory_limit()[0] / GIB
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+def cpu_memory_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
+    """(bytes, where the limit comes from): the least of the machine's RAM, the cgroup's memory limit (a
+    container, a SLURM job, systemd: cgroup v2 `memory.max`, v1 `memory/memory.limit_in_bytes`) and the
+    process's address-space limit (`ulimit -v`), which is what an allocation actually runs into."""
+    import os
+    import resource
+
+    limits = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine's RAM")]
+    for path in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append((int(text), f"the cgroup's limit ({path})"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append((int(soft), "the address-space limit (ulimit -v)"))
+    return min(limits)
