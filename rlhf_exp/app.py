@@ -203,8 +203,10 @@ def close_runs_of_dead_processes(cfg: DictConfig, tracker: Tracker) -> None:
     tracker run, if still RUNNING, closed KILLED."""
     if tracker.uri is None:
         return
-    roots = [Path(cfg.paths.runs_dir), Path(cfg.paths.root_dir) / "multiruns"]
-    folders = [lock.parent for root in roots if root.is_dir() for lock in root.glob(f"*/*/{run_lock.LOCK_FILE}")]
+    runs, multiruns = Path(cfg.paths.runs_dir), Path(cfg.paths.root_dir) / "multiruns"
+    patterns = [(runs, "*/*"), (runs, "pipelines/*/*"), (multiruns, "*/*")]  # a stage's, a pipeline's, a sweep job's
+    folders = [lock.parent for root, pattern in patterns if root.is_dir()
+               for lock in root.glob(f"{pattern}/{run_lock.LOCK_FILE}")]
     for folder, holder in run_lock.take_stale_locks(folders):
         record = json.loads((folder / RUN_RECORD).read_text()) if (folder / RUN_RECORD).is_file() else {}
         if record.get("tracking_uri") not in recorded_forms(tracker.uri):
