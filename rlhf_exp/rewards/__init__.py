@@ -127,7 +127,11 @@ class Rewards:
 
     A function that raises, returns another number of values than completions, or a value that is neither a
     number nor None stops the run naming it (its config key) and the reason; a NaN does too unless
-    `reward.on_nan=ignore` (then it counts as a None)."""
+    `reward.on_nan=ignore` (then it counts as a None).
+
+    A completion that every function returned None for gets a total of 0 (a warning counts them), and GRPO
+    counts that 0 in its group's mean and std. TRL 1.16 differs here: it makes such a row NaN, leaves it out
+    of the group's statistics and gives it advantage 0."""
 
     def __init__(self, functions: list[RewardFunction], on_nan: str = "error"):
         if on_nan not in NAN_POLICIES:
