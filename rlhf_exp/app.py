@@ -109,6 +109,40 @@ def out_of_memory_reported(cfg: DictConfig) -> Iterator[None]:
         raise OutOfMemory(str(cfg.hardware.device), error, figures) from error
 
 
+def plan_the_data(cfg: DictConfig, trainer) -> None:
+    """The memory plan again once the data has loaded, at the longest prompt (and, for a stage that reads its
+    responses from the data, the longest response) the data holds rather than the configured caps: the figure
+    the run will meet. Said in the log; a run that will not fit is refused, or warned about loudly under
+    hardware.check_memory_plan=false."""
+    from rlhf_exp.errors import UserInputError
+    from rlhf_exp.planner import plan_run
+    from rlhf_exp.stages.spec import sequence_tokens
+
+    longest = trainer.longest_sequences() if distributed.is_main() else None
+    if longest is None:
+        return
+    prompt, response = longest
+    cap_prompt, cap_response = sequence_tokens(cfg)
+    lengths = {"max_prompt_tokens": max(1, min(prompt, cap_prompt))}
+    if response is not None:
+        lengths["max_response_tokens"] = max(1, min(response, cap_response) - 1)
+    try:
+        plan = plan_run(OmegaConf.merge(cfg, {"data": lengths}))
+    except UserInputError:
+        return  # no plan for this model's shape (check_memory said so already)
+    what = f"the data's longest prompt ({prompt} tokens; data.max_prompt_tokens={cap_prompt})" + (
+        f" and response ({response} tokens)" if response is not None else "")
+    available = f" of {plan.available_gib:.2f} GiB" if plan.available_gib is not None else ""
+    log.info("memory plan at %s: %.2f GiB%s", what, plan.total_gib, available)
+    if plan.fits is not False:
+        return
+    message = (f"at {what} this run is expected to need {plan.total_gib:.2f} GiB{available} "
+               f"(hardware={cfg.hardware.name}):\n{plan.table()}")
+    if cfg.hardware.get("check_memory_plan", True):
+        raise UserInputError(message + "\n(hardware.check_memory_plan=false launches anyway)")
+    log.warning("%s\nlaunching anyway (hardware.check_memory_plan=false): expect to run out of memory", message)
+
+
 def check_distributed(cfg: DictConfig) -> None:
     """Under torchrun: what the stage says it runs under (its StageSpec), then what any mode needs."""
     from rlhf_exp.errors import ConfigError
@@ -311,6 +345,7 @@ def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str
     try:
         with out_of_memory_reported(cfg):
             trainer.prepare()
+        plan_the_data(cfg, trainer)
     except BaseException:
         trainer.close()
         raise

@@ -51,3 +51,28 @@ def test_a_failed_allocation_is_one_line_with_the_plans_figures(tmp_path, monkey
     assert f"GiB of {cpu_memory_limit()[0] / GIB:.2f} GiB available (cpu: " in message and "; try " in message
     _, [failed_run] = mlflow_runs(tmp_path / "mlflow.db")
     assert failed_run.info.status == "FAILED"
+
+
+def test_the_plan_is_made_again_at_the_longest_prompt_the_data_holds(tmp_path, caplog):
+    """Before: only the configured caps were planned (data.max_prompt_tokens), and a run launched with
+    hardware.check_memory_plan=false grew past the machine with no word from the planner."""
+    import logging
+
+    from helpers import GRPO
+
+    with caplog.at_level(logging.INFO, logger="rlhf_exp.app"):
+        run(tiny_config(tmp_path / "grpo", *GRPO, "stage.max_steps=1", "stage.minibatch_size=8"))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan at the data's")]
+    assert len(said) == 1 and "tokens; data.max_prompt_tokens=48): " in said[0] and "response" not in said[0]
+    prompt = int(said[0].split("longest prompt (")[1].split(" tokens")[0])
+    assert 0 < prompt <= 48
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rlhf_exp.app"):  # a stage that reads its responses
+        run(tiny_config(tmp_path / "sft", "stage.max_steps=1", "stage.num_samples=0", "stage.eval_every=null",
+                        "hardware.check_memory_plan=false", "hardware.memory_gb=0.001"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+              and r.getMessage().startswith("at the data's longest prompt (")]
+    assert len(warned) == 1 and " and response (" in warned[0]
+    assert "GiB of 0.00 GiB (hardware=" in warned[0] and warned[0].endswith("expect to run out of memory")
+    _, [finished] = mlflow_runs(tmp_path / "sft" / "mlflow.db")
+    assert finished.info.status == "FINISHED"  # the user's hardware.check_memory_plan=false stands

@@ -216,6 +216,17 @@ class Trainer:
         self.tracker.set_tags({"data.num_train": len(self.train_set), "data.num_eval": len(self.val_set)})
         self.memory.start()  # what the models and training add is measured from here
 
+    def longest_sequences(self) -> tuple[int, int | None] | None:
+        """(the longest prompt, the longest response with its end token, or None where responses are generated)
+        in the training and held-out data, in tokens; None before the data has loaded."""
+        items = [*getattr(self, "train_set", []), *getattr(self, "val_set", [])]
+        if not items:
+            return None
+        prompt = max(len(item.prompt_ids) for item in items)
+        responses = [len(ids) for item in items for ids in
+                     ((item.chosen_ids, item.rejected_ids) if hasattr(item, "chosen_ids") else (item.response_ids,))]
+        return prompt, max(responses)
+
     def report_skipped(self, skipped: Counter) -> None:
         """Bad rows dropped under data.on_bad_row=skip: counted per reason on the console and in MLflow."""
         if not skipped:

@@ -134,6 +134,11 @@ class OnlineRLTrainer(Trainer):
                             prompt + int(self.stage.generation.max_new_tokens), int(self.cfg.seed),
                             self.runtime.precision)
 
+    def longest_sequences(self) -> tuple[int, int | None] | None:
+        """The longest prompt; responses are sampled (up to stage.generation.max_new_tokens), not read."""
+        longest = super().longest_sequences()
+        return None if longest is None else (longest[0], None)
+
     def score(self, prompts: list[str], responses: list[list[int]], rows: list[dict]) -> Scores:
         """The responses' rewards (the no-EOS score substituted), raw sums, each function's values, whether each
         stopped, and texts; `rows`: each response's prompt's data row (its columns go to the reward functions)."""
