@@ -163,6 +163,7 @@ def test_secrets_planted_everywhere_reach_no_byte_under_the_project_and_no_conso
         assert any(name.endswith(expected) for name in names), expected
     assert sum(name.endswith(".hydra/overrides.yaml") for name in names) == 2  # the refused launch's too
     assert any(name.startswith("artifacts/") and name.endswith("rlhf_exp.log") for name in names)
+    print(f"read {len(files)} files:", *sorted(names), sep="\n  ")  # pytest -s: the list the issue asks for
     for secret in (password, env_token, override_token, path_token):
         assert secret not in said, f"{secret} printed"
         for path in files:
