@@ -316,8 +316,15 @@ def folders_written(cfg: DictConfig, run_dir: Path) -> list[Path]:
 
 def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str],
                 precision_reason: str) -> dict[str, float]:
-    """The checked run in its folder: config written, tracker run opened (or continued), the stage's trainer
-    fitted, the tracker run closed FINISHED, FAILED or KILLED whatever happens."""
+    """The checked run in its folder: config written, the stage's data and weights loaded, tracker run opened
+    (or continued), the trainer fitted, the tracker run closed FINISHED, FAILED or KILLED whatever happens.
+    A stop signal from the first load on is seen at the next step boundary (or batch of a pass), never fatal."""
+    with stopping.stop_at_step_boundary():
+        return prepare_and_fit(cfg, run_dir, job, lineage_tags, precision_reason)
+
+
+def prepare_and_fit(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str],
+                    precision_reason: str) -> dict[str, float]:
     written = redact(OmegaConf.to_container(cfg, resolve=True))  # the config as stored: no secrets
     if distributed.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))
@@ -354,7 +361,7 @@ def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str
     try:
         record_run(tracker, run_dir, earlier)
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
-        with stopping.stop_at_step_boundary(), out_of_memory_reported(cfg):
+        with out_of_memory_reported(cfg):
             metrics = trainer.fit()
         objective = sweep.objective_of(cfg)[0]
         if job is not None and objective in metrics:  # one column name for every sweep's objective

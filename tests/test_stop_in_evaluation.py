@@ -63,3 +63,23 @@ def test_sigterm_in_the_eval_stage_stops_at_its_next_batch_closed_killed(tmp_pat
     assert ran == [1] and stopped.value.exit_code == 143
     _, [killed] = mlflow_runs(tmp_path / "mlflow.db")
     assert killed.info.status == "KILLED" and killed.data.tags["stopped_by"] == "SIGTERM"
+
+
+def test_sigterm_while_the_data_and_weights_load_stops_the_run_killed_not_the_process(tmp_path, monkeypatch):
+    """Data and weights load before the tracker run opens; a SIGTERM then must still be the run's handler's
+    (seen at the first step boundary), not Python's default, which would end the process on the spot and
+    leave a pipeline's parent run RUNNING."""
+    from rlhf_exp.stages.sft import SFTTrainer
+
+    real = SFTTrainer.setup_data_and_model
+
+    def sigterm_while_loading(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real(self)
+
+    monkeypatch.setattr(SFTTrainer, "setup_data_and_model", sigterm_while_loading)
+    with pytest.raises(stopping.RunStopped) as stopped:
+        run(tiny_config(tmp_path, *RUN))
+    assert stopped.value.step == 0 and stopped.value.exit_code == 143
+    _, [killed] = mlflow_runs(tmp_path / "mlflow.db")
+    assert killed.info.status == "KILLED" and killed.data.tags["stopped_by"] == "SIGTERM"
