@@ -93,8 +93,7 @@ class Outbox:
         with self._lock:
             self.sent.add(index)
             self.failed_artifacts.pop(index, None)
-            with (self.folder / SENT).open("a") as out:
-                out.write(f"{index}\n")
+            mark_sent(self.folder, index)
 
     def _try(self, index: int, record: dict[str, Any], attempt: int) -> bool:
         try:
