@@ -181,6 +181,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
                 with read_write(stage_cfg):
                     stage_cfg.stage.resume_from = str(run_dir)
                 print(f"pipeline: {role} was interrupted: resuming from {run_dir}")
+            elif record.get("status") == "RUNNING":
+                print(f"pipeline: {role} was stopped before its first checkpoint: starting it again")
             job = None
             if tracker is not None:
                 job = PipelineJob(tracker.run_id, tracker.uri, spec.name, role, digest, again, inputs)

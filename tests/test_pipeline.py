@@ -27,18 +27,36 @@ ROLES = ["sft", "rm", "judge", "dpo", "grpo", "eval"]
 def children_by_role(db: Path):
     client, runs = mlflow_runs(db)
     [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "pipeline"]
-    children = {r.data.tags["pipeline_role"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {}  # role -> its newest run (a stage stopped before its first checkpoint is made again)
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id:
+            children[r.data.tags["pipeline_role"]] = r
     return parent, children, runs
 
 
 def test_the_pipeline_runs_each_stage_as_a_child_with_its_inputs_by_role_and_a_rerun_trains_nothing(tmp_path):
+    """Its first launch gets SIGTERM (docker stop, a SLURM preemption) in the eval stage's first pass: the
+    pass stops at its next batch, the eval child and the parent close KILLED, the process exits 143, and the
+    second launch makes the evaluation alone."""
     env = tracked_env(tmp_path)
+    stopped = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "sigterm_in_eval.py"), *QUICK],
+                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    db = tmp_path / "m.db"
+    parent, children, _ = children_by_role(db)
+    assert parent.info.status == "KILLED" and children["eval"].info.status == "KILLED"
+    assert children["eval"].data.tags["stopped_by"] == "SIGTERM" and "eval/judge_score" not in children["eval"].data.metrics
+    assert all(children[role].info.status == "FINISHED" for role in ROLES[:-1])
+    assert "pipeline killed: MLflow parent run" in stopped.stdout
+    killed_eval = children["eval"].info.run_id
+
     done = run_cli(*QUICK, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    db = tmp_path / "m.db"
-    parent, children, runs = children_by_role(db)
-    assert parent.info.status == "FINISHED" and sorted(children) == sorted(ROLES)
+    assert all(f"pipeline: {role} already finished" in done.stdout for role in ROLES[:-1])
+    assert "pipeline: eval was stopped before its first checkpoint: starting it again" in done.stdout
+    parent_after, children, runs = children_by_role(db)
+    assert parent_after.info.run_id == parent.info.run_id and children["eval"].info.run_id != killed_eval
+    assert parent_after.info.status == "FINISHED" and sorted(children) == sorted(ROLES)
     assert all(r.info.status == "FINISHED" for r in children.values())
     sft = children["sft"]
     sft_final = Path(sft.data.tags["run_dir"]) / "checkpoints" / "final"
