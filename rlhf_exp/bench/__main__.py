@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:  # what keeps the code paths alive, at the least cost
             work.max_prompt_tokens, work.max_response_tokens, work.max_new_tokens = 192, 32, 8
             work.batch = {"sft": 4, "rm": 2, "dpo": 2, "grpo": 1}
+            work.peak_matmul_size = 1024  # an eighth of the work, still far past the caches
         work.files = write_data(tmp / "data", tokenizer, work.max_prompt_tokens, work.max_response_tokens, count, cache_dir)
         work.trl_files = {stage: in_our_order(stage, work, tokenizer, tmp / "data") for stage in stages}
         workload = work.save(tmp / "workload.json")

@@ -24,16 +24,16 @@ def main(argv: list[str]) -> int:
     work = Workload.load(workload)
     torch.set_num_threads(work.threads)
     if side == "peak":
-        out = {"flops": matmul_peak(what)}
+        out = {"flops": matmul_peak(what, work.peak_matmul_size)}
     else:
         if side == "ours":
             from rlhf_exp.bench.ours import run
         else:
             from rlhf_exp.bench.trl_side import run
-        before = matmul_peak(work.precision)
+        before = matmul_peak(work.precision, work.peak_matmul_size)
         out = run(what, work)
         # the faster of the two: the fraction is then, if anything, an underestimate
-        out["matmul_peak_flops"] = max(before, matmul_peak(work.precision))
+        out["matmul_peak_flops"] = max(before, matmul_peak(work.precision, work.peak_matmul_size))
     Path(result).write_text(json.dumps(out))
     return 0
 

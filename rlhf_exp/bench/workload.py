@@ -35,6 +35,7 @@ class Workload:
     clip_ratio: float = 0.2
     target_tokens: int = 20      # the length reward's target
     trl_files: dict[str, str] = field(default_factory=dict)  # stage -> the rows we visit, in our order (`in_our_order`)
+    peak_matmul_size: int = 2048  # the n of the n^3 matmul the peak is timed on (flops.matmul_peak)
 
     @property
     def total_steps(self) -> int:
