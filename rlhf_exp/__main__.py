@@ -1,6 +1,8 @@
 """`python -m rlhf_exp [group=option ...] [key=value ...]`: the one entrypoint.
 
-`--help` lists the config groups, `--cfg job` prints the composed config, `-m` sweeps.
+It picks the launcher once (rlhf_exp/launch/): a pipeline when the config has one (`experiment=tldr_pipeline`),
+else one run of one stage; `-m` makes each job of a sweep one of those. `--help` lists the config groups,
+`--cfg job` prints the composed config.
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ log = logging.getLogger("rlhf_exp")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """One run; returns the sweep objective's final value (what a sweeper such as Optuna optimizes)."""
-    from rlhf_exp import sweep
-    from rlhf_exp.app import redact_hydra_files, run
+    """One run or one pipeline; returns the sweep objective's final value (what a sweeper such as Optuna
+    optimizes)."""
+    from rlhf_exp.launch import jobs, sweep
+    from rlhf_exp.launch.pipeline import run_pipeline
+    from rlhf_exp.launch.run import redact_hydra_files, run
     from rlhf_exp.redact import redact_log_handlers
 
     redact_log_handlers()  # Hydra has just made the console and <job>.log handlers
     redact_hydra_files()   # before anything can refuse the launch and leave them as they are
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        metrics = run(cfg)
+        metrics = run_pipeline(cfg) if cfg.get("pipeline") else run(cfg)
     except ReportedError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
@@ -49,11 +53,11 @@ def main(cfg: DictConfig) -> float | None:
         log.exception("sweep job %s failed", HydraConfig.get().job.num)
         sweep.job_failed(cfg, exc)
         return None
-    return metrics.get(sweep.objective_of(cfg)[0])
+    return metrics.get(jobs.objective_of(cfg)[0])
 
 
 def cli() -> None:
-    from rlhf_exp import sweep
+    from rlhf_exp.launch import sweep
     from rlhf_exp.redact import protect_output
 
     protect_output()  # secrets never reach the console, from the first line written

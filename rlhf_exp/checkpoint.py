@@ -16,27 +16,16 @@ import pickle
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import distributed
+from rlhf_exp.checkpoint_layout import MANIFEST, RUN_CONFIG, TRAINER_STATE
 from rlhf_exp.engine import Engine
 from rlhf_exp.errors import ConfigError, DiskFullError, is_disk_full
 
 log = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.pt"
-RUN_CONFIG = "run_config.json"  # the run's config (secrets redacted), read before anything loads on resume
-MANIFEST = "manifest.json"      # written last: {"files": {relative path: {"size", "sha256"}}}
-
-# What a resumed run may change: when it stops, what it evaluates, samples and saves, what a NaN does.
-# Everything else in the stage's groups (StageSpec.resume_fixed) and these hardware keys would train
-# a different run (a changed stage.lr used to keep the old schedule silently), so it is refused.
-CHANGEABLE_ON_RESUME = ("stage.max_steps", "stage.eval_every", "stage.eval_examples", "stage.num_samples",
-                        "stage.save_every", "stage.resume_from", "stage.on_nonfinite", "data.allow_changed_on_resume")
-FIXED_HARDWARE = ("hardware.lora", "hardware.load_in_4bit", "hardware.optimizer", "hardware.master_weights")
 
 
 def staging_folder(folder: Path) -> Path:
@@ -226,32 +215,6 @@ def resume_point(path: Path) -> Path:
     raise ConfigError("stage.resume_from", f"{path} is a run folder without a whole checkpoint in "
                       f"{path / 'checkpoints'}" + (f" (damaged: {damaged})" if damaged else
                                                   " (stage.save_every sets how often one is written)"))
-
-
-def check_resumable(folder: Path, cfg: DictConfig, fixed_groups: Sequence[str]) -> None:
-    """Refuse to resume `folder` under a config that differs where a resumed run cannot change,
-    naming each differing key with its saved and new value."""
-    from rlhf_exp.config import flatten
-    from rlhf_exp.redact import redact
-
-    saved = flatten(saved_config(folder))
-    now = flatten(redact(OmegaConf.to_container(cfg, resolve=True)))
-    if saved.get("stage.name") != now["stage.name"]:
-        raise ConfigError("stage.resume_from", f"{folder} is a checkpoint of stage={saved.get('stage.name')}, and "
-                          f"this run is stage={now['stage.name']}: to start a {now['stage.name']} run from its "
-                          f"weights, use model.init_from={folder}")
-    scope = tuple(f"{group}." if group != "seed" else group for group in fixed_groups) + FIXED_HARDWARE
-
-    def fixed(key: str) -> bool:
-        return key.startswith(scope) and key not in CHANGEABLE_ON_RESUME
-
-    differing = [f"{key}: {saved.get(key, '<absent>')} -> {now.get(key, '<absent>')}"
-                 for key in sorted(set(saved) | set(now)) if fixed(key) and saved.get(key) != now.get(key)]
-    if differing:
-        raise ConfigError("stage.resume_from", f"{folder} was written with other settings, which a resumed run "
-                          f"cannot change: {'; '.join(differing)}. Resume with the checkpoint's values, or start "
-                          f"a new run from its weights (model.init_from={folder}); on resume only "
-                          f"{', '.join(k.split('.', 1)[1] for k in CHANGEABLE_ON_RESUME)} of the stage may change")
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:

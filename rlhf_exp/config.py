@@ -2,7 +2,7 @@
 
 `conf/` sits beside the package (a source checkout or an editable install). Everything here
 works without Hydra's `@main`, so tests and tools can `compose_config([...])` and call
-`rlhf_exp.app.run(cfg)` directly.
+`rlhf_exp.launch.run.run(cfg)` directly.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +22,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 
 _PROCESS_RUN_IDS: dict[int, str] = {}
+
+# What a resumed run may change: when it stops, what it evaluates, samples and saves, what a NaN does.
+# Everything else in the stage's groups (StageSpec.resume_fixed) and these hardware keys would train
+# a different run (a changed stage.lr used to keep the old schedule silently), so it is refused.
+CHANGEABLE_ON_RESUME = ("stage.max_steps", "stage.eval_every", "stage.eval_examples", "stage.num_samples",
+                        "stage.save_every", "stage.resume_from", "stage.on_nonfinite", "data.allow_changed_on_resume")
+FIXED_HARDWARE = ("hardware.lora", "hardware.load_in_4bit", "hardware.optimizer", "hardware.master_weights")
 
 
 def run_id() -> str:
@@ -231,11 +238,69 @@ def resolved(cfg: DictConfig) -> DictConfig:
         plain.pop("hydra")
     if OmegaConf.select(plain, "hardware.precision") == "auto":
         plain.hardware.precision = choose_precision("auto", str(plain.hardware.device))[0]
+    spec = stage_spec(plain.stage.name)
     if "model" in plain and plain.model.get("disable_dropout") is None:
-        plain.model.disable_dropout = stage_spec(plain.stage.name).disable_dropout
+        plain.model.disable_dropout = spec.disable_dropout
+    sizes = OmegaConf.select(plain, "hardware.micro_batch_size")
+    if sizes is not None and sizes.get(spec.micro_batch) is None:
+        sizes[spec.micro_batch] = spec.micro_batch_default
     out = OmegaConf.create(OmegaConf.to_container(plain, resolve=True))
+    if "data" in out:
+        resolve_data_sources(out.data)
     OmegaConf.set_struct(out, True)
     return out
+
+
+def data_option(name: str, key: str) -> dict[str, Any]:
+    """conf/data/<name>.yaml composed, as plain values: a source that data.blend or data.sources names."""
+    if name not in config_group_options("data"):
+        raise ConfigError(key, f"no conf/data/{name}.yaml (data options: {', '.join(config_group_options('data'))})")
+    return OmegaConf.to_container(compose_config([f"data={name}"]), resolve=True)["data"]
+
+
+def resolve_data_sources(data: DictConfig) -> None:
+    """data.blend's {option: weight} and data.sources' [{path, weight, data: option, ...}] become whole data
+    configs with their weight (the conf/data option each names, an entry's keys over it), so that loading
+    the data composes nothing: rlhf_exp.data.source_configs reads them as they are. Idempotent."""
+    blend = data.get("blend")
+    if blend:
+        if not hasattr(blend, "items"):
+            raise ConfigError("data.blend", f"must be {{<data option>: weight > 0}}, got {blend!r}")
+        data.blend = {name: blend_entry(name, entry) for name, entry in blend.items()}
+    if data.get("sources"):
+        data.sources = [mixture_entry(entry, index) for index, entry in enumerate(data.sources)]
+
+
+def source_weight(weight: Any, key: str) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        raise ConfigError(key, f"must be {{<data option>: weight > 0}}, got {weight!r}" if key.startswith("data.blend")
+                          else f"must be a number > 0, got {weight!r}")
+    return weight
+
+
+def blend_entry(name: str, entry: Any) -> dict[str, Any]:
+    """data.blend.<name>: its weight, or (resolved already) its whole config with the weight."""
+    if hasattr(entry, "items"):  # resolved
+        source_weight(entry.get("weight"), "data.blend")
+        return OmegaConf.to_container(entry) if OmegaConf.is_config(entry) else dict(entry)
+    return {**data_option(name, f"data.blend.{name}"), "weight": source_weight(entry, "data.blend")}
+
+
+def mixture_entry(entry: Any, index: int) -> dict[str, Any]:
+    """A data.sources entry as a whole data config: the conf/data option it names (`data`, else hub for
+    source=hub and file otherwise) with the entry's keys (path, name, split, columns, val_size, ...) over it."""
+    key = f"data.sources[{index}]"
+    if not hasattr(entry, "items"):
+        raise ConfigError(key, f"must be a mapping such as {{path: prefs.parquet, weight: 0.5}}, got {entry!r}")
+    option = entry.get("data") or ("hub" if entry.get("source") == "hub" else "file")
+    base = data_option(option, f"{key}.data")
+    keys = {k: v for k, v in entry.items() if k not in ("data", "weight")}
+    unknown = sorted(set(keys) - set(base))
+    if unknown:
+        raise ConfigError(key, f"unknown data keys {unknown} (keys of data={option}: {', '.join(sorted(base))})")
+    weight = source_weight(entry.get("weight", 1.0), f"{key}.weight")
+    merged = OmegaConf.to_container(OmegaConf.merge(base, keys), resolve=True)
+    return {**merged, "data": option, "weight": weight}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -269,7 +334,7 @@ def validate(cfg: DictConfig) -> None:
         if not good:
             raise ConfigError(key, f"{rule.must} (got {value!r})")
     check_targets(cfg, cfg.allowed_targets)
-    check_init_from(cfg.model, cfg.stage.name)
+    check_init_from(cfg.model, spec)
     if cfg.hardware.get("load_in_4bit") and not cfg.hardware.lora.enabled:
         raise ConfigError("hardware.load_in_4bit", "4-bit weights are frozen: set hardware.lora.enabled=true (QLoRA)")
     micro, whole = micro_batch(cfg, spec.micro_batch), cfg.stage[spec.batch_key]
@@ -283,10 +348,12 @@ def check_inputs(cfg: DictConfig) -> None:
     """What a run reads must be there before its tracker run is created (a refused launch leaves no FAILED
     run): the device, a data file, the reward model, the eval stage's policies and judges. A name that is
     not a local path (a hub id) is left to the loader."""
-    from rlhf_exp.models.peft import weights_folder
+    from rlhf_exp.checkpoint_layout import weights_folder
     from rlhf_exp.models.reward import is_reward_model_folder
     from rlhf_exp.runtime import check_device
+    from rlhf_exp.stages import stage_spec
 
+    spec = stage_spec(cfg.stage.name)
     check_device(cfg.hardware)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cfg.hardware.get("num_threads") and int(cfg.hardware.num_threads) > usable:
@@ -294,7 +361,7 @@ def check_inputs(cfg: DictConfig) -> None:
                           f"process may use would oversubscribe them (each step many times slower): at most {usable}")
     if cfg.data.get("source") == "file" and cfg.data.get("path") and not Path(str(cfg.data.path)).exists():
         raise ConfigError("data.path", f"{cfg.data.path}: file not found")
-    if cfg.stage.name in ("grpo", "ppo") and cfg.get("reward") is not None:
+    if spec.uses_reward and cfg.get("reward") is not None:
         missing = sorted(OmegaConf.missing_keys(cfg.reward))  # full keys: reward.fn.path
         if missing:
             hint = (" (the reward model: <rm run>/checkpoints/final, run:<MLflow run id> or a hub id)"
@@ -306,16 +373,7 @@ def check_inputs(cfg: DictConfig) -> None:
         what = ("does not exist" if not Path(reward_path).exists() else
                 "is neither a reward model saved by stage=rm nor a ForSequenceClassification model")
         raise ConfigError("reward.fn.path", f"{reward_path} {what} (<rm run>/checkpoints/final, or a hub id)")
-    if cfg.stage.name != "eval":
-        return
-    for key in ("judge", "train_rm"):
-        path = cfg.stage.get(key)
-        if path and looks_local(path) and not Path(path).exists():
-            raise ConfigError(f"stage.{key}", f"{path} does not exist (a reward model folder, or a hub id)")
-    for name, where in (cfg.stage.get("policies") or {}).items():
-        if where != "base" and not (weights_folder(str(where)) / "config.json").is_file():
-            raise ConfigError(f"stage.policies.{name}", f"{where} is not a checkpoint folder (no config.json): "
-                              "base, a checkpoint folder or run:<role | MLflow run id>")
+    spec.input_checks(cfg)
 
 
 def looks_local(path: str) -> bool:
@@ -323,10 +381,10 @@ def looks_local(path: str) -> bool:
     return Path(path).exists() or path.startswith(("/", ".", "~"))
 
 
-def check_init_from(model: DictConfig, stage: str) -> None:
+def check_init_from(model: DictConfig, spec) -> None:
     """model.init_from must be a folder with a model in it (a checkpoint of an earlier run); a reward
-    model only for stage=rm (a policy loaded from one would get an LM head it never had)."""
-    from rlhf_exp.models.peft import weights_folder
+    model only for a stage that trains one (a policy loaded from one would get an LM head it never had)."""
+    from rlhf_exp.checkpoint_layout import weights_folder
     from rlhf_exp.models.reward import is_reward_model_folder
 
     if not model.get("init_from"):
@@ -336,10 +394,36 @@ def check_init_from(model: DictConfig, stage: str) -> None:
         what = "does not exist" if not folder.exists() else "holds no model (no config.json)"
         raise ConfigError("model.init_from", f"{folder} {what}: name a checkpoint folder of an earlier run "
                           "(<run>/checkpoints/final)")
-    if stage != "rm" and is_reward_model_folder(folder):
-        raise ConfigError("model.init_from", f"{folder} is a reward model, and stage={stage} trains a policy: "
+    if not spec.init_from_reward_model and is_reward_model_folder(folder):
+        raise ConfigError("model.init_from", f"{folder} is a reward model, and stage={spec.name} trains a policy: "
                           "start it from a causal LM (an SFT run's checkpoints/final); a reward model goes in "
                           "reward.fn.path (reward=reward_model)")
+
+
+def check_resumable(folder: Path, cfg: DictConfig, fixed_groups: Sequence[str]) -> None:
+    """Refuse to resume `folder` under a config that differs where a resumed run cannot change,
+    naming each differing key with its saved and new value."""
+    from rlhf_exp.checkpoint import saved_config
+    from rlhf_exp.redact import redact
+
+    saved = flatten(saved_config(folder))
+    now = flatten(redact(OmegaConf.to_container(cfg, resolve=True)))
+    if saved.get("stage.name") != now["stage.name"]:
+        raise ConfigError("stage.resume_from", f"{folder} is a checkpoint of stage={saved.get('stage.name')}, and "
+                          f"this run is stage={now['stage.name']}: to start a {now['stage.name']} run from its "
+                          f"weights, use model.init_from={folder}")
+    scope = tuple(f"{group}." if group != "seed" else group for group in fixed_groups) + FIXED_HARDWARE
+
+    def fixed(key: str) -> bool:
+        return key.startswith(scope) and key not in CHANGEABLE_ON_RESUME
+
+    differing = [f"{key}: {saved.get(key, '<absent>')} -> {now.get(key, '<absent>')}"
+                 for key in sorted(set(saved) | set(now)) if fixed(key) and saved.get(key) != now.get(key)]
+    if differing:
+        raise ConfigError("stage.resume_from", f"{folder} was written with other settings, which a resumed run "
+                          f"cannot change: {'; '.join(differing)}. Resume with the checkpoint's values, or start "
+                          f"a new run from its weights (model.init_from={folder}); on resume only "
+                          f"{', '.join(k.split('.', 1)[1] for k in CHANGEABLE_ON_RESUME)} of the stage may change")
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from rlhf_exp.checkpoint import saved_config, written_into_place
 from rlhf_exp.errors import ConfigError
+from rlhf_exp.tracking.records import RUN_RECORD, run_id_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def checkpoint_folder(target: str, which: str) -> Path:
 
 def export(checkpoint: Path, out: Path) -> Path:
     """Write the hub folder for `checkpoint` at `out` (replaced whole, written beside it first)."""
-    from rlhf_exp.models.peft import weights_folder
+    from rlhf_exp.checkpoint_layout import weights_folder
     from rlhf_exp.models.reward import is_reward_model_folder
 
     config = saved_config(checkpoint)
@@ -106,8 +107,8 @@ def write_generation_config(staging: Path, config: dict) -> None:
 
     from omegaconf import OmegaConf
 
-    from rlhf_exp.data.formats import uses_chat_template
-    from rlhf_exp.data.registry import FORMATS
+    from rlhf_exp.data.formats.base import uses_chat_template
+    from rlhf_exp.data.formats import FORMATS
     from rlhf_exp.data.tokens import stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(staging)
@@ -136,7 +137,7 @@ def lineage(checkpoint: Path) -> list[dict[str, Any]]:
             chain.append({"stage": "?", "checkpoint": str(current), "run_id": None})
             break
         chain.append({"stage": (config.get("stage") or {}).get("name"), "checkpoint": str(current),
-                      "run_id": run_id_of(current)})
+                      "run_id": run_id_of(current.parent.parent)})
         parent = (config.get("model") or {}).get("init_from")
         current = Path(parent) if parent else None
     base = saved_config(checkpoint).get("model") or {}
@@ -144,16 +145,9 @@ def lineage(checkpoint: Path) -> list[dict[str, Any]]:
     return chain[::-1]
 
 
-def run_id_of(checkpoint: Path) -> str | None:
-    try:
-        return json.loads((checkpoint.parent.parent / "tracking.json").read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def held_out_metrics(checkpoint: Path) -> dict[str, float]:
     """The run's last eval/ metrics, from its MLflow run (empty when the tracker cannot be read)."""
-    record = checkpoint.parent.parent / "tracking.json"
+    record = checkpoint.parent.parent / RUN_RECORD
     try:
         from mlflow.tracking import MlflowClient
 

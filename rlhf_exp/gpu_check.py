@@ -161,8 +161,8 @@ def check_packed_against_padded(ctx: Context) -> dict:
 
 def check_gradient_checkpointing_with_lora(ctx: Context) -> dict:
     """Adapter gradients with gradient checkpointing equal those without, on the RM path and the policy path."""
-    from rlhf_exp.models.peft import add_adapters, add_reward_adapters
-    from rlhf_exp.models.reward import reward_model_from_causal_lm
+    from rlhf_exp.models.peft import add_adapters
+    from rlhf_exp.models.reward import add_reward_adapters, reward_model_from_causal_lm
 
     hidden, layers = (64, 2) if ctx.dry else (512, 4)
     ids = torch.randint(3, 500, (2, 96), generator=torch.Generator().manual_seed(2)).to(ctx.device)

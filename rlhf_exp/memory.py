@@ -8,7 +8,6 @@ import gc
 import logging
 
 import torch
-from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +60,21 @@ def peak_memory(device: torch.device) -> float:
 
 
 class PeakMemory:
-    """`start()` after the data is loaded; `report(cfg)` at the end: measured peak and the plan, in GiB."""
+    """`start()` after the data is loaded; `report()` at the end: measured peak and the plan, in GiB."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.baseline = device, float("nan")
+    def __init__(self, device: torch.device, plan=None):
+        """`plan`: the run's planner.Plan (the launcher makes it once), or None for no planned figures."""
+        self.device, self.plan, self.baseline = device, plan, float("nan")
 
     def start(self) -> None:
         self.baseline = reset_peak_memory(self.device)
 
-    def report(self, cfg: DictConfig) -> tuple[dict[str, float], str | None]:
+    def report(self) -> tuple[dict[str, float], str | None]:
         """(metrics, the plan's table or None)."""
         peak = peak_memory(self.device)
         metrics = {"memory/peak_gib": peak / 2**30, "memory/baseline_gib": self.baseline / 2**30,
                    "memory/peak_over_baseline_gib": (peak - self.baseline) / 2**30}
-        try:
-            from rlhf_exp.planner import plan_run
-
-            plan = plan_run(cfg)
-        except Exception:  # the plan is a report here; a gap in it must not fail a finished run
-            log.exception("memory plan failed")
+        if self.plan is None:
             return metrics, None
-        metrics.update({"memory/planned_gib": plan.total_gib, "memory/planned_tensors_gib": plan.tensors_gib})
-        return metrics, plan.table()
+        metrics.update({"memory/planned_gib": self.plan.total_gib, "memory/planned_tensors_gib": self.plan.tensors_gib})
+        return metrics, self.plan.table()

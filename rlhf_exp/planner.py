@@ -154,7 +154,7 @@ class Plan:
 
 def model_shape(model_cfg: DictConfig, cache_dir: str | None = None) -> Shape:
     """The architecture, from `model.arch`, `model.config` (random init) or a folder's config.json."""
-    from rlhf_exp.models.peft import weights_folder
+    from rlhf_exp.checkpoint_layout import weights_folder
 
     arch = None
     folder = model_cfg.get("init_from") or (model_cfg.path if model_cfg.source == "local" else None)
@@ -351,7 +351,7 @@ def _reward_shape(cfg: DictConfig, policy_shape: Shape) -> Shape:
     path = OmegaConf.select(cfg, "reward.fn.path", default=None)
     if not path:
         return policy_shape
-    from rlhf_exp.models.peft import weights_folder
+    from rlhf_exp.checkpoint_layout import weights_folder
 
     config = weights_folder(path) / "config.json"
     if not config.is_file():

@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, get_type_hints
 
 from omegaconf import MISSING
 
-from rlhf_exp.data.registry import FORMATS
-from rlhf_exp.data.hf import TYPES as TRL_TYPES
+from rlhf_exp.data.formats import FORMATS
+from rlhf_exp.data.formats.hf import TYPES as TRL_TYPES
 from rlhf_exp.engine import NONFINITE_POLICIES
 from rlhf_exp.optim import OPTIMIZERS
 from rlhf_exp.runtime import DTYPES, PRECISIONS
@@ -159,14 +159,14 @@ class DataConfig:
     subsets: Optional[List[str]] = None
     fields: Optional[Dict[str, str]] = None
     hub: Optional[Dict[str, Any]] = None
-    # data=hub / data=file (rlhf_exp/data/hf.py): the split, reading a hub set as it streams, a cap on rows read,
+    # data=hub / data=file (rlhf_exp/data/formats/hf.py): the split, reading a hub set as it streams, a cap on rows read,
     # TRL column names -> the data set's, and the TRL type when not detected
     split: str = "train"
     streaming: bool = False
     max_rows: Optional[int] = key(optional(positive(), "all of them"), default=None)
     columns: Optional[Dict[str, Optional[str]]] = None
     type: Optional[str] = key(optional(one_of(TRL_TYPES), "detected from the columns"), default=None)
-    # data=arithmetic / data=gsm8k (rlhf_exp/data/math_problems.py): the question as the prompt says it, and the
+    # data=arithmetic / data=gsm8k (rlhf_exp/data/formats/math_problems.py): the question as the prompt says it, and the
     # generated problems' difficulty, count and seed
     question_template: Optional[str] = None
     digits: int = key(positive(), default=1)
@@ -189,11 +189,18 @@ class DataConfig:
     # columns: {...}, data: <conf/data option, default file or hub>}, ...] (rlhf_exp.data.load_splits)
     sources: Any = key(optional(Rule(lambda v: len(v) > 0, "must list at least one source"), "this option's "
                                 "own source"), default=None)
-    # other conf/data sources mixed in before the split: {name: weight} (rlhf_exp.data.source_configs)
-    # (Any: OmegaConf cannot merge a dict into an Optional[Dict] that is null)
+    # other conf/data sources mixed in before the split: {name: weight}; resolved, each option's whole config
+    # with its weight (rlhf_exp.config.resolve_data_sources). (Any: OmegaConf cannot merge a dict into an
+    # Optional[Dict] that is null)
     blend: Any = key(optional(Rule(lambda v: hasattr(v, "values") and all(
-        isinstance(w, (int, float)) and w > 0 for w in v.values()), "must be {<data option>: weight > 0}"),
+        _blend_weight(w) > 0 for w in v.values()), "must be {<data option>: weight > 0}"),
         "no other source"), default=None)
+
+
+def _blend_weight(entry: Any) -> float:
+    """A data.blend value's weight: the value, or a resolved entry's `weight` (0 where it is no number)."""
+    weight = entry.get("weight") if hasattr(entry, "get") else entry
+    return weight if isinstance(weight, (int, float)) and not isinstance(weight, bool) else 0
 
 
 @dataclass

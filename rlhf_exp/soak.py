@@ -58,7 +58,7 @@ class SoakReport:
 # forked from a process that imported the package once, as a joblib sweep's workers are: the ~9 s of
 # imports is paid once per soak, not once per job.
 _JOBS = multiprocessing.get_context("forkserver")
-_JOBS.set_forkserver_preload(["rlhf_exp.__main__", "rlhf_exp.app", "rlhf_exp.stages.sft",
+_JOBS.set_forkserver_preload(["rlhf_exp.__main__", "rlhf_exp.launch.run", "rlhf_exp.stages.sft",
                               "mlflow.store.tracking.sqlalchemy_store"])
 
 
@@ -100,6 +100,7 @@ def count(uri: str, folder: Path, experiment: str, report: SoakReport) -> SoakRe
     from mlflow.tracking import MlflowClient
 
     from rlhf_exp.tracking.outbox import OUTBOX, records
+    from rlhf_exp.tracking.records import RUN_RECORD
 
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
@@ -107,7 +108,7 @@ def count(uri: str, folder: Path, experiment: str, report: SoakReport) -> SoakRe
     report.runs = len(runs)
     report.finished_runs = sum(r.info.status == "FINISHED" for r in runs)
     by_id = {r.info.run_id: r for r in runs}
-    for record in sorted(folder.glob("**/tracking.json")):
+    for record in sorted(folder.glob(f"**/{RUN_RECORD}")):
         run_dir = record.parent
         run = by_id.get(json.loads(record.read_text())["run_id"])
         if run is None:

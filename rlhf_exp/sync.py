@@ -18,7 +18,7 @@ from rlhf_exp.errors import ReportedError, UserInputError
 def sync(run_dir: Path) -> tuple[int, int]:
     """Send the outbox of `run_dir`; returns (records sent, metric values sent). An artifact the store still
     refuses is left for the next sync and named; everything else goes on being sent."""
-    from rlhf_exp.app import RUN_RECORD
+    from rlhf_exp.tracking.records import RUN_RECORD
     from rlhf_exp.redact import uri_with_password
     from rlhf_exp.tracking.mlflow_tracker import check_reachable, ready_client, send_record
     from rlhf_exp.tracking.outbox import ARTIFACT_KINDS, OUTBOX, mark_sent, pending

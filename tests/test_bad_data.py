@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from rlhf_exp.app import resolved
+from rlhf_exp.launch.run import resolved
 from rlhf_exp.config import compose_config
 from rlhf_exp.data import load_sft_splits
 from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_pair, tokenize_sft
 from rlhf_exp.data.formats import PreferenceExample, SFTExample
-from rlhf_exp.data.registry import get_format
+from rlhf_exp.data.formats import get_format
 from rlhf_exp.data.sources import read_jsonl
 from rlhf_exp.errors import DataError
 
@@ -96,7 +96,7 @@ def test_bad_data_corpus(tmp_path, name, file, content, kind, error, reason):
 def test_skipped_rows_are_counted_in_the_run(tmp_path):
     """The counts reach the run: the console and MLflow (tags data.skipped.<reason>, metric data/skipped_rows)."""
     from helpers import mlflow_runs, tiny_config
-    from rlhf_exp.app import run
+    from rlhf_exp.launch.run import run
 
     path = tmp_path / "mixed.jsonl"
     rows = [line(prompt=f"Q{i}?", completion=f" A{i}") for i in range(40)]

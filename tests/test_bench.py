@@ -60,7 +60,8 @@ def test_trl_reads_the_rows_our_trainer_visits_in_the_order_it_visits_them(tmp_p
     """Step k is the same examples on both sides: catches an order taken before our held-out split, an
     off-by-one file line, or a stream seeded apart from the trainer's."""
     from rlhf_exp.bench.ours import overrides
-    from rlhf_exp.bench.workload import Workload, in_our_order, model_folder
+    from rlhf_exp.bench.ours import in_our_order
+    from rlhf_exp.bench.workload import Workload, model_folder
     from rlhf_exp.config import compose_config, resolved
     from rlhf_exp.stages.dpo import DPOTrainer
     from rlhf_exp.tracking.base import Tracker

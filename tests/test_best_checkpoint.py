@@ -65,7 +65,7 @@ def test_best_metric_names_the_direction_and_an_unknown_one_names_the_key(tmp_pa
 
 def test_a_later_stage_starts_from_an_earlier_runs_best_checkpoint_by_run_id(tmp_path, caplog):
     """SFT keeps its lowest held-out loss; DPO names it as run:<SFT's MLflow run id>@best."""
-    from rlhf_exp import app
+    from rlhf_exp.launch import run as app
 
     caplog.set_level("INFO")
     app.run(tiny_config(tmp_path, "stage.max_steps=4", "stage.eval_every=1", "stage.lr=3e-2", "stage.keep_best=true",

@@ -77,7 +77,7 @@ def test_a_launch_refused_for_a_missing_input_leaves_no_mlflow_run(tmp_path, ove
     import torch
 
     from helpers import tiny_config
-    from rlhf_exp import app
+    from rlhf_exp.launch import run as app
     from rlhf_exp.errors import ConfigError
 
     if overrides == ["hardware=h100"] and torch.cuda.is_available():

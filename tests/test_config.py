@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from rlhf_exp.app import resolved
+from rlhf_exp.launch.run import resolved
 from rlhf_exp.config import compose_config, config_group_options, validate
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.tracking.mlflow_tracker import artifact_location, tracking_uri

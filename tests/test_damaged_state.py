@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import mlflow_runs, tiny_config
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 from rlhf_exp.checkpoint import MANIFEST, checkpoint_damage, resume_point
 from rlhf_exp.errors import ConfigError
 

@@ -8,11 +8,12 @@ import re
 
 import pytest
 
-from rlhf_exp.app import resolved
+from rlhf_exp.launch.run import resolved
 from rlhf_exp.config import compose_config
 from rlhf_exp.data import load_preference_splits, load_sft_splits
-from rlhf_exp.data.formats import TLDR_TEMPLATE, split_dialogue, tldr_prompt
-from rlhf_exp.data.registry import get_format
+from rlhf_exp.data.formats.hh_rlhf import split_dialogue
+from rlhf_exp.data.formats.tldr import TLDR_TEMPLATE, tldr_prompt
+from rlhf_exp.data.formats import get_format
 from rlhf_exp.data.splits import split_by_prompt
 from rlhf_exp.errors import ConfigError, DataError
 
@@ -52,8 +53,8 @@ def test_hh_rlhf_vendored_pairs_split_at_the_last_assistant_turn(tokenizer):
 
 
 def test_hh_rlhf_dialogues_go_through_the_chat_template_as_messages(tokenizer):
-    from rlhf_exp.data.formats import dialogue_messages
-    from rlhf_exp.data.registry import is_chat
+    from rlhf_exp.data.formats.hh_rlhf import dialogue_messages
+    from rlhf_exp.data.formats import is_chat
 
     plain = get_format(data_cfg("hh_rlhf", "data.chat_template=none"), tokenizer).preference_examples()
     templated = get_format(data_cfg("hh_rlhf"), tokenizer).preference_examples()
@@ -192,7 +193,7 @@ def test_val_size_too_large_is_a_config_error(tokenizer):
 def test_tldr_prompts_kept_on_disk_are_the_ones_fitted_again(tokenizer, tmp_path, monkeypatch):
     """The next process reads the fitted prompts from paths.cache_dir instead of re-tokenizing ~9 s; they
     must be exactly what fitting gives (a stale or wrongly keyed file would change the data silently)."""
-    from rlhf_exp.data import formats
+    from rlhf_exp.data.formats import tldr as formats
 
     cfg = data_cfg("tldr", "data.max_prompt_tokens=96")
     monkeypatch.setattr(formats, "_TLDR_PROMPTS", {})  # a fresh process

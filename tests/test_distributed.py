@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import PAIRS, ROOT, TINY, mlflow_runs, run_until_killed, tiny_config, tracked_env
-from rlhf_exp import app
+from rlhf_exp.launch import run as app
 from rlhf_exp.config import resolved
 from rlhf_exp.errors import ConfigError
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import GRPO, PAIRS, PPO, VARIED, mlflow_runs, tiny_config, trainer_for
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 from rlhf_exp.stages.dpo import DPOTrainer
 from rlhf_exp.stages.grpo import GRPOTrainer
 from rlhf_exp.stages.ppo import PPOTrainer

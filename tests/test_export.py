@@ -13,7 +13,7 @@ FAST = ["stage.max_steps=2", "stage.num_samples=0"]
 
 
 def train(tmp_path: Path, *overrides: str) -> Path:
-    from rlhf_exp import app
+    from rlhf_exp.launch import run as app
 
     app.run(tiny_config(tmp_path, *FAST, *overrides))
     return Path(mlflow_runs(tmp_path / "mlflow.db")[1][-1].data.tags["run_dir"])

@@ -488,7 +488,7 @@ def test_gradient_checkpointing_with_lora_gives_the_adapters_the_same_gradients(
     from helpers import LORA, tiny_config
     from rlhf_exp.config import resolved
     from rlhf_exp.models import load_causal_lm, load_tokenizer
-    from rlhf_exp.models.peft import add_reward_adapters
+    from rlhf_exp.models.reward import add_reward_adapters
     from rlhf_exp.models.reward import reward_model_from_causal_lm
 
     cfg = resolved(tiny_config(tmp_path, *LORA))

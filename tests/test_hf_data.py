@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from helpers import GRPO, mlflow_runs, tiny_config
-from rlhf_exp.config import compose_config
-from rlhf_exp.data.registry import get_format, is_chat
-from rlhf_exp.data.hf import extract_prompt
+from rlhf_exp.config import compose_config, resolved
+from rlhf_exp.data.formats import get_format, is_chat
+from rlhf_exp.data.formats.hf import extract_prompt
 from rlhf_exp.errors import ConfigError
 
 ROWS = 24
@@ -50,12 +50,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def data_cfg(path: Path, *overrides: str):
-    return compose_config(["model=tiny", "data=file", f"data.path={path}", "data.val_size=4", *overrides]).data
+    return resolved(compose_config(["model=tiny", "data=file", f"data.path={path}", "data.val_size=4", *overrides])).data
 
 
 @pytest.mark.parametrize("kind", sorted(DATASETS))
 def test_every_trl_type_and_style_trains_in_the_stage_that_uses_it(tmp_path, kind):
-    from rlhf_exp import app
+    from rlhf_exp.launch import run as app
 
     stage, row = DATASETS[kind]
     path = write_jsonl(tmp_path / "data.jsonl", [row(i) for i in range(ROWS)])

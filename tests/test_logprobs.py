@@ -8,7 +8,7 @@ import copy
 import torch
 
 from helpers import tiny_config
-from rlhf_exp.app import resolved
+from rlhf_exp.launch.run import resolved
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.reward import reward_model_from_causal_lm

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import mlflow_runs, tiny_config
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 from rlhf_exp.errors import OutOfMemory, ReportedError
 from rlhf_exp.planner import GIB, cpu_memory_limit
 
@@ -60,14 +60,14 @@ def test_the_plan_is_made_again_at_the_longest_prompt_the_data_holds(tmp_path, c
 
     from helpers import GRPO
 
-    with caplog.at_level(logging.INFO, logger="rlhf_exp.app"):
+    with caplog.at_level(logging.INFO, logger="rlhf_exp.launch.run"):
         run(tiny_config(tmp_path / "grpo", *GRPO, "stage.max_steps=1", "stage.minibatch_size=8"))
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan at the data's")]
     assert len(said) == 1 and "tokens; data.max_prompt_tokens=48): " in said[0] and "response" not in said[0]
     prompt = int(said[0].split("longest prompt (")[1].split(" tokens")[0])
     assert 0 < prompt <= 48
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="rlhf_exp.app"):  # a stage that reads its responses
+    with caplog.at_level(logging.INFO, logger="rlhf_exp.launch.run"):  # a stage that reads its responses
         run(tiny_config(tmp_path / "sft", "stage.max_steps=1", "stage.num_samples=0", "stage.eval_every=null",
                         "hardware.check_memory_plan=false", "hardware.memory_gb=0.001"))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_exp.app import resolved
+from rlhf_exp.launch.run import resolved
 from rlhf_exp.config import compose_config
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.models import load_causal_lm, load_tokenizer
@@ -63,7 +63,7 @@ def test_embedded_smollm2_float_copy_matches_the_gguf(tmp_path):
 @pytest.mark.smoke
 def test_smollm2_sft_steps_lower_the_training_loss(tmp_path):
     from helpers import mlflow_runs, tiny_config
-    from rlhf_exp.app import run
+    from rlhf_exp.launch.run import run
 
     cfg = tiny_config(tmp_path, "model=smollm2_135m", "hardware.precision=auto", "stage.max_steps=4",
                       "stage.lr=5e-5", "stage.warmup_steps=1", "stage.eval_examples=8", "stage.num_samples=1",
@@ -83,7 +83,7 @@ def test_smollm2_qlora_dpo_runs_and_its_merged_folder_loads_and_generates(tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from helpers import mlflow_runs, tiny_config
-    from rlhf_exp.app import run
+    from rlhf_exp.launch.run import run
 
     cfg = tiny_config(tmp_path, "model=smollm2_135m", "stage=dpo", "data=hh_rlhf", "data.val_size=8",
                       "data.max_train_examples=16", "data.max_prompt_tokens=64", "data.max_response_tokens=24",

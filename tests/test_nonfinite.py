@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import mlflow_runs, snapshot, tiny_config, trainer_for
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 from rlhf_exp.errors import NonFiniteError
 from rlhf_exp.stages.sft import SFTTrainer
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from helpers import ROOT, TINY, mlflow_runs, run_until_killed, tiny_config, tracked_env
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 from rlhf_exp.tracking.outbox import OUTBOX, Outbox, pending
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import GRPO, LORA, PAIRS, VARIED, mlflow_runs, tiny_config, trainer_for
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 from rlhf_exp.models.peft import AdaptersDisabled, is_peft
 from rlhf_exp.models.reward import load_reward_model
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs, next_token_logprobs

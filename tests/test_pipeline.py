@@ -1,5 +1,5 @@
 """experiment=*_pipeline: the stages in order as children of one parent run, inputs named by role, a rerun
-that trains nothing, a killed stage resumed, and the data split per phase (rlhf_exp/pipeline.py)."""
+that trains nothing, a killed stage resumed, and the data split per phase (rlhf_exp/launch/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from helpers import ROOT, mlflow_runs, run_cli, tracked_env
 from rlhf_exp.config import compose_config
 from rlhf_exp.data.splits import split_by_phase
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.lineage import Source, resolve_references
-from rlhf_exp.pipeline import config_hash
+from rlhf_exp.launch.lineage import Source, resolve_references
+from rlhf_exp.launch.pipeline import config_hash
 
 QUICK = ["experiment=quick_pipeline", "hardware=cpu", "hardware.num_threads=1"]
 ROLES = ["sft", "rm", "judge", "dpo", "grpo", "eval"]
@@ -188,7 +188,7 @@ def test_the_config_hash_ignores_where_things_go_but_not_what_is_computed():
 def test_every_role_of_a_pipeline_takes_extra_overrides_from_the_command_line(experiment):
     """`pipeline.extra.<role>=[...]` is the documented way to change one stage; with `extra: {}` in the
     config Hydra refused it (the key was not in the struct config)."""
-    from rlhf_exp.pipeline import stage_overrides
+    from rlhf_exp.launch.pipeline import stage_overrides
 
     cfg = compose_config([f"experiment={experiment}", "pipeline.extra.dpo=['stage.beta=0.3']"])
     assert set(cfg.pipeline.extra) >= set(cfg.pipeline.stages)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import mlflow_runs, run_cli, tiny_config, tracked_env
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 from rlhf_exp.config import compose_config
 from rlhf_exp.errors import UserInputError
 from rlhf_exp.planner import model_shape, plan_run
@@ -125,7 +125,7 @@ def test_a_run_from_a_checkpoint_is_named_and_planned_by_the_model_it_loads(tmp_
     """model=smollm2_135m with model.init_from=<a tiny SFT checkpoint> trains the tiny model: the run's `model`
     tag and name and the memory plan's shape say so (they said smollm2_135m, 30 layers)."""
     from helpers import PAIRS, mlflow_runs, tiny_config
-    from rlhf_exp import app
+    from rlhf_exp.launch import run as app
     from rlhf_exp.planner import model_shape
 
     app.run(tiny_config(tmp_path, "stage=sft", "stage.max_steps=1", "stage.num_samples=0"))

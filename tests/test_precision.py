@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import PPO, mlflow_runs, tiny_config, trainer_for
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 from rlhf_exp.runtime import choose_precision
 from rlhf_exp.stages.sft import SFTTrainer
 

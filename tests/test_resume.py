@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import GRPO, PAIRS, PPO, TINY, VARIED, mlflow_runs, run_until_killed, tiny_config, tracked_env
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 
 STAGES = {
     "sft": ["stage.lr=1e-3"],

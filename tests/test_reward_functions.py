@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import GRPO, ROOT, TINY, metric_history, mlflow_runs, run_cli, tracked_env
-from rlhf_exp.data.math_problems import arithmetic_problems, evaluate, gsm8k_final_answer
+from rlhf_exp.data.formats.math_problems import arithmetic_problems, evaluate, gsm8k_final_answer
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.rewards import RewardFunction, Rewards, build_rewards, length_reward, reward_function_metrics, \
     reward_function_totals, score_responses

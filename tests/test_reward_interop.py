@@ -52,7 +52,7 @@ def test_a_sequence_classifier_scores_at_the_eos_as_transformers_reads_it(tmp_pa
 
 
 def test_grpo_trains_against_a_reward_model_this_project_did_not_train(tmp_path):
-    from rlhf_exp import app
+    from rlhf_exp.launch import run as app
     from rlhf_exp.config import compose_config
     from rlhf_exp.models import load_tokenizer
 
@@ -81,7 +81,7 @@ def test_stage_rm_goes_on_from_a_sequence_classifier_with_its_head(tmp_path, whe
     the classifier does."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_exp.app import resolved, run_dir_for
+    from rlhf_exp.launch.run import resolved, run_dir_for
     from rlhf_exp.config import compose_config
     from rlhf_exp.data.collate import collate_pairs
     from rlhf_exp.models import load_tokenizer

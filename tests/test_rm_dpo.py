@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import PAIRS, mlflow_runs, snapshot, tiny_config
-from rlhf_exp.app import resolved, run, run_dir_for
+from rlhf_exp.launch.run import resolved, run, run_dir_for
 from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import mlflow_runs, tiny_config
-from rlhf_exp.app import resolved, run
+from rlhf_exp.launch.run import resolved, run
 from rlhf_exp.data.collate import collate_sft, tokenize_sft
 from rlhf_exp.data.formats import SFTExample
 from rlhf_exp.losses import sft_loss

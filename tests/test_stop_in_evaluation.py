@@ -13,7 +13,7 @@ import torch
 
 from helpers import mlflow_runs, tiny_config
 from rlhf_exp import stopping
-from rlhf_exp.app import run
+from rlhf_exp.launch.run import run
 
 RUN = ["stage.max_steps=2", "stage.eval_every=null", "stage.num_samples=0", "stage.eval_examples=8",
        "hardware.micro_batch_size.eval=2", "stage.lr=1e-3"]

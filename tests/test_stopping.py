@@ -15,7 +15,7 @@ import torch
 
 from helpers import ROOT, TINY, mlflow_runs, run_cli, tracked_env, tiny_config
 from rlhf_exp import stopping
-from rlhf_exp.app import run as run_stage
+from rlhf_exp.launch.run import run as run_stage
 from rlhf_exp.stages.sft import SFTTrainer
 
 # steps slow enough to land a signal mid-run, with a checkpoint every 2 steps to wait for

@@ -17,7 +17,9 @@ from omegaconf import OmegaConf
 
 from helpers import PAIRS, ROOT, TINY, mlflow_runs, run_cli, tracked_env
 from rlhf_exp.config import compose_config
-from rlhf_exp.sweep import PARENT_TAG, SweepJob, objective_of, short_label, swept_space
+from rlhf_exp.launch.jobs import SweepJob, objective_of, short_label
+from rlhf_exp.launch.sweep import swept_space
+from rlhf_exp.tracking.records import PARENT_TAG
 
 DPO = [*TINY, "stage=dpo", *PAIRS, "stage.max_steps=2", "stage.eval_every=1", "stage.eval_examples=8",
        "stage.num_samples=0", "hardware.micro_batch_size.dpo=2"]
@@ -109,7 +111,7 @@ def test_a_joblib_sweep_writes_through_a_server_it_starts_and_loses_no_run_param
     assert counted.metrics_found == counted.metrics_expected > 3 * 20
     with pytest.raises(OSError):  # stopped with the sweep
         socket.create_connection(("127.0.0.1", int(served.rsplit(":", 1)[1])), timeout=2).close()
-    from rlhf_exp.report import main as report  # made again later, from the folder: the runs are in the file
+    from rlhf_exp.launch.report import main as report  # made again later, from the folder: the runs are in the file
 
     assert report([str(sweep_dir), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "report.md").read_text().count("| dpo beta=") == 4
@@ -279,7 +281,7 @@ def table_rows(report: str) -> list[list[str]]:
 
 
 def test_the_report_tables_each_job_and_ranks_by_the_objective(tmp_path):
-    from rlhf_exp.report import write_report
+    from rlhf_exp.launch.report import write_report
 
     client, parent = fake_sweep(tmp_path, "rm", "model.num_layers", [
         ("8", "FINISHED", {"eval/accuracy": [0.5, 0.62], "eval/accuracy_ci_low": [0.4, 0.55],
@@ -302,7 +304,7 @@ def test_the_report_tables_each_job_and_ranks_by_the_objective(tmp_path):
 
 
 def test_the_report_of_an_online_rl_sweep_draws_reward_against_kl_and_a_group_swept_by_name(tmp_path):
-    from rlhf_exp.report import load_sweep, write_report
+    from rlhf_exp.launch.report import load_sweep, write_report
 
     client, parent = fake_sweep(tmp_path, "grpo", "stage.clip_ratio", [
         (ratio, "FINISHED", {"eval/reward_mean": [0.1, 0.2 + i / 10], "eval/kl": [0.0, 0.01 * (i + 1)],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from rlhf_exp.app import resolved, run
+from rlhf_exp.launch.run import resolved, run
 from rlhf_exp.config import compose_config
 from rlhf_exp.models import load_causal_lm, load_tokenizer
 

@@ -24,7 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_exp.bench.flops import Shape, StepWork, step_flops
-from rlhf_exp.bench.workload import STAGES, Workload, in_our_order, model_folder, tokenized_length, write_data
+from rlhf_exp.bench.ours import in_our_order
+from rlhf_exp.bench.workload import STAGES, Workload, model_folder, tokenized_length, write_data
 
 TARGET_SPEEDUP = {"sft": 1.5, "rm": 1.5, "dpo": 3.0, "grpo": 3.0}
 TARGET_PEAK_FRACTION = 0.35

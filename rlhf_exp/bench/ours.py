@@ -49,6 +49,25 @@ def overrides(stage: str, work: Workload, root: Path) -> list[str]:
         f"reward.fn.target_tokens={work.target_tokens}", "reward.missing_eos_score=null"]
 
 
+def in_our_order(stage: str, work: Workload, tokenizer, folder: Path) -> str:
+    """A copy of the stage's file holding the rows our trainer visits in the warm-up and timed steps, in
+    the order it visits them (our split, then our seeded stream): TRL reads it sequentially, so step k is
+    the same examples on both sides."""
+    from rlhf_exp.config import compose_config
+    from rlhf_exp.data import load_preference_splits, load_prompt_splits, load_sft_splits
+    from rlhf_exp.data.batching import BatchStream
+
+    cfg = compose_config(overrides(stage, work, folder))
+    load = {"sft": load_sft_splits, "rm": load_preference_splits, "dpo": load_preference_splits,
+            "grpo": load_prompt_splits}[stage]
+    train, _ = load(cfg.data, tokenizer, cfg.seed)
+    visits = BatchStream(len(train), cfg.seed).take(work.total_steps * work.batch[stage])
+    lines = Path(work.files[stage]).read_text().splitlines()
+    path = folder / f"{stage}_in_our_order.jsonl"
+    path.write_text("".join(lines[int(train[i].origin.rsplit(":", 1)[1]) - 1] + "\n" for i in visits))
+    return str(path)
+
+
 def run(stage: str, work: Workload) -> dict:
     """Step times [s], and per step the tokens trained on and (GRPO) generated."""
     from rlhf_exp.config import compose_config, resolved, validate

@@ -34,7 +34,7 @@ class Workload:
     kl_coef: float = 0.05        # GRPO's beta
     clip_ratio: float = 0.2
     target_tokens: int = 20      # the length reward's target
-    trl_files: dict[str, str] = field(default_factory=dict)  # stage -> the rows we visit, in our order (`in_our_order`)
+    trl_files: dict[str, str] = field(default_factory=dict)  # stage -> the rows we visit, in our order (`ours.in_our_order`)
     peak_matmul_size: int = 2048  # the n of the n^3 matmul the peak is timed on (flops.matmul_peak)
 
     @property
@@ -93,26 +93,6 @@ def write_data(folder: Path, tokenizer, max_prompt: int, max_response: int, coun
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         files[stage] = str(path)
     return files
-
-
-def in_our_order(stage: str, work: Workload, tokenizer, folder: Path) -> str:
-    """A copy of the stage's file holding the rows our trainer visits in the warm-up and timed steps, in
-    the order it visits them (our split, then our seeded stream): TRL reads it sequentially, so step k is
-    the same examples on both sides."""
-    from rlhf_exp.bench.ours import overrides
-    from rlhf_exp.config import compose_config
-    from rlhf_exp.data import load_preference_splits, load_prompt_splits, load_sft_splits
-    from rlhf_exp.data.batching import BatchStream
-
-    cfg = compose_config(overrides(stage, work, folder))
-    load = {"sft": load_sft_splits, "rm": load_preference_splits, "dpo": load_preference_splits,
-            "grpo": load_prompt_splits}[stage]
-    train, _ = load(cfg.data, tokenizer, cfg.seed)
-    visits = BatchStream(len(train), cfg.seed).take(work.total_steps * work.batch[stage])
-    lines = Path(work.files[stage]).read_text().splitlines()
-    path = folder / f"{stage}_in_our_order.jsonl"
-    path.write_text("".join(lines[int(train[i].origin.rsplit(":", 1)[1]) - 1] + "\n" for i in visits))
-    return str(path)
 
 
 def model_folder(quick: bool, cache_dir: str) -> Path:

@@ -6,11 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.data.formats import PreferenceExample, SFTExample
-from rlhf_exp.data.registry import get_format
-from rlhf_exp.data.hf import data_label
+from rlhf_exp.data.formats import PreferenceExample, SFTExample, data_label, get_format
 from rlhf_exp.data.splits import split_by_phase, split_by_prompt
 from rlhf_exp.data.tokens import NO_TEMPLATE
 from rlhf_exp.errors import ConfigError
@@ -68,34 +66,22 @@ def data_tokenizer(model_cfg: DictConfig, data_cfg: DictConfig, cache_dir: str):
 
 def source_configs(data_cfg: DictConfig) -> list[tuple[DictConfig, float, str]]:
     """(config, weight, key) of each source read: data.sources' entries, else data_cfg's own source and each
-    data.blend option. A source's responses must end as the others' do (all chat turns, or none)."""
+    data.blend option, as the config's resolution made them whole (rlhf_exp.config.resolve_data_sources). A
+    source's responses must end as the others' do (all chat turns, or none)."""
     if data_cfg.get("sources"):
-        return [(mixture_source(entry, index), float(entry.get("weight", 1.0)), f"data.sources[{index}]")
-                for index, entry in enumerate(data_cfg.sources)]
-    sources = [(data_cfg, 1.0, "data")]
-    for name, weight in (data_cfg.get("blend") or {}).items():
-        sources.append((blend_source(name), float(weight), f"data.blend.{name}"))
-    return sources
+        return [source_config(entry, f"data.sources[{index}]") for index, entry in enumerate(data_cfg.sources)]
+    own = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))  # read_sources fills in its caps
+    return [(own, 1.0, "data")] + [source_config(entry, f"data.blend.{name}")
+                                   for name, entry in (data_cfg.get("blend") or {}).items()]
 
 
-def mixture_source(entry: DictConfig, index: int) -> DictConfig:
-    """A data.sources entry as a whole data config: the conf/data option it names (`data`, else hub for
-    source=hub and file otherwise) with the entry's keys (path, name, split, columns, val_size, ...) over it."""
-    from omegaconf import OmegaConf
-
-    key = f"data.sources[{index}]"
-    if not hasattr(entry, "items"):
-        raise ConfigError(key, f"must be a mapping such as {{path: prefs.parquet, weight: 0.5}}, got {entry!r}")
-    option = entry.get("data") or ("hub" if entry.get("source") == "hub" else "file")
-    base = blend_source(option, key=f"{key}.data")
-    keys = {k: v for k, v in entry.items() if k not in ("data", "weight")}
-    unknown = sorted(set(keys) - set(base))
-    if unknown:
-        raise ConfigError(key, f"unknown data keys {unknown} (keys of data={option}: {', '.join(sorted(base))})")
-    weight = entry.get("weight", 1.0)
-    if not isinstance(weight, (int, float)) or weight <= 0:
-        raise ConfigError(f"{key}.weight", f"must be a number > 0, got {weight!r}")
-    return OmegaConf.merge(base, keys)
+def source_config(entry, key: str) -> tuple[DictConfig, float, str]:
+    """A resolved data.sources / data.blend entry: (the data config it reads, its weight, its key)."""
+    if not hasattr(entry, "items") or "format" not in entry or "weight" not in entry:
+        raise ConfigError(key, "is not resolved into a whole data config: load data with a config made by "
+                          "rlhf_exp.config.resolved (as every run's is)")
+    config = OmegaConf.create({k: v for k, v in entry.items() if k not in ("data", "weight")})
+    return config, float(entry["weight"]), key
 
 
 def read_sources(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: Counter | None = None,
@@ -152,15 +138,6 @@ def load_splits(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: 
     if data_cfg.get("max_train_examples"):
         train = train[: data_cfg.max_train_examples]
     return train, val
-
-
-def blend_source(name: str, key: str | None = None) -> DictConfig:
-    from rlhf_exp.config import compose_config, config_group_options
-
-    if name not in config_group_options("data"):
-        raise ConfigError(key or f"data.blend.{name}", f"no conf/data/{name}.yaml (data options: "
-                          f"{', '.join(config_group_options('data'))})")
-    return compose_config([f"data={name}"]).data
 
 
 def resample(examples: list, weight: float, seed: int) -> list:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rlhf_exp.data import tokens
 from rlhf_exp.data.disk_cache import digest, read_json, tokenizer_hash, write_json
-from rlhf_exp.data.formats import PreferenceExample, SFTExample
+from rlhf_exp.data.formats.base import PreferenceExample, SFTExample
 from rlhf_exp.data.tokens import encode_prompt
 
 

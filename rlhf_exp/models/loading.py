@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.models.embedded import float_checkpoint
 from rlhf_exp.runtime import dtype_of
-from rlhf_exp.models.peft import add_adapters, load_adapter_weights, quantization_config, uses_lora, weights_folder
+from rlhf_exp.checkpoint_layout import weights_folder
+from rlhf_exp.models.peft import add_adapters, load_adapter_weights, quantization_config, uses_lora
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from rlhf_exp.checkpoint_layout import ADAPTER_WEIGHTS
+
 log = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MERGED = "merged"
 
 
 def uses_lora(hardware: DictConfig | None) -> bool:
@@ -196,12 +196,6 @@ def merged_float_copy(peft_model: nn.Module, build_float_base: Callable[[], nn.M
     return merged_copy_on_cpu(fresh)
 
 
-def weights_folder(folder: str | Path) -> Path:
-    """Where a checkpoint's full weights are: `merged/` for a LoRA checkpoint, else the folder."""
-    folder = Path(folder)
-    return folder / MERGED if (folder / MERGED).is_dir() else folder
-
-
 class AdaptersDisabled(nn.Module):
     """The base of a LoRA model as a module: calls run with the adapters switched off.
 
@@ -230,17 +224,3 @@ class AdaptersDisabled(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.peft_model.get_output_embeddings()  # the LM head carries no adapter (all-linear skips it)
-
-
-def add_reward_adapters(model: nn.Module, hardware: DictConfig, saved: str | Path | None = None) -> nn.Module:
-    """A reward model / critic for LoRA training: frozen, adapters on its backbone, the head trained
-    in full; `saved` (a LoRA checkpoint folder of one) restores its adapters and head."""
-    from rlhf_exp.models.reward import load_head
-
-    model.requires_grad_(False)
-    model.backbone = add_adapters(model.backbone, hardware, "FEATURE_EXTRACTION")
-    model.head.requires_grad_(True)
-    if saved is not None:
-        load_adapter_weights(model.backbone, saved)
-        load_head(model, saved)
-    return model

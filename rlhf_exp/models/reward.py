@@ -19,10 +19,13 @@ import math
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-HEAD_FILE = "reward_head.safetensors"  # the head beside LoRA adapters (and beside a backbone in older checkpoints)
+from rlhf_exp.checkpoint_layout import HEAD_FILE, weights_folder
+from rlhf_exp.models.peft import add_adapters, is_4bit, load_adapter_weights
+
 log = logging.getLogger(__name__)
 PAD_TOKEN = "<|rlhf_exp_pad|>"  # a reward model's pad token when the tokenizer pads with its EOS
 # config.json's record of the token every response the RM trained on ended with (a chat template's end of turn,
@@ -227,8 +230,6 @@ def sequence_classifier_to_start_from(model_cfg) -> Path | None:
     """The local folder of the sequence-classification model the RM stage starts from (`model.init_from`,
     or `model.path` with source=local | hub, a hub snapshot then), whose score head training goes on from;
     None when the model is a causal LM."""
-    from rlhf_exp.models.peft import weights_folder
-
     if model_cfg.get("init_from"):
         folder = weights_folder(model_cfg.init_from)
     elif model_cfg.get("source") == "local" and model_cfg.get("path"):
@@ -327,8 +328,6 @@ def quantized_loading(quantization, keep: tuple[str, ...] = ()) -> dict:
 
 def place_reward_model(model: RewardModel, device: str | torch.device) -> RewardModel:
     """The model on `device`; a 4-bit backbone stays where bitsandbytes put it (only the head and offset move)."""
-    from rlhf_exp.models.peft import is_4bit
-
     if is_4bit(model.backbone):
         model.head.to(device)
         model.reward_mean.data = model.reward_mean.data.to(device)
@@ -348,8 +347,6 @@ def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, de
 
     from rlhf_exp.errors import ConfigError
 
-    from rlhf_exp.models.peft import weights_folder
-
     local = Path(folder).exists()
     folder = weights_folder(folder) if local else folder  # a LoRA checkpoint: its merged/ folder
     if local and not is_reward_model_folder(folder):
@@ -367,3 +364,15 @@ def load_reward_model(folder: str | Path, dtype: torch.dtype = torch.float32, de
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     return place_reward_model(model, device).eval(), tokenizer
+
+
+def add_reward_adapters(model: nn.Module, hardware: DictConfig, saved: str | Path | None = None) -> nn.Module:
+    """A reward model / critic for LoRA training: frozen, adapters on its backbone, the head trained
+    in full; `saved` (a LoRA checkpoint folder of one) restores its adapters and head."""
+    model.requires_grad_(False)
+    model.backbone = add_adapters(model.backbone, hardware, "FEATURE_EXTRACTION")
+    model.head.requires_grad_(True)
+    if saved is not None:
+        load_adapter_weights(model.backbone, saved)
+        load_head(model, saved)
+    return model

@@ -26,18 +26,23 @@ huggingface/trl#7181: DPO went NaN on Qwen2.5 with the default SDPA backend).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.ops.logprobs import decoder, head_logprobs
 
 MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a 4D mask as it is
 # SDPA's backends for masked rows: all but cuDNN attention (see above). Flash attention takes no mask, so SDPA
 # passes it over for these rows anyway; on a CPU, flash and math are the kernels there are.
 MASKED_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+class PromptAndResponse(Protocol):
+    """An item to pack: a tokenized prompt and one response to it (data.collate.TokenizedSFT, a rollout's)."""
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
 
 
 def masked_attention_kernels():
@@ -59,13 +64,13 @@ class PackedRows:
     ends: torch.Tensor           # [B] flat index of each item's last token (where a reward model reads it); -1: empty
 
 
-def repeats_a_prompt(items: Sequence[TokenizedSFT]) -> bool:
+def repeats_a_prompt(items: Sequence[PromptAndResponse]) -> bool:
     """Whether two items with a response share their prompt (packing saves nothing otherwise)."""
     prompts = [tuple(x.prompt_ids) for x in items if x.response_ids]
     return len(set(prompts)) < len(prompts)
 
 
-def pack_by_prompt(items: Sequence[TokenizedSFT], pad_token_id: int) -> PackedRows:
+def pack_by_prompt(items: Sequence[PromptAndResponse], pad_token_id: int) -> PackedRows:
     """One row per distinct prompt (in order of first appearance) holding every response to it."""
     rows: dict[tuple[int, ...], list[int]] = {}
     for k, item in enumerate(items):
@@ -142,7 +147,7 @@ def packed_inputs(model, packed: PackedRows, device: torch.device) -> dict[str, 
             "attention_mask": attention_mask_for(model, packed.segment.to(device))}
 
 
-def packed_response_logprobs(model, items: Sequence[TokenizedSFT], pad_token_id: int, device: torch.device,
+def packed_response_logprobs(model, items: Sequence[PromptAndResponse], pad_token_id: int, device: torch.device,
                              temperature: float = 1.0, with_entropy: bool = False):
     """As `ops.logprobs.response_logprobs` for `items`, with each prompt run once:
     (logps [B, R], mask [B, R], entropy [B, R] or None), entries past a response's end 0."""

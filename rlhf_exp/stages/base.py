@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from rlhf_exp import checkpoint, distributed, stopping
 from rlhf_exp.data.batching import BatchStream, scores_in_length_order
-from rlhf_exp.data.hf import data_label
+from rlhf_exp.data.formats import data_label
 from rlhf_exp.engine import Engine
 from rlhf_exp.errors import ConfigError, NonFiniteError
 from rlhf_exp.memory import PeakMemory
 from rlhf_exp.redact import redact
 from rlhf_exp.models.loading import disable_dropout, frozen_copy, head_in_fp32, upcast_trainable
-from rlhf_exp.models.peft import MERGED, AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
+from rlhf_exp.checkpoint_layout import MERGED
+from rlhf_exp.models.peft import AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
 from rlhf_exp.ops.shared_prefix import masked_attention_kernels
 from rlhf_exp.rollout import sample
 from rlhf_exp.runtime import RandomStreams, dtype_of, make_runtime, rng_state, seed_everything, set_rng_state
@@ -63,13 +64,14 @@ class Trainer:
     #: metrics drawn in the training-curve PNG logged at the end
     curve_metrics: tuple[str, ...] = ("train/loss", "eval/loss")
 
-    def __init__(self, cfg: DictConfig, tracker: Tracker, run_dir: str | Path):
+    def __init__(self, cfg: DictConfig, tracker: Tracker, run_dir: str | Path, memory_plan=None):
+        """`memory_plan` (a planner.Plan, made by the launcher): reported beside the measured peak at the end."""
         self.cfg, self.stage, self.tracker = cfg, cfg.stage, tracker
         self.spec = stage_spec(cfg.stage.name)
         self.run_dir = Path(run_dir)
         self.runtime = make_runtime(cfg.hardware)
         self.random = RandomStreams(cfg.seed, self.runtime.device)
-        self.memory = PeakMemory(self.runtime.device)
+        self.memory = PeakMemory(self.runtime.device, memory_plan)
         self.last_checkpoint: Path | None = None  # what a run stopped by a NaN leaves to resume from
         self.data_changed_on_resume = False  # resumed on other data, as data.allow_changed_on_resume allows
         self.eval_pending = False  # an evaluation a stop signal cut short: the resumed run makes it first
@@ -384,7 +386,7 @@ class Trainer:
 
     def log_memory(self) -> None:
         """Measured peak memory of models + training (from after data loading), beside the plan."""
-        metrics, table = self.memory.report(self.cfg)
+        metrics, table = self.memory.report()
         if table is not None:
             self.tracker.log_text(table, "memory_plan.txt")
         self.log(metrics)

@@ -216,5 +216,5 @@ def memory(cfg: DictConfig) -> StageMemory:
 
 
 STAGE = StageSpec(name="dpo", config=DPOConfig, trainer=DPOTrainer, micro_batch="dpo", memory=memory,
-                  parallel=EVERY_PARALLEL_MODE, objective=("eval/implicit_accuracy", "max"),
+                  micro_batch_default=2, parallel=EVERY_PARALLEL_MODE, objective=("eval/implicit_accuracy", "max"),
                   report_metrics=("eval/implicit_accuracy", "eval/margin", "eval/abs_logratio_per_token"))

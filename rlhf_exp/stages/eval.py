@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from rlhf_exp import stopping
 from rlhf_exp.data import data_tokenizer, load_preference_splits, load_prompt_splits
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
-from rlhf_exp.data.hf import data_label
+from rlhf_exp.data.formats import data_label
 from rlhf_exp.data.tokens import encode_prompt
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.judging import (distinct_n, interval_text, length_controlled_win_rate, rouge_l, sampled_kl,
@@ -429,6 +429,22 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """The judges and the policies' checkpoints are there before the tracker run exists (a hub id is left to
+    the loader)."""
+    from rlhf_exp.checkpoint_layout import weights_folder
+    from rlhf_exp.config import looks_local
+
+    for judge in ("judge", "train_rm"):
+        path = cfg.stage.get(judge)
+        if path and looks_local(path) and not Path(path).exists():
+            raise ConfigError(f"stage.{judge}", f"{path} does not exist (a reward model folder, or a hub id)")
+    for name, where in (cfg.stage.get("policies") or {}).items():
+        if where != "base" and not (weights_folder(str(where)) / "config.json").is_file():
+            raise ConfigError(f"stage.policies.{name}", f"{where} is not a checkpoint folder (no config.json): "
+                              "base, a checkpoint folder or run:<role | MLflow run id>")
+
+
 def memory(cfg: DictConfig) -> StageMemory:
     micro = micro_batch(cfg, "eval")
     prompt, response = sequence_tokens(cfg)
@@ -437,4 +453,5 @@ def memory(cfg: DictConfig) -> StageMemory:
 
 
 STAGE = StageSpec(name="eval", config=EvalConfig, trainer=PolicyEvaluator, micro_batch="eval", memory=memory,
-                  objective=("eval/judge_score", "max"), report_metrics=())
+                  micro_batch_default=8, input_checks=check_inputs, objective=("eval/judge_score", "max"),
+                  report_metrics=())

@@ -139,7 +139,7 @@ def memory(cfg: DictConfig):
 
 
 STAGE = StageSpec(name="grpo", config=GRPOConfig, trainer=GRPOTrainer, micro_batch="grpo", memory=memory,
-                  batch_key="minibatch_size", parallel=REPLICATED_WEIGHTS, checks=checks,
+                  micro_batch_default=8, uses_reward=True, batch_key="minibatch_size", parallel=REPLICATED_WEIGHTS, checks=checks,
                   parallel_note="samples with the whole model on every rank",
                   resume_fixed=("stage", "model", "data", "seed", "reward"),
                   objective=("eval/reward_mean", "max"),

@@ -26,13 +26,13 @@ from torch import nn
 
 from rlhf_exp.data.batching import BatchStream
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
-from rlhf_exp.data.hf import data_label
+from rlhf_exp.data.formats import data_label
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.losses import sft_loss
 from rlhf_exp.losses.policy import clipped_policy_loss, clipped_value_loss, gae, kl_penalty, per_token_rewards, whiten
 from rlhf_exp.models import load_causal_lm
-from rlhf_exp.models.peft import add_reward_adapters, is_peft, load_adapter_weights, quantization_config
-from rlhf_exp.models.reward import load_reward_model, reward_model_from_causal_lm
+from rlhf_exp.models.peft import is_peft, load_adapter_weights, quantization_config
+from rlhf_exp.models.reward import add_reward_adapters, load_reward_model, reward_model_from_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.rollout import Rollout
 from rlhf_exp.rollout.batch import pad_rows
@@ -292,7 +292,7 @@ def memory(cfg: DictConfig):
 
 
 STAGE = StageSpec(name="ppo", config=PPOConfig, trainer=PPOTrainer, micro_batch="ppo", memory=memory,
-                  batch_key="minibatch_size", checks=checks,
+                  micro_batch_default=8, uses_reward=True, batch_key="minibatch_size", checks=checks,
                   resume_fixed=("stage", "model", "data", "seed", "reward"),
                   objective=("eval/reward_mean", "max"),
                   report_metrics=("eval/reward_mean", "eval/kl", "eval/response_length"),

@@ -33,8 +33,8 @@ from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_sft
 from rlhf_exp.losses import bradley_terry_loss
 from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
 from rlhf_exp.models import load_causal_lm
-from rlhf_exp.models.peft import add_reward_adapters, merged_float_copy
-from rlhf_exp.models.reward import RewardModel, give_own_pad_token, grow_embeddings, load_reward_model, \
+from rlhf_exp.models.peft import merged_float_copy
+from rlhf_exp.models.reward import RewardModel, add_reward_adapters, give_own_pad_token, grow_embeddings, load_reward_model, \
     load_score_head, record_end_token, reward_model_from_causal_lm, sequence_classifier_to_start_from
 from rlhf_exp.ops.shared_prefix import can_pack, pack_by_prompt, packed_inputs
 from rlhf_exp.schema import StageConfig, key, non_negative, positive
@@ -196,5 +196,5 @@ def memory(cfg: DictConfig) -> StageMemory:
 
 
 STAGE = StageSpec(name="rm", config=RMConfig, trainer=RewardModelTrainer, micro_batch="rm", memory=memory,
-                  parallel=EVERY_PARALLEL_MODE, objective=("eval/accuracy", "max"),
+                  init_from_reward_model=True, parallel=EVERY_PARALLEL_MODE, objective=("eval/accuracy", "max"),
                   report_metrics=("eval/accuracy", "eval/ece", "eval/margin"))

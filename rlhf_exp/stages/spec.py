@@ -65,11 +65,17 @@ class StageSpec:
     trainer: type                  # the Trainer subclass that runs it
     micro_batch: str               # which hardware.micro_batch_size.<key> sizes its micro batches
     memory: Callable[[DictConfig], StageMemory]
+    # its micro batch where the hardware profile names none for its key (a new key needs no profile edits)
+    micro_batch_default: int = 4
     batch_key: str = "batch_size"  # the stage key micro batches split (and ranks divide)
     parallel: tuple[str, ...] = ()  # parallel= modes it runs under with several processes; () = one process
     parallel_note: str = ""        # why the others are refused
     disable_dropout: bool = True   # the default of model.disable_dropout
     checks: Callable[[DictConfig], None] = no_checks  # cross-key checks, before any work (ConfigError naming the key)
+    # what the run reads that must be there before its tracker run exists (checkpoints, judges); not for plan=true
+    input_checks: Callable[[DictConfig], None] = no_checks
+    uses_reward: bool = False      # reads the `reward` group (GRPO, PPO): its missing values are refused up front
+    init_from_reward_model: bool = False  # model.init_from may be a reward model (the RM stage goes on from one)
     # config groups (and `seed`) a resumed run must keep: they define what it trains on and how
     resume_fixed: tuple[str, ...] = ("stage", "model", "data", "seed")
     # what a sweep of this stage optimizes by default (sweep.objective / sweep.direction override it):

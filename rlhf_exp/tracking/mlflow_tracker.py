@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from rlhf_exp.errors import UserInputError
 from rlhf_exp.tracking.base import Tracker
 from rlhf_exp.tracking.outbox import OUTBOX, Outbox, now_ms
+from rlhf_exp.tracking.records import PARENT_TAG
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class MlflowTracker(Tracker):
         elif parent_run_id is not None:  # a sweep's job: nested under its parent, in the parent's experiment
             experiment = self.client.get_run(parent_run_id).info.experiment_id
             self.run_id = self.client.create_run(experiment, run_name=run_name,
-                                                 tags={**tags, "mlflow.parentRunId": parent_run_id}).info.run_id
+                                                 tags={**tags, PARENT_TAG: parent_run_id}).info.run_id
         else:
             self.run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
         items = [Param(k, v) for k, v in sorted(values.items())]

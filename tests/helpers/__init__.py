@@ -88,7 +88,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
 
 def trainer_for(cls, tmp_path: Path, *overrides: str):
     """A stage trainer of the tiny config, set up (data, models, optimizer) but not run."""
-    from rlhf_exp.app import run_dir_for
+    from rlhf_exp.launch.run import run_dir_for
 
     cfg = resolved(tiny_config(tmp_path, *overrides))
     trainer = cls(cfg, Tracker(), run_dir_for(cfg))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from rlhf_exp.data.math_problems import evaluate
+from rlhf_exp.data.formats.math_problems import evaluate
 
 
 def answer_matches_prompt(prompts, completions, answer, **kwargs):

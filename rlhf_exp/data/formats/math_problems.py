@@ -13,7 +13,7 @@ import itertools
 import random
 from typing import Iterator
 
-from rlhf_exp.data.formats import DataFormat, SFTExample, uses_chat_template
+from rlhf_exp.data.formats.base import DataFormat, SFTExample, uses_chat_template
 from rlhf_exp.data.sources import Record, read_hub, read_jsonl, vendored
 from rlhf_exp.errors import ConfigError, DataError
 

@@ -2,7 +2,7 @@
 
 `pipeline.stages` lists the stages in order, by role (sft, rm, judge, dpo, grpo, eval), each as the
 overrides that would launch it on its own; `run:<role>` in them names an earlier stage's checkpoint
-(rlhf_exp/lineage.py). Every stage is composed from `pipeline.common`, its own overrides, the command
+(launch/lineage.py). Every stage is composed from `pipeline.common`, its own overrides, the command
 line's (so `hardware=cpu` reaches all of them) and `pipeline.extra.<role>`, and runs in this process as a
 child MLflow run of one parent run for the pipeline (experiment `rlhf_exp/pipeline`).
 
@@ -20,7 +20,6 @@ import json
 import logging
 import shlex
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,11 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from rlhf_exp.checkpoint import drop_training_state
 from rlhf_exp.config import compose_config, flatten, resolved
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.lineage import PREFIX, Source, lineage_tags, resolve_references, string_leaves
+from rlhf_exp.launch import run as one_run
+from rlhf_exp.launch.jobs import PipelineJob, git_commit, typed_overrides
+from rlhf_exp.launch.lineage import PREFIX, Source, lineage_tags, resolve_references, string_leaves
 from rlhf_exp.redact import redact
+from rlhf_exp.tracking.records import run_id_of
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +40,6 @@ STATE = "pipeline.json"
 EXPERIMENT = "rlhf_exp/pipeline"
 # keys that do not change what a stage computes: where things are written and how they are tracked
 _NOT_HASHED = ("paths.", "tracking.", "stage.resume_from", "run_name", "hardware.num_threads", "pipeline.")
-
-
-@dataclass
-class PipelineJob:
-    """A stage of a pipeline, as app.run sees it: whose child run it is and how it is named."""
-
-    parent_run_id: str
-    tracking_uri: str
-    pipeline: str
-    role: str
-    config_hash: str
-    resume_command: str
-    inputs: dict[str, str] = field(default_factory=dict)  # lineage tags of the run: references resolved
-
-    def run_name(self, stage: str) -> str:
-        return self.role if self.role == stage else f"{self.role} ({stage})"
-
-    def tags(self) -> dict[str, str]:
-        return {"mlflow.parentRunId": self.parent_run_id, "pipeline_run_id": self.parent_run_id,
-                "pipeline": self.pipeline, "pipeline_role": self.role, "config_hash": self.config_hash,
-                **self.inputs}
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -70,18 +51,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 def command_line_overrides() -> list[str]:
     """The overrides the pipeline was launched with, less those that pick the pipeline itself."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [o for o in HydraConfig.get().overrides.task
-            if not o.lstrip("+~").startswith(("experiment=", "pipeline."))]
-
-
-def launch_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return [o for o in typed_overrides() if not o.lstrip("+~").startswith(("experiment=", "pipeline."))]
 
 
 def stage_overrides(spec: DictConfig, role: str, user: list[str]) -> list[str]:
@@ -134,8 +104,6 @@ def plan_pipeline(spec: DictConfig, user: list[str]) -> dict[str, float]:
     without them: a model.init_from as the model it starts from (the stages before it keep its shape), a
     reward model at reward.fn.path in the policy's shape; stage=eval's policies and judges hold no more
     than one policy at a time."""
-    from rlhf_exp import app
-
     figures: dict[str, float] = {}
     for role in stages_to_run(spec):
         stage_cfg = compose_config([*stage_overrides(spec, role, user), "plan=true"])
@@ -144,14 +112,12 @@ def plan_pipeline(spec: DictConfig, user: list[str]) -> dict[str, float]:
                 if text.startswith(PREFIX):
                     OmegaConf.update(stage_cfg, key, None, merge=False)
         print(f"pipeline {spec.name}, stage {role}:")
-        figures.update({f"{role}/{name}": value for name, value in app.run(stage_cfg).items()})
+        figures.update({f"{role}/{name}": value for name, value in one_run.run(stage_cfg).items()})
     return figures
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     """Run cfg.pipeline's stages in order (see the module docstring); returns the last stage's metrics."""
-    from rlhf_exp import app
-
     spec = cfg.pipeline
     if not spec.get("stages"):
         raise ConfigError("pipeline.stages", "lists no stage")
@@ -160,7 +126,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     folder = Path(OmegaConf.select(cfg, "paths.runs_dir")) / "pipelines" / spec.name
     state = load_state(folder)
     user = command_line_overrides()
-    again = shlex.join(["python", "-m", "rlhf_exp", *launch_overrides()])  # what resumes it: the same command
+    again = shlex.join(["python", "-m", "rlhf_exp", *typed_overrides()])  # what resumes it: the same command
     tracker = start_parent(cfg, spec, folder, state, user)
     roles: dict[str, Source] = {}
     metrics: dict[str, float] = {}
@@ -189,7 +155,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
             state["stages"][role] = {"hash": digest, "run_dir": str(run_dir), "status": "RUNNING"}
             save_state(folder, state)
             started = time.time()
-            metrics = app.run(stage_cfg, run_dir=run_dir, job=job)
+            metrics = one_run.run(stage_cfg, run_dir=run_dir, job=job)
             run_id = run_id_of(run_dir)
             state["stages"][role].update(status="FINISHED", run_id=run_id, minutes=(time.time() - started) / 60,
                                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -212,20 +178,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def run_id_of(run_dir: Path) -> str | None:
-    from rlhf_exp.app import RUN_RECORD
-
-    try:
-        return json.loads((run_dir / RUN_RECORD).read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def start_parent(cfg: DictConfig, spec: DictConfig, folder: Path, state: dict, user: list[str]):
     """The pipeline's parent MLflow run (the one an earlier launch of this pipeline made, continued)."""
     if OmegaConf.select(cfg, "tracking.backend") != "mlflow":
         return None
-    from rlhf_exp.app import git_commit
     from rlhf_exp.tracking.mlflow_tracker import MlflowTracker
 
     tracking = OmegaConf.merge(cfg.tracking, {"experiment_name": EXPERIMENT})

@@ -1,4 +1,5 @@
-"""`run(cfg)`: one run of one stage, tracked. Testable without Hydra's `@main`.
+"""`run(cfg)`: one run of one stage, tracked. Testable without Hydra's `@main`; a pipeline (launch/pipeline.py)
+calls it once a stage.
 
 Order matters: the config is checked before any data or weights are loaded, and the
 tracker run is closed in `finally` (FINISHED, FAILED or KILLED), so a failed run never
@@ -11,36 +12,30 @@ import json
 import logging
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 import rlhf_exp
-from rlhf_exp import distributed, run_lock, stopping, sweep
-from rlhf_exp.checkpoint import check_resumable, resume_point
-from rlhf_exp.config import AUTO_CHOICE, PROJECT_ROOT, check_inputs, config_group_options, flatten, resolved, validate
+from rlhf_exp import distributed, run_lock, stopping
+from rlhf_exp.checkpoint import resume_point
+from rlhf_exp.config import AUTO_CHOICE, check_inputs, check_resumable, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_text, redact_yaml_files
 from rlhf_exp.runtime import choose_precision
+from rlhf_exp.launch import jobs
+from rlhf_exp.launch.lineage import checkpoint_model_name, lineage_tags, resolve_references
+from rlhf_exp.planner import Plan
 from rlhf_exp.stages import stage_spec
+from rlhf_exp.stages.spec import StageSpec
 from rlhf_exp.tracking import Tracker, make_tracker
+from rlhf_exp.tracking.records import RUN_RECORD, run_record
 
 log = logging.getLogger(__name__)
-
-RUN_RECORD = "tracking.json"  # in the run folder: the tracker run it logged to
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
 
 def run_dir_for(cfg: DictConfig) -> Path:
     """Hydra's output folder when run by Hydra; otherwise a fresh folder under paths.runs_dir."""
@@ -57,22 +52,50 @@ def run_dir_for(cfg: DictConfig) -> Path:
     return folder
 
 
-def check_memory(cfg: DictConfig) -> dict[str, float] | None:
-    """plan=true: print the memory plan and return its figures (nothing is run). Otherwise stop
-    a run the plan says will not fit, before any weights are loaded."""
+@dataclass(frozen=True)
+class Launch:
+    """What `run` settles before the stage's trainer is built, handed down once."""
+
+    cfg: DictConfig             # resolved and checked
+    spec: StageSpec             # the stage's declaration (rlhf_exp/stages/<name>.py), looked up once
+    run_dir: Path
+    job: jobs.SweepJob | jobs.PipelineJob | None  # whose child run this is
+    lineage_tags: dict[str, str]
+    precision_reason: str
+    plan: Plan | None           # the memory plan at the configured caps; None: the model's shape is unknown
+
+
+def memory_plan(cfg: DictConfig) -> Plan | None:
+    """The run's memory plan, made once: checked before any weights load, reported beside the measured peak
+    at the end, and quoted when an allocation fails. None where the model's shape is unknown (plan=true:
+    an error)."""
     from rlhf_exp.errors import UserInputError
     from rlhf_exp.planner import plan_run
 
-    if not cfg.get("plan") and not cfg.hardware.get("check_memory_plan", True):
-        return None
+    checked = cfg.get("plan") or cfg.hardware.get("check_memory_plan", True)
     try:
-        plan = plan_run(cfg)
+        return plan_run(cfg)
     except UserInputError:
         if cfg.get("plan"):
             raise
-        log.warning("no memory plan for this run (the model's shape is unknown); launching without the check")
+        if checked:
+            log.warning("no memory plan for this run (the model's shape is unknown); launching without the check")
         return None
-    tips = "\n".join(f"  - {tip}" for tip in plan.advice(cfg, stage_spec(cfg.stage.name).micro_batch))
+    except Exception:  # unchecked, the plan is only a report: a gap in it must not stop the run
+        if checked:
+            raise
+        log.exception("memory plan failed")
+        return None
+
+
+def check_memory(cfg: DictConfig, spec: StageSpec, plan: Plan | None) -> dict[str, float] | None:
+    """plan=true: print the memory plan and return its figures (nothing is run). Otherwise stop
+    a run the plan says will not fit, before any weights are loaded."""
+    from rlhf_exp.errors import UserInputError
+
+    if plan is None or (not cfg.get("plan") and not cfg.hardware.get("check_memory_plan", True)):
+        return None
+    tips = "\n".join(f"  - {tip}" for tip in plan.advice(cfg, spec.micro_batch))
     if cfg.get("plan"):
         print(f"memory plan: stage={cfg.stage.name} model={cfg.model.name} hardware={cfg.hardware.name}\n{plan.table()}"
               + (f"\nTry:\n{tips}" if plan.fits is False else ""))
@@ -86,7 +109,7 @@ def check_memory(cfg: DictConfig) -> dict[str, float] | None:
 
 
 @contextmanager
-def out_of_memory_reported(cfg: DictConfig) -> Iterator[None]:
+def out_of_memory_reported(cfg: DictConfig, spec: StageSpec, plan: Plan | None) -> Iterator[None]:
     """An allocation that fails (torch's CPU allocator under a cgroup or `ulimit -v` limit, CUDA) is one line
     with the memory plan's figures and its cheapest levers, not an allocator traceback."""
     from rlhf_exp.errors import OutOfMemory, is_out_of_memory
@@ -96,16 +119,15 @@ def out_of_memory_reported(cfg: DictConfig) -> Iterator[None]:
     except Exception as error:
         if not is_out_of_memory(error):
             raise
-        try:
-            from rlhf_exp.planner import plan_run
-
-            plan = plan_run(cfg)
-            where = f"{plan.device}: {plan.available_from}" if plan.available_from else plan.device
-            tips = plan.advice(cfg, stage_spec(cfg.stage.name).micro_batch)[:2]
-            figures = (f"the memory plan expected {plan.total_gib:.2f} GiB of {plan.available_gib or 0:.2f} GiB "
-                       f"available ({where}); try {' or '.join(tips)}")
-        except Exception:  # noqa: BLE001 - a plan is a help here, never a second failure
-            figures = "no memory plan for this run (the model's shape is unknown); try plan=true"
+        figures = "no memory plan for this run (the model's shape is unknown); try plan=true"
+        if plan is not None:
+            try:
+                where = f"{plan.device}: {plan.available_from}" if plan.available_from else plan.device
+                tips = plan.advice(cfg, spec.micro_batch)[:2]
+                figures = (f"the memory plan expected {plan.total_gib:.2f} GiB of {plan.available_gib or 0:.2f} "
+                           f"GiB available ({where}); try {' or '.join(tips)}")
+            except Exception:  # noqa: BLE001 - a plan is a help here, never a second failure
+                pass
         raise OutOfMemory(str(cfg.hardware.device), error, figures) from error
 
 
@@ -143,14 +165,14 @@ def plan_the_data(cfg: DictConfig, trainer) -> None:
     log.warning("%s\nlaunching anyway (hardware.check_memory_plan=false): expect to run out of memory", message)
 
 
-def check_distributed(cfg: DictConfig) -> None:
+def check_distributed(cfg: DictConfig, spec: StageSpec | None = None) -> None:
     """Under torchrun: what the stage says it runs under (its StageSpec), then what any mode needs."""
     from rlhf_exp.errors import ConfigError
 
     world = distributed.world_size()
     if world == 1:
         return
-    spec = stage_spec(cfg.stage.name)
+    spec = spec or stage_spec(cfg.stage.name)
     parallel = cfg.get("parallel") or {}
     if not spec.parallel:
         several = [name for name in config_group_options("stage") if stage_spec(name).parallel]
@@ -194,10 +216,7 @@ def redact_hydra_files() -> None:
 
 def resume_command(checkpoint: Path | str) -> str:
     """The command line of this run with stage.resume_from=<checkpoint> (Hydra's overrides, as typed)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "stage.resume_from"]
+    kept = [o for o in jobs.typed_overrides() if o.lstrip("+~").split("=", 1)[0] != "stage.resume_from"]
     return shlex.join(["python", "-m", "rlhf_exp", *kept, f"stage.resume_from={checkpoint}"])
 
 
@@ -242,7 +261,7 @@ def close_runs_of_dead_processes(cfg: DictConfig, tracker: Tracker) -> None:
     folders = [lock.parent for root, pattern in patterns if root.is_dir()
                for lock in root.glob(f"{pattern}/{run_lock.LOCK_FILE}")]
     for folder, holder in run_lock.take_stale_locks(folders):
-        record = json.loads((folder / RUN_RECORD).read_text()) if (folder / RUN_RECORD).is_file() else {}
+        record = run_record(folder)
         if record.get("tracking_uri") not in recorded_forms(tracker.uri):
             continue
         note = (f"its process ({holder.get('pid', '?')} on {holder.get('host', '?')}) died without closing it "
@@ -254,8 +273,6 @@ def close_runs_of_dead_processes(cfg: DictConfig, tracker: Tracker) -> None:
 def resolve_run_references(cfg: DictConfig) -> dict[str, str]:
     """Config values `run:<MLflow run id>[@best|@last]` become that run's checkpoint folder (a pipeline
     resolves `run:<role>` itself, before this); returns lineage tags (`init_from`, `init_from_run_id`)."""
-    from rlhf_exp.lineage import lineage_tags, resolve_references
-
     resolved_refs = resolve_references(cfg, roles={}, tracking=cfg.tracking, root_dir=cfg.paths.root_dir)
     return lineage_tags(cfg, resolved_refs)
 
@@ -263,8 +280,6 @@ def resolve_run_references(cfg: DictConfig) -> dict[str, str]:
 def name_the_loaded_model(cfg: DictConfig) -> None:
     """model.name (the run's `model` tag, its name, the plan's title) says what model.init_from holds, not the
     model group's default (a DPO run from a tiny SFT checkpoint was logged as smollm2_135m)."""
-    from rlhf_exp.lineage import checkpoint_model_name
-
     init_from = cfg.model.get("init_from")
     name = checkpoint_model_name(init_from) if init_from else None
     if name:
@@ -272,16 +287,12 @@ def name_the_loaded_model(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, float]:
-    """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's).
-    `cfg.pipeline` set: the pipeline's stages in order (rlhf_exp.pipeline). `run_dir` and `job` (whose
-    child run this is: a `pipeline.PipelineJob`; a sweep's job is found on its own) are a pipeline's."""
-    if cfg.get("pipeline"):
-        from rlhf_exp.pipeline import run_pipeline
-
-        return run_pipeline(cfg)
+    """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's). `run_dir`
+    and `job` (whose child run this is: a `jobs.PipelineJob`; a sweep's job is found on its own) are a
+    pipeline's."""
     requested_precision = str(cfg.hardware.precision)
     cfg = resolved(cfg)
-    lineage_tags = resolve_run_references(cfg)
+    tags = resolve_run_references(cfg)
     name_the_loaded_model(cfg)
     validate(cfg)
     if not cfg.get("plan"):  # a memory plan for a GPU profile is made anywhere
@@ -290,20 +301,26 @@ def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, flo
     log.info("precision: %s (%s)", cfg.hardware.precision, precision_reason)
     for choice in AUTO_CHOICE:
         log.info(choice)
+    spec = stage_spec(cfg.stage.name)
     if cfg.stage.get("resume_from"):
         cfg.stage.resume_from = str(resume_point(Path(cfg.stage.resume_from)))
-        check_resumable(Path(cfg.stage.resume_from), cfg, stage_spec(cfg.stage.name).resume_fixed)
-    planned = check_memory(cfg)
+        check_resumable(Path(cfg.stage.resume_from), cfg, spec.resume_fixed)
+    OmegaConf.set_readonly(cfg, True)  # settled: from here on the config is read, never edited
+    plan = memory_plan(cfg)
+    planned = check_memory(cfg, spec, plan)
     if planned is not None:
         return planned
     distributed.init(str(cfg.hardware.device))
-    check_distributed(cfg)
+    check_distributed(cfg, spec)
     # torchrun: rank 0 picks the run folder (its clock and id) and the others use it; only it tracks
     if run_dir is None:
         run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg)) if distributed.is_main() else None))
     run_dir.mkdir(parents=True, exist_ok=True)
+    if job is None:
+        job = jobs.current_job() if cfg.tracking.backend == "mlflow" else None
+    launch = Launch(cfg, spec, run_dir, job, tags, precision_reason, plan)
     with run_lock.all_locked(folders_written(cfg, run_dir) if distributed.is_main() else []):
-        return tracked_run(cfg, run_dir, job, lineage_tags, precision_reason)
+        return tracked_run(launch)
 
 
 def folders_written(cfg: DictConfig, run_dir: Path) -> list[Path]:
@@ -314,33 +331,30 @@ def folders_written(cfg: DictConfig, run_dir: Path) -> list[Path]:
     return [*([continued] if continued is not None else []), run_dir]
 
 
-def tracked_run(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str],
-                precision_reason: str) -> dict[str, float]:
+def tracked_run(launch: Launch) -> dict[str, float]:
     """The checked run in its folder: config written, the stage's data and weights loaded, tracker run opened
     (or continued), the trainer fitted, the tracker run closed FINISHED, FAILED or KILLED whatever happens.
     A stop signal from the first load on is seen at the next step boundary (or batch of a pass), never fatal."""
     with stopping.stop_at_step_boundary():
-        return prepare_and_fit(cfg, run_dir, job, lineage_tags, precision_reason)
+        return prepare_and_fit(launch)
 
 
-def prepare_and_fit(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str, str],
-                    precision_reason: str) -> dict[str, float]:
+def prepare_and_fit(launch: Launch) -> dict[str, float]:
+    cfg, run_dir, job = launch.cfg, launch.run_dir, launch.job
     written = redact(OmegaConf.to_container(cfg, resolve=True))  # the config as stored: no secrets
     if distributed.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))
         redact_hydra_files()
-    if job is None:
-        job = sweep.current_job() if cfg.tracking.backend == "mlflow" else None
-    if job is not None:  # the sweep's tracker (where its parent run is)
-        cfg.tracking.tracking_uri = job.tracking_uri
-    tracker = make_tracker(cfg.tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
+    # a job logs to its parent's tracker (a sweep's own server, say)
+    tracking = OmegaConf.merge(cfg.tracking, {"tracking_uri": job.tracking_uri}) if job else cfg.tracking
+    tracker = make_tracker(tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
     close_runs_of_dead_processes(cfg, tracker)
     run_name = cfg.get("run_name") or (job.run_name(cfg.stage.name) if job else
                                        f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}")
     tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
-            "hardware": cfg.hardware.name, "git_commit": git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
-            "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": precision_reason,
-            "overrides": " ".join(sweep.job_overrides()), **lineage_tags, **(job.tags() if job else {})}
+            "hardware": cfg.hardware.name, "git_commit": jobs.git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
+            "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": launch.precision_reason,
+            "overrides": " ".join(jobs.job_overrides()), **launch.lineage_tags, **(job.tags() if job else {})}
     status = "FAILED"
     earlier = resumed_run(cfg, tracker)
     continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None
@@ -348,9 +362,9 @@ def prepare_and_fit(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str,
         tags["resumed_from"] = str(cfg.stage.resume_from)
     # data, weights and the resumed checkpoint load before the tracker run opens (or reopens): what they
     # refuse (a bad data file, changed data on resume) creates no FAILED run and leaves a resumed run as it was
-    trainer = stage_spec(cfg.stage.name).trainer(cfg=cfg, tracker=tracker, run_dir=run_dir)
+    trainer = launch.spec.trainer(cfg=cfg, tracker=tracker, run_dir=run_dir, memory_plan=launch.plan)
     try:
-        with out_of_memory_reported(cfg):
+        with out_of_memory_reported(cfg, launch.spec, launch.plan):
             trainer.prepare()
         plan_the_data(cfg, trainer)
     except BaseException:
@@ -361,11 +375,11 @@ def prepare_and_fit(cfg: DictConfig, run_dir: Path, job, lineage_tags: dict[str,
     try:
         record_run(tracker, run_dir, earlier)
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
-        with out_of_memory_reported(cfg):
+        with out_of_memory_reported(cfg, launch.spec, launch.plan):
             metrics = trainer.fit()
-        objective = sweep.objective_of(cfg)[0]
+        objective = jobs.objective_of(cfg)[0]
         if job is not None and objective in metrics:  # one column name for every sweep's objective
-            tracker.log_metrics({sweep.OBJECTIVE_METRIC: metrics[objective]}, step=trainer.step)
+            tracker.log_metrics({jobs.OBJECTIVE_METRIC: metrics[objective]}, step=trainer.step)
         status = "FINISHED"
         log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         return metrics

@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
-from rlhf_exp.data.formats import (DataFormat, Document, PreferenceExample, SFTExample, checked_pair,
-                                   checked_sft, to_message)
+from rlhf_exp.data.formats.base import (DataFormat, Document, PreferenceExample, SFTExample, checked_pair, checked_sft,
+                                        to_message)
 from rlhf_exp.data.sources import Record, read_csv, read_json_or_jsonl, read_jsonl
 from rlhf_exp.errors import ConfigError, DataError
 
@@ -36,11 +36,9 @@ _MAKES = {"sft": ("language_modeling", "prompt_completion", "preference"),
           "prompt": ("prompt_only", "prompt_completion", "preference", "language_modeling")}
 
 
-def data_label(cfg: DictConfig) -> str:
-    """How messages name the data: the conf/data option, or for data=hub / data=file the source itself."""
-    if cfg.format in ("trl", *TYPES):
-        return f"{cfg.source}:{cfg.get('path')}" + (f" ({cfg.name})" if cfg.get("name") else "")
-    return str(cfg.name)
+def source_label(cfg: DictConfig) -> str:
+    """How messages name a data=hub / data=file set: the source itself."""
+    return f"{cfg.source}:{cfg.get('path')}" + (f" ({cfg.name})" if cfg.get("name") else "")
 
 
 # --------------------------------------------------------------------------- reading
@@ -176,10 +174,10 @@ class HfFormat(DataFormat):
             elif self.cfg.source == "file":
                 rows = list(read_file(self.cfg, self.bad))
             else:
-                raise ConfigError("data.source", f"{data_label(self.cfg)}: data=hub and data=file read "
+                raise ConfigError("data.source", f"{source_label(self.cfg)}: data=hub and data=file read "
                                   f"source=hub or source=file, not {self.cfg.source!r}")
             if not rows:
-                raise ConfigError("data.path", f"{data_label(self.cfg)} has no rows")
+                raise ConfigError("data.path", f"{source_label(self.cfg)} has no rows")
             while len(_ROWS) >= 2:
                 _ROWS.pop(next(iter(_ROWS)))
             _ROWS[key] = (rows, self.skipped.copy())
@@ -212,7 +210,7 @@ class HfFormat(DataFormat):
         first = self.records()[0]
         hint = ("; 'label' with 'completion' is TRL's unpaired preference (KTO), which no stage here trains on"
                 if "label" in first.data else "")
-        raise ConfigError("data.columns", f"{data_label(self.cfg)}: columns {sorted(first.data)} are none of TRL's "
+        raise ConfigError("data.columns", f"{source_label(self.cfg)}: columns {sorted(first.data)} are none of TRL's "
                           "types (text | messages; prompt; prompt + completion; [prompt +] chosen + rejected): map "
                           f"yours with data.columns.<prompt|completion|chosen|rejected|messages|text>=<column>{hint}")
 
@@ -278,7 +276,7 @@ class HfFormat(DataFormat):
     # examples -----------------------------------------------------------------------------
 
     def _refuse(self, kind: str, needed: str):
-        raise ConfigError("data.format", f"{data_label(self.cfg)} is a {self.dataset_type} data set, which has no "
+        raise ConfigError("data.format", f"{source_label(self.cfg)} is a {self.dataset_type} data set, which has no "
                           f"{kind}: {needed}")
 
     def _sft_example(self, rec: Record) -> SFTExample:

@@ -18,38 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import optuna_sweep
-from rlhf_exp.redact import redact, redact_text, uri_with_password
+from rlhf_exp.launch import optuna_sweep
+from rlhf_exp.launch.jobs import OBJECTIVE_METRIC, SWEEP_RECORD, current_job, git_commit, objective_of, short_label
+from rlhf_exp.launch.report import write_report
+from rlhf_exp.redact import redact, redact_text
+from rlhf_exp.tracking.records import PARENT_TAG
 
 log = logging.getLogger(__name__)
-
-SWEEP_RECORD = "sweep.json"  # in the sweep dir: the parent run its jobs log under
-PARENT_TAG = "mlflow.parentRunId"  # what MLflow's UI nests runs by
-# the objective each child logs under one name, so every sweep's runs table has the same column
-OBJECTIVE_METRIC = "objective"
-
-
-def objective_of(cfg: DictConfig) -> tuple[str, str]:
-    """(metric, "max" | "min") a sweep of this config optimizes: sweep.objective / sweep.direction, else
-    the stage's own (its StageSpec)."""
-    from rlhf_exp.stages import stage_spec
-    from rlhf_exp.stages.spec import metric_direction
-
-    return metric_direction(stage_spec(cfg.stage.name), OmegaConf.select(cfg, "sweep.objective"),
-                            OmegaConf.select(cfg, "sweep.direction"))
-
-
-def short_label(key: str) -> str:
-    """stage.beta -> beta, model.num_layers -> num_layers; a group (dpo_loss) stays itself."""
-    return key.lstrip("+~").rsplit(".", 1)[-1]
-
 
 def swept_space(hydra_cfg: DictConfig) -> dict[str, str]:
     """{key: its search space as typed} for every key the sweep varies: sweep overrides on the command
@@ -64,57 +46,6 @@ def swept_space(hydra_cfg: DictConfig) -> dict[str, str]:
         if override.is_sweep_override():
             space[override.key_or_group] = override.input_line.split("=", 1)[1]
     return space
-
-
-@dataclass
-class SweepJob:
-    """What a job of a sweep knows about it (from sweep.json and Hydra's job config)."""
-
-    parent_run_id: str
-    tracking_uri: str
-    sweep_id: str
-    number: int
-    swept: dict[str, str]              # this job's values of the swept keys
-    overrides: list[str] = field(default_factory=list)  # all its overrides, as typed
-
-    def run_name(self, stage: str) -> str:
-        values = " ".join(f"{short_label(k)}={v}" for k, v in self.swept.items())
-        return f"{stage} {values}" if values else f"{stage} job {self.number}"
-
-    def tags(self) -> dict[str, str]:
-        return {PARENT_TAG: self.parent_run_id, "sweep_id": self.sweep_id, "sweep_job": str(self.number)}
-
-
-def current_job() -> SweepJob | None:
-    """This process's sweep job, if it runs one of a sweep whose parent run exists."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    record = Path(hydra_cfg.sweep.dir) / SWEEP_RECORD
-    if not record.is_file():
-        return None
-    sweep = json.loads(record.read_text())
-    overrides = redact(list(hydra_cfg.overrides.task))  # they become tags and the run's name
-    swept = {}
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~") in sweep["swept"]:
-            swept[key.lstrip("+~")] = value
-    number = int(hydra_cfg.job.num) + int(sweep.get("job_offset", 0))
-    return SweepJob(sweep["parent_run_id"], uri_with_password(sweep["tracking_uri"]), sweep["sweep_id"], number,
-                    swept, overrides)
-
-
-def job_overrides() -> list[str]:
-    """The overrides this process was started with, as typed (Hydra's), for a run's `overrides` tag."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return redact(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized() else []
 
 
 def job_failed(cfg: DictConfig, error: BaseException) -> None:
@@ -166,7 +97,6 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if OmegaConf.select(config, "tracking.backend") != "mlflow":
             return
-        from rlhf_exp.app import git_commit
         from rlhf_exp.tracking.mlflow_tracker import MlflowTracker, tracking_uri
 
         hydra_cfg = config.hydra
@@ -325,8 +255,6 @@ def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str
         tracker.log_artifact(str(sweep_dir / "multirun.yaml"), "config")
     if children:
         try:
-            from rlhf_exp.report import write_report
-
             summary.report_dir = write_report(client, parent_id, sweep_dir / "report")
             for path in sorted(summary.report_dir.iterdir()):
                 tracker.log_artifact(str(path), "report")

@@ -6,7 +6,7 @@ multirun's config: with a persistent study (`storage` and `study_name`), `n_tria
 total: the trials it has finished (complete, pruned or failed) are subtracted, and trials a killed search
 left RUNNING (never told, they would sit in the study forever) are marked failed; a seeded sampler's seed
 is moved on by the trials done (else it would draw the same points again). A `direction` of null
-becomes the sweep objective's (maximize held-out accuracy, minimize a loss; rlhf_exp/sweep.py).
+becomes the sweep objective's (maximize held-out accuracy, minimize a loss; rlhf_exp/launch/sweep.py).
 
 Run one search per study at a time: a RUNNING trial of a live search elsewhere would be failed too.
 """

@@ -114,20 +114,17 @@ def lineage_tags(cfg: DictConfig, references: list[Reference]) -> dict[str, str]
 
 def init_from_run_id(folder: Path) -> dict[str, str]:
     """The MLflow run that wrote checkpoint `folder` (<run>/checkpoints/<name>: <run>/tracking.json)."""
-    import json
+    from rlhf_exp.tracking.records import run_id_of
 
-    record = folder.parent.parent / "tracking.json"
-    try:
-        return {"init_from_run_id": json.loads(record.read_text())["run_id"]}
-    except (OSError, ValueError, KeyError):
-        return {}
+    run_id = run_id_of(folder.parent.parent)
+    return {"init_from_run_id": run_id} if run_id else {}
 
 
 def checkpoint_model_name(folder: str | Path) -> str | None:
     """The model a checkpoint holds, by name: `model.name` of the run that wrote it (its run_config.json; that run
     named it the same way), else the folder's own name; None when there is no model there."""
     from rlhf_exp.checkpoint import saved_config
-    from rlhf_exp.models.peft import weights_folder
+    from rlhf_exp.checkpoint_layout import weights_folder
 
     folder = Path(folder)
     if not (weights_folder(folder) / "config.json").is_file():

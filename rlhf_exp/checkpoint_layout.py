@@ -1,0 +1,28 @@
+"""What a checkpoint folder holds, by name: one place for the layout that saving (checkpoint.py, a stage's
+`extra_files`), loading (models/), the planner, export and lineage all read.
+
+    <checkpoint>/                a Hugging Face folder: config.json, model.safetensors, the tokenizer
+      run_config.json            the run's config, secrets redacted (read before anything loads on resume)
+      trainer_state.pt           what resuming needs: optimizer, scheduler, step, generators (absent: weights only)
+      adapter_model.safetensors  with LoRA: the adapters, which a resume loads onto the base
+      reward_head.safetensors    with LoRA, a reward model's head and offset beside its adapters
+      merged/                    with LoRA, the final checkpoint: adapters merged into float base weights
+      manifest.json              written last: every file's size and sha256 (a resume trusts only what matches)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TRAINER_STATE = "trainer_state.pt"
+RUN_CONFIG = "run_config.json"
+MANIFEST = "manifest.json"      # {"files": {relative path: {"size", "sha256"}}}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_FILE = "reward_head.safetensors"  # also beside a backbone in older checkpoints
+MERGED = "merged"
+
+
+def weights_folder(folder: str | Path) -> Path:
+    """Where a checkpoint's full weights are: `merged/` for a LoRA checkpoint, else the folder."""
+    folder = Path(folder)
+    return folder / MERGED if (folder / MERGED).is_dir() else folder
