@@ -18,6 +18,34 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def _declared_metrics_only(log_metrics):
+    """Every metric a run logs must be declared in rlhf_exp/vocabulary.py: a name outside it fails the test
+    that logged it (pytest.fail is a BaseException: no `except Exception` in a run swallows it)."""
+
+    def checked(self, metrics, step):
+        from rlhf_exp.vocabulary import declared
+
+        undeclared = sorted(name for name in metrics if declared(name) is None)
+        if undeclared:
+            pytest.fail(f"metrics not declared in rlhf_exp/vocabulary.py: {undeclared}")
+        return log_metrics(self, metrics, step)
+
+    checked.__wrapped__ = log_metrics
+    return checked
+
+
+def _check_metric_names() -> None:
+    from rlhf_exp.tracking.base import Tracker
+    from rlhf_exp.tracking.mlflow_tracker import MlflowTracker
+
+    for tracker in (Tracker, MlflowTracker):
+        if not hasattr(tracker.log_metrics, "__wrapped__"):
+            tracker.log_metrics = _declared_metrics_only(tracker.log_metrics)
+
+
+_check_metric_names()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from rlhf_exp.config import compose_config

@@ -21,29 +21,9 @@ from pathlib import Path
 from rlhf_exp.redact import uri_with_password
 from rlhf_exp.launch.jobs import SWEEP_RECORD, short_label
 from rlhf_exp.tracking.records import PARENT_TAG
+from rlhf_exp.vocabulary import label
 
 log = logging.getLogger(__name__)
-
-# axis labels, with units: what a reader needs without opening the code
-METRIC_LABELS = {
-    "eval/loss": "held-out loss",
-    "eval/perplexity": "held-out perplexity",
-    "eval/accuracy": "held-out accuracy (share of pairs ranked right)",
-    "eval/implicit_accuracy": "held-out implicit accuracy (share of pairs)",
-    "eval/ece": "expected calibration error",
-    "eval/margin": "held-out reward margin, chosen - rejected",
-    "eval/abs_logratio_per_token": "drift from the reference, |log pi/pi_ref| (nats / token)",
-    "eval/reward_mean": "held-out reward (mean per sample)",
-    "eval/kl": "KL(policy || reference) (nats / token)",
-    "eval/response_length": "response length (tokens)",
-    "train/loss": "training loss",
-    "train/reward_mean": "training reward (mean per sample)",
-}
-
-
-def label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric)
-
 
 @dataclass
 class Job:
