@@ -1,5 +1,6 @@
 """What a checkpoint folder holds, by name: one place for the layout that saving (checkpoint.py, a stage's
-`extra_files`), loading (models/), the planner, export and lineage all read.
+`extra_files`), loading (models/), the planner, export and lineage all read; and whether a model is named
+by a local folder or a hub id.
 
     <checkpoint>/                a Hugging Face folder: config.json, model.safetensors, the tokenizer
       run_config.json            the run's config, secrets redacted (read before anything loads on resume)
@@ -26,3 +27,8 @@ def weights_folder(folder: str | Path) -> Path:
     """Where a checkpoint's full weights are: `merged/` for a LoRA checkpoint, else the folder."""
     folder = Path(folder)
     return folder / MERGED if (folder / MERGED).is_dir() else folder
+
+
+def looks_local(path: str) -> bool:
+    """A model named by a filesystem path rather than a hub id: it exists, or is absolute, or starts with . or ~."""
+    return Path(path).exists() or path.startswith(("/", ".", "~"))

@@ -348,7 +348,7 @@ def check_inputs(cfg: DictConfig) -> None:
     """What a run reads must be there before its tracker run is created (a refused launch leaves no FAILED
     run): the device, a data file, the reward model, the eval stage's policies and judges. A name that is
     not a local path (a hub id) is left to the loader."""
-    from rlhf_exp.checkpoint_layout import weights_folder
+    from rlhf_exp.checkpoint_layout import looks_local, weights_folder
     from rlhf_exp.models.reward import is_reward_model_folder
     from rlhf_exp.runtime import check_device
     from rlhf_exp.stages import stage_spec
@@ -374,11 +374,6 @@ def check_inputs(cfg: DictConfig) -> None:
                 "is neither a reward model saved by stage=rm nor a ForSequenceClassification model")
         raise ConfigError("reward.fn.path", f"{reward_path} {what} (<rm run>/checkpoints/final, or a hub id)")
     spec.input_checks(cfg)
-
-
-def looks_local(path: str) -> bool:
-    """A filesystem path rather than a hub id: it exists, or is absolute, or starts with . or ~."""
-    return Path(path).exists() or path.startswith(("/", ".", "~"))
 
 
 def check_init_from(model: DictConfig, spec) -> None:

@@ -432,8 +432,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def check_inputs(cfg: DictConfig) -> None:
     """The judges and the policies' checkpoints are there before the tracker run exists (a hub id is left to
     the loader)."""
-    from rlhf_exp.checkpoint_layout import weights_folder
-    from rlhf_exp.config import looks_local
+    from rlhf_exp.checkpoint_layout import looks_local, weights_folder
 
     for judge in ("judge", "train_rm"):
         path = cfg.stage.get(judge)
