@@ -110,6 +110,20 @@ def test_secrets_in_config_values_are_written_nowhere(tmp_path):
     assert run.data.params["stage.max_steps"] == "1"  # the rest as it was
 
 
+def test_a_metric_or_a_kind_of_token_is_no_secret_and_a_credential_still_is():
+    """Before: `make run`'s closing line printed `eval/sft/kl_token=***redacted***` (a KL per token, hidden as
+    if it were a credential)."""
+    from rlhf_exp.redact import is_secret_key, redact_text
+
+    assert redact_text("finished: eval/sft/kl_seq=0.01, eval/sft/kl_token=0.002") == \
+        "finished: eval/sft/kl_seq=0.01, eval/sft/kl_token=0.002"
+    for plain in ("eval/sft/kl_token", "pad_token_id", "model.eos_token", "max_new_tokens", "per_token"):
+        assert not is_secret_key(plain), plain
+    for secret in ("hub_token", "HF_TOKEN", "model.hub_token", "api_key", "access_token", "token", "auth_token"):
+        assert is_secret_key(secret), secret
+    assert redact_text("hub_token=abc123") == "hub_token=***redacted***"
+
+
 def test_compose_publishes_the_unauthenticated_mlflow_server_on_loopback_only():
     """Before: ports ["5000:5000"] published it on every host interface, without authentication."""
     import yaml
