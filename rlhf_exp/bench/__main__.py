@@ -6,7 +6,8 @@
 Each measurement runs in a process of its own, back to back (never two at once: they would share the
 cores), so its peak resident memory is its own. Writes DIR/latest.json, DIR/<date>.json (earlier runs
 stay to compare against), DIR/latest.md (the table) and DIR/logs/. --quick: the tiny model, 2 timed
-steps, into bench/results/quick (what the tests run, so the benchmark does not rot).
+steps, each side's stages one after another in one process, into bench/results/quick (what the tests
+run, so the benchmark does not rot).
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def cpu_description() -> dict:
 
 
 def measure(side: str, what: str, workload: Path, logs: Path) -> dict:
-    """Run one worker; its result with its peak resident memory (GiB), or the error and its log's tail."""
-    result, log = workload.parent / f"{side}_{what}.json", logs / f"{what}_{side}.log"
+    """Run one worker; its result, or the error and its log's tail. A side's result is {stage: figures}, each
+    stage with its peak resident memory (GiB): the worker's own when it ran one stage alone."""
+    name = what.replace(",", "+")
+    result, log = workload.parent / f"{side}_{name}.json", logs / f"{name}_{side}.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "rlhf_exp.bench.worker", side, what, str(workload),
                                     str(result)], stdout=out, stderr=subprocess.STDOUT)
@@ -65,7 +68,11 @@ def measure(side: str, what: str, workload: Path, logs: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0 or not result.is_file():
         tail = log.read_text()[-2000:]
         return {"error": f"{side} {what} failed (exit {os.waitstatus_to_exitcode(status)}); {log}:\n{tail}"}
-    return {**json.loads(result.read_text()), "peak_gib": peak_gib}
+    figures = json.loads(result.read_text())
+    if side != "peak":
+        for stage_figures in figures.values():
+            stage_figures.setdefault("peak_gib", peak_gib)
+    return figures
 
 
 def mean_tokens(file: str, tokenizer, stage: str) -> StepWork:
@@ -205,14 +212,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         shape = Shape.of(folder)
         rows = {}
-        for stage in stages:
-            tokens = mean_tokens(work.files[stage], tokenizer, stage)
-            sides = {}
+        # --quick: one process a side for all its stages (start-up and imports paid once); else one a measurement
+        batches = [stages] if args.quick else [[stage] for stage in stages]
+        measured: dict[str, dict[str, dict]] = {}
+        for batch in batches:
             for side in ("ours", "trl"):
                 start = time.perf_counter()
-                print(f"bench: {stage} {side} ...", end=" ", flush=True)
-                sides[side] = measure(side, stage, workload, out / "logs")
-                print("failed" if "error" in sides[side] else f"{time.perf_counter() - start:.0f} s", flush=True)
+                print(f"bench: {','.join(batch)} {side} ...", end=" ", flush=True)
+                figures = measure(side, ",".join(batch), workload, out / "logs")
+                print("failed" if "error" in figures else f"{time.perf_counter() - start:.0f} s", flush=True)
+                for stage in batch:
+                    measured.setdefault(stage, {})[side] = figures if "error" in figures else figures[stage]
+        for stage in stages:
+            tokens = mean_tokens(work.files[stage], tokenizer, stage)
+            sides = measured[stage]
             failed = [s["error"] for s in sides.values() if "error" in s]
             rows[stage] = {"error": "; ".join(failed)} if failed else compare(
                 stage, summarize(stage, sides["ours"], work, shape, tokens),
