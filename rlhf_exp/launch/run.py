@@ -292,7 +292,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, flo
     pipeline's."""
     requested_precision = str(cfg.hardware.precision)
     cfg = resolved(cfg)
-    tags = resolve_run_references(cfg)
+    inputs = resolve_run_references(cfg)  # lineage tags: where model.init_from and other run: references led
     name_the_loaded_model(cfg)
     validate(cfg)
     if not cfg.get("plan"):  # a memory plan for a GPU profile is made anywhere
@@ -318,7 +318,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, flo
     run_dir.mkdir(parents=True, exist_ok=True)
     if job is None:
         job = jobs.current_job() if cfg.tracking.backend == "mlflow" else None
-    launch = Launch(cfg, spec, run_dir, job, tags, precision_reason, plan)
+    launch = Launch(cfg, spec, run_dir, job, inputs, precision_reason, plan)
     with run_lock.all_locked(folders_written(cfg, run_dir) if distributed.is_main() else []):
         return tracked_run(launch)
 
