@@ -28,6 +28,22 @@ from rlhf_exp.errors import ConfigError, DiskFullError, is_disk_full
 log = logging.getLogger(__name__)
 
 
+def _look_for_deepspeed_engines_only_once_deepspeed_is_imported() -> None:
+    """transformers' `save_pretrained` unwraps the model with accelerate's `extract_model_from_parallel`,
+    which imports DeepSpeed whenever it is installed only to test `isinstance(model, DeepSpeedEngine)`: 2 s
+    of start-up in every process's first save. No model is a DeepSpeedEngine in a process that never
+    imported DeepSpeed, so that test asks this instead (a deepspeed_zero run imports it before it builds
+    its engine)."""
+    import sys
+
+    import accelerate.utils.other
+
+    accelerate.utils.other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
+
+
+_look_for_deepspeed_engines_only_once_deepspeed_is_imported()
+
+
 def staging_folder(folder: Path) -> Path:
     return folder.with_name(folder.name + ".partial")
 

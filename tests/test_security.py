@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import GRPO, TINY, run_cli, tracked_env
+from helpers import GRPO, TINY, run_cli, seeded_cache, tracked_env
 
 
 class _RunsCode:
@@ -160,8 +160,9 @@ def test_secrets_planted_everywhere_reach_no_byte_under_the_project_and_no_conso
         data.parent.mkdir(parents=True)
         data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f" Answer {i}."}) + "\n"
                                 for i in range(16)))
+        cache = seeded_cache(tmp_path / "cache")
         env = {"MLFLOW_TRACKING_URI": f"http://alice:{password}@127.0.0.1:{port}", "HF_TOKEN": env_token,
-               "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs"), "RLHF_EXP_CACHE_DIR": str(tmp_path / "cache")}
+               "RLHF_EXP_RUNS_DIR": str(tmp_path / "runs"), "RLHF_EXP_CACHE_DIR": str(cache)}
         trained = run_cli(*TINY, "data=jsonl", f"data.path={data}", "data.val_size=4", "stage.max_steps=1",
                           "stage.num_samples=0", "hydra.job_logging.root.level=INFO", env=env)
         assert trained.returncode == 0, trained.stderr[-3000:]

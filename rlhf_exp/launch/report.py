@@ -21,6 +21,7 @@ from pathlib import Path
 from rlhf_exp.redact import uri_with_password
 from rlhf_exp.launch.jobs import SWEEP_RECORD, short_label
 from rlhf_exp.tracking.records import PARENT_TAG
+from rlhf_exp.tracking.plots import pyplot
 from rlhf_exp.vocabulary import label
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def x_positions(sweep: Sweep, jobs: list[Job], key: str) -> tuple[list[float], l
 
 def swept_figure(sweep: Sweep, metrics: list[str]):
     """Each metric's final value against the first swept key; a line per value of the other keys."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key = sweep.keys[0]
     done = [j for j in sweep.jobs if j.status == "FINISHED"]
@@ -164,7 +165,7 @@ def swept_figure(sweep: Sweep, metrics: list[str]):
 
 def tradeoff_figure(sweep: Sweep, x_metric: str, y_metric: str):
     """y against x: each job's path through its evaluations, its final point labelled."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.8), dpi=110)
     for i, job in enumerate(j for j in sweep.jobs if j.status == "FINISHED"):
@@ -187,7 +188,7 @@ def tradeoff_figure(sweep: Sweep, x_metric: str, y_metric: str):
 
 def curves_figure(sweep: Sweep, metrics: list[str]):
     """Every job's curve of each metric on one set of axes."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=110, squeeze=False)
     for ax, metric in zip(axes[0], metrics):

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use (it costs each process most
+    of a second of start-up, and most runs draw nothing until they end)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def curves_figure(history: dict[str, list[tuple[int, float]]], names: list[str], title: str):
     """One line per metric in `names` (those present), x = optimizer step; a `<x>/mean` whose `<x>/ci_low` and
     `<x>/ci_high` are logged too gets its interval as a band."""
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=110)
     for name in names:
         points = history.get(name)
         if points:
@@ -30,12 +37,12 @@ def curves_figure(history: dict[str, list[tuple[int, float]]], names: list[str],
 
 
 def close(fig) -> None:
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def reliability_figure(table: list[dict], title: str):
     """Reliability diagram: accuracy against confidence per bin; the diagonal is perfect calibration."""
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(5, 5), dpi=110)
     ax.plot([0.5, 1.0], [0.5, 1.0], linestyle="--", color="grey", label="perfectly calibrated")
     if table:
         centres = [(b["lo"] + b["hi"]) / 2 for b in table]

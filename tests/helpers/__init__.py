@@ -166,3 +166,23 @@ def run_until_killed(tmp_path: Path, nproc: int, args: list[str], hang_at_step: 
         job.wait(timeout=60)
     [record] = Path(env["RLHF_EXP_RUNS_DIR"]).glob("*/*/tracking.json")
     return record.parent, result
+
+
+def seeded_cache(folder: Path) -> Path:
+    """A cache folder of a test's own that starts with the embedded model's converted copy (hard links where
+    the file system allows), so a test that reads every byte it writes does not pay the GGUF conversion."""
+    from rlhf_exp.models import load_tokenizer
+
+    cfg = compose_config(["model=tiny"])
+    shared = Path(cfg.paths.cache_dir)
+    load_tokenizer(cfg.model, str(shared))  # converts there once if it must
+
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(shared / "gguf", folder / "gguf", copy_function=link_or_copy)
+    return folder
+
