@@ -25,6 +25,7 @@ optimizer state is DeepSpeed's own partitioned checkpoint beside it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import hashlib
 import math
 import os
@@ -273,6 +274,12 @@ def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
     DeepSpeed sees one micro batch per step (its accumulation off) and `deepspeed_backward` undoes its
     mean over the ranks. Clipping is DeepSpeed's (`gradient_clipping`), at the stage's max_grad_norm."""
     import deepspeed
+
+    # DeepSpeed's CPU shared-memory all-reduce op serves only `inference_all_reduce` (DeepSpeed-Inference's
+    # tensor-parallel layers), which training never calls; building it is a C++ compile of 30-100 s on the
+    # first CPU run of each machine and install path. Its communication backend then skips it. (The module
+    # by name: `deepspeed.comm.torch` the attribute is the torch library.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
     config = OmegaConf.to_container(parallel.deepspeed, resolve=True)
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, managed_gradient_accumulation=False,
