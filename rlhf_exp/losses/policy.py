@@ -6,13 +6,17 @@ response tokens. Log-probs must be taken at the sampling temperature.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k3+")
-# as a loss on the policy's own samples: plain k1's expected gradient is zero (`kl_penalty`)
-KL_LOSS_ESTIMATORS = ("k2", "k3", "k1+", "k3+")
+from rlhf_exp.registry import Registry
+
 LOG_RATIO_CLAMP = 20.0  # |log ratio| before exp (verl's): exp(20) ~ 5e8 stays finite, 0 x ratio stays 0
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# name -> per-token estimate of KL(policy || reference) from log r = log ref - log pi ([B, T] -> [B, T])
+KL_ESTIMATORS = Registry("KL estimator")
+# name -> ([B, T] per-token loss, mask, **sizes) -> scalar
+LOSS_AGGREGATIONS = Registry("loss aggregation")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -45,6 +49,37 @@ def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups == groups[:, :1]).all(dim=1)
 
 
+@KL_ESTIMATORS.register("k1")
+def k1(log_ratio: torch.Tensor, **_) -> torch.Tensor:
+    return -log_ratio
+
+
+@KL_ESTIMATORS.register("k2")
+def k2(log_ratio: torch.Tensor, **_) -> torch.Tensor:
+    return 0.5 * log_ratio.pow(2)
+
+
+@KL_ESTIMATORS.register("k3")
+def k3(log_ratio: torch.Tensor, k3_max: float = 10.0, **_) -> torch.Tensor:
+    return (torch.exp(log_ratio) - 1 - log_ratio).clamp(max=k3_max)
+
+
+def with_k2_gradient(estimator: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`estimator`'s value with k2's gradient, through a straight-through term (verl's `kl_penalty`)."""
+
+    def straight_through(log_ratio: torch.Tensor, **options) -> torch.Tensor:
+        straight = k2(log_ratio)
+        return straight - straight.detach() + estimator(log_ratio, **options).detach()
+
+    return straight_through
+
+
+KL_ESTIMATORS.register("k1+")(with_k2_gradient(k1))
+KL_ESTIMATORS.register("k3+")(with_k2_gradient(k3))
+# as a loss on the policy's own samples: plain k1's expected gradient is zero (`kl_penalty`)
+KL_LOSS_ESTIMATORS = tuple(name for name in KL_ESTIMATORS if name != "k1")
+
+
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3",
                clamp: float = LOG_RATIO_CLAMP, k3_max: float = 10.0) -> torch.Tensor:
     """Per-token estimates of KL(policy || reference) from samples of the policy (Schulman 2020, "Approximating
@@ -61,21 +96,9 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k
       k1: E_pi[grad log pi] = 0, only noise (right as a penalty in PPO's reward, wrong as a loss)
       k2, k1+, k3+: exactly grad KL(policy || reference)
       k3: grad KL(reference || policy), the reverse KL (what TRL's GRPO and the DeepSeekMath paper use)
+    The estimators are the KL_ESTIMATORS registry: a new one is a decorated function of log r.
     """
-    base = estimator.removesuffix("+")
-    log_ratio = (ref_logps - logps).clamp(-clamp, clamp)
-    if base == "k1" and estimator in KL_ESTIMATORS:
-        value = -log_ratio
-    elif base == "k2" and estimator == "k2":
-        return 0.5 * log_ratio.pow(2)
-    elif base == "k3" and estimator in KL_ESTIMATORS:
-        value = (torch.exp(log_ratio) - 1 - log_ratio).clamp(max=k3_max)
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
-    if not estimator.endswith("+"):
-        return value
-    straight = 0.5 * (logps - ref_logps).pow(2)  # k2: its gradient, none of its value
-    return straight - straight.detach() + value.detach()
+    return KL_ESTIMATORS.lookup(estimator)((ref_logps - logps).clamp(-clamp, clamp), k3_max=k3_max)
 
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
@@ -103,10 +126,39 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     return loss, was_clipped
 
 
+@LOSS_AGGREGATIONS.register("token-mean")
+def token_mean(loss: torch.Tensor, mask: torch.Tensor, *, num_tokens: float | None = None, **_) -> torch.Tensor:
+    return (loss * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
+
+
+def _sequence_mean(per_sequence: torch.Tensor, num_sequences: float | None) -> torch.Tensor:
+    return per_sequence.sum() / (len(per_sequence) if num_sequences is None else num_sequences)
+
+
+@LOSS_AGGREGATIONS.register("seq-mean-token-mean")
+def seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: float | None = None,
+                        **_) -> torch.Tensor:
+    return _sequence_mean((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1), num_sequences)
+
+
+@LOSS_AGGREGATIONS.register("seq-mean-token-sum")
+def seq_mean_token_sum(loss: torch.Tensor, mask: torch.Tensor, *, num_sequences: float | None = None,
+                       **_) -> torch.Tensor:
+    return _sequence_mean((loss * mask).sum(-1), num_sequences)
+
+
+@LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(loss: torch.Tensor, mask: torch.Tensor, *, max_tokens: int | None = None,
+                            num_sequences: float | None = None, **_) -> torch.Tensor:
+    if not max_tokens:
+        raise ValueError("seq-mean-token-sum-norm needs max_tokens (the generation budget)")
+    return _sequence_mean((loss * mask).sum(-1) / max_tokens, num_sequences)
+
+
 def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "seq-mean-token-mean", *,
                    max_tokens: int | None = None, num_sequences: float | None = None,
                    num_tokens: float | None = None) -> torch.Tensor:
-    """[B, T] per-token loss -> scalar (verl's names).
+    """[B, T] per-token loss -> scalar (verl's names; the LOSS_AGGREGATIONS registry).
 
     token-mean               sum over all tokens / number of tokens (DAPO: long responses weigh more)
     seq-mean-token-mean      mean over sequences of each sequence's token mean (the GRPO paper; a short
@@ -117,19 +169,8 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "seq-mean
     When `loss` is one micro batch of a larger minibatch, pass the minibatch's `num_sequences` /
     `num_tokens`: the micro batches' results then add up to the minibatch's.
     """
-    if mode == "token-mean":
-        denominator = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
-        return (loss * mask).sum() / denominator
-    if mode not in LOSS_AGGREGATIONS:
-        raise ValueError(f"unknown loss aggregation {mode!r}; use one of {LOSS_AGGREGATIONS}")
-    per_sequence = (loss * mask).sum(-1)  # [B] token sums
-    if mode == "seq-mean-token-mean":
-        per_sequence = per_sequence / mask.sum(-1).clamp(min=1)
-    elif mode == "seq-mean-token-sum-norm":
-        if not max_tokens:
-            raise ValueError("seq-mean-token-sum-norm needs max_tokens (the generation budget)")
-        per_sequence = per_sequence / max_tokens
-    return per_sequence.sum() / (len(per_sequence) if num_sequences is None else num_sequences)
+    return LOSS_AGGREGATIONS.lookup(mode)(loss, mask, max_tokens=max_tokens, num_sequences=num_sequences,
+                                          num_tokens=num_tokens)
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:

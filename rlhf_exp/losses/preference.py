@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_exp.registry import Registry
+
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                        margin: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -21,7 +23,38 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(chosen_rewards - rejected_rewards - margin)
 
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "ipo_sum", "hinge")
+# name -> (chosen_logratios [B], rejected_logratios [B], *, beta, ...) -> losses [B], where a log-ratio is
+# log pi - log ref summed over a response's tokens
+DPO_LOSS_TYPES = Registry("DPO loss_type")
+
+
+@DPO_LOSS_TYPES.register("sigmoid")
+def sigmoid_dpo(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float,
+                label_smoothing: float = 0.0, **_) -> torch.Tensor:
+    h = chosen_logratios - rejected_logratios
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+@DPO_LOSS_TYPES.register("ipo")
+def ipo(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float,
+        chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+        **_) -> torch.Tensor:
+    if chosen_lengths is None or rejected_lengths is None:
+        raise ValueError("loss_type ipo averages log-ratios per token: pass chosen_lengths and rejected_lengths")
+    per_token = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
+    return (per_token - 1 / (2 * beta)) ** 2
+
+
+@DPO_LOSS_TYPES.register("ipo_sum")
+def ipo_sum(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float,
+            **_) -> torch.Tensor:
+    return (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
+
+
+@DPO_LOSS_TYPES.register("hinge")
+def hinge(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float,
+          **_) -> torch.Tensor:
+    return torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -29,7 +62,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
              beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct preference optimization losses, per pair.
+    """Direct preference optimization losses, per pair (the DPO_LOSS_TYPES registry).
 
     Inputs [B]: log-probs of the chosen / rejected responses, summed over response tokens,
     under the policy and the frozen reference, and (for ipo) the responses' token counts.
@@ -45,18 +78,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    h = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("loss_type ipo averages log-ratios per token: pass chosen_lengths and rejected_lengths")
-        per_token = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
-        losses = (per_token - 1 / (2 * beta)) ** 2
-    elif loss_type == "ipo_sum":
-        losses = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use one of {DPO_LOSS_TYPES}")
+    losses = DPO_LOSS_TYPES.lookup(loss_type)(chosen_logratios, rejected_logratios, beta=beta,
+                                              label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
+                                              rejected_lengths=rejected_lengths)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
