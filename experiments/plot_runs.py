@@ -12,7 +12,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from rlhf_exp.tracking.plots import close, curves_figure
+from rlhf_exp.evaluation.figures import close, curves_figure
+from rlhf_exp.vocabulary import current_name
 
 
 def main() -> None:
@@ -30,7 +31,9 @@ def main() -> None:
         label = client.get_run(run_id).info.run_name if len(run_ids) > 1 else ""
         for metric in args.metrics:
             name = f"{label}: {metric}" if label else metric
-            history[name] = [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+            # a run logged before a rename has the old name; today's runs the current one (vocabulary.RENAMED)
+            points = client.get_metric_history(run_id, metric) or client.get_metric_history(run_id, current_name(metric))
+            history[name] = [(m.step, m.value) for m in points]
             names.append(name)
             if metric.endswith("/mean"):  # its 95% interval, drawn as a band where the run logged one
                 for side in ("ci_low", "ci_high"):

@@ -11,8 +11,6 @@ import logging
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf_exp.config import (CONF_DIR, check_yaml_of_choices, register_resolvers, register_schemas,
@@ -33,25 +31,26 @@ def main(cfg: DictConfig) -> float | None:
     from rlhf_exp.launch.run import redact_hydra_files, run
     from rlhf_exp.redact import redact_log_handlers
 
+    context = jobs.LaunchContext.from_hydra()  # the one read of Hydra's global state, handed down
     redact_log_handlers()  # Hydra has just made the console and <job>.log handlers
-    redact_hydra_files()   # before anything can refuse the launch and leave them as they are
-    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    redact_hydra_files(context)  # before anything can refuse the launch and leave them as they are
+    in_sweep = context.in_sweep
     try:
-        metrics = run_pipeline(cfg) if cfg.get("pipeline") else run(cfg)
+        metrics = run_pipeline(cfg, context) if cfg.get("pipeline") else run(cfg, context=context)
     except ReportedError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         if not in_sweep:
             sys.exit(2)
-        sweep.job_failed(cfg, exc)  # a FAILED child, and the sweep goes on to its next job
+        sweep.job_failed(cfg, context, exc)  # a FAILED child, and the sweep goes on to its next job
         return None
     except RunStopped as stop:  # SIGTERM / SIGINT: checkpointed, closed KILLED, resume command printed
         sys.exit(stop.exit_code)
     except Exception as exc:
         if not in_sweep:
             raise
-        log.exception("sweep job %s failed", HydraConfig.get().job.num)
-        sweep.job_failed(cfg, exc)
+        log.exception("sweep job %s failed", context.job_number)
+        sweep.job_failed(cfg, context, exc)
         return None
     return metrics.get(jobs.objective_of(cfg)[0])
 

@@ -204,7 +204,7 @@ def model_card(checkpoint: Path, config: dict, reward_mean: float | None, figure
     metrics = held_out_metrics(checkpoint)
     if metrics:
         lines += ["", "## Held-out metrics (the run's last evaluation)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if not k.endswith(("_low", "_high"))]
+        lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))]
     evaluation = pipeline_evaluation(checkpoint)
     if evaluation is not None:
         lines += ["", "## The pipeline's evaluation (stage=eval)", "", (evaluation / "summary.md").read_text()]

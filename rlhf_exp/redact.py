@@ -34,14 +34,14 @@ _ASSIGNMENT = re.compile(r"(?P<key>[+~]{0,2}[A-Za-z_][\w.\-]*)(?P<q>['\"]?)(?P<s
                          r"(?P<value>[^\s'\",;)\]}]+)")
 
 
-# `<word>_token` that names a kind of token or a figure per token, never a credential (`kl_token`, `pad_token_id`)
-_TOKEN_KINDS = {"kl", "per", "pad", "eos", "bos", "end", "unk", "sep", "cls", "mask", "special", "stop", "max", "min",
+# `<word>_token` that names a kind of token or a figure per token, never a credential (`kl_k1_token`, `pad_token_id`)
+_TOKEN_KINDS = {"kl", "k1", "per", "pad", "eos", "bos", "end", "unk", "sep", "cls", "mask", "special", "stop", "max", "min",
                 "new", "num", "first", "last", "next"}
 
 
 def is_secret_key(name: str) -> bool:
     """`hub_token`, `HF_TOKEN`, `model.api-key`: the last part of the key (after its last `.` or `/`), split at
-    _ and -; `eval/sft/kl_token` and `pad_token_id` are not secrets."""
+    _ and -; `eval/sft/kl_k1_token` and `pad_token_id` are not secrets."""
     last = re.split(r"[./]", str(name))[-1].lower()
     parts = [p for p in re.split(r"[_\-]", last) if p]
     words = [p for i, p in enumerate(parts) if not (p == "token" and i > 0 and parts[i - 1] in _TOKEN_KINDS)]

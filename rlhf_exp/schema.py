@@ -112,7 +112,7 @@ class OnlineRLConfig(StageConfig):
     clip_ratio: float = key(in_range(0, 1, "()"))
     dual_clip_c: Optional[float] = key(optional(Rule(lambda v: v > 1, "must be > 1"), "no dual clip"))
     kl_coef: float = key(non_negative())
-    report_kl: bool = MISSING  # with kl_coef=0: hold a reference anyway, for train/kl and eval/kl
+    report_kl: bool = MISSING  # with kl_coef=0: hold a reference anyway, for train/kl_k3 and eval/kl_k3
 
 
 # ------------------------------------------------------------------ model, data, hardware

@@ -85,3 +85,30 @@ def test_a_launch_refused_for_a_missing_input_leaves_no_mlflow_run(tmp_path, ove
     with pytest.raises(ConfigError, match=f"config key `{key}`"):
         app.run(tiny_config(tmp_path, *overrides))
     assert mlflow_runs(tmp_path / "mlflow.db")[1] == []
+
+
+def test_what_hydra_knew_of_the_launch_is_read_once_and_handed_down(tmp_path):
+    """launch.jobs.LaunchContext is the one read of Hydra's global state: a run started from Python has the
+    empty context (a fresh run folder, no sweep job, no overrides), and a handed-down one decides the run
+    folder, the resume command and the sweep job. Catches a launcher that reads Hydra again (and so sees
+    nothing from Python, or a pipeline's own folder for each of its stages)."""
+    import json
+
+    from helpers import tiny_config
+    from rlhf_exp.launch.jobs import SWEEP_RECORD, LaunchContext
+    from rlhf_exp.launch.run import resume_command, run_dir_for
+
+    empty = LaunchContext.from_hydra()
+    assert empty == LaunchContext() and not empty.in_sweep and empty.sweep_job() is None
+    cfg = tiny_config(tmp_path)
+    assert run_dir_for(cfg, empty).parent == tmp_path / "runs" / "sft"
+    assert run_dir_for(cfg, LaunchContext(output_dir=tmp_path / "hydra_out")) == tmp_path / "hydra_out"
+    overrides = ("stage=dpo", "stage.resume_from=/old", "+model.hub_token=hf_secret")
+    assert resume_command("/runs/x/checkpoints/step_000002", overrides) == \
+        "python -m rlhf_exp stage=dpo +model.hub_token=hf_secret stage.resume_from=/runs/x/checkpoints/step_000002"
+    (tmp_path / SWEEP_RECORD).write_text(json.dumps({"parent_run_id": "p", "tracking_uri": "sqlite:///m.db",
+                                                     "sweep_id": "s", "swept": ["stage.beta"], "job_offset": 2}))
+    job = LaunchContext(overrides=("stage.beta=0.3", "+model.hub_token=hf_secret"), sweep_dir=tmp_path,
+                        job_number=1).sweep_job()
+    assert (job.parent_run_id, job.number, job.swept) == ("p", 3, {"stage.beta": "0.3"})
+    assert "hf_secret" not in " ".join(job.overrides)  # tags and names never carry a secret

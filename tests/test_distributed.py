@@ -136,7 +136,7 @@ def test_grpo_two_ranks_match_one_process(one_process, two_processes):
     digests = two.data.tags["dist.parameter_digests"].split(",")
     assert digests[0] == digests[1]
     assert two.data.metrics["train/rollout_sequences"] == one.data.metrics["train/rollout_sequences"] == 8
-    for name in ("train/grad_norm", "train/loss", "train/kl", "train/response_length"):
+    for name in ("train/grad_norm", "train/loss", "train/kl_k3", "train/response_length"):
         assert two.data.metrics[name] == pytest.approx(one.data.metrics[name], rel=1e-4, abs=1e-6), name
     assert one.data.metrics["train/grad_norm"] > 0  # the KL term really trained
     weights = [load_file(str(Path(r.data.tags["checkpoint_dir"]) / "adapter_model.safetensors")) for r in (two, one)]

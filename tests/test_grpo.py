@@ -41,7 +41,7 @@ def test_first_minibatch_ratio_is_one_and_every_minibatch_moves_the_weights(tmp_
     assert metrics["train/first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["train/first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-8)
     assert metrics["train/optimizer_steps"] == 4 and moved == [True] * 4  # 8 sequences / 4 x 2 passes
-    for key in ("train/reward_mean", "train/kl", "train/entropy", "train/clip_fraction", "train/approx_kl",
+    for key in ("train/reward_mean", "train/kl_k3", "train/entropy", "train/clip_fraction", "train/approx_kl",
                 "train/ratio_mean", "train/response_length", "train/eos_rate", "time/generation_s",
                 "time/scoring_s", "time/update_s"):
         assert key in metrics, key
@@ -72,7 +72,7 @@ def test_a_single_update_takes_the_step_a_recomputed_rollout_would_and_skips_tha
         trainer.optimizer_step = captured
     first, second = reused.train_step(), scored.train_step()
     assert calls["policy"] == 0 and first["train/optimizer_steps"] == 1
-    for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy"):
+    for key in ("train/loss", "train/grad_norm", "train/kl_k3", "train/entropy"):
         assert first[key] == pytest.approx(second[key], rel=1e-5, abs=1e-7), key
     difference = (gradients["reused"] - gradients["scored"]).norm() / gradients["reused"].norm()
     assert gradients["reused"].norm() > 0 and difference < 1e-5
@@ -121,7 +121,7 @@ def test_the_reward_model_scorer_runs_on_the_policys_device_and_precision(tmp_pa
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
 def test_without_a_kl_term_no_reference_is_held_or_run_unless_its_kl_is_asked_for(tmp_path, stage):
     """kl_coef=0 (TRL's default beta) still copied the policy into a reference and ran it on every rollout and
-    evaluation, for nothing but train/kl and eval/kl; now none is held, and report_kl=true holds one again."""
+    evaluation, for nothing but train/kl_k3 and eval/kl_k3; now none is held, and report_kl=true holds one again."""
     from helpers import PPO, VARIED
     from rlhf_exp.planner import plan_run
     from rlhf_exp.stages.ppo import PPOTrainer
@@ -131,12 +131,12 @@ def test_without_a_kl_term_no_reference_is_held_or_run_unless_its_kl_is_asked_fo
     assert trainer.reference is None
     assert "reference" not in {model for model, _, _ in plan_run(trainer.cfg).rows}
     metrics = {**trainer.train_step(), **trainer.evaluate()}
-    assert "train/kl" not in metrics and "eval/kl" not in metrics and math.isfinite(metrics["train/loss"])
+    assert "train/kl_k3" not in metrics and "eval/kl_k3" not in metrics and math.isfinite(metrics["train/loss"])
     trainer.close()
     asked = trainer_for(cls, tmp_path / "asked", *overrides, "stage.kl_coef=0", "stage.report_kl=true")
     assert asked.reference is not None
     metrics = asked.train_step()
-    assert metrics["train/kl"] >= 0
+    assert metrics["train/kl_k3"] >= 0
     asked.close()
 
 

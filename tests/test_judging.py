@@ -1,4 +1,4 @@
-"""The statistics stage=eval judges policies with (rlhf_exp/judging.py)."""
+"""The statistics stage=eval judges policies with (rlhf_exp/evaluation/)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf_exp.judging import (distinct_n, lcs_length, length_controlled_win_rate, rouge_l, sampled_kl, win_rate,
-                              win_scores)
+from rlhf_exp.evaluation.statistics import length_controlled_win_rate, sampled_kl, win_rate, win_scores
+from rlhf_exp.evaluation.text import distinct_n, lcs_length, rouge_l
 
 
 def test_a_tie_is_half_a_win_and_the_interval_holds_the_rate():

@@ -74,9 +74,9 @@ def test_the_pipeline_runs_each_stage_as_a_child_with_its_inputs_by_role_and_a_r
         assert f"| {name} |" in summary
     assert "judge win vs sft" in summary and "judge accuracy on" in done.stdout
     metrics = children["eval"].data.metrics
-    assert 0 <= metrics["eval/dpo/judge_win_vs_sft_low"] <= metrics["eval/dpo/judge_win_vs_sft"] <= \
-        metrics["eval/dpo/judge_win_vs_sft_high"] <= 1
-    assert metrics["eval/sft/kl_seq"] == 0.0  # KL of the reference to itself
+    assert 0 <= metrics["eval/dpo/judge_win_vs_sft_ci_low"] <= metrics["eval/dpo/judge_win_vs_sft"] <= \
+        metrics["eval/dpo/judge_win_vs_sft_ci_high"] <= 1
+    assert metrics["eval/sft/kl_k1_seq"] == 0.0  # KL of the reference to itself
     # DPO's implicit reward against its own reference (SFT) on the same 8 held-out pairs DPO evaluated on;
     # a pair whose margin is within rounding of 0 may rank differently in another batch
     assert "dpo DPO implicit reward (sft as reference) accuracy on 8" in done.stdout

@@ -30,7 +30,7 @@ def test_first_minibatch_ratio_is_one_and_every_minibatch_moves_policy_and_criti
     assert metrics["train/first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-7)
     assert metrics["train/optimizer_steps"] == 4  # 4 sequences / minibatch 2 x 2 epochs
     assert min(moved) > 0.95, moved  # (the critic's unused LM head is gone; all else moves)
-    for key in ("train/value_loss", "train/policy_loss", "train/kl", "train/entropy", "train/clip_fraction",
+    for key in ("train/value_loss", "train/policy_loss", "train/kl_k3", "train/entropy", "train/clip_fraction",
                 "train/approx_kl", "train/eos_rate", "train/response_length", "time/generation_s"):
         assert key in metrics, key
 

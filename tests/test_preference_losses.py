@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_exp.losses import bradley_terry_loss, dpo_loss
-from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
+from rlhf_exp.evaluation.statistics import calibration_bins, expected_calibration_error, wilson_interval
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x)
@@ -101,3 +101,29 @@ def test_ipo_on_per_token_average_log_ratios_by_hand():
     assert summed.item() == pytest.approx((2 - 5) ** 2)  # the summed form (Azar et al. on sequence log-probs)
     with pytest.raises(ValueError, match="lengths"):
         dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.1, loss_type="ipo")
+
+
+def test_a_dpo_variant_registered_beside_the_others_is_a_loss_type_the_config_accepts(tmp_path):
+    """The DPO losses are a registry (rlhf_exp/registry.py): one decorated function is a new stage.loss_type,
+    dispatched by dpo_loss and allowed by the schema. Catches a hard-coded list of loss types in either."""
+    from helpers import PAIRS, tiny_config
+
+    from rlhf_exp.config import validate
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.losses.preference import DPO_LOSS_TYPES
+
+    @DPO_LOSS_TYPES.register("test_squared")
+    def squared(chosen_logratios, rejected_logratios, *, beta, **_):
+        return (beta * (chosen_logratios - rejected_logratios) - 1) ** 2
+
+    try:
+        logps = [torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5])]
+        losses, _, _ = dpo_loss(*logps, beta=0.5, loss_type="test_squared")
+        assert losses.item() == pytest.approx((0.5 * 1.0 - 1) ** 2)
+        validate(tiny_config(tmp_path, "stage=dpo", *PAIRS, "stage.loss_type=test_squared"))
+        with pytest.raises(ConfigError, match="stage.loss_type"):
+            validate(tiny_config(tmp_path, "stage=dpo", *PAIRS, "stage.loss_type=test_cubed"))
+        with pytest.raises(ValueError, match="registered twice"):
+            DPO_LOSS_TYPES.register("test_squared")(squared)
+    finally:
+        del DPO_LOSS_TYPES["test_squared"]

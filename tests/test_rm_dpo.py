@@ -110,8 +110,8 @@ def test_rm_run_logs_step0_and_final_metrics_and_saves_a_normalized_model(tmp_pa
     assert r.info.status == "FINISHED"
     accuracy = client.get_metric_history(r.info.run_id, "eval/accuracy")
     assert [m.step for m in accuracy] == [0, 2, 4]
-    for name in ("eval/loss", "eval/accuracy_ci_low", "eval/accuracy_ci_high", "eval/chosen_score",
-                 "eval/rejected_score", "eval/margin", "eval/ece", "train/loss", "train/accuracy", "rm/reward_mean"):
+    for name in ("eval/loss", "eval/accuracy_ci_low", "eval/accuracy_ci_high", "eval/score_chosen",
+                 "eval/score_rejected", "eval/margin", "eval/ece", "train/loss", "train/accuracy", "rm/norm_offset"):
         assert client.get_metric_history(r.info.run_id, name), name
     plots = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
     assert {"plots/reliability_step_000000.png", "plots/reliability_step_000004.png",

@@ -117,7 +117,7 @@ def test_a_metric_or_a_kind_of_token_is_no_secret_and_a_credential_still_is():
 
     assert redact_text("finished: eval/sft/kl_seq=0.01, eval/sft/kl_token=0.002") == \
         "finished: eval/sft/kl_seq=0.01, eval/sft/kl_token=0.002"
-    for plain in ("eval/sft/kl_token", "pad_token_id", "model.eos_token", "max_new_tokens", "per_token"):
+    for plain in ("eval/sft/kl_token", "eval/sft/kl_k1_token", "pad_token_id", "model.eos_token", "max_new_tokens", "per_token"):
         assert not is_secret_key(plain), plain
     for secret in ("hub_token", "HF_TOKEN", "model.hub_token", "api_key", "access_token", "token", "auth_token"):
         assert is_secret_key(secret), secret

@@ -307,7 +307,7 @@ def test_the_report_of_an_online_rl_sweep_draws_reward_against_kl_and_a_group_sw
     from rlhf_exp.launch.report import load_sweep, write_report
 
     client, parent = fake_sweep(tmp_path, "grpo", "stage.clip_ratio", [
-        (ratio, "FINISHED", {"eval/reward_mean": [0.1, 0.2 + i / 10], "eval/kl": [0.0, 0.01 * (i + 1)],
+        (ratio, "FINISHED", {"eval/reward_mean": [0.1, 0.2 + i / 10], "eval/kl_k3": [0.0, 0.01 * (i + 1)],
                              "train/reward_mean": [0.1, 0.3]}) for i, ratio in enumerate(("0.1", "0.2", "0.3"))])
     out = write_report(client, parent, tmp_path / "grpo")
     assert (out / "tradeoff.png").stat().st_size > 10_000 and "](tradeoff.png)" in (out / "report.md").read_text()

@@ -1,7 +1,7 @@
-"""Figures logged to MLflow: people would rather look at a curve than read a table."""
+"""The figures of evaluation, logged to MLflow and drawn in reports: people would rather look at a curve than
+read a table. matplotlib is imported on first use (`pyplot`)."""
 
 from __future__ import annotations
-
 
 
 def pyplot():
@@ -15,23 +15,31 @@ def pyplot():
     return plt
 
 
-def curves_figure(history: dict[str, list[tuple[int, float]]], names: list[str], title: str):
-    """One line per metric in `names` (those present), x = optimizer step; a `<x>/mean` whose `<x>/ci_low` and
-    `<x>/ci_high` are logged too gets its interval as a band."""
-    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=110)
+def draw_curves(ax, history: dict[str, list[tuple[int, float]]], names: list[str], *,
+                styles: dict[str, dict] | None = None, legend_size: float | None = None) -> None:
+    """On `ax`: one line per series in `names` (those present), x = optimizer step, drawn with its `styles`
+    entry (matplotlib's keywords: linestyle, colour, label); a `<x>/mean` whose `<x>/ci_low` and `<x>/ci_high`
+    are in `history` too gets its interval as a band."""
     for name in names:
         points = history.get(name)
         if points:
             steps, values = zip(*points)
-            line, = ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=name)
+            style = {"label": name, **(styles or {}).get(name, {})}
+            line, = ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, **style)
             low, high = (history.get(name.removesuffix("/mean") + f"/ci_{side}") for side in ("low", "high"))
             if name.endswith("/mean") and low and high and len(low) == len(high) == len(points):
                 ax.fill_between([s for s, _ in low], [v for _, v in low], [v for _, v in high],
                                 color=line.get_color(), alpha=0.2, label=f"{name}: 95% interval")
     ax.set_xlabel("optimizer step")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=legend_size)
+
+
+def curves_figure(history: dict[str, list[tuple[int, float]]], names: list[str], title: str):
+    """One set of axes with `draw_curves` of `names`: a run's curves as it logs them."""
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=110)
+    draw_curves(ax, history, names)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 

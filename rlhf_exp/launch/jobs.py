@@ -29,18 +29,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def typed_overrides() -> list[str]:
-    """The overrides this process was launched with, as typed (Hydra's), secrets and all: what resumes it."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def job_overrides() -> list[str]:
-    """typed_overrides() with their secrets redacted: for a run's `overrides` tag."""
-    return redact(typed_overrides())
-
-
 def objective_of(cfg: DictConfig) -> tuple[str, str]:
     """(metric, "max" | "min") a sweep of this config optimizes: sweep.objective / sweep.direction, else
     the stage's own (its StageSpec)."""
@@ -75,29 +63,55 @@ class SweepJob:
         return {PARENT_TAG: self.parent_run_id, "sweep_id": self.sweep_id, "sweep_job": str(self.number)}
 
 
-def current_job() -> SweepJob | None:
-    """This process's sweep job, if it runs one of a sweep whose parent run exists."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+@dataclass(frozen=True)
+class LaunchContext:
+    """What Hydra knows of this process's launch, read once at the entrypoint (`from_hydra`, the one read of
+    Hydra's global state) and handed down; a run started from Python (a test, a notebook) has the empty one."""
 
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    record = Path(hydra_cfg.sweep.dir) / SWEEP_RECORD
-    if not record.is_file():
-        return None
-    sweep = json.loads(record.read_text())
-    overrides = job_overrides()  # they become tags and the run's name
-    swept = {}
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~") in sweep["swept"]:
-            swept[key.lstrip("+~")] = value
-    number = int(hydra_cfg.job.num) + int(sweep.get("job_offset", 0))
-    return SweepJob(sweep["parent_run_id"], uri_with_password(sweep["tracking_uri"]), sweep["sweep_id"], number,
-                    swept, overrides)
+    overrides: tuple[str, ...] = ()  # as typed, secrets and all: what resumes the launch
+    output_dir: Path | None = None   # Hydra's folder for this job: the run folder
+    hydra_files: Path | None = None  # Hydra's copy of the config and overrides (`<output_dir>/.hydra`)
+    sweep_dir: Path | None = None    # set when the job is one of a sweep (`-m`)
+    job_number: int = 0              # the job's number within the sweep
+
+    @classmethod
+    def from_hydra(cls) -> LaunchContext:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return cls()
+        hydra_cfg = HydraConfig.get()
+        output_dir = Path(hydra_cfg.runtime.output_dir)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        return cls(overrides=tuple(hydra_cfg.overrides.task), output_dir=output_dir,
+                   hydra_files=output_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None,
+                   sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
+                   job_number=int(hydra_cfg.job.num) if multirun else 0)
+
+    @property
+    def in_sweep(self) -> bool:
+        return self.sweep_dir is not None
+
+    def redacted_overrides(self) -> list[str]:
+        """The overrides with their secrets redacted: for a run's `overrides` tag."""
+        return redact(list(self.overrides))
+
+    def sweep_job(self) -> SweepJob | None:
+        """This process's sweep job, if it runs one of a sweep whose parent run exists."""
+        record = self.sweep_dir / SWEEP_RECORD if self.sweep_dir is not None else None
+        if record is None or not record.is_file():
+            return None
+        sweep = json.loads(record.read_text())
+        overrides = self.redacted_overrides()  # they become tags and the run's name
+        swept = {}
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") in sweep["swept"]:
+                swept[key.lstrip("+~")] = value
+        number = self.job_number + int(sweep.get("job_offset", 0))
+        return SweepJob(sweep["parent_run_id"], uri_with_password(sweep["tracking_uri"]), sweep["sweep_id"], number,
+                        swept, overrides)
 
 
 @dataclass

@@ -25,11 +25,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from rlhf_exp import vocabulary
 from rlhf_exp.checkpoint import drop_training_state
 from rlhf_exp.config import compose_config, flatten, resolved
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.launch import run as one_run
-from rlhf_exp.launch.jobs import PipelineJob, git_commit, typed_overrides
+from rlhf_exp.launch.jobs import LaunchContext, PipelineJob, git_commit
 from rlhf_exp.launch.lineage import PREFIX, Source, lineage_tags, resolve_references, string_leaves
 from rlhf_exp.redact import redact
 from rlhf_exp.tracking.records import run_id_of
@@ -49,9 +50,9 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def command_line_overrides() -> list[str]:
+def command_line_overrides(context: LaunchContext) -> list[str]:
     """The overrides the pipeline was launched with, less those that pick the pipeline itself."""
-    return [o for o in typed_overrides() if not o.lstrip("+~").startswith(("experiment=", "pipeline."))]
+    return [o for o in context.overrides if not o.lstrip("+~").startswith(("experiment=", "pipeline."))]
 
 
 def stage_overrides(spec: DictConfig, role: str, user: list[str]) -> list[str]:
@@ -92,9 +93,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def summary_line(role: str, metrics: dict[str, float], minutes: float) -> str:
-    """The stage's held-out figures in one line."""
-    wanted = ("eval/loss", "eval/accuracy", "eval/implicit_accuracy", "eval/margin", "eval/reward_mean", "eval/kl")
-    shown = ", ".join(f"{k.split('/', 1)[1]}={metrics[k]:.4g}" for k in wanted if k in metrics)
+    """The stage's held-out figures in one line: those the vocabulary shows in the `summary`."""
+    shown = ", ".join(f"{name}={value:.4g}" for name, value in vocabulary.shown("summary", metrics).items())
     return f"pipeline: {role} finished in {minutes:.1f} min" + (f": {shown}" if shown else "")
 
 
@@ -116,17 +116,18 @@ def plan_pipeline(spec: DictConfig, user: list[str]) -> dict[str, float]:
     return figures
 
 
-def run_pipeline(cfg: DictConfig) -> dict[str, float]:
-    """Run cfg.pipeline's stages in order (see the module docstring); returns the last stage's metrics."""
+def run_pipeline(cfg: DictConfig, context: LaunchContext = LaunchContext()) -> dict[str, float]:
+    """Run cfg.pipeline's stages in order (see the module docstring); returns the last stage's metrics.
+    `context`: what the entrypoint read of Hydra (the command line the pipeline was launched with)."""
     spec = cfg.pipeline
     if not spec.get("stages"):
         raise ConfigError("pipeline.stages", "lists no stage")
     if cfg.get("plan"):
-        return plan_pipeline(spec, command_line_overrides())
+        return plan_pipeline(spec, command_line_overrides(context))
     folder = Path(OmegaConf.select(cfg, "paths.runs_dir")) / "pipelines" / spec.name
     state = load_state(folder)
-    user = command_line_overrides()
-    again = shlex.join(["python", "-m", "rlhf_exp", *typed_overrides()])  # what resumes it: the same command
+    user = command_line_overrides(context)
+    again = shlex.join(["python", "-m", "rlhf_exp", *context.overrides])  # what resumes it: the same command
     tracker = start_parent(cfg, spec, folder, state, user)
     roles: dict[str, Source] = {}
     metrics: dict[str, float] = {}
@@ -155,7 +156,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
             state["stages"][role] = {"hash": digest, "run_dir": str(run_dir), "status": "RUNNING"}
             save_state(folder, state)
             started = time.time()
-            metrics = one_run.run(stage_cfg, run_dir=run_dir, job=job)
+            metrics = one_run.run(stage_cfg, run_dir=run_dir, job=job, context=context)
             run_id = run_id_of(run_dir)
             state["stages"][role].update(status="FINISHED", run_id=run_id, minutes=(time.time() - started) / 60,
                                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})

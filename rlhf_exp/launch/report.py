@@ -21,7 +21,8 @@ from pathlib import Path
 from rlhf_exp.redact import uri_with_password
 from rlhf_exp.launch.jobs import SWEEP_RECORD, short_label
 from rlhf_exp.tracking.records import PARENT_TAG
-from rlhf_exp.tracking.plots import pyplot
+from rlhf_exp.evaluation.figures import draw_curves, pyplot
+from rlhf_exp.evaluation.tables import markdown_table
 from rlhf_exp.vocabulary import label
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
-def markdown_table(sweep: Sweep) -> str:
+def sweep_table(sweep: Sweep) -> str:
+    """A row per job: its swept values, the objective's final and best value, the stage's report metrics."""
     from rlhf_exp.stages import stage_spec
 
     shown = [m for m in stage_spec(sweep.stage).report_metrics if m != sweep.objective]
@@ -105,12 +107,10 @@ def markdown_table(sweep: Sweep) -> str:
     rows = []
     for job in sweep.jobs:
         best = job.best(sweep.objective, sweep.direction)
-        rows.append([job.name, job.status, *[job.swept.get(k, "") for k in sweep.keys],
-                     fmt(job.final.get(sweep.objective)), f"{best[0]:.4g} ({best[1]})" if best else "",
-                     *[fmt(job.final.get(m)) for m in shown], fmt(job.minutes)])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+        rows.append(dict(zip(header, [job.name, job.status, *[job.swept.get(k, "") for k in sweep.keys],
+                                      fmt(job.final.get(sweep.objective)), f"{best[0]:.4g} ({best[1]})" if best else "",
+                                      *[fmt(job.final.get(m)) for m in shown], fmt(job.minutes)])))
+    return markdown_table(rows, header)
 
 
 def x_positions(sweep: Sweep, jobs: list[Job], key: str) -> tuple[list[float], list[str] | None]:
@@ -186,23 +186,17 @@ def tradeoff_figure(sweep: Sweep, x_metric: str, y_metric: str):
     return fig
 
 
-def curves_figure(sweep: Sweep, metrics: list[str]):
-    """Every job's curve of each metric on one set of axes."""
-    plt = pyplot()
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=110, squeeze=False)
+def sweep_curves_figure(sweep: Sweep, metrics: list[str]):
+    """Every job's curve of each metric on one set of axes (a job that did not finish dotted)."""
+    fig, axes = pyplot().subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=110, squeeze=False)
+    series = [str(i) for i in range(len(sweep.jobs))]
+    styles = {key: {"linestyle": "-" if job.status == "FINISHED" else ":", "color": f"C{i}",
+                    "label": job.name if job.status == "FINISHED" else f"{job.name} ({job.status.lower()})"}
+              for i, (key, job) in enumerate(zip(series, sweep.jobs))}
     for ax, metric in zip(axes[0], metrics):
-        for i, job in enumerate(sweep.jobs):
-            points = job.history.get(metric)
-            if points:
-                steps, values = zip(*points)
-                style = "-" if job.status == "FINISHED" else ":"
-                ax.plot(steps, values, style, marker="o" if len(points) < 30 else None, markersize=3,
-                        color=f"C{i}", label=f"{job.name} ({job.status.lower()})" if style == ":" else job.name)
-        ax.set_xlabel("optimizer step")
+        history = {key: job.history.get(metric) for key, job in zip(series, sweep.jobs)}
+        draw_curves(ax, history, series, styles=styles, legend_size=8)
         ax.set_ylabel(label(metric))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     fig.suptitle(f"{sweep.stage} sweep: every job's curves", fontsize=11)
     fig.tight_layout()
     return fig
@@ -211,7 +205,7 @@ def curves_figure(sweep: Sweep, metrics: list[str]):
 def write_report(client, parent_run_id: str, out_dir: Path) -> Path:
     """report.md and the PNGs of the sweep whose parent is `parent_run_id`, in `out_dir`; returns it."""
     from rlhf_exp.stages import stage_spec
-    from rlhf_exp.tracking.plots import close
+    from rlhf_exp.evaluation.figures import close
 
     sweep = load_sweep(client, parent_run_id)
     spec = stage_spec(sweep.stage)
@@ -225,7 +219,7 @@ def write_report(client, parent_run_id: str, out_dir: Path) -> Path:
         figures["tradeoff.png"] = tradeoff_figure(sweep, *spec.tradeoff)
     curves = [m for m in (spec.trainer.curve_metrics[0], sweep.objective) if any(m in j.history for j in sweep.jobs)]
     if curves:
-        figures["curves.png"] = curves_figure(sweep, list(dict.fromkeys(curves)))
+        figures["curves.png"] = sweep_curves_figure(sweep, list(dict.fromkeys(curves)))
     for name, figure in figures.items():
         figure.savefig(out_dir / name)
         close(figure)
@@ -236,7 +230,7 @@ def write_report(client, parent_run_id: str, out_dir: Path) -> Path:
              f"Parent MLflow run `{parent_run_id}`: {len(sweep.jobs)} jobs, {finished} finished, "
              f"{len(sweep.jobs) - finished} not. Objective: `{sweep.objective}` ({sweep.direction})."
              + (f" Best: **{best.name}**, {best.final[sweep.objective]:.4g}." if best else ""), "",
-             markdown_table(sweep), ""]
+             sweep_table(sweep), ""]
     lines += [f"![{name}]({name})" for name in figures]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     (out_dir / "jobs.json").write_text(json.dumps([{"run_id": j.run_id, "name": j.name, "status": j.status,

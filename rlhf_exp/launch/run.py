@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,12 +37,10 @@ from rlhf_exp.tracking.records import RUN_RECORD, run_record
 
 log = logging.getLogger(__name__)
 
-def run_dir_for(cfg: DictConfig) -> Path:
+def run_dir_for(cfg: DictConfig, context: jobs.LaunchContext | None = None) -> Path:
     """Hydra's output folder when run by Hydra; otherwise a fresh folder under paths.runs_dir."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        folder = Path(HydraConfig.get().runtime.output_dir)
+    if context is not None and context.output_dir is not None:
+        folder = context.output_dir
     else:
         from rlhf_exp.config import run_id
 
@@ -63,6 +61,7 @@ class Launch:
     lineage_tags: dict[str, str]
     precision_reason: str
     plan: Plan | None           # the memory plan at the configured caps; None: the model's shape is unknown
+    context: jobs.LaunchContext  # what Hydra knew of the launch (overrides, folders), read once
 
 
 def memory_plan(cfg: DictConfig) -> Plan | None:
@@ -200,23 +199,17 @@ def check_distributed(cfg: DictConfig, spec: StageSpec | None = None) -> None:
             raise ConfigError(f"stage.{key}", f"must divide evenly over {world} processes (got {cfg.stage[key]})")
 
 
-def redact_hydra_files() -> None:
+def redact_hydra_files(context: jobs.LaunchContext) -> None:
     """Hydra wrote `.hydra/` (and a sweep's multirun.yaml) before the run started: hide secrets there too."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.output_subdir:
-        redact_yaml_files(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        redact_yaml_files(Path(hydra_cfg.sweep.dir))
+    if context.hydra_files is not None:
+        redact_yaml_files(context.hydra_files)
+    if context.sweep_dir is not None:
+        redact_yaml_files(context.sweep_dir)
 
 
-def resume_command(checkpoint: Path | str) -> str:
+def resume_command(checkpoint: Path | str, overrides: Sequence[str]) -> str:
     """The command line of this run with stage.resume_from=<checkpoint> (Hydra's overrides, as typed)."""
-    kept = [o for o in jobs.typed_overrides() if o.lstrip("+~").split("=", 1)[0] != "stage.resume_from"]
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "stage.resume_from"]
     return shlex.join(["python", "-m", "rlhf_exp", *kept, f"stage.resume_from={checkpoint}"])
 
 
@@ -286,10 +279,11 @@ def name_the_loaded_model(cfg: DictConfig) -> None:
         cfg.model.name = name
 
 
-def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, float]:
+def run(cfg: DictConfig, run_dir: Path | None = None, job=None,
+        context: jobs.LaunchContext = jobs.LaunchContext()) -> dict[str, float]:
     """Run the stage `cfg.stage` names; returns its final metrics (plan=true: the memory plan's). `run_dir`
-    and `job` (whose child run this is: a `jobs.PipelineJob`; a sweep's job is found on its own) are a
-    pipeline's."""
+    and `job` (whose child run this is: a `jobs.PipelineJob`; a sweep's job is found from `context`) are a
+    pipeline's; `context` is what the entrypoint read of Hydra (none for a run started from Python)."""
     requested_precision = str(cfg.hardware.precision)
     cfg = resolved(cfg)
     inputs = resolve_run_references(cfg)  # lineage tags: where model.init_from and other run: references led
@@ -314,11 +308,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None, job=None) -> dict[str, flo
     check_distributed(cfg, spec)
     # torchrun: rank 0 picks the run folder (its clock and id) and the others use it; only it tracks
     if run_dir is None:
-        run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg)) if distributed.is_main() else None))
+        run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg, context)) if distributed.is_main() else None))
     run_dir.mkdir(parents=True, exist_ok=True)
     if job is None:
-        job = jobs.current_job() if cfg.tracking.backend == "mlflow" else None
-    launch = Launch(cfg, spec, run_dir, job, inputs, precision_reason, plan)
+        job = context.sweep_job() if cfg.tracking.backend == "mlflow" else None
+    launch = Launch(cfg, spec, run_dir, job, inputs, precision_reason, plan, context)
     with run_lock.all_locked(folders_written(cfg, run_dir) if distributed.is_main() else []):
         return tracked_run(launch)
 
@@ -344,7 +338,7 @@ def prepare_and_fit(launch: Launch) -> dict[str, float]:
     written = redact(OmegaConf.to_container(cfg, resolve=True))  # the config as stored: no secrets
     if distributed.is_main():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))
-        redact_hydra_files()
+        redact_hydra_files(launch.context)
     # a job logs to its parent's tracker (a sweep's own server, say)
     tracking = OmegaConf.merge(cfg.tracking, {"tracking_uri": job.tracking_uri}) if job else cfg.tracking
     tracker = make_tracker(tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
@@ -354,7 +348,7 @@ def prepare_and_fit(launch: Launch) -> dict[str, float]:
     tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
             "hardware": cfg.hardware.name, "git_commit": jobs.git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": launch.precision_reason,
-            "overrides": " ".join(jobs.job_overrides()), **launch.lineage_tags, **(job.tags() if job else {})}
+            "overrides": " ".join(launch.context.redacted_overrides()), **launch.lineage_tags, **(job.tags() if job else {})}
     status = "FAILED"
     earlier = resumed_run(cfg, tracker)
     continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None
@@ -390,7 +384,7 @@ def prepare_and_fit(launch: Launch) -> dict[str, float]:
         if distributed.is_main():
             log.warning("%s", stop)
             if stop.checkpoint:
-                again = getattr(job, "resume_command", None) or resume_command(stop.checkpoint)
+                again = getattr(job, "resume_command", None) or resume_command(stop.checkpoint, launch.context.overrides)
                 print(f"{stop}\nresume with:\n  {again}", file=sys.stderr)
         raise
     except KeyboardInterrupt:

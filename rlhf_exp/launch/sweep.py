@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.launch import optuna_sweep
-from rlhf_exp.launch.jobs import OBJECTIVE_METRIC, SWEEP_RECORD, current_job, git_commit, objective_of, short_label
+from rlhf_exp.launch.jobs import OBJECTIVE_METRIC, SWEEP_RECORD, LaunchContext, git_commit, objective_of, short_label
 from rlhf_exp.launch.report import write_report
 from rlhf_exp.redact import redact, redact_text
 from rlhf_exp.tracking.records import PARENT_TAG
@@ -48,10 +48,10 @@ def swept_space(hydra_cfg: DictConfig) -> dict[str, str]:
     return space
 
 
-def job_failed(cfg: DictConfig, error: BaseException) -> None:
+def job_failed(cfg: DictConfig, context: LaunchContext, error: BaseException) -> None:
     """A sweep job ended in `error`: give it a FAILED child if it has none yet (it failed before its run
     was created, e.g. a bad value in the search space), so the parent shows every job."""
-    job = current_job()
+    job = context.sweep_job()
     if job is None:
         return
     from mlflow.entities import Param, RunTag

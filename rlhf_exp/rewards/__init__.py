@@ -280,7 +280,7 @@ def reward_function_metrics(totals: dict[str, float], prefix: str) -> dict[str, 
     """Each function's mean and (unbiased) std over the completions it scored, from `reward_function_totals`
     (`<prefix>/rewards/<name>/mean`, `/std`); where every value was 0 or 1 (a correctness check), the 95% Wilson
     interval of the mean too (`/ci_low`, `/ci_high`)."""
-    from rlhf_exp.metrics import std_from_sums, wilson_interval
+    from rlhf_exp.evaluation.statistics import std_from_sums, wilson_interval
 
     out = {}
     for name in dict.fromkeys(key.rsplit(":", 1)[0] for key in totals):

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from rlhf_exp import checkpoint, distributed, stopping
+from rlhf_exp import checkpoint, distributed, stopping, vocabulary
 from rlhf_exp.data.batching import BatchStream, scores_in_length_order
 from rlhf_exp.data.formats import data_label
 from rlhf_exp.engine import Engine
@@ -42,7 +42,7 @@ from rlhf_exp.runtime import RandomStreams, dtype_of, make_runtime, rng_state, s
 from rlhf_exp.stages import stage_spec
 from rlhf_exp.stages.spec import StageSpec, metric_direction
 from rlhf_exp.tracking import Tracker
-from rlhf_exp.tracking.plots import close, curves_figure
+from rlhf_exp.evaluation.figures import close, curves_figure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,7 +53,7 @@ BEST_RECORD = "best.json"  # in it: step, metric, direction, value
 
 def evaluation_line(metrics: dict[str, float], spec: StageSpec) -> str:
     """"loss 2.31 · perplexity 10.1": the stage's objective and report metrics, in that order."""
-    keys = dict.fromkeys([spec.objective[0], *spec.report_metrics, "eval/accuracy", "eval/kl"])
+    keys = dict.fromkeys([spec.objective[0], *spec.report_metrics, "eval/accuracy", "eval/kl_k3"])
     shown = [k for k in keys if k in metrics] or sorted(metrics)[:4]
     return " · ".join(f"{k.split('/', 1)[-1]} {metrics[k]:.4g}" for k in shown)
 
@@ -275,8 +275,7 @@ class Trainer:
                 self.step += 1
                 self.log(metrics)
                 bar.update(1)
-                bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in metrics.items()
-                                 if k in ("train/loss", "train/reward_mean", "time/step_s")})
+                bar.set_postfix({name: f"{value:.4g}" for name, value in vocabulary.shown("bar", metrics).items()})
                 if eval_every and self.step % eval_every == 0:
                     self.evaluate_unless_stopped(started_at)
                     evaluated_at = self.step

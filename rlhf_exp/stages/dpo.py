@@ -29,7 +29,7 @@ from rlhf_exp.data import collate, disk_cache
 from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
 from rlhf_exp.losses.preference import DPO_LOSS_TYPES
-from rlhf_exp.metrics import wilson_interval
+from rlhf_exp.evaluation.statistics import wilson_interval
 from rlhf_exp.ops import logprobs, shared_prefix
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs

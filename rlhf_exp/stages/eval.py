@@ -7,7 +7,7 @@ The seeds' headline table (base vs SFT vs DPO vs GRPO on the same prompts), made
   phase's, or any `AutoModelForSequenceClassification` reward model) scores them, the human reference
   and, beside it, the training reward model (`stage.train_rm`), so reward hacking shows as a gap;
 - win rate against the reference and against `stage.baseline` (SFT) with Wilson intervals, the
-  length-controlled win rate (AlpacaEval 2; rlhf_exp/judging.py) with a bootstrap interval, sampled KL to
+  length-controlled win rate (AlpacaEval 2; rlhf_exp/evaluation/statistics.py) with a bootstrap interval, sampled KL to
   `stage.kl_reference` per sequence and per token, length, EOS rate, ROUGE-L to the reference, distinct-n,
   and the judges' accuracy on held-out preference pairs;
 - a side-by-side table of the first prompts answered by every policy (markdown + an MLflow table), the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,9 +33,10 @@ from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.data.formats import data_label
 from rlhf_exp.data.tokens import encode_prompt
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.judging import (distinct_n, interval_text, length_controlled_win_rate, rouge_l, sampled_kl,
-                              win_rate, win_scores, words)
-from rlhf_exp.metrics import wilson_interval
+from rlhf_exp.evaluation.statistics import (accuracy_metrics, interval_text, length_controlled_win_rate, sampled_kl,
+                                            wilson_interval, win_rate, win_scores)
+from rlhf_exp.evaluation.tables import markdown_table
+from rlhf_exp.evaluation.text import distinct_n, rouge_l, words
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.schema import StageConfig, key, positive
 from rlhf_exp.stages.base import Trainer
@@ -304,7 +304,7 @@ class PolicyEvaluator(Trainer):
                       "rouge_l": sum(map(rouge_l, answer_words, reference_words)) / len(answer_words),
                       "distinct_1": distinct_n(answer_words, 1), "distinct_2": distinct_n(answer_words, 2)}
             if answer.reference_logp is not None:
-                values["kl_seq"], values["kl_token"] = sampled_kl(answer.logp, answer.reference_logp, answer.lengths)
+                values["kl_k1_seq"], values["kl_k1_token"] = sampled_kl(answer.logp, answer.reference_logp, answer.lengths)
             for judge, scores in answer.scores.items():
                 values[f"{judge}_score"] = float(scores.mean())
                 comparisons = [("reference", reference_scores[judge], reference_lengths)]
@@ -318,9 +318,9 @@ class PolicyEvaluator(Trainer):
                     lc = length_controlled_win_rate(wins, answer.lengths - other_lengths,
                                                     stage.bootstrap_resamples, self.cfg.seed)
                     prefix = f"{judge}_win_vs_{other}"
-                    values.update({prefix: rate[0], f"{prefix}_low": rate[1], f"{prefix}_high": rate[2],
-                                   f"{judge}_lc_win_vs_{other}": lc[0], f"{judge}_lc_win_vs_{other}_low": lc[1],
-                                   f"{judge}_lc_win_vs_{other}_high": lc[2]})
+                    values.update({prefix: rate[0], f"{prefix}_ci_low": rate[1], f"{prefix}_ci_high": rate[2],
+                                   f"{judge}_lc_win_vs_{other}": lc[0], f"{judge}_lc_win_vs_{other}_ci_low": lc[1],
+                                   f"{judge}_lc_win_vs_{other}_ci_high": lc[2]})
                     row[f"{judge} win vs {other}"] = interval_text(*rate)
                     row[f"{judge} LC win vs {other}"] = interval_text(*lc)
             for metric, value in values.items():
@@ -336,7 +336,7 @@ class PolicyEvaluator(Trainer):
         folder.mkdir(parents=True, exist_ok=True)
         table = markdown_table(rows, ["policy", *[k for k in rows[0] if " win " in k],
                                       *[k for k in rows[0] if k.endswith("_score")],
-                                      "kl_seq", "kl_token", "length", "eos_rate", "rouge_l", "distinct_2"])
+                                      "kl_k1_seq", "kl_k1_token", "length", "eos_rate", "rouge_l", "distinct_2"])
         accuracy = "".join(f"\n{name} accuracy on {n} held-out preference pairs: "
                            f"{interval_text(c / n, *wilson_interval(c, n))}" for name, (c, n) in pair_accuracy.items() if n)
         summary = (f"# Policies on {len(self.examples)} held-out prompts x {self.stage.samples_per_prompt} samples "
@@ -382,17 +382,17 @@ class PolicyEvaluator(Trainer):
 
     def plot(self, rows: list[dict], folder: Path) -> None:
         """Judge win rate against the reference, against KL to the KL reference: where each policy sits."""
-        from rlhf_exp.tracking.plots import close, plt
+        from rlhf_exp.evaluation.figures import close, pyplot
 
         metric = "judge_win_vs_reference"
-        points = [(r["policy"], self.last_metrics.get(f"eval/{r['policy']}/kl_seq"),
+        points = [(r["policy"], self.last_metrics.get(f"eval/{r['policy']}/kl_k1_seq"),
                    self.last_metrics.get(f"eval/{r['policy']}/{metric}"),
-                   self.last_metrics.get(f"eval/{r['policy']}/{metric}_low"),
-                   self.last_metrics.get(f"eval/{r['policy']}/{metric}_high")) for r in rows]
+                   self.last_metrics.get(f"eval/{r['policy']}/{metric}_ci_low"),
+                   self.last_metrics.get(f"eval/{r['policy']}/{metric}_ci_high")) for r in rows]
         points = [p for p in points if p[1] is not None and p[2] is not None]
         if not points:
             return
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        fig, ax = pyplot().subplots(figsize=(6, 4.5))
         for name, kl, rate, low, high in points:
             ax.errorbar([kl], [rate], yerr=[[rate - low], [high - rate]], fmt="o", capsize=4, label=name)
             ax.annotate(name, (kl, rate), textcoords="offset points", xytext=(6, 4))
@@ -410,23 +410,6 @@ class PolicyEvaluator(Trainer):
         import gc
 
         gc.collect()
-
-
-def accuracy_metrics(prefix: str, correct: int, n: int) -> dict[str, float]:
-    low, high = wilson_interval(correct, n)
-    return {prefix: correct / n if n else float("nan"), f"{prefix}_low": low, f"{prefix}_high": high}
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    columns = [c for c in dict.fromkeys(columns) if any(c in r for r in rows)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column, "")
-            cells.append(f"{value:.4g}" if isinstance(value, float) and not math.isnan(value) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def check_inputs(cfg: DictConfig) -> None:

@@ -143,5 +143,5 @@ STAGE = StageSpec(name="grpo", config=GRPOConfig, trainer=GRPOTrainer, micro_bat
                   parallel_note="samples with the whole model on every rank",
                   resume_fixed=("stage", "model", "data", "seed", "reward"),
                   objective=("eval/reward_mean", "max"),
-                  report_metrics=("eval/reward_mean", "eval/kl", "eval/response_length"),
-                  tradeoff=("eval/kl", "eval/reward_mean"))
+                  report_metrics=("eval/reward_mean", "eval/kl_k3", "eval/response_length"),
+                  tradeoff=("eval/kl_k3", "eval/reward_mean"))

@@ -20,7 +20,7 @@ from rlhf_exp import distributed, stopping
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.distributed import shards_weights
 from rlhf_exp.losses.policy import kl_penalty
-from rlhf_exp.metrics import std_from_sums
+from rlhf_exp.evaluation.statistics import std_from_sums
 from rlhf_exp.models.loading import with_generation_stops
 from rlhf_exp.models.peft import is_4bit, is_peft
 from rlhf_exp.ops.logprobs import response_logprobs
@@ -39,14 +39,14 @@ Stats = dict[str, tuple[float, float]]  # name -> (sum, count): means that add u
 def policy_stats(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor,
                  clipped: torch.Tensor, entropy: torch.Tensor | None) -> Stats:
     """Per-token diagnostics of a micro batch ([B, R] tensors): ratio to the sampling policy, approx-KL to it,
-    clip fraction, entropy, and `kl`: the k3 estimate of KL(policy || reference), the same in GRPO and PPO."""
+    clip fraction, entropy, and `kl_k3`: the k3 estimate of KL(policy || reference), the same in GRPO and PPO."""
     with torch.no_grad():
         log_ratio = (logps - old_logps) * mask
         tokens = float(mask.sum())
         per_token = {"ratio_mean": torch.exp(log_ratio), "approx_kl": 0.5 * log_ratio ** 2,
                      "clip_fraction": clipped.float()}
         if ref_logps is not None:  # no reference held (kl_coef=0): no KL to report
-            per_token["kl"] = kl_penalty(logps, ref_logps, "k3")
+            per_token["kl_k3"] = kl_penalty(logps, ref_logps, "k3")
         if entropy is not None:
             per_token["entropy"] = entropy
         return {name: (float((value * mask).sum()), tokens) for name, value in per_token.items()}
@@ -284,7 +284,7 @@ class OnlineRLTrainer(Trainer):
                 "eval/eos_rate": sum(stopped) / len(stopped),
                 "eval/response_length": sum(len(r) for r in responses) / len(responses),
                 **reward_function_metrics(reward_function_totals(scores.per_function), "eval"),
-                **({} if kl is None else {"eval/kl": float((kl * mask).sum() / mask.sum().clamp(min=1))})}
+                **({} if kl is None else {"eval/kl_k3": float((kl * mask).sum() / mask.sum().clamp(min=1))})}
 
 
 def uses_reference(cfg: DictConfig) -> bool:

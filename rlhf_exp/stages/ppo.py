@@ -295,5 +295,5 @@ STAGE = StageSpec(name="ppo", config=PPOConfig, trainer=PPOTrainer, micro_batch=
                   micro_batch_default=8, uses_reward=True, batch_key="minibatch_size", checks=checks,
                   resume_fixed=("stage", "model", "data", "seed", "reward"),
                   objective=("eval/reward_mean", "max"),
-                  report_metrics=("eval/reward_mean", "eval/kl", "eval/response_length"),
-                  tradeoff=("eval/kl", "eval/reward_mean"))
+                  report_metrics=("eval/reward_mean", "eval/kl_k3", "eval/response_length"),
+                  tradeoff=("eval/kl_k3", "eval/reward_mean"))

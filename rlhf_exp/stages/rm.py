@@ -31,7 +31,7 @@ from rlhf_exp.data import load_sft_splits
 from rlhf_exp.data.batching import chunks
 from rlhf_exp.data.collate import collate_pairs, collate_sft, tokenize_sft
 from rlhf_exp.losses import bradley_terry_loss
-from rlhf_exp.metrics import calibration_bins, expected_calibration_error, wilson_interval
+from rlhf_exp.evaluation.statistics import calibration_bins, expected_calibration_error, wilson_interval
 from rlhf_exp.models import load_causal_lm
 from rlhf_exp.models.peft import merged_float_copy
 from rlhf_exp.models.reward import RewardModel, add_reward_adapters, give_own_pad_token, grow_embeddings, load_reward_model, \
@@ -41,7 +41,7 @@ from rlhf_exp.schema import StageConfig, key, non_negative, positive
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, micro_batch, \
     sequence_tokens
-from rlhf_exp.tracking.plots import close, reliability_figure
+from rlhf_exp.evaluation.figures import close, reliability_figure
 
 
 @dataclass
@@ -116,7 +116,7 @@ class RewardModelTrainer(Trainer):
                                        "rejected": rejected_sum})
         update = self.optimizer_step()
         return {"train/loss": sums["loss"], "train/accuracy": sums["right"] / total, "train/margin": sums["margin"] / total,
-                "train/chosen_score": sums["chosen"] / total, "train/rejected_score": sums["rejected"] / total, **update,
+                "train/score_chosen": sums["chosen"] / total, "train/score_rejected": sums["rejected"] / total, **update,
                 "time/step_s": time.perf_counter() - start}
 
     @torch.no_grad()
@@ -140,7 +140,7 @@ class RewardModelTrainer(Trainer):
             close(fig)
         return {"eval/loss": float(bradley_terry_loss(chosen, rejected, self.stage.margin).mean()),
                 "eval/accuracy": right / n, "eval/accuracy_ci_low": low, "eval/accuracy_ci_high": high,
-                "eval/chosen_score": float(chosen.mean()), "eval/rejected_score": float(rejected.mean()),
+                "eval/score_chosen": float(chosen.mean()), "eval/score_rejected": float(rejected.mean()),
                 "eval/margin": float((chosen - rejected).mean()), "eval/ece": expected_calibration_error(table)}
 
     def reference_scores(self) -> torch.Tensor:
@@ -160,8 +160,8 @@ class RewardModelTrainer(Trainer):
         offset = float(self.reference_scores().mean())
         self.model.reward_mean += offset
         after = float(self.reference_scores().mean())
-        self.log({"rm/reward_mean": float(self.model.reward_mean), "rm/reference_score_after_norm": after})
-        self.tracker.set_tags({"rm.reward_mean": f"{float(self.model.reward_mean):.6g}"})
+        self.log({"rm/norm_offset": float(self.model.reward_mean), "rm/reference_score_after_norm": after})
+        self.tracker.set_tags({"rm.norm_offset": f"{float(self.model.reward_mean):.6g}"})
 
     @contextmanager
     def as_finished_model(self) -> Iterator[None]:

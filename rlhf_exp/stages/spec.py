@@ -9,12 +9,16 @@ the hardware profiles (which micro-batch size it uses) and sweeps (the metric th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp import vocabulary
 from rlhf_exp.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # the parallel= options (conf/parallel/): those that keep whole weights on every rank, and all of them
 REPLICATED_WEIGHTS = ("ddp", "zero1")
@@ -87,18 +91,26 @@ class StageSpec:
     tradeoff: tuple[str, str] | None = None
 
 
-# words of metric names where smaller is better, for a metric named without a direction
+# words of metric names where smaller is better, for an undeclared metric named without a direction
 SMALLER_IS_BETTER = ("loss", "perplexity", "kl", "ece", "time", "length")
 
 
 def metric_direction(spec: StageSpec, metric: str | None = None, direction: str | None = None) -> tuple[str, str]:
-    """(metric, "max" | "min"): `metric` (None: the stage's objective) and `direction` (None: the objective's
-    for that metric, else inferred from its name: a loss, perplexity, KL, ECE, time or length is minimized)."""
+    """(metric, "max" | "min"): `metric` (None: the stage's objective; a name the vocabulary has renamed is
+    taken as its current name) and `direction` (None: the objective's for that metric, else the vocabulary's
+    `better`, else inferred from its name: a loss, perplexity, KL, ECE, time or length is minimized)."""
     default_metric, default_direction = spec.objective
-    chosen = metric or default_metric
+    chosen = vocabulary.current_name(metric) if metric else default_metric
+    if metric and chosen != metric:
+        log.warning("metric %s is logged as %s now (rlhf_exp/vocabulary.py: RENAMED)", metric, chosen)
     if direction is None:
-        inferred = "min" if any(word in chosen for word in SMALLER_IS_BETTER) else "max"
-        direction = default_direction if chosen == default_metric else inferred
+        declared = vocabulary.declared(chosen)
+        if chosen == default_metric:
+            direction = default_direction
+        elif declared is not None and declared.better:
+            direction = declared.better
+        else:
+            direction = "min" if any(word in chosen for word in SMALLER_IS_BETTER) else "max"
     return chosen, direction
 
 
