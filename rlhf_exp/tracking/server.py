@@ -36,7 +36,10 @@ class MlflowServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", backend_store_uri, *where],
-            stdout=log, stderr=log, start_new_session=True)
+            stdout=log, stderr=log, start_new_session=True,
+            # MLflow 3 also starts a job runner and huey consumers for its GenAI jobs (judges, trace
+            # rollups): processes a tracking server for training runs never uses, and CPU a small box lacks
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         if log is not subprocess.DEVNULL:
             log.close()
         self._wait_ready(start_timeout_s, log_path)
