@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from rlhf_exp.evaluation.tables import markdown_table as table
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -238,8 +240,6 @@ def shown(where: str, metrics: dict[str, float]) -> dict[str, float]:
 
 def markdown_table() -> str:
     """The README's metric table."""
-    from rlhf_exp.evaluation.tables import markdown_table as table
-
     columns = ["metric", "stages", "meaning", "unit", "better"]
     return table([dict(zip(columns, (f"`{m.pattern}`", m.stages, m.meaning, m.unit, m.better))) for m in METRICS],
                  columns)

@@ -37,9 +37,9 @@ from rlhf_exp.tracking.records import RUN_RECORD, run_record
 
 log = logging.getLogger(__name__)
 
-def run_dir_for(cfg: DictConfig, context: jobs.LaunchContext | None = None) -> Path:
+def run_dir_for(cfg: DictConfig, context: jobs.LaunchContext = jobs.LaunchContext()) -> Path:
     """Hydra's output folder when run by Hydra; otherwise a fresh folder under paths.runs_dir."""
-    if context is not None and context.output_dir is not None:
+    if context.output_dir is not None:
         folder = context.output_dir
     else:
         from rlhf_exp.config import run_id
