@@ -6,7 +6,10 @@ import math
 
 
 def cell(value) -> str:
-    """A float to 4 significant digits (NaN as is), anything else as its text; `|` escaped for markdown."""
+    """A float to 4 significant digits (NaN as is), None as nothing, anything else as its text; `|` escaped for
+    markdown."""
+    if value is None:
+        return ""
     text = f"{value:.4g}" if isinstance(value, float) and not math.isnan(value) else str(value)
     return text.replace("|", "&#124;")
 

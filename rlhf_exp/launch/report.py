@@ -93,10 +93,6 @@ def load_sweep(client, parent_run_id: str) -> Sweep:
     return Sweep(parent_run_id, stage, keys, objective, direction, jobs)
 
 
-def fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4g}"
-
-
 def sweep_table(sweep: Sweep) -> str:
     """A row per job: its swept values, the objective's final and best value, the stage's report metrics."""
     from rlhf_exp.stages import stage_spec
@@ -108,8 +104,8 @@ def sweep_table(sweep: Sweep) -> str:
     for job in sweep.jobs:
         best = job.best(sweep.objective, sweep.direction)
         rows.append(dict(zip(header, [job.name, job.status, *[job.swept.get(k, "") for k in sweep.keys],
-                                      fmt(job.final.get(sweep.objective)), f"{best[0]:.4g} ({best[1]})" if best else "",
-                                      *[fmt(job.final.get(m)) for m in shown], fmt(job.minutes)])))
+                                      job.final.get(sweep.objective), f"{best[0]:.4g} ({best[1]})" if best else "",
+                                      *[job.final.get(m) for m in shown], job.minutes])))
     return markdown_table(rows, header)
 
 
@@ -217,7 +213,7 @@ def write_report(client, parent_run_id: str, out_dir: Path) -> Path:
         figures[f"{short_label(sweep.keys[0])}_vs_metrics.png"] = swept_figure(sweep, present)
     if spec.tradeoff and all(any(m in j.history for j in sweep.jobs) for m in spec.tradeoff):
         figures["tradeoff.png"] = tradeoff_figure(sweep, *spec.tradeoff)
-    curves = [m for m in (spec.trainer.curve_metrics[0], sweep.objective) if any(m in j.history for j in sweep.jobs)]
+    curves = [m for m in (*spec.trainer.curve_metrics[:1], sweep.objective) if any(m in j.history for j in sweep.jobs)]
     if curves:
         figures["curves.png"] = sweep_curves_figure(sweep, list(dict.fromkeys(curves)))
     for name, figure in figures.items():
