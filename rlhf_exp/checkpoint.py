@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from rlhf_exp import distributed
-from rlhf_exp.checkpoint_layout import MANIFEST, RUN_CONFIG, TRAINER_STATE
+from rlhf_exp.checkpoint_layout import CHECKPOINTS, FINAL, MANIFEST, RUN_CONFIG, TRAINER_STATE, checkpoints_of
 from rlhf_exp.engine import Engine
 from rlhf_exp.errors import ConfigError, DiskFullError, is_disk_full
 
@@ -181,17 +181,17 @@ def drop_training_state(run_dir: Path) -> int:
     """A finished run's folder without what only resuming it needs: its step checkpoints and the final
     checkpoint's trainer_state.pt (optimizer state: twice the weights in fp32). The weights, tokenizer and
     run_config.json stay, so later stages load it as before. Returns the bytes freed."""
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = checkpoints_of(run_dir)
     freed = 0
-    for path in [*checkpoints.glob("step_*"), checkpoints / "final" / TRAINER_STATE]:
+    for path in [*checkpoints.glob("step_*"), checkpoints / FINAL / TRAINER_STATE]:
         if path.is_dir():
             freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             shutil.rmtree(path, ignore_errors=True)
         elif path.is_file():
             freed += path.stat().st_size
             path.unlink()
-    if (checkpoints / "final" / MANIFEST).is_file():  # what is left still verifies
-        write_manifest(checkpoints / "final")
+    if (checkpoints / FINAL / MANIFEST).is_file():  # what is left still verifies
+        write_manifest(checkpoints / FINAL)
     return freed
 
 
@@ -208,17 +208,17 @@ def resume_point(path: Path) -> Path:
     checkpoint whose files no longer match its manifest (a truncated file, a full disk, a copy cut short)
     is passed over for the newest one that verifies, and the log says so. A named checkpoint that is
     damaged is refused, naming the file."""
-    if (path / TRAINER_STATE).is_file() or not (path / "checkpoints").is_dir():
+    if (path / TRAINER_STATE).is_file() or not checkpoints_of(path).is_dir():
         damage = checkpoint_damage(path) if (path / TRAINER_STATE).is_file() else None
         if damage:
-            run_folder = path.parent.parent if path.parent.name == "checkpoints" else None
+            run_folder = path.parent.parent if path.parent.name == CHECKPOINTS else None
             raise ConfigError("stage.resume_from", f"{path} is damaged: {damage}" + (
                 f". stage.resume_from={run_folder} resumes from the run's newest checkpoint that is whole"
                 if run_folder else ""))
         return path
-    candidates = sorted((c for c in (path / "checkpoints").iterdir()
+    candidates = sorted((c for c in checkpoints_of(path).iterdir()
                          if not c.name.endswith(".partial") and (c / TRAINER_STATE).is_file()),
-                        key=lambda c: (c.name == "final", c.name), reverse=True)  # final, step_000120, step_000012
+                        key=lambda c: (c.name == FINAL, c.name), reverse=True)  # final, step_000120, step_000012
     passed_over = []
     for candidate in candidates:
         damage = checkpoint_damage(candidate)
@@ -245,3 +245,23 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError("stage.resume_from", f"{path} holds objects other than tensors and plain values, so it "
                           f"was not loaded (it could run code): not a checkpoint this project wrote ({first})") from None
+
+
+def check_same_data(saved: dict | None, now: dict | None, data, folder: Path) -> bool:
+    """Refuse to resume on data other than the checkpoint's (an edited file of the same path and row count
+    would otherwise go ahead silently), naming the data and each split that changed. `saved` / `now`: split
+    -> {rows, digest}. True where the data changed and data.allow_changed_on_resume lets the run go on."""
+    if not saved or not now:
+        return False
+    changed = [f"the {split} split ({saved[split]['rows']} -> {now[split]['rows']} rows" +
+               (", other contents" if saved[split]["rows"] == now[split]["rows"] else "") + ")"
+               for split in now if split in saved and saved[split]["digest"] != now[split]["digest"]]
+    if not changed:
+        return False
+    if data.get("allow_changed_on_resume"):
+        log.warning("resuming on changed data (data.allow_changed_on_resume=true): %s", " and ".join(changed))
+        return True
+    key, source = ("data.path", data.path) if data.get("path") else ("data", f"data={data.name}")
+    raise ConfigError(key, f"{source} is not the data {folder} was trained on: {' and '.join(changed)} changed. "
+                      "Resume on the data it trained on, or set data.allow_changed_on_resume=true to go on "
+                      "with this data")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_exp.checkpoint import saved_config, written_into_place
+from rlhf_exp.checkpoint_layout import WHICH, checkpoints_of
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.tracking.records import RUN_RECORD, run_id_of
 
@@ -52,8 +53,8 @@ def checkpoint_folder(target: str, which: str) -> Path:
         if "run_dir" not in run.data.tags:
             raise ConfigError("export", f"MLflow run {target} has no run_dir tag: not a run of this project")
         path = Path(run.data.tags["run_dir"])
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints" / {"last": "final", "best": "best"}[which]
+    if checkpoints_of(path).is_dir():
+        path = checkpoints_of(path) / WHICH[which]
     if not (path / "config.json").is_file() and not (path / "merged" / "config.json").is_file():
         raise ConfigError("export", f"{path} is not a checkpoint (no config.json): name a run folder, a "
                           f"checkpoint folder or an MLflow run id")

@@ -34,10 +34,10 @@ def test_each_stage_is_its_module_and_its_yaml(stage):
     """conf/stage/<name>.yaml composes onto the schema rlhf_exp/stages/<name>.py declares, whose trainer runs it."""
     from rlhf_exp.schema import StageConfig
     from rlhf_exp.stages import stage_spec
-    from rlhf_exp.stages.base import Trainer
+    from rlhf_exp.stages.spec import StageRunner
 
     spec = stage_spec(stage)
-    assert spec.name == stage and issubclass(spec.trainer, Trainer) and issubclass(spec.config, StageConfig)
+    assert spec.name == stage and issubclass(spec.trainer, StageRunner) and issubclass(spec.config, StageConfig)
     cfg = compose_config([f"stage={stage}"])
     assert OmegaConf.get_type(cfg.stage) is spec.config
     assert spec.micro_batch in cfg.hardware.micro_batch_size and spec.batch_key in cfg.stage

@@ -65,11 +65,11 @@ def test_ppo_ptx_is_refused_on_prompts_without_references_before_any_weights_loa
     import pytest
 
     from rlhf_exp.errors import ConfigError
-    from rlhf_exp.stages.base import Trainer
+    from rlhf_exp.stages.toolbox import Toolbox
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?"}) + "\n" for i in range(40)))
-    monkeypatch.setattr(Trainer, "load_policy", lambda self: pytest.fail("weights were read before the refusal"))
+    monkeypatch.setattr(Toolbox, "load_policy", lambda self: pytest.fail("weights were read before the refusal"))
     with pytest.raises(ConfigError, match=r"stage.ptx_coef.*32 of 32 training prompts of file:.*prompts.jsonl have no reference"):
         ppo_trainer(tmp_path, "data=file", f"data.path={prompts}", "data.val_size=8", "stage.ptx_coef=0.5")
 

@@ -16,14 +16,14 @@ from helpers import GRPO, LORA, trainer_for
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.runtime import RandomStreams
 from rlhf_exp.stages import online
-from rlhf_exp.stages.base import Trainer
+from rlhf_exp.stages.toolbox import Toolbox
 from rlhf_exp.stages.grpo import GRPOTrainer
 
 VLLM = ["hardware.rollout_backend=vllm"]
 
 
 def test_vllm_rollouts_are_refused_where_they_cannot_run_before_any_weights_are_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "load_policy", lambda self: pytest.fail("weights were read before the refusal"))
+    monkeypatch.setattr(Toolbox, "load_policy", lambda self: pytest.fail("weights were read before the refusal"))
     with pytest.raises(ConfigError) as info:
         trainer_for(GRPOTrainer, tmp_path, *GRPO, *VLLM, "hardware.lora.enabled=true", "hardware.load_in_4bit=true")
     message = str(info.value)

@@ -16,10 +16,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from rlhf_exp.checkpoint_layout import BEST, FINAL, WHICH, checkpoints_of
 from rlhf_exp.errors import ConfigError
 
 PREFIX = "run:"
-WHICH = {"last": "final", "best": "best"}  # the checkpoint folder each choice names
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -49,7 +49,7 @@ def string_leaves(node: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def checkpoint_of(source: Source, which: str, key: str, text: str) -> Path:
-    folder = source.run_dir / "checkpoints" / WHICH[which]
+    folder = checkpoints_of(source.run_dir) / WHICH[which]
     if not folder.is_dir():
         hint = " (stage.keep_best=true keeps one)" if which == "best" else ""
         raise ConfigError(key, f"{text}: {folder} does not exist{hint}")
@@ -132,4 +132,4 @@ def checkpoint_model_name(folder: str | Path) -> str | None:
     try:
         return str(saved_config(folder)["model"]["name"])
     except (OSError, ValueError, KeyError, TypeError):
-        return folder.name if folder.name not in ("final", "best") else folder.parent.parent.name
+        return folder.name if folder.name not in (FINAL, BEST) else folder.parent.parent.name

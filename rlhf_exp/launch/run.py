@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import rlhf_exp
 from rlhf_exp import distributed, run_lock, stopping
 from rlhf_exp.checkpoint import resume_point
+from rlhf_exp.checkpoint_layout import CHECKPOINTS
 from rlhf_exp.config import AUTO_CHOICE, check_inputs, check_resumable, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_text, redact_yaml_files
 from rlhf_exp.runtime import choose_precision
@@ -321,7 +322,7 @@ def folders_written(cfg: DictConfig, run_dir: Path) -> list[Path]:
     """The run folders this run writes into: its own and, when resuming, the one it continues (whose MLflow
     run and outbox it takes over), so that a second process on either is refused."""
     resumed = Path(cfg.stage.resume_from) if cfg.stage.get("resume_from") else None
-    continued = resumed.parent.parent if resumed is not None and resumed.parent.name == "checkpoints" else None
+    continued = resumed.parent.parent if resumed is not None and resumed.parent.name == CHECKPOINTS else None
     return [*([continued] if continued is not None else []), run_dir]
 
 

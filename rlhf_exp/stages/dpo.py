@@ -58,7 +58,7 @@ class DPOTrainer(Trainer):
 
     def setup_data_and_model(self) -> None:
         self.prepare_data("preference")
-        self.model = self.load_policy()
+        self.model = self.tools.load_policy()
         self.reference = None
         self.ref_train: dict[int, tuple[float, float]] = {}
         self.ref_val: torch.Tensor | None = None
@@ -66,7 +66,7 @@ class DPOTrainer(Trainer):
         if self.stage.precompute_ref_logps and not resuming:
             self._precompute_reference(self.model)  # the starting policy is the reference
         elif not self.stage.precompute_ref_logps:
-            self.reference = self.frozen_reference(self.model)
+            self.reference = self.tools.frozen_reference(self.model)
 
     # ------------------------------------------------------------------ log-probs
     def pair_logps(self, model, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,8 +90,8 @@ class DPOTrainer(Trainer):
         """[N, 2]: (chosen, rejected) summed log-probs of each pair, in the pairs' order."""
         if not pairs:
             return torch.zeros(0, 2)
-        return self.score_in_length_order(model, pairs, pair_length,
-                                          lambda chunk: torch.stack(self.pair_logps(model, chunk)[:2], dim=-1), desc)
+        return self.tools.score_in_length_order(
+            model, pairs, pair_length, lambda chunk: torch.stack(self.pair_logps(model, chunk)[:2], dim=-1), desc)
 
     def planned_visits(self) -> list[int]:
         """Training pairs the run's stage.max_steps will visit (the stream is deterministic)."""
@@ -115,7 +115,7 @@ class DPOTrainer(Trainer):
         def key_parts():
             yield "dpo-reference-logps-v1"
             yield disk_cache.weights_hash(model)
-            yield f"{self.runtime.precision}:{self.device.type}:{self.micro_batch_size('eval')}"
+            yield f"{self.runtime.precision}:{self.device.type}:{self.tools.micro_batch_size('eval')}"
             yield from (Path(module.__file__).read_bytes() for module in (logprobs, shared_prefix, collate, sys.modules[__name__]))
             yield from (f"{p.prompt_ids}|{p.chosen_ids}|{p.rejected_ids}" for p in pairs)
 
@@ -137,7 +137,7 @@ class DPOTrainer(Trainer):
         if not self.stage.precompute_ref_logps:
             return
         if self.data_changed_on_resume:  # data.allow_changed_on_resume: the saved ones score other pairs
-            reference = self.frozen_reference(self.model)
+            reference = self.tools.frozen_reference(self.model)
             self.ref_train = {}
             self._precompute_reference(reference)
             del reference
@@ -145,7 +145,7 @@ class DPOTrainer(Trainer):
         self.ref_train, self.ref_val = dict(state["ref_train"]), state["ref_val"]
         added = [i for i in self.planned_visits() if i not in self.ref_train]
         if added:  # resumed with a larger stage.max_steps: score the new pairs under the starting policy
-            reference = self.frozen_reference(self.model)
+            reference = self.tools.frozen_reference(self.model)
             self._precompute_reference(reference, added, f"{len(added)} pairs of the added steps")
             del reference
 
@@ -163,7 +163,7 @@ class DPOTrainer(Trainer):
         indices = [indices[k] for k in order]
         total = len(indices)
         sums = dict(loss=0.0, right=0, chosen_reward=0.0, rejected_reward=0.0, chosen_logp=0.0, rejected_logp=0.0)
-        for chunk in chunks(self.shard(indices), self.micro_batch_size()):
+        for chunk in chunks(self.tools.shard(indices), self.tools.micro_batch_size()):
             pairs = [self.train_set[i] for i in chunk]
             chosen, rejected, _ = self.pair_logps(self.model, pairs)
             ref_chosen, ref_rejected = self.reference_logps(chunk, pairs)

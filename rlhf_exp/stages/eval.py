@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlhf_exp import stopping
-from rlhf_exp.data import data_tokenizer, load_preference_splits, load_prompt_splits
+from rlhf_exp.data import load_preference_splits, load_prompt_splits
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.data.formats import data_label
 from rlhf_exp.data.tokens import encode_prompt
@@ -39,8 +39,9 @@ from rlhf_exp.evaluation.tables import markdown_table
 from rlhf_exp.evaluation.text import distinct_n, rouge_l, words
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.schema import StageConfig, key, positive
-from rlhf_exp.stages.base import Trainer
-from rlhf_exp.stages.spec import HeldModel, StageMemory, StageSpec, micro_batch, sequence_tokens
+from rlhf_exp.stages.spec import HeldModel, StageMemory, StageRunner, StageSpec, micro_batch, sequence_tokens
+from rlhf_exp.stages.toolbox import Toolbox
+from rlhf_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,20 @@ class Scorer:
         return out
 
 
-class PolicyEvaluator(Trainer):
+class PolicyEvaluator(StageRunner):
+    """`stage=eval`: trains nothing, so it is no Trainer; the toolbox gives it the run's tokenizer, device,
+    sampling and scoring."""
+
+    def __init__(self, cfg: DictConfig, tracker: Tracker, run_dir: str | Path, memory_plan=None):
+        self.cfg, self.stage, self.tracker, self.run_dir = cfg, cfg.stage, tracker, Path(run_dir)
+        self.tools = Toolbox(cfg, tracker)
+        self.examples: list | None = None
+        self.last_metrics: dict[str, float] = {}
+
     def prepare(self) -> None:
         """The policies named and the held-out prompts loaded, before the tracker run opens; the policies
         themselves load in `fit`, one at a time."""
-        if getattr(self, "examples", None) is not None:
+        if self.examples is not None:
             return
         stage, data = self.stage, self.cfg.data
         self.policies = dict(stage.policies or {BASE: BASE})
@@ -121,11 +131,11 @@ class PolicyEvaluator(Trainer):
             if role is not None and role not in self.policies:
                 raise ConfigError("stage.baseline" if role == stage.baseline else "stage.kl_reference",
                                   f"{role!r} is not one of stage.policies ({', '.join(self.policies)})")
-        self.tokenizer, self.stop_token_ids = data_tokenizer(self.cfg.model, data, self.cfg.paths.cache_dir)
-        _, held_out = load_prompt_splits(data, self.tokenizer, self.cfg.seed, cache_dir=self.cfg.paths.cache_dir)
+        self.tools.load_tokenizer()
+        _, held_out = load_prompt_splits(data, self.tools.tokenizer, self.cfg.seed, cache_dir=self.cfg.paths.cache_dir)
         held_out = held_out[: stage.eval_examples] if stage.eval_examples else held_out
         self.examples = held_out
-        self.prompt_ids = [encode_prompt(ex.prompt, self.tokenizer, data.max_prompt_tokens) for ex in held_out]
+        self.prompt_ids = [encode_prompt(ex.prompt, self.tools.tokenizer, data.max_prompt_tokens) for ex in held_out]
         samples = stage.samples_per_prompt
         self.prompts = [ex.prompt for ex in held_out for _ in range(samples)]
         self.references = [ex.completion for ex in held_out for _ in range(samples)]
@@ -160,7 +170,8 @@ class PolicyEvaluator(Trainer):
         last = answers[list(policies)[-1]]
         if "judge" in last.scores:
             metrics["eval/judge_score"] = float(last.scores["judge"].mean())
-        self.log(metrics)
+        self.last_metrics = dict(metrics)
+        self.tracker.log_metrics(metrics, step=0)
         self.write_outputs(answers, rows, reference_scores, {**pair_accuracy, **{
             f"{name} DPO implicit reward ({self.dpo_reference_name(policies, name)} as reference)": counts
             for name, counts in implicit.items()}})
@@ -177,21 +188,22 @@ class PolicyEvaluator(Trainer):
     def load(self, where: str):
         from rlhf_exp.models import load_causal_lm
 
-        return load_causal_lm(self.policy_cfg(where), self.cfg.paths.cache_dir, self.tokenizer).to(self.device).eval()
+        model = load_causal_lm(self.policy_cfg(where), self.cfg.paths.cache_dir, self.tools.tokenizer)
+        return model.to(self.tools.device).eval()
 
     @torch.no_grad()
     def answer(self, name: str, where: str) -> Answers:
         """Sample from policy `name`: the same generator seed for every policy, so they differ only by weights."""
         model = self.load(where)
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        generator = torch.Generator(device=self.tools.device).manual_seed(self.cfg.seed + 1)
         ids: list[list[int]] = []
-        size = self.micro_batch_size("eval")
+        size = self.tools.micro_batch_size("eval")
         samples = self.stage.samples_per_prompt
         for start in stopping.until_stopped(tqdm(range(0, len(self.prompt_ids), size), desc=f"eval: {name} answers",
                                                  unit="batch", leave=False)):
-            ids += self.sample(self.prompt_ids[start:start + size], samples, model, generator=generator)
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-        ended = torch.tensor([bool(r) and r[-1] in self.stop_token_ids for r in ids])
+            ids += self.tools.sample(model, self.prompt_ids[start:start + size], samples, generator=generator)
+        texts = [self.tools.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        ended = torch.tensor([bool(r) and r[-1] in self.tools.stop_token_ids for r in ids])
         answers = Answers(ids, texts, ended)
         answers.logp = self.sequence_logps(model, answers.ids, f"eval: {name} log-probs")
         del model
@@ -206,16 +218,16 @@ class PolicyEvaluator(Trainer):
     def item_logps(self, model, items: Sequence[TokenizedSFT], temperature: float, desc: str) -> torch.Tensor:
         """[N] each item's summed response log-prob under `model`."""
         def chunk_logps(chunk: list[TokenizedSFT]) -> torch.Tensor:
-            batch = collate_sft(chunk, self.tokenizer.pad_token_id)
+            batch = collate_sft(chunk, self.tools.tokenizer.pad_token_id)
             lengths = torch.tensor([len(x.response_ids) for x in chunk])
-            with self.runtime.autocast():
-                logps, mask, _ = response_logprobs(model, batch["input_ids"].to(self.device),
+            with self.tools.runtime.autocast():
+                logps, mask, _ = response_logprobs(model, batch["input_ids"].to(self.tools.device),
                                                    torch.tensor([len(x.prompt_ids) for x in chunk]), lengths,
                                                    temperature)
             return (logps * mask).sum(-1)
 
-        return self.score_in_length_order(model, items, lambda x: len(x.prompt_ids) + len(x.response_ids),
-                                          chunk_logps, desc=desc).double()
+        return self.tools.score_in_length_order(model, items, lambda x: len(x.prompt_ids) + len(x.response_ids),
+                                                chunk_logps, desc=desc).double()
 
     def score_under(self, where: str, reference: str, answers: dict[str, Answers]) -> None:
         model = self.load(where)
@@ -226,7 +238,7 @@ class PolicyEvaluator(Trainer):
 
     def judge_all(self, judge: str, path: str, answers: dict[str, Answers]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Score every policy's responses and the references with `path`; its accuracy on held-out pairs."""
-        scorer = Scorer(path, self.device, str(self.cfg.hardware.precision), self.micro_batch_size("eval"),
+        scorer = Scorer(path, self.tools.device, str(self.cfg.hardware.precision), self.tools.micro_batch_size("eval"),
                         f"stage.{judge}")
         for name, answer in tqdm(answers.items(), desc=f"eval: {judge} scores", leave=False):
             answer.scores[judge] = torch.tensor(scorer.score(prompts=self.prompts, completions=answer.texts),
@@ -241,7 +253,7 @@ class PolicyEvaluator(Trainer):
     def held_out_pairs(self) -> list:
         """The held-out preference pairs (stage.eval_examples of them) the judges and DPO's implicit reward rank."""
         if getattr(self, "_pairs", None) is None:
-            _, pairs = load_preference_splits(self.cfg.data, self.tokenizer, self.cfg.seed,
+            _, pairs = load_preference_splits(self.cfg.data, self.tools.tokenizer, self.cfg.seed,
                                               cache_dir=self.cfg.paths.cache_dir)
             self._pairs = pairs[: self.stage.eval_examples] if self.stage.eval_examples else pairs
         return self._pairs
@@ -277,8 +289,8 @@ class PolicyEvaluator(Trainer):
         from rlhf_exp.data.collate import tokenize_examples
 
         data = self.cfg.data
-        pairs = tokenize_examples(self.held_out_pairs(), self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
-                                  max_response_tokens=data.max_response_tokens, end_id=self.stop_token_ids[-1])
+        pairs = tokenize_examples(self.held_out_pairs(), self.tools.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
+                                  max_response_tokens=data.max_response_tokens, end_id=self.tools.stop_token_ids[-1])
         items = [p.chosen for p in pairs] + [p.rejected for p in pairs]  # [2N]: chosen, then rejected
         log_ratio = torch.zeros(len(items), dtype=torch.float64)
         for sign, path in ((1, where), (-1, reference)):
@@ -295,7 +307,7 @@ class PolicyEvaluator(Trainer):
         metrics: dict[str, float] = {}
         rows = []
         reference_words = [words(t) for t in self.references]
-        reference_lengths = torch.tensor([len(self.tokenizer(t, add_special_tokens=False).input_ids) + 1
+        reference_lengths = torch.tensor([len(self.tools.tokenizer(t, add_special_tokens=False).input_ids) + 1
                                           for t in self.references], dtype=torch.float64)
         for name, answer in answers.items():
             answer_words = [words(t) for t in answer.texts]

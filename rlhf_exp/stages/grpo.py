@@ -81,7 +81,7 @@ class GRPOTrainer(OnlineRLTrainer):
         stage, times = self.stage, {}
         start = time.perf_counter()
         group = stage.samples_per_prompt
-        indices = self.shard(self.batches.take(stage.batch_size))  # this rank's prompts (all in one process)
+        indices = self.tools.shard(self.batches.take(stage.batch_size))  # this rank's prompts (all in one process)
         prompt_ids = [self.train_set[i].prompt_ids for i in indices]
         responses = self.sample(prompt_ids, group)
         times["generation"] = time.perf_counter() - start

@@ -66,10 +66,10 @@ class OnlineRLTrainer(Trainer):
         require_vllm(self.cfg.hardware, self.world_size)  # before any weights are read
         self.prepare_data("prompt")
         self.check_prompt_data()
-        policy = self.load_policy()
-        self.stop_token_ids = with_generation_stops(self.stop_token_ids, policy)
+        policy = self.tools.load_policy()
+        self.tools.stop_token_ids = with_generation_stops(self.stop_token_ids, policy)
         # LoRA: the policy with adapters disabled; none at all without a KL term (or report_kl)
-        self.reference = self.frozen_reference(policy) if uses_reference(self.cfg) else None
+        self.reference = self.tools.frozen_reference(policy) if uses_reference(self.cfg) else None
         self.rewards = build_rewards(self.cfg.reward, self.cfg.allowed_targets)
         return policy
 
@@ -164,8 +164,8 @@ class OnlineRLTrainer(Trainer):
         """[B, R] response log-probs under `model` (zero rows for empty responses), without gradients."""
         rows = [torch.zeros(0, device=self.device)] * len(items)
         kept = [k for k, item in enumerate(items) if item.response_ids]
-        for start in range(0, len(kept), self.micro_batch_size()):
-            chunk = kept[start:start + self.micro_batch_size()]
+        for start in range(0, len(kept), self.tools.micro_batch_size()):
+            chunk = kept[start:start + self.tools.micro_batch_size()]
             logps, mask, _ = self.logprobs(model, [items[k] for k in chunk])
             for k, row, m in zip(chunk, logps, mask):
                 rows[k] = row[: int(m.sum())].float()
@@ -204,7 +204,7 @@ class OnlineRLTrainer(Trainer):
                 if size["sequences"] == 0:
                     continue  # nothing to learn from: no step (Adam's momentum would still move the weights)
                 flat = {"loss": 0.0}
-                for micro in minibatch.chunks(self.micro_batch_size()):
+                for micro in minibatch.chunks(self.tools.micro_batch_size()):
                     loss, stats = self.minibatch_loss(micro, size)
                     self.backward(loss)
                     flat["loss"] += loss.item()

@@ -110,7 +110,7 @@ class PPOTrainer(OnlineRLTrainer):
         saved_critic = Path(resume) / "critic" if resume else None
         loaded_as = dtype_of(self.cfg.model.dtype)
         if saved_critic is not None and saved_critic.is_dir() and not self.lora:
-            return self.trainable(load_reward_model(saved_critic, dtype=loaded_as, device=self.device)[0]).train()
+            return self.tools.trainable(load_reward_model(saved_critic, dtype=loaded_as, device=self.device)[0]).train()
         if critic_source(self.cfg) == "reward_model":
             frozen = self.runtime.compute_dtype if self.lora else loaded_as
             critic, rm_tokenizer = load_reward_model(self.cfg.reward.fn.path, dtype=frozen, device=self.device,
@@ -124,7 +124,7 @@ class PPOTrainer(OnlineRLTrainer):
             critic = reward_model_from_causal_lm(copy.deepcopy(policy))
         if self.lora:
             add_reward_adapters(critic, self.cfg.hardware, saved_critic)
-        return self.trainable(critic).train()
+        return self.tools.trainable(critic).train()
 
     def setup_ema(self, policy) -> nn.Module:
         """An fp32 copy of the actor (a bf16 EMA cannot move: lerp by 1 - 0.992 is below its resolution);
@@ -142,7 +142,7 @@ class PPOTrainer(OnlineRLTrainer):
         return ema
 
     def merged_model(self) -> nn.Module:
-        return self.merge_policy(self.model.policy)
+        return self.tools.merge_policy(self.model.policy)
 
     @property
     def policy(self):
@@ -169,8 +169,8 @@ class PPOTrainer(OnlineRLTrainer):
         """[B, R] critic values at sampling time (zero rows for empty responses)."""
         rows = [torch.zeros(0, device=self.device)] * len(items)
         kept = [k for k, item in enumerate(items) if item.response_ids]
-        for start in range(0, len(kept), self.micro_batch_size()):
-            chunk = kept[start:start + self.micro_batch_size()]
+        for start in range(0, len(kept), self.tools.micro_batch_size()):
+            chunk = kept[start:start + self.tools.micro_batch_size()]
             for k, row in zip(chunk, self.values([items[k] for k in chunk])):
                 rows[k] = row[: len(items[k].response_ids)].float()
         return pad_rows(rows, max((len(x.response_ids) for x in items), default=0), self.device)

@@ -72,14 +72,14 @@ class RewardModelTrainer(Trainer):
             give_own_pad_token(model.backbone, self.tokenizer)
         else:  # model.init_from may be a reward model (this project's, TRL's, a hub one saved locally): its head too
             causal_lm = load_causal_lm(self.cfg.model, cfg.paths.cache_dir, self.tokenizer, cfg.hardware, adapters=False)
-            model = self.place(reward_model_from_causal_lm(causal_lm))
+            model = self.tools.place(reward_model_from_causal_lm(causal_lm))
             classifier = sequence_classifier_to_start_from(cfg.model)
             if classifier is not None:
                 load_score_head(model, classifier)
             give_own_pad_token(model.backbone, self.tokenizer)
             if self.lora:  # adapters on the backbone; the head trains in full
                 add_reward_adapters(model, cfg.hardware, resume)
-        self.model = self.trainable(model).train()
+        self.model = self.tools.trainable(model).train()
         record_end_token(self.model, self.tokenizer.convert_ids_to_tokens(self.stop_token_ids[-1]))
         self.tracker.set_tags({"rm.num_layers": self.model.config.num_hidden_layers})
 
@@ -102,7 +102,7 @@ class RewardModelTrainer(Trainer):
         pairs = sorted((self.train_set[i] for i in self.batches.take(self.stage.batch_size)), key=pair_length)
         total = len(pairs)
         loss_sum, right, margins, chosen_sum, rejected_sum = 0.0, 0, 0.0, 0.0, 0.0
-        for chunk in chunks(self.shard(pairs), self.micro_batch_size()):
+        for chunk in chunks(self.tools.shard(pairs), self.tools.micro_batch_size()):
             chosen, rejected = self.pair_scores(chunk)
             loss = bradley_terry_loss(chosen, rejected, self.stage.margin).sum() / total
             self.backward(loss)
@@ -122,9 +122,9 @@ class RewardModelTrainer(Trainer):
     @torch.no_grad()
     def scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen [N], rejected [N]) scores of held-out pairs, in their order."""
-        scores = self.score_in_length_order(self.model, pairs, pair_length,
-                                            lambda chunk: torch.stack(self.pair_scores(chunk), dim=-1),
-                                            "score held-out pairs")
+        scores = self.tools.score_in_length_order(self.model, pairs, pair_length,
+                                                  lambda chunk: torch.stack(self.pair_scores(chunk), dim=-1),
+                                                  "score held-out pairs")
         return scores[:, 0], scores[:, 1]
 
     def evaluate(self) -> dict[str, float]:
@@ -150,8 +150,8 @@ class RewardModelTrainer(Trainer):
             with self.runtime.autocast():
                 return self.model(batch["input_ids"].to(self.device), batch["lengths"])
 
-        return self.score_in_length_order(self.model, self.reference_set,
-                                          lambda x: len(x.prompt_ids) + len(x.response_ids), score)
+        return self.tools.score_in_length_order(self.model, self.reference_set,
+                                                lambda x: len(x.prompt_ids) + len(x.response_ids), score)
 
     def on_train_end(self) -> None:
         """Normalize: the SFT references' mean score becomes 0 in the saved model."""

@@ -37,7 +37,7 @@ class SFTConfig(StageConfig):
 class SFTTrainer(Trainer):
     def setup_data_and_model(self) -> None:
         self.prepare_data("sft")
-        self.model = self.load_policy()
+        self.model = self.tools.load_policy()
         self.liger = liger_enabled(self.cfg.hardware)
 
     def _response_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,7 @@ class SFTTrainer(Trainer):
         # scored targets of the whole global batch (all ranks); a response at position 0 has no predictor
         num_tokens = sum(len(x.response_ids) - (not x.prompt_ids) for x in items)
         micro_batches = [collate_sft(c, self.tokenizer.pad_token_id)
-                         for c in chunks(self.shard(items), self.micro_batch_size())]
+                         for c in chunks(self.tools.shard(items), self.tools.micro_batch_size())]
         loss_sum = 0.0
         for batch in micro_batches:
             if self.liger:  # sft_loss's value from Liger's fused kernel: no logits kept for backward
@@ -84,7 +84,7 @@ class SFTTrainer(Trainer):
         # similar lengths share a chunk: a fifth fewer tokens through the model on TL;DR (the sum does not depend on order)
         order = length_order(self.val_set, lambda x: len(x.prompt_ids) + len(x.response_ids))
         in_order = [self.val_set[i] for i in order]
-        for chunk in stopping.until_stopped(tqdm(list(chunks(in_order, self.micro_batch_size("eval"))),
+        for chunk in stopping.until_stopped(tqdm(list(chunks(in_order, self.tools.micro_batch_size("eval"))),
                                                  desc="sft eval: held-out loss", leave=False,
                                                  disable=not distributed.is_main())):
             logps, mask = self._response_logps(collate_sft(chunk, self.tokenizer.pad_token_id))

@@ -9,6 +9,7 @@ the hardware profiles (which micro-batch size it uses) and sweeps (the metric th
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -58,6 +59,39 @@ class StageMemory:
     notes: list[str] = field(default_factory=list)
 
 
+class StageRunner(abc.ABC):
+    """What the launcher runs for a stage (launch/run.py): built with (cfg, tracker, run_dir, memory_plan),
+    `prepare` before the tracker run opens, `fit` inside it, `close` whatever happens. A `Trainer`
+    (stages/base.py) is one; so is `stage=eval`'s evaluator, which trains nothing."""
+
+    step: int = 0  # the step `fit` ended at: the sweep objective is logged there
+    curve_metrics: tuple[str, ...] = ()  # what its training-curve figure draws over the steps (none: no steps)
+
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """What can fail on the user's input (data, models, the resumed checkpoint), before the run opens."""
+
+    @abc.abstractmethod
+    def fit(self) -> dict[str, float]:
+        """The stage's work; returns its final metrics."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the models so the next run in this process starts clean."""
+
+    def longest_sequences(self) -> tuple[int, int | None] | None:
+        """(the longest prompt, the longest response or None where responses are generated) in the data, in
+        tokens, for the memory plan; None where there is no tokenized data to measure."""
+        return None
+
+
+def evaluation_line(metrics: dict[str, float], spec: StageSpec) -> str:
+    """"loss 2.31 · perplexity 10.1": the stage's objective and report metrics, in that order."""
+    keys = dict.fromkeys([spec.objective[0], *spec.report_metrics, "eval/accuracy", "eval/kl_k3"])
+    shown = [k for k in keys if k in metrics] or sorted(metrics)[:4]
+    return " · ".join(f"{k.split('/', 1)[-1]} {metrics[k]:.4g}" for k in shown)
+
+
 def no_checks(cfg: DictConfig) -> None:
     """Cross-key checks a stage has none of."""
 
@@ -66,7 +100,7 @@ def no_checks(cfg: DictConfig) -> None:
 class StageSpec:
     name: str
     config: type                   # the schema of conf/stage/<name>.yaml (a StageConfig subclass)
-    trainer: type                  # the Trainer subclass that runs it
+    trainer: type                  # the StageRunner that runs it (a Trainer subclass, for a stage that trains)
     micro_batch: str               # which hardware.micro_batch_size.<key> sizes its micro batches
     memory: Callable[[DictConfig], StageMemory]
     # its micro batch where the hardware profile names none for its key (a new key needs no profile edits)
