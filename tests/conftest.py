@@ -13,6 +13,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs tests side by side (pytest -n): one OpenMP thread per test process and the runs it
     # starts, else two tests' thread pools fight over the cores and steps run 10-40x slower
     os.environ["OMP_NUM_THREADS"] = "1"
+    # a run that asks for more threads (hardware.num_threads) shares the cores with the other test: its idle
+    # OpenMP threads sleep instead of spinning (the default spin took a third more CPU under contention)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch
 
     torch.set_num_threads(1)
