@@ -91,3 +91,18 @@ def test_chat_responses_end_with_the_templates_end_of_turn_token(tokenizer):
     assert set(stop_token_ids(tok, chat=True)) == {tok.eos_token_id, im_end}
     assert stop_token_ids(tok, chat=False) == [tok.eos_token_id]
     assert end_of_turn_id(tokenizer) == tokenizer.eos_token_id  # SmolLM2-Instruct: the two are one token
+
+
+def test_a_splits_digest_is_unchanged_by_how_its_rows_are_read():
+    """Checkpoints record each split's digest and a resume compares it: reading the rows faster must not change
+    it, or every earlier checkpoint would be refused as trained on other data."""
+    import json
+    from dataclasses import astuple
+
+    from rlhf_exp.data.collate import TokenizedPair, TokenizedSFT, split_digest
+    from rlhf_exp.data.disk_cache import digest
+
+    for split in ([TokenizedSFT([1, 2, 3], [4, 5]), TokenizedSFT([6], [])],
+                  [TokenizedPair([1], [2, 3], [4]), TokenizedPair([5, 6], [], [7, 8, 9])]):
+        assert split_digest(split) == digest(json.dumps(astuple(item)) for item in split)
+    assert split_digest([TokenizedSFT([1, 2], [3])]) != split_digest([TokenizedSFT([1], [2, 3])])
