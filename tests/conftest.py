@@ -21,6 +21,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The files whose tests take longest on 2 cores (--durations), heaviest first: pytest -n hands each worker a
+# share of the collected order and lets an idle worker take from the end of another's, so with the slow
+# files first the suite ends on short tests instead of one worker finishing a long one alone.
+SLOWEST_FIRST = ("test_distributed.py", "test_sweep.py", "test_pipeline.py", "test_planner.py", "test_bench.py",
+                 "test_models.py", "test_tracking_outage.py", "test_resume.py", "test_soak.py", "test_mlflow_ui.py",
+                 "test_security.py", "test_stopping.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay in order
+
+
 def _declared_metrics_only(log_metrics):
     """Every metric a run logs must be declared in rlhf_exp/vocabulary.py: a name outside it fails the test
     that logged it (pytest.fail is a BaseException: no `except Exception` in a run swallows it)."""
