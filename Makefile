@@ -8,8 +8,8 @@ TORCH ?= torch==2.13.0
 MLFLOW_PORT ?= 5000
 ARGS ?=
 # Tests run side by side in processes of their own (pytest-xdist; one torch thread each, tests/conftest.py):
-# they are tiny models, mostly process start-up, imports and I/O. On 2 cores the suite took 31 min one at a
-# time and 21 min two at a time. TEST_WORKERS=0: one at a time, with torch's default threads.
+# they are tiny models, mostly process start-up, imports and I/O, so two at a time beats one at a time even
+# on 2 cores (and three at a time loses to two). TEST_WORKERS=0: one at a time, with torch's default threads.
 # --durations=20: the slowest tests at the end of every run, so a slow CI log says where the time went.
 TEST_WORKERS ?= auto
 
