@@ -1,8 +1,8 @@
 """`python -m rlhf_exp [group=option ...] [key=value ...]`: the one entrypoint.
 
 It picks the launcher once (rlhf_exp/launch/): a pipeline when the config has one (`experiment=tldr_pipeline`),
-else one run of one stage; `-m` makes each job of a sweep one of those. `--help` lists the config groups,
-`--cfg job` prints the composed config.
+else one run of one stage; `-m` makes each job of a sweep one of those. `--help` lists the config groups a
+person picks from (launch/cli_help.py), `--cfg job` prints the composed config, `--version` the versions.
 """
 
 from __future__ import annotations
@@ -56,17 +56,25 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    from rlhf_exp.launch import sweep
+    from rlhf_exp.launch import cli_help, sweep
     from rlhf_exp.redact import protect_output
 
+    args = sys.argv[1:]
+    if "--version" in args:
+        print(cli_help.version_text())
+        return
+    if "--help" in args or "-h" in args:
+        print(cli_help.help_text(CONF_DIR))
+        return
     protect_output()  # secrets never reach the console, from the first line written
-    try:
-        check_yaml_of_choices(sys.argv[1:])
-    except ReportedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
-    sys.argv = [sys.argv[0], *resolve_auto_hardware(sys.argv[1:])]
+    if not {"-sc", "--shell-completion"} & set(args):  # Hydra's tab completion reads its arguments as typed
+        try:
+            check_yaml_of_choices(args)
+        except ReportedError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
+        sys.argv = [sys.argv[0], *resolve_auto_hardware(args)]
     register_schemas()  # the typed schemas the group YAMLs name
     try:
         main()

@@ -112,3 +112,32 @@ def test_what_hydra_knew_of_the_launch_is_read_once_and_handed_down(tmp_path):
                         job_number=1).sweep_job()
     assert (job.parent_run_id, job.number, job.swept) == ("p", 3, {"stage.beta": "0.3"})
     assert "hf_secret" not in " ".join(job.overrides)  # tags and names never carry a secret
+
+
+def test_help_is_the_groups_a_person_picks_and_where_to_look_next():
+    """Hydra's help listed every folder of conf/ (schemas, the files other groups compose) and the whole default
+    config: 196 lines. A group added to conf/ must be either listed or declared composed."""
+    from rlhf_exp.config import CONF_DIR
+    from rlhf_exp.launch.cli_help import CHOSEN_GROUPS, COMPOSED_GROUPS
+
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    assert groups == set(CHOSEN_GROUPS) | set(COMPOSED_GROUPS), groups ^ (set(CHOSEN_GROUPS) | set(COMPOSED_GROUPS))
+    out = cli("--help")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) < 45, len(lines)
+    assert not any(line.lstrip().startswith(("schema", "stage/base", "experiment_stage")) for line in lines)
+    for flag in ("--cfg job", "--info defaults", "plan=true", "--hydra-help", "--version"):
+        assert flag in out.stdout, flag
+    assert "dpo, eval, grpo, ppo, rm, sft" in out.stdout  # the options of each group, read from conf/
+
+
+def test_version_is_the_packages_and_tab_completion_installs():
+    from importlib import metadata
+
+    out = cli("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"rlhf_exp {metadata.version('rlhf_exp')} (torch ") and "Hydra" not in out.stdout
+    script = cli("-sc", "install=bash")  # what `eval "$(rlhf-exp -sc install=bash)"` runs (README)
+    assert script.returncode == 0, script.stderr[-2000:]
+    assert "complete" in script.stdout and "hydra_bash_completion" in script.stdout
