@@ -64,7 +64,7 @@ def cli() -> None:
         print(cli_help.version_text())
         return
     if "--help" in args or "-h" in args:
-        print(cli_help.help_text(CONF_DIR))
+        print(cli_help.help_text())
         return
     protect_output()  # secrets never reach the console, from the first line written
     if not {"-sc", "--shell-completion"} & set(args):  # Hydra's tab completion reads its arguments as typed

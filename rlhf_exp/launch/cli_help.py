@@ -5,7 +5,9 @@ the files other groups compose, too) and the whole default config: `--hydra-help
 from __future__ import annotations
 
 from importlib import metadata
-from pathlib import Path
+
+from rlhf_exp import __version__
+from rlhf_exp.config import config_group_options
 
 # the groups a person chooses from, in the order they matter, with what choosing one decides
 CHOSEN_GROUPS = {
@@ -33,28 +35,19 @@ POINTERS = (
 )
 
 
-def help_text(conf_dir: Path) -> str:
+def help_text() -> str:
     width = max(map(len, CHOSEN_GROUPS)) + 1
-    lines = [f"rlhf_exp {version()}: RLHF experiments (SFT, reward model, DPO, GRPO, PPO) configured by Hydra and "
+    lines = [f"rlhf_exp {__version__}: RLHF experiments (SFT, reward model, DPO, GRPO, PPO) configured by Hydra and "
              "tracked in MLflow.", "",
              "usage: python -m rlhf_exp [group=option ...] [key=value ...]     (installed: rlhf-exp ...)",
              "   e.g. python -m rlhf_exp stage=grpo hardware=dgx_spark",
              "        python -m rlhf_exp experiment=tldr_pipeline", "", "config groups (group=option):"]
     for group, meaning in CHOSEN_GROUPS.items():
-        options = ", ".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
+        options = ", ".join(config_group_options(group))
         lines += [f"  {group + ':':<{width}}  {meaning}", f"  {'':<{width}}    {options}"]
     lines += ["", "any key: key=value (stage.lr=1e-5, data.max_prompt_tokens=256); more:"]
     lines += [f"  {flag:<16} {what}" for flag, what in POINTERS]
     return "\n".join(lines)
-
-
-def version() -> str:
-    try:
-        return metadata.version("rlhf_exp")
-    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        from rlhf_exp import __version__
-
-        return __version__
 
 
 def version_text() -> str:
@@ -64,4 +57,4 @@ def version_text() -> str:
             versions.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{name} missing")
-    return f"rlhf_exp {version()} ({', '.join(versions)})"
+    return f"rlhf_exp {__version__} ({', '.join(versions)})"
