@@ -1,8 +1,8 @@
 """Composing and checking the Hydra config.
 
-`conf/` sits beside the package (a source checkout or an editable install). Everything here
-works without Hydra's `@main`, so tests and tools can `compose_config([...])` and call
-`rlhf_exp.launch.run.run(cfg)` directly.
+`conf/` sits beside the package in a checkout (and an editable install) and inside it in a wheel
+(`rlhf_exp/conf`, pyproject.toml's package-dir). Everything here works without Hydra's `@main`, so tests
+and tools can `compose_config([...])` and call `rlhf_exp.launch.run.run(cfg)` directly.
 """
 
 from __future__ import annotations
@@ -18,8 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.errors import ConfigError, UserInputError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent  # the checkout in a source tree; site-packages in a wheel
+
+
+def _conf_dir() -> Path:
+    checkout = PROJECT_ROOT / "conf"
+    return checkout if (checkout / "config.yaml").is_file() else PACKAGE_DIR / "conf"
+
+
+CONF_DIR = _conf_dir()
+
+
+def output_root() -> Path:
+    """paths.root_dir's default (conf/paths/default.yaml) for tools that read runs without composing a config."""
+    return Path(os.environ.get("RLHF_EXP_ROOT") or os.getcwd()).resolve()
 
 _PROCESS_RUN_IDS: dict[int, str] = {}
 
@@ -176,8 +189,10 @@ def check_yaml_of_choices(overrides: Iterable[str], conf_dir: Path = CONF_DIR) -
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("best_attention"):
         OmegaConf.register_new_resolver("best_attention", best_attention)
-    if not OmegaConf.has_resolver("project_root"):
-        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("working_dir"):
+        # outputs go under the folder a run is started from, as with every Hydra application (Hydra >= 1.2
+        # leaves the working directory as it is); cached, so a config resolves to one folder
+        OmegaConf.register_new_resolver("working_dir", lambda: os.getcwd(), use_cache=True)
     if not OmegaConf.has_resolver("run_id"):
         # cached like Hydra's ${now:}: a launcher's worker process (joblib, submitit) rebuilds each job's
         # config from the sweep's, with its resolved values, and must land in the same sweep folder

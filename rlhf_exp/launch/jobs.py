@@ -22,6 +22,10 @@ OBJECTIVE_METRIC = "objective"
 
 
 def git_commit() -> str:
+    """The checkout's commit; "unknown" for an installed wheel (whose site-packages may sit inside some other
+    repository, a project's .venv, whose commit says nothing about this code)."""
+    if not (PROJECT_ROOT / ".git").exists():
+        return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"

@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_exp.config import output_root
 from rlhf_exp.redact import uri_with_password
 from rlhf_exp.launch.jobs import SWEEP_RECORD, short_label
 from rlhf_exp.tracking.records import PARENT_TAG
@@ -237,15 +238,13 @@ def write_report(client, parent_run_id: str, out_dir: Path) -> Path:
 
 def parent_and_uri(target: str, tracking_uri: str | None) -> tuple[str, str, Path | None]:
     """(parent run id, tracking URI, sweep folder or None) of a sweep folder or a parent run id."""
-    from rlhf_exp.config import PROJECT_ROOT
-
     folder = Path(target)
     if (folder / SWEEP_RECORD).is_file():
         record = json.loads((folder / SWEEP_RECORD).read_text())
         # a sweep that started its own server (sweep.server) kept its runs in store_uri once it stopped
         return (record["parent_run_id"], tracking_uri or uri_with_password(record.get("store_uri") or
                                                                              record["tracking_uri"]), folder)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_root() / 'mlflow.db'}"
     return target, uri, None
 
 
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf_exp.report", description=__doc__.split("\n")[0])
     parser.add_argument("target", help="a sweep folder (multiruns/<id>) or the sweep's parent MLflow run id")
     parser.add_argument("--tracking-uri", help="default: the sweep folder's, else $MLFLOW_TRACKING_URI, else "
-                                               "the project's mlflow.db")
+                                               "mlflow.db in this folder (or $RLHF_EXP_ROOT)")
     parser.add_argument("--out", type=Path, help="default: <sweep folder>/report")
     args = parser.parse_args(argv)
     parent_id, uri, folder = parent_and_uri(args.target, args.tracking_uri)
