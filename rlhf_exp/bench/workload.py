@@ -102,7 +102,7 @@ def model_folder(quick: bool, cache_dir: str) -> Path:
 
     if not quick:
         model = compose_config(["model=smollm2_135m"]).model
-        return float_checkpoint(model.gguf_package, model.gguf_file, cache_dir)
+        return float_checkpoint(model, cache_dir)
     folder = Path(cache_dir) / "bench" / "tiny_model"
     if not (folder / "config.json").is_file():
         from rlhf_exp.models import load_causal_lm, load_tokenizer

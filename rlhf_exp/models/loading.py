@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.models.embedded import float_checkpoint
 from rlhf_exp.runtime import dtype_of
 from rlhf_exp.checkpoint_layout import weights_folder
 from rlhf_exp.models.peft import add_adapters, load_adapter_weights, quantization_config, uses_lora
@@ -90,7 +89,9 @@ def _folder_for(spec: dict[str, Any], cache_dir: str, key: str) -> str:
     """Where from_pretrained reads for a spec with source gguf / hub / local."""
     source = spec.get("source")
     if source == "gguf":
-        return str(float_checkpoint(spec["gguf_package"], spec["gguf_file"], cache_dir))
+        from rlhf_exp.models.embedded import float_checkpoint  # not at import: `python -m` runs that module
+
+        return str(float_checkpoint(spec, cache_dir, key))
     if source in ("hub", "local"):
         path = spec.get("path")
         if not path:
