@@ -318,3 +318,23 @@ def test_the_report_of_an_online_rl_sweep_draws_reward_against_kl_and_a_group_sw
     sweep = load_sweep(client, parent)  # not a param: read back from the overrides tag
     assert [job.swept for job in sweep.jobs] == [{"dpo_loss": "ipo"}, {"dpo_loss": "hinge"}]
     assert (write_report(client, parent, tmp_path / "dpo") / "dpo_loss_vs_metrics.png").is_file()
+
+
+def test_the_optuna_search_space_is_read_from_hydras_sweep_syntax():
+    """Each sweep override becomes the Optuna 5 distribution it says (a log interval a log FloatDistribution, an
+    int range an IntDistribution whose high is range's last value, not its excluded stop), and the other
+    overrides pass to every trial unchanged."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from rlhf_exp.launch.optuna_sweep import search_space
+
+    space, fixed = search_space(["stage.lr=tag(log, interval(1e-6, 1e-4))", "stage.beta=interval(0.01, 0.5)",
+                                 "stage.epochs=int(interval(1, 4))", "stage.warmup_ratio=interval(0, 1)", "stage.group_size=range(2, 10, 2)",
+                                 "dpo_loss=choice(sigmoid, ipo)", "seed=3", "model=tiny"])
+    assert space["stage.lr"] == FloatDistribution(1e-6, 1e-4, log=True)
+    assert space["stage.beta"] == FloatDistribution(0.01, 0.5)
+    assert space["stage.epochs"] == IntDistribution(1, 4)
+    assert space["stage.warmup_ratio"] == FloatDistribution(0.0, 1.0)  # Hydra's interval is float unless cast
+    assert space["stage.group_size"] == IntDistribution(2, 8, step=2)
+    assert space["dpo_loss"] == CategoricalDistribution(["sigmoid", "ipo"])
+    assert fixed == ["seed=3", "model=tiny"]

@@ -9,7 +9,7 @@ done (else it would draw the same points again). A `direction` of null becomes t
 (maximize held-out accuracy, minimize a loss; rlhf_exp/launch/sweep.py).
 
 The search space is Hydra's sweep syntax, from `hydra.sweeper.params` and the command line:
-`interval(a, b)` (floats, or ints when both ends are), `tag(log, interval(a, b))`, `choice(...)`,
+`interval(a, b)` (floats; `int(interval(a, b))` for ints), `tag(log, interval(a, b))`, `choice(...)`,
 `range(...)`; any other override is passed to every trial as it is.
 
 Run one search per study at a time: a RUNNING trial of a live search elsewhere would be failed too.
