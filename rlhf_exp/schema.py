@@ -255,6 +255,7 @@ class RootConfig:
     seed: int = key(Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
                          "must be an integer from 0 to 2**32 - 1 (what numpy and every seeded library accept)"))
     run_name: Optional[str] = None
+    description: Optional[str] = None
     allowed_targets: List[str] = key(Rule(lambda v: all(isinstance(p, str) and p.strip(".") == p and p for p in v),
                                           "must be a list of module names (mypackage.rewards)"))
     plan: bool = key(Rule(lambda v: isinstance(v, bool), "must be true or false"))

@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # tests/test_export.py reads rewards with TRL's code
+# a run's final model is not logged as an MLflow model (a second copy of its weights per run): the tests that
+# check it turn it on (tracking.log_model=true)
+os.environ.setdefault("RLHF_EXP_LOG_MODEL", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs tests side by side (pytest -n): one OpenMP thread per test process and the runs it
     # starts, else two tests' thread pools fight over the cores and steps run 10-40x slower

@@ -25,9 +25,9 @@ def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alon
     from rlhf_exp.export import main
     from rlhf_exp.models.reward import load_reward_model
 
-    sft = train(tmp_path, "stage=sft")
+    sft = train(tmp_path, "stage=sft", "tracking.log_model=true")
     rm = train(tmp_path, "stage=rm", *PAIRS, "stage.norm_examples=8", f"model.init_from={sft}/checkpoints/final",
-               "stage.lr=1e-2")
+               "stage.lr=1e-2", "tracking.log_model=true", "tracking.register_as=tiny-rm")
 
     # the policy: the same weights, the run's sampling settings, a card with lineage and metrics
     assert main([str(sft), f"out={tmp_path / 'sft_export'}"]) == 0
@@ -53,6 +53,49 @@ def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alon
     own_model, _ = load_reward_model(rm / "checkpoints" / "final")
     for folder in (rm / "checkpoints" / "final", tmp_path / "rm_export"):
         assert_outside_loaders_score_as_the_rm(folder, own_model)
+    assert_logged_as_mlflow_models(tmp_path, own_model, base_tokenizer)
+
+
+def assert_logged_as_mlflow_models(tmp_path: Path, own_model, tokenizer) -> None:
+    """tracking.log_model: each run's final model is an MLflow logged model of that run (READY, its output), the
+    policy generates through pyfunc, the reward model scores prompt + response through pyfunc as the project's RM
+    does, the RM is registered (tracking.register_as), and each run lists its train and held-out data as inputs."""
+    import mlflow
+
+    from rlhf_exp.models.reward import end_token_id
+
+    client, runs = mlflow_runs(tmp_path / "mlflow.db")
+    sft_run, rm_run = runs
+    found = client.search_logged_models([run.info.experiment_id for run in runs])
+    models = {model.source_run_id: model for model in found}
+    assert len(found) == 2 and str(models[sft_run.info.run_id].status) == "READY"
+    assert models[sft_run.info.run_id].model_type == "policy" and models[rm_run.info.run_id].model_type == "reward-model"
+    assert [output.model_id for output in rm_run.outputs.model_outputs] == [models[rm_run.info.run_id].model_id]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        policy = mlflow.pyfunc.load_model(f"models:/{models[sft_run.info.run_id].model_id}")
+        [text] = policy.predict(["Summarize: the cat sat."], params={"max_new_tokens": 4, "do_sample": False})
+        assert isinstance(text, str) and text.startswith("Summarize: the cat sat.")
+        scorer = mlflow.pyfunc.load_model(f"models:/{models[rm_run.info.run_id].model_id}")
+        rows = [{"prompt": "Summarize: the cat sat on the mat. TL;DR:", "response": " a cat sat"},
+                {"prompt": "Summarize: moving. TL;DR:", "response": " moving to a new city for work"}]
+        scores = torch.tensor(scorer.predict(rows))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    with torch.no_grad():
+        own = torch.stack([own_model(torch.tensor([ids]), torch.tensor([len(ids)]))[0] for ids in (
+            tokenizer(row["prompt"] + row["response"]).input_ids + [end_token_id(own_model.backbone, tokenizer)]
+            for row in rows)])
+    assert torch.allclose(scores, own, atol=1e-5) and (scores[0] - scores[1]).abs() > 1e-4
+    [version] = client.search_model_versions("name='tiny-rm'")
+    assert version.source == models[rm_run.info.run_id].artifact_location and version.run_id == rm_run.info.run_id
+
+    inputs = {tag.value: dataset_input.dataset for dataset_input in rm_run.inputs.dataset_inputs
+              for tag in dataset_input.tags if tag.key == "mlflow.data.context"}
+    assert set(inputs) == {"train", "held-out"} and inputs["train"].name == "hh_rlhf"
+    assert json.loads(inputs["train"].profile)["num_rows"] == int(rm_run.data.tags["data.num_train"])
+    assert "**rm**" in rm_run.data.tags["mlflow.note.content"]
 
 
 def assert_outside_loaders_score_as_the_rm(folder: Path, own_model) -> None:

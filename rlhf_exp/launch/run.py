@@ -25,6 +25,7 @@ import rlhf_exp
 from rlhf_exp import distributed, run_lock, stopping
 from rlhf_exp.checkpoint import resume_point
 from rlhf_exp.checkpoint_layout import CHECKPOINTS
+from rlhf_exp.errors import ConfigError
 from rlhf_exp.config import AUTO_CHOICE, check_inputs, check_resumable, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_text, redact_yaml_files
 from rlhf_exp.runtime import choose_precision
@@ -167,7 +168,6 @@ def plan_the_data(cfg: DictConfig, trainer) -> None:
 
 def check_distributed(cfg: DictConfig, spec: StageSpec | None = None) -> None:
     """Under torchrun: what the stage says it runs under (its StageSpec), then what any mode needs."""
-    from rlhf_exp.errors import ConfigError
 
     world = distributed.world_size()
     if world == 1:
@@ -334,6 +334,34 @@ def tracked_run(launch: Launch) -> dict[str, float]:
         return prepare_and_fit(launch)
 
 
+def description(cfg: DictConfig, overrides: str) -> str:
+    """The run's MLflow description when the config gives none: what ran, on what, and the command."""
+    started = f"from `{cfg.model.init_from}`" if cfg.model.get("init_from") else f"from {cfg.model.name}"
+    return (f"**{cfg.stage.name}** {started} on **{cfg.data.name}** ({cfg.hardware.name}, "
+            f"{cfg.hardware.precision}).\n\n`python -m rlhf_exp {overrides}`")
+
+
+def log_final_model(cfg: DictConfig, tracker: Tracker, run_dir: Path, step: int) -> None:
+    """The final checkpoint, exported as rlhf_exp.export writes it, as the run's MLflow model (tracking.log_model;
+    tracking.register_as registers it). A stage without one (stage=eval) logs none; one that cannot be exported
+    (LoRA adapters kept unmerged) is said, and the run still finishes."""
+    import tempfile
+
+    from rlhf_exp.checkpoint_layout import FINAL, checkpoints_of
+    from rlhf_exp.export import export
+
+    final = checkpoints_of(run_dir) / FINAL
+    if not final.is_dir():
+        return
+    with tempfile.TemporaryDirectory(prefix="export-", dir=run_dir) as scratch:
+        try:
+            folder = export(final, Path(scratch) / "export")
+        except ConfigError as error:
+            log.warning("tracking.log_model: the final model is not logged: %s", error)
+            return
+        tracker.log_model(folder, f"{cfg.stage.name}-{cfg.model.name}", step, cfg.tracking.get("register_as"))
+
+
 def prepare_and_fit(launch: Launch) -> dict[str, float]:
     cfg, run_dir, job = launch.cfg, launch.run_dir, launch.job
     written = redact(OmegaConf.to_container(cfg, resolve=True))  # the config as stored: no secrets
@@ -350,6 +378,7 @@ def prepare_and_fit(launch: Launch) -> dict[str, float]:
             "hardware": cfg.hardware.name, "git_commit": jobs.git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": launch.precision_reason,
             "overrides": " ".join(launch.context.redacted_overrides()), **launch.lineage_tags, **(job.tags() if job else {})}
+    tags["mlflow.note.content"] = cfg.get("description") or description(cfg, tags["overrides"])
     status = "FAILED"
     earlier = resumed_run(cfg, tracker)
     continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None
@@ -372,6 +401,8 @@ def prepare_and_fit(launch: Launch) -> dict[str, float]:
         tracker.log_artifact(str(run_dir / "config.yaml"), "config")
         with out_of_memory_reported(cfg, launch.spec, launch.plan):
             metrics = trainer.fit()
+        if distributed.is_main() and cfg.tracking.get("log_model"):
+            log_final_model(cfg, tracker, run_dir, trainer.step)
         objective = jobs.objective_of(cfg)[0]
         if job is not None and objective in metrics:  # one column name for every sweep's objective
             tracker.log_metrics({jobs.OBJECTIVE_METRIC: metrics[objective]}, step=trainer.step)

@@ -147,9 +147,11 @@ class Toolbox:
         train_set = tokenize(train, cache_dir=self.cfg.paths.cache_dir)
         val_set = tokenize(val)
         self.tracker.set_tags({"data.num_train": len(train_set), "data.num_eval": len(val_set)})
-        return StageData(train_set, val_set, train, val,
-                         {"train": {"rows": len(train_set), "digest": split_digest(train_set)}, "held-out": held_out},
-                         BatchStream(len(train_set), self.cfg.seed))
+        splits = {"train": {"rows": len(train_set), "digest": split_digest(train_set)}, "held-out": held_out}
+        source = f"{data.source}:{data.path}" if data.get("path") else f"{data.source}:{data.name}"
+        for context, split in splits.items():  # the run's inputs (MLflow's Datasets), whose digests resume checks
+            self.tracker.log_dataset(str(data.name), split["digest"], source, context, split["rows"])
+        return StageData(train_set, val_set, train, val, splits, BatchStream(len(train_set), self.cfg.seed))
 
     def report_skipped(self, skipped: Counter) -> None:
         """Bad rows dropped under data.on_bad_row=skip: counted per reason on the console and in MLflow."""

@@ -34,6 +34,12 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def log_dataset(self, name: str, digest: str, source: str, context: str, rows: int) -> None:
+        """A data set the run read (`context`: train / held-out), as a run input."""
+
+    def log_model(self, folder: Path, name: str, step: int, register_as: str | None = None) -> None:
+        """An exported model folder (rlhf_exp.export) as a model of the run, registered as `register_as` if set."""
+
     def close_abandoned(self, run_id: str, note: str) -> bool:
         """Mark run `run_id`, if the tracker still shows it RUNNING (its process was SIGKILLed), KILLED."""
         return False

@@ -4,8 +4,10 @@ a failed run cannot leave the next one "already active"."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import sqlite3
@@ -139,6 +141,18 @@ def send_record(client, run_id: str, record: dict[str, Any]) -> None:
         client.log_text(run_id, record["text"], record["artifact_file"])
     elif kind == "table":
         client.log_table(run_id, data=record["data"], artifact_file=record["artifact_file"])
+    elif kind == "dataset":
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source_type = "hugging_face" if record["source"].startswith("hub:") else "local"
+        dataset = Dataset(record["name"], record["digest"][:36], source_type, json.dumps({"uri": record["source"]}),
+                          profile=json.dumps({"num_rows": record["rows"]}))
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", record["context"])])])
+    elif kind == "model":
+        from rlhf_exp.tracking.logged_models import upload
+
+        upload(client, run_id, record)
+        shutil.rmtree(record["path"], ignore_errors=True)  # a model's weights: the artifact store has them now
     elif kind == "finish":
         client.set_terminated(run_id, status=record["status"], end_time=record["time"])
     else:
@@ -156,6 +170,8 @@ class MlflowTracker(Tracker):
         self.experiment_name = tracking.experiment_name
         self.artifact_location = artifact_location(tracking, self.uri)
         self.flush_timeout_s = float(tracking.get("flush_timeout_s") or 0)
+        self.system_metrics_s = tracking.get("system_metrics_s")
+        self.system_monitor = None
         self.run_id = None
         self._before_start: list[dict[str, Any]] = []
         self.outbox: Outbox | None = None
@@ -197,6 +213,8 @@ class MlflowTracker(Tracker):
         early, self._before_start = self._before_start, []
         for record in early:  # made while the run's data and weights loaded
             self._emit(record)
+        if self.system_metrics_s:
+            self._monitor_system(resumed=logged is not None)
         log.info("MLflow run %s in %s (experiment %r)", self.run_id, self.uri, self.experiment_name)
 
     def _continue(self, run_id: str, params: dict[str, str], tags: dict[str, str]) -> dict[str, str] | None:
@@ -221,6 +239,17 @@ class MlflowTracker(Tracker):
             self.client.set_tag(run_id, key, str(value))
         log.info("continuing MLflow run %s (resume %d)", run_id, count)
         return dict(run.data.params)
+
+    def _monitor_system(self, resumed: bool) -> None:
+        """MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network; GPU utilization and
+        memory where nvidia-ml-py is installed) every tracking.system_metrics_s seconds, best effort: straight
+        to the tracker, not through the outbox (a sample lost in an outage is not worth a retry)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start / stop notices
+        self.system_monitor = SystemMetricsMonitor(self.run_id, sampling_interval=float(self.system_metrics_s),
+                                                   resume_logging=resumed, tracking_uri=self.uri)
+        self.system_monitor.start()
 
     def _send(self, record: dict[str, Any]) -> None:
         send_record(self.client, self.run_id, record)
@@ -268,6 +297,23 @@ class MlflowTracker(Tracker):
         if tags:
             self._emit({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def log_dataset(self, name: str, digest: str, source: str, context: str, rows: int) -> None:
+        self._emit({"kind": "dataset", "name": name, "digest": digest, "source": source, "context": context,
+                    "rows": int(rows)})
+
+    def log_model(self, folder: Path, name: str, step: int, register_as: str | None = None) -> None:
+        from rlhf_exp.export import reward_mean_of
+        from rlhf_exp.tracking.logged_models import model_type_of, save_policy, save_reward_model
+
+        model_type = model_type_of(folder)
+        out = self._keep("mlflow_model")
+        if model_type == "reward-model":
+            save_reward_model(folder, out, reward_mean_of(folder))
+        else:
+            save_policy(folder, out, name)
+        self._emit({"kind": "model", "path": str(out), "name": name, "model_type": model_type, "step": int(step),
+                    "register_as": register_as, "key": secrets.token_hex(8)})
+
     def close_abandoned(self, run_id: str, note: str) -> bool:
         from mlflow.exceptions import MlflowException
 
@@ -283,6 +329,11 @@ class MlflowTracker(Tracker):
     def finish(self, status: str) -> None:
         if self.run_id is None:
             return
+        if self.system_monitor is not None:
+            try:
+                self.system_monitor.finish()
+            except Exception:  # never mask the error that ended the run
+                log.exception("could not stop the system metrics of run %s", self.run_id)
         try:
             self._emit({"kind": "finish", "status": status, "time": now_ms()})
         except Exception:  # never mask the error that ended the run

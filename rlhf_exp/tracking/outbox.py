@@ -27,7 +27,7 @@ OUTBOX = "tracking_outbox"
 LINES = "outbox.jsonl"  # one JSON record per tracker call
 SENT = "sent.txt"       # the index (line number from 0) of every record the tracker has, one per line
 SENT_COUNT = "sent"     # written by earlier versions: the first N records were sent
-ARTIFACT_KINDS = ("artifact", "text", "table")  # bound for the artifact store: a lane of their own
+ARTIFACT_KINDS = ("artifact", "text", "table", "model")  # bound for the artifact store: a lane of their own
 _STOP = object()
 BACKOFF_S = (0.5, 1, 2, 4, 5)  # then every 5 s: a restarted server is picked up within seconds
 
