@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_exp.evaluation.statistics import length_controlled_win_rate, sampled_kl, win_rate, win_scores
-from rlhf_exp.evaluation.text import distinct_n, lcs_length, rouge_l
+from rlhf_exp.evaluation.text import distinct_n, rouge_l
 
 
 def test_a_tie_is_half_a_win_and_the_interval_holds_the_rate():
@@ -34,11 +34,14 @@ def test_length_control_removes_a_win_rate_that_comes_only_from_length():
     assert length_controlled_win_rate(better, difference, resamples=200)[1] > 0.6
 
 
-def test_rouge_l_is_the_longest_common_subsequence_f1():
-    assert lcs_length("abcde", "ace") == 3 and lcs_length("", "abc") == 0
+def test_rouge_l_is_the_stemmed_longest_common_subsequence_f1_the_papers_report():
     # candidate 4 words, reference 5, common subsequence "the cat on mat": P = 4/4, R = 4/5
-    assert rouge_l("the cat on mat".split(), "the cat sat on mat".split()) == pytest.approx(2 * 1 * 0.8 / 1.8)
-    assert rouge_l([], ["a"]) == 0.0 and rouge_l(["a"], ["b"]) == 0.0
+    assert rouge_l(["the cat on mat"], ["the cat sat on mat"]) == pytest.approx(2 * 1 * 0.8 / 1.8)
+    # as rouge-score with stemming scores it: case, punctuation and inflection do not split words (split on
+    # whitespace, "Cats" / "mats." / "sitting" would match nothing)
+    assert rouge_l(["Cats sitting on mats."], ["the cat sits on the mat"]) == pytest.approx(2 * 1 * (4 / 6) / (1 + 4 / 6))
+    assert rouge_l(["a b", "x"], ["a b", "y"]) == pytest.approx(0.5)  # the mean over pairs
+    assert rouge_l([], []) == 0.0
 
 
 def test_distinct_n_counts_repeats_across_responses():

@@ -37,6 +37,13 @@ from rlhf_exp.evaluation.statistics import (accuracy_metrics, interval_text, len
                                             wilson_interval, win_rate, win_scores)
 from rlhf_exp.evaluation.tables import markdown_table
 from rlhf_exp.evaluation.text import distinct_n, rouge_l, words
+
+# what the summary table's figures are, and how they differ from the published methods their names recall
+CAPTION = ("Win rates: 95% Wilson intervals. LC = length-controlled win rate, a simplified AlpacaEval 2 (Dubois et "
+           "al. 2024): one logistic regression of the win on the length difference, read at equal length (without "
+           "AlpacaEval's tanh of standardized lengths or its per-prompt difficulty term), 95% paired bootstrap; not "
+           "comparable with AlpacaEval's leaderboard. KL to {kl_reference} (sampled, nats). ROUGE-L: F1 against the "
+           "reference, rouge-score with stemming (as the TL;DR papers report it).")
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.schema import StageConfig, key, positive
 from rlhf_exp.stages.spec import HeldModel, StageMemory, StageRunner, StageSpec, micro_batch, sequence_tokens
@@ -306,14 +313,13 @@ class PolicyEvaluator(StageRunner):
         stage = self.stage
         metrics: dict[str, float] = {}
         rows = []
-        reference_words = [words(t) for t in self.references]
         reference_lengths = torch.tensor([len(self.tools.tokenizer(t, add_special_tokens=False).input_ids) + 1
                                           for t in self.references], dtype=torch.float64)
         for name, answer in answers.items():
             answer_words = [words(t) for t in answer.texts]
             row: dict[str, float | str] = {"policy": name}
             values = {"length": float(answer.lengths.mean()), "eos_rate": float(answer.ended.float().mean()),
-                      "rouge_l": sum(map(rouge_l, answer_words, reference_words)) / len(answer_words),
+                      "rouge_l": rouge_l(answer.texts, self.references),
                       "distinct_1": distinct_n(answer_words, 1), "distinct_2": distinct_n(answer_words, 2)}
             if answer.reference_logp is not None:
                 values["kl_k1_seq"], values["kl_k1_token"] = sampled_kl(answer.logp, answer.reference_logp, answer.lengths)
@@ -352,8 +358,8 @@ class PolicyEvaluator(StageRunner):
         accuracy = "".join(f"\n{name} accuracy on {n} held-out preference pairs: "
                            f"{interval_text(c / n, *wilson_interval(c, n))}" for name, (c, n) in pair_accuracy.items() if n)
         summary = (f"# Policies on {len(self.examples)} held-out prompts x {self.stage.samples_per_prompt} samples "
-                   f"({data_label(self.cfg.data)})\n\nWin rates: 95% Wilson intervals; LC = length-controlled (AlpacaEval 2), "
-                   f"95% paired bootstrap. KL to {self.stage.kl_reference} (sampled, nats).\n\n{table}\n{accuracy}\n")
+                   f"({data_label(self.cfg.data)})\n\n{CAPTION.format(kl_reference=self.stage.kl_reference)}"
+                   f"\n\n{table}\n{accuracy}\n")
         side = self.side_by_side(answers, reference_scores)
         (folder / "summary.md").write_text(summary)
         (folder / "side_by_side.md").write_text(side)
