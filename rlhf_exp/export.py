@@ -132,7 +132,8 @@ def write_generation_config(staging: Path, config: dict) -> None:
 
 
 def lineage(checkpoint: Path) -> list[dict[str, Any]]:
-    """[{stage, checkpoint, run_id}] from the base model to `checkpoint`, following model.init_from."""
+    """[{stage, checkpoint, run, run_id}] from the base model to `checkpoint`, following model.init_from (`run`:
+    the run folder's name and the checkpoint's, for a card that names no local path)."""
     chain, seen = [], set()
     current: Path | None = checkpoint
     while current is not None and current.resolve() not in seen:
@@ -140,14 +141,15 @@ def lineage(checkpoint: Path) -> list[dict[str, Any]]:
         try:
             config = saved_config(current)
         except (OSError, KeyError, ValueError):
-            chain.append({"stage": "?", "checkpoint": str(current), "run_id": None})
+            chain.append({"stage": "?", "checkpoint": str(current), "run": current.name, "run_id": None})
             break
         chain.append({"stage": (config.get("stage") or {}).get("name"), "checkpoint": str(current),
-                      "run_id": run_id_of(current.parent.parent)})
+                      "run": f"{current.parent.parent.name}/{current.name}", "run_id": run_id_of(current.parent.parent)})
         parent = (config.get("model") or {}).get("init_from")
         current = Path(parent) if parent else None
     base = saved_config(checkpoint).get("model") or {}
-    chain.append({"stage": "base", "checkpoint": base.get("path") or base.get("name"), "run_id": None})
+    name = base.get("path") if base.get("source") == "hub" or base.get("source") == "gguf" else base.get("name")
+    chain.append({"stage": "base", "checkpoint": name, "run": name, "run_id": None})
     return chain[::-1]
 
 
@@ -188,23 +190,27 @@ def copy_figures(checkpoint: Path, staging: Path) -> list[str]:
 
 
 def model_card(checkpoint: Path, config: dict, reward_mean: float | None, figures: list[str]) -> str:
+    """README.md of the export: huggingface_hub's ModelCard with its metadata (licence, base model, data sets,
+    pipeline tag) and a body that names runs by folder name and MLflow run id, never by this machine's paths."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     stage = (config.get("stage") or {}).get("name", "?")
     model, data = config.get("model") or {}, config.get("data") or {}
     hub_data = [v["path"] for v in (data.get("hub") or {}).values() if isinstance(v, dict) and v.get("path")]
-    front = ["---", "library_name: transformers",
-             f"pipeline_tag: {'text-classification' if reward_mean is not None else 'text-generation'}",
-             f"tags: [rlhf_exp, {stage}, rlhf]"]
-    if model.get("path"):
-        front.append(f"base_model: {model['path']}")
-    if hub_data:
-        front.append(f"datasets: [{', '.join(hub_data)}]")
-    front.append("---")
+    if data.get("source") == "hub" and data.get("path"):
+        hub_data.append(data["path"])
+    metadata = ModelCardData(
+        license=model.get("license") or "other", library_name="transformers",
+        pipeline_tag="text-classification" if reward_mean is not None else "text-generation",
+        tags=["rlhf_exp", stage, "rlhf"], base_model=model.get("path") if model.get("source") != "local" else None,
+        datasets=hub_data or None)
     what = ("a reward model (Bradley-Terry) as a sequence classifier" if reward_mean is not None
             else f"a policy after {stage}")
-    lines = [*front, "", f"# {model.get('name', 'model')}: {stage} on {data.get('name', '?')}", "",
-             f"{what}, trained with rlhf_exp; exported from `{checkpoint}`.", ""]
-    lines += ["## Lineage", "", "| stage | checkpoint | MLflow run |", "|---|---|---|"]
-    lines += [f"| {step['stage']} | `{step['checkpoint']}` | {step['run_id'] or ''} |" for step in lineage(checkpoint)]
+    lines = [f"# {model.get('name', 'model')}: {stage} on {data.get('name', '?')}", "",
+             f"{what}, trained with rlhf_exp from run `{checkpoint.parent.parent.name}` ({checkpoint.name} "
+             f"checkpoint). Licence: {model.get('license') or 'not recorded (model.license)'}, the base weights'.", ""]
+    lines += ["## Lineage", "", "| stage | run | MLflow run |", "|---|---|---|"]
+    lines += [f"| {step['stage']} | `{step['run']}` | {step['run_id'] or ''} |" for step in lineage(checkpoint)]
     if (checkpoint.parent.parent.parent / "pipeline.json").is_file():
         lines += ["", f"Part of pipeline `{checkpoint.parent.parent.parent.name}`."]
     metrics = held_out_metrics(checkpoint)
@@ -232,7 +238,8 @@ def model_card(checkpoint: Path, config: dict, reward_mean: float | None, figure
         lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(folder)  # generation_config.json: the run's sampling",
                   "```", ""]
-    return "\n".join(lines)
+    return str(ModelCard.from_template(metadata, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n",
+                                       body="\n".join(lines)))
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:

@@ -128,6 +128,7 @@ class ModelConfig:
     name: str = MISSING
     source: str = key(one_of(MODEL_SOURCES))
     path: Optional[str] = None
+    license: Optional[str] = None
     tokenizer: Optional[Dict[str, Any]] = None
     dtype: str = key(one_of(tuple(DTYPES)))
     attn_implementation: str = key(one_of(ATTENTION))

@@ -41,6 +41,12 @@ def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alon
     assert tokenizer.eos_token_id in generation.eos_token_id and generation.max_new_tokens == 8  # TINY: stage.generation.max_new_tokens=8
     card = (folder / "README.md").read_text()
     assert "| sft |" in card and "eval/loss" in card and "training_curves.png" in card
+    # huggingface_hub reads its metadata: the base weights' licence (model.license), no paths of this machine
+    from huggingface_hub import ModelCard
+
+    metadata = ModelCard.load(folder / "README.md").data
+    assert metadata.license == "mit" and metadata.pipeline_tag == "text-generation" and "sft" in metadata.tags
+    assert str(tmp_path) not in card and "/tmp/" not in card
     assert not (folder / "trainer_state.pt").exists() and (folder / "training_curves.png").is_file()
 
     # the reward model: its checkpoint and its export are sequence classifiers that score as the RM does
@@ -48,6 +54,7 @@ def test_a_policy_and_its_reward_model_export_to_folders_transformers_loads_alon
     card = (tmp_path / "rm_export" / "README.md").read_text()
     lineage = card.split("## Lineage")[1].split("##")[0]
     assert lineage.index("| sft |") < lineage.index("| rm |")  # base -> sft -> rm, with run ids
+    assert f"`{sft.name}/final`" in lineage and str(tmp_path) not in card
     base_tokenizer = AutoTokenizer.from_pretrained(sft / "checkpoints" / "final")
     assert base_tokenizer.pad_token_id == base_tokenizer.eos_token_id  # SmolLM2's: the case outside readers get wrong
     own_model, _ = load_reward_model(rm / "checkpoints" / "final")
