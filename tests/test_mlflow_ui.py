@@ -1,5 +1,5 @@
 """The MLflow UI, used as a person uses it: a real `mlflow server` over a database holding a finished
-sweep, opened in headless Chromium (Debian's `chromium` + `chromium-driver`, driven by selenium).
+sweep (its runs table, report, logged models and a run's data sets), opened in headless Chromium (Debian's `chromium` + `chromium-driver`, driven by selenium).
 
 A browser that cannot start fails this test (the Makefile installs selenium; .ci/run installs Chromium).
 RLHF_EXP_UI_SCREENSHOT=<file.png> keeps the screenshot; it is always saved in the test's folder."""
@@ -76,7 +76,7 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
 
     env = {**tracked_env(tmp_path), "RLHF_EXP_MULTIRUNS_DIR": str(tmp_path / "multi")}
     done = run_cli("-m", "experiment=quick", "stage=dpo", "stage.max_steps=1", "stage.eval_every=1",
-                   "stage.beta=0.05,0.3", "hardware.num_threads=1", env=env)
+                   "stage.beta=0.05,0.3", "hardware.num_threads=1", "tracking.log_model=true", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path / "m.db")
     [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "sweep"]
@@ -116,6 +116,23 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
                         what="the report's table")
         assert [row[:3] for row in rows] == [["dpo beta=0.05", "FINISHED", "0.05"], ["dpo beta=0.3", "FINISHED", "0.3"]]
         driver.save_screenshot(str(tmp_path / "mlflow_ui_report.png"))
+
+        # MLflow 3's Models tab (the UI's "Model training" side): each child's final policy, from its run
+        click(driver, "//*[text()='Model training']", "the Model training side of the UI")
+        driver.get(f"{server.uri}/#/experiments/{parent.info.experiment_id}/models")
+        wait_for(driver, lambda d: len(d.find_elements(By.XPATH, "//a[text()='dpo-tiny']")) == 2, what="two models")
+        for name in children:
+            wait_for(driver, lambda d: d.find_element(By.XPATH, f"//a[text()='{name}']"), what=f"{name} as a source run")
+        driver.save_screenshot(str(tmp_path / "mlflow_ui_models.png"))
+        # a child's page: its description, and its data as run inputs (the Datasets section)
+        child = children["dpo beta=0.3"]
+        driver.get(f"{server.uri}/#/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}")
+        wait_for(driver, lambda d: d.find_element(By.XPATH, "//*[text()='Datasets']"), what="the Datasets section")
+        [digest] = [i.dataset.digest for i in child.inputs.dataset_inputs if i.tags[0].value == "train"]
+        page = wait_for(driver, lambda d: (text := d.find_element(By.TAG_NAME, "body").text) and
+                        f"tldr ({digest})" in text and text, what=f"the tldr data set with its digest {digest}")
+        assert "Train" in page and "dpo from tiny on tldr" in page  # its context; the description
+        driver.save_screenshot(str(tmp_path / "mlflow_ui_run.png"))
     finally:
         driver.quit()
         server.stop()
@@ -123,5 +140,6 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
     if os.environ.get("RLHF_EXP_UI_SCREENSHOT"):
         keep = Path(os.environ["RLHF_EXP_UI_SCREENSHOT"])
         shutil.copy(shot, keep)
-        shutil.copy(tmp_path / "mlflow_ui_report.png", keep.with_name(keep.stem + "_report.png"))
+        for page in ("report", "models", "run"):
+            shutil.copy(tmp_path / f"mlflow_ui_{page}.png", keep.with_name(f"{keep.stem}_{page}.png"))
         (keep.with_suffix(".json")).write_text(json.dumps({"view": view}))
