@@ -7,6 +7,7 @@ The stages only call `backward(loss)` for each micro batch and `step()` once per
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ class Engine:
         lr = self.scheduler.get_last_lr()[0]
         if self.deepspeed is not None:  # DeepSpeed clips, steps its partitioned optimizer and zeroes
             self.deepspeed.step()  # its norm is known only after its step: a non-finite one stops the run here
-            self.scheduler.step()
+            self._advance_schedule()
             grad_norm = float(self.deepspeed.get_global_grad_norm())
             if not math.isfinite(grad_norm):
                 raise NonFiniteError("train/grad_norm", grad_norm, applied=True)
@@ -67,16 +68,24 @@ class Engine:
             self.optimizer.zero_grad(set_to_none=True)
             if self.on_nonfinite == "stop":
                 raise NonFiniteError("train/grad_norm", grad_norm)
-            self.scheduler.step()
+            self._advance_schedule()
             return {"train/grad_norm": grad_norm, "train/skipped_steps": 1.0, **metrics}
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        self._advance_schedule()
         self.optimizer.zero_grad(set_to_none=True)
         return {"train/grad_norm": grad_norm, **metrics}
+
+    def _advance_schedule(self) -> None:
+        """One step of the schedule per optimizer step taken or skipped (a non-finite or fp16-overflow step), so the
+        learning rate stays with the step counter, as in HF's Trainer. torch warns when the first of them was a
+        skipped one, which is meant here."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -161,6 +161,8 @@ def check_packed_against_padded(ctx: Context) -> dict:
 
 def check_gradient_checkpointing_with_lora(ctx: Context) -> dict:
     """Adapter gradients with gradient checkpointing equal those without, on the RM path and the policy path."""
+    from rlhf_exp.models import enable_activation_checkpointing
+
     from rlhf_exp.models.peft import add_adapters
     from rlhf_exp.models.reward import add_reward_adapters, reward_model_from_causal_lm
 
@@ -180,7 +182,7 @@ def check_gradient_checkpointing_with_lora(ctx: Context) -> dict:
                     if "lora_B" in name:
                         param.normal_(0, 0.1)
             if checkpointing:
-                model.gradient_checkpointing_enable()
+                enable_activation_checkpointing(model)
             model.train()
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
                 value = model(input_ids=ids).logits.float().logsumexp(-1).mean() if path == "policy" else \
@@ -212,6 +214,8 @@ def quantized_llama(ctx: Context, hidden: int, layers: int, vocab: int, intermed
 
 def check_qlora_paged_adamw(ctx: Context) -> dict:
     """One QLoRA step with paged 8-bit AdamW: a finite loss, adapters that moved, 4-bit weights that did not."""
+    from rlhf_exp.models import enable_activation_checkpointing
+
     from omegaconf import OmegaConf
 
     from rlhf_exp.models.loading import upcast_trainable
@@ -221,7 +225,7 @@ def check_qlora_paged_adamw(ctx: Context) -> dict:
     hidden, layers = (64, 2) if ctx.dry else (1024, 4)
     model = upcast_trainable(add_adapters(quantized_llama(ctx, hidden, layers, 512, 2 * hidden, 4, 2),
                                           hardware_cfg(load_in_4bit=True, gradient_checkpointing=True)))
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     stage = OmegaConf.create({"lr": 1e-3, "adam_betas": [0.9, 0.999], "weight_decay": 0.0})
     optimizer = build_optimizer(model, stage, "paged_adamw_8bit")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
@@ -361,6 +365,8 @@ def held_as(model) -> dict:
 def check_7b_qlora_step_against_the_plan(ctx: Context) -> dict:
     """A Llama-2-7B-shaped model (random weights, `--layers-7b` of its 32 layers) in QLoRA with paged 8-bit AdamW and
     gradient checkpointing, one SFT step of 2 x 1024 tokens: the GPU's peak against the planner's tensors."""
+    from rlhf_exp.models import enable_activation_checkpointing
+
     from omegaconf import OmegaConf
 
     from rlhf_exp.config import compose_config
@@ -392,7 +398,7 @@ def check_7b_qlora_step_against_the_plan(ctx: Context) -> dict:
     model = upcast_trainable(add_adapters(model, hardware_cfg(load_in_4bit=True, gradient_checkpointing=True,
                                                               lora={"enabled": True, "r": 16, "alpha": 32,
                                                                     "dropout": 0.05, "target_modules": "all-linear"})))
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     optimizer = build_optimizer(model, OmegaConf.create({"lr": 2e-4, "adam_betas": [0.9, 0.999], "weight_decay": 0.0}),
                                 "paged_adamw_8bit")
     ids = torch.randint(3, vocab, (micro, tokens), generator=torch.Generator().manual_seed(5)).to(ctx.device)

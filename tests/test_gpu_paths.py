@@ -487,7 +487,7 @@ def test_gradient_checkpointing_with_lora_gives_the_adapters_the_same_gradients(
     path (a PeftModel causal LM) each get the gradients they get without checkpointing."""
     from helpers import LORA, tiny_config
     from rlhf_exp.config import resolved
-    from rlhf_exp.models import load_causal_lm, load_tokenizer
+    from rlhf_exp.models import enable_activation_checkpointing, load_causal_lm, load_tokenizer
     from rlhf_exp.models.reward import add_reward_adapters
     from rlhf_exp.models.reward import reward_model_from_causal_lm
 
@@ -507,7 +507,7 @@ def test_gradient_checkpointing_with_lora_gives_the_adapters_the_same_gradients(
                 if "lora_B" in name:
                     param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         model.train()
         out = model(input_ids=ids).logits.float().logsumexp(-1).sum() if path == "policy" else \
             model(ids, torch.tensor([8, 6])).sum()

@@ -66,8 +66,10 @@ class RewardModel(nn.Module):
     def config(self):
         return self.backbone.config
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.backbone.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self) -> None:
+        from rlhf_exp.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(self.backbone)
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head on hidden states [..., H] -> [...] in fp32, outside autocast: under bf16 autocast the head's

@@ -35,6 +35,7 @@ from rlhf_exp.engine import Engine
 from rlhf_exp.errors import ConfigError, NonFiniteError
 from rlhf_exp.evaluation.figures import close, curves_figure
 from rlhf_exp.memory import PeakMemory
+from rlhf_exp.models import enable_activation_checkpointing
 from rlhf_exp.models.loading import disable_dropout
 from rlhf_exp.ops.shared_prefix import masked_attention_kernels
 from rlhf_exp.redact import redact
@@ -183,7 +184,7 @@ class Trainer(StageRunner):
             for model in self.held_models():
                 disable_dropout(model)
         if self.cfg.hardware.get("gradient_checkpointing"):
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model)
         parallel = self.cfg.get("parallel") or {}
         if parallel:
             self.model = distributed.shard_model(self.model, parallel)

@@ -30,7 +30,7 @@ from rlhf_exp.data.formats import data_label
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.losses import sft_loss
 from rlhf_exp.losses.policy import clipped_policy_loss, clipped_value_loss, gae, kl_penalty, per_token_rewards, whiten
-from rlhf_exp.models import load_causal_lm
+from rlhf_exp.models import enable_activation_checkpointing, load_causal_lm
 from rlhf_exp.models.peft import is_peft, load_adapter_weights, quantization_config
 from rlhf_exp.models.reward import add_reward_adapters, load_reward_model, reward_model_from_causal_lm
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
@@ -70,9 +70,9 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.policy.gradient_checkpointing_enable(**kwargs)
-        self.critic.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self) -> None:
+        enable_activation_checkpointing(self.policy)
+        enable_activation_checkpointing(self.critic)
 
     def save_pretrained(self, folder, **kwargs) -> None:
         self.policy.save_pretrained(folder, safe_serialization=True)
