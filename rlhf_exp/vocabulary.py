@@ -161,6 +161,8 @@ METRICS: tuple[Metric, ...] = (
         _m("eval/{policy}/{judge}_lc_win_vs_{other}_ci_low", "the LC win rate's 95% bootstrap interval, lower end", "1"),
         _m("eval/{policy}/{judge}_lc_win_vs_{other}_ci_high", "the LC win rate's 95% bootstrap interval, upper end", "1"),
         _m("eval/{policy}/kl_k1_seq", "k1 (sampled) estimate of KL(policy || reference) per answer", "nats", "min"),
+        _m("eval/{policy}/kl_k1_seq_ci_low", "the sampled KL's 95% normal interval, lower end", "nats"),
+        _m("eval/{policy}/kl_k1_seq_ci_high", "the sampled KL's 95% normal interval, upper end", "nats"),
         _m("eval/{policy}/kl_k1_token", "k1 (sampled) estimate of KL(policy || reference) per token", "nats/token", "min"),
         _m("eval/{policy}/length", "mean answer length", "tokens"),
         _m("eval/{policy}/eos_rate", "share of answers that ended with a stop token", "1", "max"),

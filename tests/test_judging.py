@@ -63,3 +63,24 @@ def test_a_judge_that_cannot_be_loaded_names_its_key():
 
     with pytest.raises(ConfigError, match=r"config key `stage.judge`: no-such-org/no-such-reward-model is neither"):
         Scorer("no-such-org/no-such-reward-model", "cpu", "fp32", 2, "stage.judge")
+
+
+def test_a_judge_at_chance_is_said_to_carry_no_information_and_a_good_one_is_not():
+    """The quickstart's judge ranked 8 of 16 held-out pairs right: its win rates (printed to three decimals) mean
+    nothing, and the table says so above itself; a judge whose interval clears 0.5 gets no such line."""
+    from rlhf_exp.stages.eval import chance_warnings
+
+    [line] = chance_warnings({"judge": (8, 16), "train_rm": (190, 200)})
+    assert line.startswith("The judge ranks held-out preference pairs no better than chance (8/16 = 0.500 [")
+    assert "carry no information" in line
+    assert chance_warnings({"judge": (0, 0)}) == []  # no pairs: nothing to say
+
+
+def test_the_sampled_kl_interval_holds_zero_when_the_mean_is_noise_and_not_when_it_is_drift():
+    from rlhf_exp.evaluation.statistics import mean_interval
+
+    mean, low, high = mean_interval(torch.tensor([0.3, -0.5, 0.1, -0.2, 0.2, -0.05]))  # a k1 mean below 0 by chance
+    assert mean < 0 and low < 0 < high
+    mean, low, high = mean_interval(torch.tensor([1.0, 1.2, 0.9, 1.1, 1.05, 0.95]))
+    assert 0 < low < mean < high and high - low == pytest.approx(2 * 1.96 * float(torch.tensor(
+        [1.0, 1.2, 0.9, 1.1, 1.05, 0.95], dtype=torch.float64).std()) / 6 ** 0.5)

@@ -119,6 +119,17 @@ def sampled_kl(policy_logp: torch.Tensor, reference_logp: torch.Tensor, lengths:
     return float(difference.mean()), (float(difference.sum()) / tokens if tokens else float("nan"))
 
 
+def mean_interval(values: torch.Tensor, z: float = 1.96) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of `values` [N] with its 95% normal interval (mean +- z * sd / sqrt(N)); the
+    sampled KL's, whose k1 terms are unbiased but may average below zero on few samples."""
+    values = values.double()
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = z * float(values.std()) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
 def interval_text(value: float, low: float, high: float, digits: int = 3) -> str:
     if math.isnan(value):
         return "n/a"

@@ -33,16 +33,31 @@ from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.data.formats import data_label
 from rlhf_exp.data.tokens import encode_prompt
 from rlhf_exp.errors import ConfigError
-from rlhf_exp.evaluation.statistics import (accuracy_metrics, interval_text, length_controlled_win_rate, sampled_kl,
-                                            wilson_interval, win_rate, win_scores)
+from rlhf_exp.evaluation.statistics import (accuracy_metrics, interval_text, length_controlled_win_rate, mean_interval,
+                                            sampled_kl, wilson_interval, win_rate, win_scores)
 from rlhf_exp.evaluation.tables import markdown_table
 from rlhf_exp.evaluation.text import distinct_n, rouge_l, words
+
+def chance_warnings(judge_accuracy: dict[str, tuple[int, int]]) -> list[str]:
+    """One sentence per judge whose held-out pair accuracy is not told apart from a coin (its 95% Wilson interval
+    holds 0.5): the win rates it gives carry no information, however many decimals the table prints."""
+    lines = []
+    for name, (correct, n) in judge_accuracy.items():
+        low, high = wilson_interval(correct, n)
+        if n and low <= 0.5 <= high:
+            lines.append(f"The {name} ranks held-out preference pairs no better than chance ({correct}/{n} = "
+                         f"{interval_text(correct / n, low, high)}): its scores and win rates below carry no "
+                         f"information. Train it longer or on more pairs before reading them.")
+    return lines
+
 
 # what the summary table's figures are, and how they differ from the published methods their names recall
 CAPTION = ("Win rates: 95% Wilson intervals. LC = length-controlled win rate, a simplified AlpacaEval 2 (Dubois et "
            "al. 2024): one logistic regression of the win on the length difference, read at equal length (without "
            "AlpacaEval's tanh of standardized lengths or its per-prompt difficulty term), 95% paired bootstrap; not "
-           "comparable with AlpacaEval's leaderboard. KL to {kl_reference} (sampled, nats). ROUGE-L: F1 against the "
+           "comparable with AlpacaEval's leaderboard. KL to {kl_reference}: k1, the mean of log pi/pi_ref over each policy's "
+           "own answers (nats per answer; per token beside it), unbiased but below zero by chance on few samples, so "
+           "with its 95% normal interval: one that holds 0 shows no drift this sample can measure. ROUGE-L: F1 against the "
            "reference, rouge-score with stemming (as the TL;DR papers report it).")
 from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.schema import StageConfig, key, positive
@@ -177,6 +192,8 @@ class PolicyEvaluator(StageRunner):
         last = answers[list(policies)[-1]]
         if "judge" in last.scores:
             metrics["eval/judge_score"] = float(last.scores["judge"].mean())
+        for line in chance_warnings(pair_accuracy):
+            log.warning("%s", line)
         self.last_metrics = dict(metrics)
         self.tracker.log_metrics(metrics, step=0)
         self.write_outputs(answers, rows, reference_scores, {**pair_accuracy, **{
@@ -323,6 +340,10 @@ class PolicyEvaluator(StageRunner):
                       "distinct_1": distinct_n(answer_words, 1), "distinct_2": distinct_n(answer_words, 2)}
             if answer.reference_logp is not None:
                 values["kl_k1_seq"], values["kl_k1_token"] = sampled_kl(answer.logp, answer.reference_logp, answer.lengths)
+                _, values["kl_k1_seq_ci_low"], values["kl_k1_seq_ci_high"] = mean_interval(
+                    answer.logp - answer.reference_logp)
+                row["kl_k1_seq"] = interval_text(values["kl_k1_seq"], values["kl_k1_seq_ci_low"],
+                                                 values["kl_k1_seq_ci_high"])
             for judge, scores in answer.scores.items():
                 values[f"{judge}_score"] = float(scores.mean())
                 comparisons = [("reference", reference_scores[judge], reference_lengths)]
@@ -343,7 +364,7 @@ class PolicyEvaluator(StageRunner):
                     row[f"{judge} LC win vs {other}"] = interval_text(*lc)
             for metric, value in values.items():
                 metrics[f"eval/{name}/{metric}"] = value
-            row.update({k: round(v, 4) for k, v in values.items() if "_win_" not in k})
+            row.update({k: round(v, 4) for k, v in values.items() if "_win_" not in k and not k.startswith("kl_k1_seq")})
             rows.append(row)
         return metrics, rows
 
@@ -357,8 +378,10 @@ class PolicyEvaluator(StageRunner):
                                       "kl_k1_seq", "kl_k1_token", "length", "eos_rate", "rouge_l", "distinct_2"])
         accuracy = "".join(f"\n{name} accuracy on {n} held-out preference pairs: "
                            f"{interval_text(c / n, *wilson_interval(c, n))}" for name, (c, n) in pair_accuracy.items() if n)
+        warnings = "".join(f"\n\n**{line}**" for line in chance_warnings(
+            {name: counts for name, counts in pair_accuracy.items() if name in ("judge", "train_rm")}))
         summary = (f"# Policies on {len(self.examples)} held-out prompts x {self.stage.samples_per_prompt} samples "
-                   f"({data_label(self.cfg.data)})\n\n{CAPTION.format(kl_reference=self.stage.kl_reference)}"
+                   f"({data_label(self.cfg.data)}){warnings}\n\n{CAPTION.format(kl_reference=self.stage.kl_reference)}"
                    f"\n\n{table}\n{accuracy}\n")
         side = self.side_by_side(answers, reference_scores)
         (folder / "summary.md").write_text(summary)
