@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
@@ -75,5 +78,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, stage: DictConfig,
                     total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup then cosine decay to lr * min_lr_ratio at the last optimizer step (stage.max_steps by default)."""
     total = stage.max_steps if total_steps is None else total_steps
+    if total and stage.warmup_steps >= total:
+        log.warning("stage.warmup_steps=%d covers the whole run (%d optimizer steps): the learning rate never reaches "
+                    "stage.lr=%g; lower stage.warmup_steps", stage.warmup_steps, total, stage.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(
         step, stage.warmup_steps, total, stage.min_lr_ratio))

@@ -44,3 +44,18 @@ def test_schedule_warms_up_from_above_zero_and_ends_at_min_lr():
     assert values[:3] == [1 / 3, 2 / 3, 1.0]
     assert math.isclose(values[-1], 0.1)
     assert all(a >= b for a, b in zip(values[3:], values[4:]))
+
+
+def test_a_warm_up_as_long_as_the_run_is_said(caplog):
+    """stage.warmup_steps >= the run's optimizer steps: the learning rate never reaches stage.lr (the quickstart's
+    DPO once ran 5 steps of a 5-step warm-up). One warning naming the key; a shorter warm-up none."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.optim import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    for warmup, said in ((5, True), (4, False)):
+        caplog.clear()
+        build_scheduler(optimizer, OmegaConf.create({"max_steps": 5, "warmup_steps": warmup, "min_lr_ratio": 0.1,
+                                                     "lr": 1e-3}))
+        assert any("stage.warmup_steps=5 covers the whole run" in r.getMessage() for r in caplog.records) == said
