@@ -179,6 +179,9 @@ def test_dpo_run_logs_its_metrics_from_log2(tmp_path):
         assert client.get_metric_history(r.info.run_id, name), name
     train_loss = [m.value for m in client.get_metric_history(r.info.run_id, "train/loss")]
     assert train_loss[0] == pytest.approx(math.log(2), abs=1e-3)
+    # step 1 scores the policy against itself: every pair a tie, counted half (not a miss, which read as 0)
+    accuracy = sorted(client.get_metric_history(r.info.run_id, "train/implicit_accuracy"), key=lambda m: m.step)
+    assert accuracy[0].value == 0.5
 
 
 def test_dpo_learns_the_pairs_it_trains_on(tmp_path):

@@ -320,6 +320,21 @@ def test_the_report_of_an_online_rl_sweep_draws_reward_against_kl_and_a_group_sw
     assert (write_report(client, parent, tmp_path / "dpo") / "dpo_loss_vs_metrics.png").is_file()
 
 
+def test_a_sweep_whose_jobs_tie_on_the_objective_says_tied_instead_of_naming_a_best(tmp_path):
+    """Three DPO betas all at 0.5625: the report names no winner (it says tied, lists them, and which one is
+    tagged best by the tie rule); one job ahead by a hair is a plain best."""
+    from rlhf_exp.launch.jobs import best_with_ties
+    from rlhf_exp.launch.report import write_report
+
+    client, parent = fake_sweep(tmp_path, "dpo", "stage.beta", [
+        (beta, "FINISHED", {"eval/implicit_accuracy": [0.5, 0.5625]}) for beta in ("0.01", "0.1", "0.5")])
+    report = (write_report(client, parent, tmp_path / "tied") / "report.md").read_text()
+    assert "**Tied:** dpo beta=0.01, dpo beta=0.1, dpo beta=0.5 all reach 0.5625" in report and "Best:" not in report
+    assert best_with_ties([0.5, 0.7, 0.7], lambda v: v, "max") == (0.7, [0.7, 0.7])
+    assert best_with_ties([0.5, 0.7, 0.69], lambda v: v, "max") == (0.7, [0.7])
+    assert best_with_ties([0.3, 0.2, 0.2], lambda v: v, "min") == (0.2, [0.2, 0.2])
+
+
 def test_the_optuna_search_space_is_read_from_hydras_sweep_syntax():
     """Each sweep override becomes the Optuna 5 distribution it says (a log interval a log FloatDistribution, an
     int range an IntDistribution whose high is range's last value, not its excluded stop), and the other

@@ -10,11 +10,15 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Callable, Sequence, TypeVar
+
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.config import PROJECT_ROOT
 from rlhf_exp.redact import redact, uri_with_password
 from rlhf_exp.tracking.records import PARENT_TAG
+
+T = TypeVar("T")
 
 SWEEP_RECORD = "sweep.json"  # in the sweep dir: the parent run its jobs log under
 # the objective each child logs under one name, so every sweep's runs table has the same column
@@ -137,3 +141,13 @@ class PipelineJob:
         return {PARENT_TAG: self.parent_run_id, "pipeline_run_id": self.parent_run_id,
                 "pipeline": self.pipeline, "pipeline_role": self.role, "config_hash": self.config_hash,
                 **self.inputs}
+
+
+def best_with_ties(items: Sequence[T], value: Callable[[T], float], direction: str) -> tuple[T | None, list[T]]:
+    """(the best of `items` by `value`, every item that ties with it). A tie goes to the first item (the
+    lowest job number), and is never hidden: a sweep whose jobs all score 0.5625 has no best beta."""
+    if not items:
+        return None, []
+    pick = max if direction == "max" else min
+    best = pick(items, key=value)  # the first of the best: max / min keep the earliest of equal keys
+    return best, [item for item in items if value(item) == value(best)]

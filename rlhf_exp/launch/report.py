@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rlhf_exp.config import output_root
 from rlhf_exp.redact import uri_with_password
-from rlhf_exp.launch.jobs import SWEEP_RECORD, short_label
+from rlhf_exp.launch.jobs import SWEEP_RECORD, best_with_ties, short_label
 from rlhf_exp.tracking.records import PARENT_TAG
 from rlhf_exp.evaluation.figures import draw_curves, pyplot
 from rlhf_exp.evaluation.tables import markdown_table
@@ -222,11 +222,14 @@ def write_report(client, parent_run_id: str, out_dir: Path) -> Path:
         close(figure)
     finished = sum(j.status == "FINISHED" for j in sweep.jobs)
     scored = [j for j in sweep.jobs if j.status == "FINISHED" and sweep.objective in j.final]
-    best = (max if sweep.direction == "max" else min)(scored, key=lambda j: j.final[sweep.objective], default=None)
+    best, tied = best_with_ties(scored, lambda j: j.final[sweep.objective], sweep.direction)
+    verdict = f" Best: **{best.name}**, {best.final[sweep.objective]:.4g}." if best else ""
+    if len(tied) > 1:
+        verdict = (f" **Tied:** {', '.join(j.name for j in tied)} all reach {best.final[sweep.objective]:.4g}; no job "
+                   f"is better than the others on this objective (the first, {best.name}, is tagged best).")
     lines = [f"# {sweep.stage} sweep over {', '.join(sweep.keys) or 'nothing'}", "",
              f"Parent MLflow run `{parent_run_id}`: {len(sweep.jobs)} jobs, {finished} finished, "
-             f"{len(sweep.jobs) - finished} not. Objective: `{sweep.objective}` ({sweep.direction})."
-             + (f" Best: **{best.name}**, {best.final[sweep.objective]:.4g}." if best else ""), "",
+             f"{len(sweep.jobs) - finished} not. Objective: `{sweep.objective}` ({sweep.direction}).{verdict}", "",
              sweep_table(sweep), ""]
     lines += [f"![{name}]({name})" for name in figures]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")

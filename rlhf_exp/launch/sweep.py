@@ -26,7 +26,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp.launch import optuna_sweep
-from rlhf_exp.launch.jobs import OBJECTIVE_METRIC, SWEEP_RECORD, LaunchContext, git_commit, objective_of, short_label
+from rlhf_exp.launch.jobs import (OBJECTIVE_METRIC, SWEEP_RECORD, LaunchContext, best_with_ties, git_commit, objective_of,
+                                  short_label)
 from rlhf_exp.launch.report import write_report
 from rlhf_exp.redact import redact, redact_text
 from rlhf_exp.tracking.records import PARENT_TAG
@@ -241,13 +242,13 @@ def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str
     children.sort(key=lambda r: int(r.data.tags.get("sweep_job", 0)))  # ties go to the first job, as in the report
     counts = {s: sum(r.info.status == s for r in children) for s in ("FINISHED", "FAILED")}
     scored = [r for r in children if r.info.status == "FINISHED" and objective in r.data.metrics]
-    best = (max if direction == "max" else min)(scored, key=lambda r: r.data.metrics[objective], default=None)
+    best, tied = best_with_ties(scored, lambda r: r.data.metrics[objective], direction)
     summary = SweepSummary(parent_id, counts["FINISHED"], counts["FAILED"],
                            len(children) - counts["FINISHED"] - counts["FAILED"],
                            best.info.run_id if best else None, best.data.metrics[objective] if best else None, None)
     tags = {"jobs": len(children), "jobs_finished": summary.finished, "jobs_failed": summary.failed}
     if best is not None:
-        tags.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name)
+        tags.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name, best_tied_jobs=len(tied))
         tracker.log_metrics({f"best/{objective}": summary.best_value}, step=0)
     tracker.log_metrics({"jobs_finished": summary.finished, "jobs_failed": summary.failed}, step=0)
     tracker.set_tags(tags)
@@ -263,6 +264,9 @@ def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str
     tracker.finish(status or summary.status)
     where = f"; report: {summary.report_dir}/report.md" if summary.report_dir else ""
     best_note = f", best {summary.best_value:.4g} ({best.info.run_name})" if best else ""
+    if len(tied) > 1:
+        best_note = (f", best {summary.best_value:.4g} TIED by {len(tied)} jobs ({', '.join(r.info.run_name for r in tied)}:"
+                     f" no job is better; the first is tagged best)")
     view = f"\n  in the MLflow UI (make ui): {view}" if view else ""
     print(f"sweep {sweep_dir.name}: {summary.finished} finished, {summary.failed} failed{best_note}; "
           f"MLflow parent run {parent_id}{where}{view}")

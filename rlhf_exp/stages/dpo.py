@@ -29,7 +29,7 @@ from rlhf_exp.data import collate, disk_cache
 from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
 from rlhf_exp.losses.preference import DPO_LOSS_TYPES
-from rlhf_exp.evaluation.statistics import wilson_interval
+from rlhf_exp.evaluation.statistics import wilson_interval, win_scores
 from rlhf_exp.ops import logprobs, shared_prefix
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs
@@ -171,7 +171,7 @@ class DPOTrainer(Trainer):
                                                                     pair_lengths(pairs))
             self.backward(losses.sum() / total)
             sums["loss"] += float(losses.detach().sum())
-            sums["right"] += int((chosen_rewards > rejected_rewards).sum())
+            sums["right"] += float(win_scores(chosen_rewards.detach(), rejected_rewards.detach()).sum())
             sums["chosen_reward"] += float(chosen_rewards.sum())
             sums["rejected_reward"] += float(rejected_rewards.sum())
             sums["chosen_logp"] += float(chosen.detach().sum())
@@ -190,7 +190,8 @@ class DPOTrainer(Trainer):
         ref = self.ref_val if self.reference is None else self._score(self.reference, self.val_set, "reference")
         losses, chosen_rewards, rejected_rewards = self._losses(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
                                                                 pair_lengths(self.val_set))
-        n, right = len(losses), int((chosen_rewards > rejected_rewards).sum())
+        # a tie (every pair at step 0, where the policy is its reference) counts half, as the judge's win rate does
+        n, right = len(losses), float(win_scores(chosen_rewards, rejected_rewards).sum())
         low, high = wilson_interval(right, n)
         lengths = pair_lengths(self.val_set)
         self.log_samples(self.model, self.val_examples, [p.prompt_ids for p in self.val_set])

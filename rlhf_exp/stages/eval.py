@@ -38,14 +38,14 @@ from rlhf_exp.evaluation.statistics import (accuracy_metrics, interval_text, len
 from rlhf_exp.evaluation.tables import markdown_table
 from rlhf_exp.evaluation.text import distinct_n, rouge_l, words
 
-def chance_warnings(judge_accuracy: dict[str, tuple[int, int]]) -> list[str]:
-    """One sentence per judge whose held-out pair accuracy is not told apart from a coin (its 95% Wilson interval
+def chance_warnings(judge_accuracy: dict[str, tuple[float, int]]) -> list[str]:
+    """One sentence per judge whose held-out pair accuracy (ties half) is not told apart from a coin (its 95% Wilson interval
     holds 0.5): the win rates it gives carry no information, however many decimals the table prints."""
     lines = []
     for name, (correct, n) in judge_accuracy.items():
         low, high = wilson_interval(correct, n)
         if n and low <= 0.5 <= high:
-            lines.append(f"The {name} ranks held-out preference pairs no better than chance ({correct}/{n} = "
+            lines.append(f"The {name} ranks held-out preference pairs no better than chance ({correct:g}/{n} = "
                          f"{interval_text(correct / n, low, high)}): its scores and win rates below carry no "
                          f"information. Train it longer or on more pairs before reading them.")
     return lines
@@ -260,7 +260,7 @@ class PolicyEvaluator(StageRunner):
                                      self.sequence_logps(model, answer.ids, f"eval: {name} under {reference}"))
         del model
 
-    def judge_all(self, judge: str, path: str, answers: dict[str, Answers]) -> tuple[torch.Tensor, tuple[int, int]]:
+    def judge_all(self, judge: str, path: str, answers: dict[str, Answers]) -> tuple[torch.Tensor, tuple[float, int]]:
         """Score every policy's responses and the references with `path`; its accuracy on held-out pairs."""
         scorer = Scorer(path, self.tools.device, str(self.cfg.hardware.precision), self.tools.micro_batch_size("eval"),
                         f"stage.{judge}")
@@ -272,7 +272,7 @@ class PolicyEvaluator(StageRunner):
         prompts = [p.prompt for p in pairs]
         chosen = torch.tensor(scorer.score(prompts=prompts, completions=[p.chosen for p in pairs]))
         rejected = torch.tensor(scorer.score(prompts=prompts, completions=[p.rejected for p in pairs]))
-        return references, (int((chosen > rejected).sum()), len(pairs))
+        return references, (float(win_scores(chosen, rejected).sum()), len(pairs))
 
     def held_out_pairs(self) -> list:
         """The held-out preference pairs (stage.eval_examples of them) the judges and DPO's implicit reward rank."""
@@ -304,7 +304,7 @@ class PolicyEvaluator(StageRunner):
         return same[0] if same else str(reference)
 
     @torch.no_grad()
-    def dpo_accuracy(self, name: str, where: str) -> tuple[int, int] | None:
+    def dpo_accuracy(self, name: str, where: str) -> tuple[float, int] | None:
         """(pairs ranked right, pairs) by DPO's implicit reward log pi(y)/pi_ref(y) (Rafailov et al. 2023; beta > 0
         does not change the ranking) on the held-out pairs, for a policy stage=dpo trained; else None."""
         reference = self.dpo_reference(where)
@@ -322,7 +322,7 @@ class PolicyEvaluator(StageRunner):
             log_ratio += sign * self.item_logps(model, items, 1.0, f"eval: {name} DPO implicit reward").double()
             del model
         n = len(pairs)
-        return int((log_ratio[:n] > log_ratio[n:]).sum()), n
+        return float(win_scores(log_ratio[:n], log_ratio[n:]).sum()), n  # a tie counts half
 
     # ------------------------------------------------------------------ numbers
     def compare(self, answers: dict[str, Answers], reference_scores: dict[str, torch.Tensor]):
@@ -370,7 +370,7 @@ class PolicyEvaluator(StageRunner):
 
     # ------------------------------------------------------------------ what people look at
     def write_outputs(self, answers: dict[str, Answers], rows: list[dict], reference_scores: dict[str, torch.Tensor],
-                      pair_accuracy: dict[str, tuple[int, int]]) -> None:
+                      pair_accuracy: dict[str, tuple[float, int]]) -> None:
         folder = self.run_dir / "eval"
         folder.mkdir(parents=True, exist_ok=True)
         table = markdown_table(rows, ["policy", *[k for k in rows[0] if " win " in k],
