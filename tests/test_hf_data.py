@@ -203,3 +203,16 @@ def test_a_mixture_reads_each_source_with_its_own_columns_weight_and_held_out_sh
     assert not {r.prompt for r in train} & {r.prompt for r in val}
     with pytest.raises(ConfigError, match=r"data.sources\[0\].*unknown data keys \['colums'\]"):
         load_preference_splits(data_cfg(first, f"data.sources=[{{path: '{first}', colums: {{}}}}]"), tokenizer, 0)
+
+
+def test_a_run_on_ones_own_file_is_named_by_the_file_not_none():
+    """Runs on data=file were named `dpo-tiny-None` with an empty data tag: the name is the file's (or the hub
+    set's), the conf/data option's where it has one."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.data.formats import data_name
+
+    assert data_name(OmegaConf.create({"name": None, "source": "file", "path": "/x/my_prefs.parquet"})) == "my_prefs"
+    assert data_name(OmegaConf.create({"name": None, "source": "file", "path": "saved_set/"})) == "saved_set"
+    assert data_name(OmegaConf.create({"name": None, "source": "hub", "path": "trl-lib/ultrafeedback"})) == "ultrafeedback"
+    assert data_name(OmegaConf.create({"name": "tldr", "source": "vendored", "path": None})) == "tldr"

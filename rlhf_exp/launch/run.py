@@ -25,6 +25,7 @@ import rlhf_exp
 from rlhf_exp import distributed, run_lock, stopping
 from rlhf_exp.checkpoint import resume_point
 from rlhf_exp.checkpoint_layout import CHECKPOINTS
+from rlhf_exp.data.formats import data_label, data_name
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.config import AUTO_CHOICE, check_inputs, check_resumable, config_group_options, flatten, resolved, validate
 from rlhf_exp.redact import redact, redact_text, redact_yaml_files
@@ -337,7 +338,7 @@ def tracked_run(launch: Launch) -> dict[str, float]:
 def description(cfg: DictConfig, overrides: str) -> str:
     """The run's MLflow description when the config gives none: what ran, on what, and the command."""
     started = f"from `{cfg.model.init_from}`" if cfg.model.get("init_from") else f"from {cfg.model.name}"
-    return (f"**{cfg.stage.name}** {started} on **{cfg.data.name}** ({cfg.hardware.name}, "
+    return (f"**{cfg.stage.name}** {started} on **{data_label(cfg.data)}** ({cfg.hardware.name}, "
             f"{cfg.hardware.precision}).\n\n`python -m rlhf_exp {overrides}`")
 
 
@@ -373,8 +374,8 @@ def prepare_and_fit(launch: Launch) -> dict[str, float]:
     tracker = make_tracker(tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
     close_runs_of_dead_processes(cfg, tracker)
     run_name = cfg.get("run_name") or (job.run_name(cfg.stage.name) if job else
-                                       f"{cfg.stage.name}-{cfg.model.name}-{cfg.data.name}")
-    tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": cfg.data.name,
+                                       f"{cfg.stage.name}-{cfg.model.name}-{data_name(cfg.data)}")
+    tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": data_name(cfg.data),
             "hardware": cfg.hardware.name, "git_commit": jobs.git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": launch.precision_reason,
             "overrides": " ".join(launch.context.redacted_overrides()), **launch.lineage_tags, **(job.tags() if job else {})}

@@ -130,6 +130,7 @@ class Toolbox:
         to sample from, with their references where the data has them), tokenized."""
         from rlhf_exp.data import load_preference_splits, load_prompt_splits, load_sft_splits
         from rlhf_exp.data.collate import split_digest, texts_of, tokenize_examples
+        from rlhf_exp.data.formats import data_name
         from rlhf_exp.data.disk_cache import digest
 
         data = self.cfg.data
@@ -150,7 +151,7 @@ class Toolbox:
         splits = {"train": {"rows": len(train_set), "digest": split_digest(train_set)}, "held-out": held_out}
         source = f"{data.source}:{data.path}" if data.get("path") else f"{data.source}:{data.name}"
         for context, split in splits.items():  # the run's inputs (MLflow's Datasets), whose digests resume checks
-            self.tracker.log_dataset(str(data.name), split["digest"], source, context, split["rows"])
+            self.tracker.log_dataset(data_name(data), split["digest"], source, context, split["rows"])
         return StageData(train_set, val_set, train, val, splits, BatchStream(len(train_set), self.cfg.seed))
 
     def report_skipped(self, skipped: Counter) -> None:

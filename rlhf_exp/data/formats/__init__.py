@@ -52,10 +52,19 @@ def is_chat(cfg: DictConfig, tokenizer) -> bool:
     return get_format(cfg, tokenizer).chat
 
 
+def data_name(cfg: DictConfig) -> str:
+    """A short name for run names, the `data` tag and MLflow's data sets: the conf/data option, else the file's or
+    the hub set's own name (data=file data.path=prefs.parquet -> prefs), never "None"."""
+    if cfg.get("name"):
+        return str(cfg.name)
+    path = str(cfg.get("path") or "").rstrip("/")
+    return Path(path).name.split(".")[0] if path else str(cfg.get("source") or "data")
+
+
 def data_label(cfg: DictConfig) -> str:
     """How messages name the data: the conf/data option, or for data=hub / data=file the source itself."""
     return source_label(cfg) if cfg.format in ("trl", *TYPES) else str(cfg.name)
 
 
-__all__ = ["FORMATS", "DataFormat", "Document", "PreferenceExample", "SFTExample", "data_label", "get_format",
+__all__ = ["FORMATS", "DataFormat", "Document", "PreferenceExample", "SFTExample", "data_label", "data_name", "get_format",
            "is_chat"]

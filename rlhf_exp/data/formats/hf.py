@@ -17,6 +17,7 @@ tokenizing step ends with the template's end-of-turn token.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +28,8 @@ from rlhf_exp.data.formats.base import (DataFormat, Document, PreferenceExample,
                                         to_message)
 from rlhf_exp.data.sources import Record, read_csv, read_json_or_jsonl, read_jsonl
 from rlhf_exp.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 TYPES = ("language_modeling", "prompt_only", "prompt_completion", "preference")
 COLUMNS = ("text", "messages", "prompt", "completion", "chosen", "rejected")
@@ -182,6 +185,8 @@ class HfFormat(DataFormat):
                 _ROWS.pop(next(iter(_ROWS)))
             _ROWS[key] = (rows, self.skipped.copy())
             self._rows = rows
+            log.info("%s: %d rows, TRL's %s type%s", source_label(self.cfg), len(rows), self.dataset_type,
+                     " (conversational)" if self.conversational else "")
         return self._rows
 
     def _present(self) -> set[str]:
