@@ -209,6 +209,10 @@ def model_card(checkpoint: Path, config: dict, reward_mean: float | None, figure
     lines = [f"# {model.get('name', 'model')}: {stage} on {data.get('name', '?')}", "",
              f"{what}, trained with rlhf_exp from run `{checkpoint.parent.parent.name}` ({checkpoint.name} "
              f"checkpoint). Licence: {model.get('license') or 'not recorded (model.license)'}, the base weights'.", ""]
+    if model.get("source") == "gguf":  # base_model names the hub model; these weights are not its own
+        lines += [f"The base weights are {model.get('path')} as the GGUF file `{model.get('gguf_file')}` ships them "
+                  f"(quantized, dequantized to float before training), not the hub's own checkpoint: figures are "
+                  f"close to, not comparable with, those published for it.", ""]
     lines += ["## Lineage", "", "| stage | run | MLflow run |", "|---|---|---|"]
     lines += [f"| {step['stage']} | `{step['run']}` | {step['run_id'] or ''} |" for step in lineage(checkpoint)]
     if (checkpoint.parent.parent.parent / "pipeline.json").is_file():
