@@ -84,6 +84,12 @@ def test_the_pipeline_runs_each_stage_as_a_child_with_its_inputs_by_role_and_a_r
         <= 1 / 8 + 1e-9
     assert "eval/grpo/dpo_implicit_accuracy" not in metrics and "eval/sft/dpo_implicit_accuracy" not in metrics
     assert metrics["eval/judge_score"] == metrics["eval/grpo/judge_score"]  # the last policy listed
+    # the parent carries the headline figures (its columns in the runs table) and the table as an MLflow table
+    headline = parent_after.data.metrics
+    for name in ("eval/dpo/judge_win_vs_reference", "eval/grpo/judge_lc_win_vs_sft", "eval/grpo/kl_k1_seq",
+                 "eval/base/length", "eval/judge/pair_accuracy"):
+        assert headline[name] == metrics[name], name
+    assert "eval/dpo/judge_win_vs_reference_ci_low" not in headline
     assert "pipeline finished: MLflow parent run" in done.stdout
     # a finished stage keeps its weights, not what only resuming it needs (pipeline.keep_training_state=false)
     sft_dir = Path(sft.data.tags["run_dir"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shlex
 import time
 from pathlib import Path
@@ -197,6 +198,15 @@ def start_parent(cfg: DictConfig, spec: DictConfig, folder: Path, state: dict, u
     return tracker
 
 
+HEADLINE = re.compile(r"^eval/[^/]+/(\w+_(lc_)?win_vs_[^/]+|kl_k1_seq|length|pair_accuracy)$")
+
+
+def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """What a person compares pipelines by, from stage=eval's metrics: each policy's (LC) win rates against the
+    reference and the baseline, its KL to the reference and its length, each judge's held-out accuracy."""
+    return {name: value for name, value in metrics.items() if HEADLINE.match(name)}
+
+
 def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
     stages = state["stages"]
     tracker.set_tags({"stages_finished": sum(s.get("status") == "FINISHED" for s in stages.values()),
@@ -206,6 +216,11 @@ def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
         if record.get("status") == "FINISHED" and summary.is_file():
             for path in sorted(summary.parent.iterdir()):
                 tracker.log_artifact(str(path), f"eval/{role}")
+            # the headline figures on the parent itself (its runs-table columns) and the table as an MLflow table
+            tracker.log_metrics(headline_metrics(record.get("metrics") or {}), step=0)
+            results = summary.parent / "results.json"
+            if results.is_file():
+                tracker.log_table(json.loads(results.read_text())["rows"], f"eval/{role}/summary_table.json")
     tracker.log_artifact(str(folder / STATE), "pipeline")
     tracker.finish(status)
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
