@@ -218,3 +218,16 @@ def test_the_eval_stage_of_a_pipeline_takes_the_prompts_every_phase_held_out(tok
             train, val = load(data(phase), tokenizer, 42)
             assert not judged & {x.prompt for x in train}
             assert [x.prompt for x in val] == [x.prompt for x in held_out]
+
+
+def test_the_parent_records_what_each_stage_ran_with_not_the_pipelines_definition():
+    """The quickstart's pipeline.extra sets SFT's stage.max_steps=10 over the definition's 20: the parent's param
+    must say 10 (it said 20, what did not run)."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.launch.pipeline import last_of_each_key, stage_overrides
+
+    spec = OmegaConf.create({"common": ["data=tldr"], "stages": {"sft": ["stage=sft", "stage.max_steps=20"]},
+                             "extra": {"sft": ["stage.max_steps=10"]}})
+    ran = last_of_each_key(stage_overrides(spec, "sft", ["hardware=cpu", "+x=1", "x=2"]))
+    assert ran == ["data=tldr", "stage=sft", "hardware=cpu", "x=2", "stage.max_steps=10"]

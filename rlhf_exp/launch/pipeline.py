@@ -56,6 +56,15 @@ def command_line_overrides(context: LaunchContext) -> list[str]:
     return [o for o in context.overrides if not o.lstrip("+~").startswith(("experiment=", "pipeline."))]
 
 
+def last_of_each_key(overrides: list[str]) -> list[str]:
+    """Hydra overrides with only the last of each key kept (the one that takes effect), in their order."""
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    last = {key(o): i for i, o in enumerate(overrides)}
+    return [o for i, o in enumerate(overrides) if last[key(o)] == i]
+
+
 def stage_overrides(spec: DictConfig, role: str, user: list[str]) -> list[str]:
     extra = (spec.get("extra") or {}).get(role) or []
     return [*spec.get("common", []), *spec.stages[role], *user, *extra]
@@ -188,8 +197,12 @@ def start_parent(cfg: DictConfig, spec: DictConfig, folder: Path, state: dict, u
 
     tracking = OmegaConf.merge(cfg.tracking, {"experiment_name": EXPERIMENT})
     tracker = MlflowTracker(tracking, cfg.paths.root_dir)
-    params = {f"stages.{role}": " ".join(overrides) for role, overrides in spec.stages.items()}
-    params["common"] = " ".join(spec.get("common", []))
+    # what each stage runs with (its own overrides, the command line's and pipeline.extra's, the last of each key),
+    # not the pipeline's definition alone: the quickstart's extra stage.max_steps=10 replaces the definition's 20
+    common = list(spec.get("common", []))
+    params = {f"stages.{role}": " ".join(o for o in last_of_each_key(stage_overrides(spec, role, user))
+                                         if o not in common) for role in spec.stages}
+    params["common"] = " ".join(common)
     tags = {"rlhf_exp.role": "pipeline", "pipeline": spec.name, "pipeline_dir": str(folder),
             "overrides": " ".join(redact(user)), "git_commit": git_commit()}
     tracker.start(f"pipeline {spec.name}", redact(params), tags, continue_run=state.get("parent_run_id"))
