@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from helpers import mlflow_runs, run_cli, tracked_env
+from rlhf_exp.tracking.mlflow_tracker import ui_address
 from rlhf_exp.tracking.server import MlflowServer
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -93,6 +94,8 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
     try:
         driver.get(server.uri + view)
         wait_for(driver, lambda d: d.find_element(By.XPATH, "//span[text()='dpo sweep: beta']"), what="the parent run")
+        # the printed view opens on the model-training side: its sidebar has the Model registry, not GenAI's Traces
+        wait_for(driver, lambda d: d.find_element(By.XPATH, "//*[text()='Model registry']"), what="the training side")
         headers = wait_for(driver, lambda d: {h.text for h in d.find_elements(By.CSS_SELECTOR, "[role=columnheader]")}
                            >= {"objective", "stage.beta"} and {h.text for h in d.find_elements(
                                By.CSS_SELECTOR, "[role=columnheader]")}, what="the objective and stage.beta columns")
@@ -117,16 +120,16 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
         assert [row[:3] for row in rows] == [["dpo beta=0.05", "FINISHED", "0.05"], ["dpo beta=0.3", "FINISHED", "0.3"]]
         driver.save_screenshot(str(tmp_path / "mlflow_ui_report.png"))
 
-        # MLflow 3's Models tab (the UI's "Model training" side): each child's final policy, from its run
-        click(driver, "//*[text()='Model training']", "the Model training side of the UI")
-        driver.get(f"{server.uri}/#/experiments/{parent.info.experiment_id}/models")
+        # MLflow 3's Models tab: each child's final policy, from its run. The address asks for the UI's model-training
+        # side (it opens on GenAI's otherwise), as every address the project prints does
+        driver.get(ui_address(server.uri, f"/experiments/{parent.info.experiment_id}/models"))
         wait_for(driver, lambda d: len(d.find_elements(By.XPATH, "//a[text()='dpo-tiny']")) == 2, what="two models")
         for name in children:
             wait_for(driver, lambda d: d.find_element(By.XPATH, f"//a[text()='{name}']"), what=f"{name} as a source run")
         driver.save_screenshot(str(tmp_path / "mlflow_ui_models.png"))
         # a child's page: its description, and its data as run inputs (the Datasets section)
         child = children["dpo beta=0.3"]
-        driver.get(f"{server.uri}/#/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}")
+        driver.get(ui_address(server.uri, f"/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}"))
         wait_for(driver, lambda d: d.find_element(By.XPATH, "//*[text()='Datasets']"), what="the Datasets section")
         [digest] = [i.dataset.digest for i in child.inputs.dataset_inputs if i.tags[0].value == "train"]
         page = wait_for(driver, lambda d: (text := d.find_element(By.TAG_NAME, "body").text) and

@@ -237,5 +237,8 @@ def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
     tracker.log_artifact(str(folder / STATE), "pipeline")
     tracker.finish(status)
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
-    print(f"pipeline {status.lower()}: MLflow parent run {tracker.run_id}; to look at it: make ui, then "
-          f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{tracker.run_id}")
+    from rlhf_exp.tracking.mlflow_tracker import ui_address
+
+    local = "" if tracker.uri.startswith("http") else " (make ui first)"
+    print(f"pipeline {status.lower()}: MLflow parent run {tracker.run_id}; to look at it{local}: "
+          f"{ui_address(tracker.uri, f'/experiments/{experiment}/runs/{tracker.run_id}')}")

@@ -30,6 +30,7 @@ from rlhf_exp.launch.jobs import (OBJECTIVE_METRIC, SWEEP_RECORD, LaunchContext,
                                   short_label)
 from rlhf_exp.launch.report import write_report
 from rlhf_exp.redact import redact, redact_text
+from rlhf_exp.tracking.mlflow_tracker import UI_TRAINING_SIDE
 from rlhf_exp.tracking.records import PARENT_TAG
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def share_ui_view(tracker, sweep_id: str, param_keys: list[str], objective: str,
     except Exception as error:  # a convenience: the runs are tracked without it
         log.warning("could not save the sweep's MLflow UI view (%s)", error)
         return None
-    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}"
+    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}&{UI_TRAINING_SIDE}"
 
 
 def start_tracking_server(config: DictConfig, sweep_dir: Path):

@@ -37,6 +37,19 @@ _PARAMS_PER_BATCH = 100
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+# MLflow 3's UI opens on its GenAI side (traces, evaluations) unless the address asks for the model-training one
+UI_TRAINING_SIDE = "workflowType=machine_learning"
+
+
+def ui_address(uri: str, route: str) -> str:
+    """The address of `route` (/experiments/<id>/runs/<run id>) in the UI of the server the runs went to: that
+    server where the tracking URI is one (credentials left out), else `make ui`'s, on the model-training side."""
+    from rlhf_exp.redact import redact_text
+
+    base = redact_text(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#{route}{'&' if '?' in route else '?'}{UI_TRAINING_SIDE}"
+
+
 def tracking_uri(tracking: DictConfig, root_dir: str) -> str:
     """tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the project."""
     return (tracking.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
