@@ -353,3 +353,17 @@ def test_the_optuna_search_space_is_read_from_hydras_sweep_syntax():
     assert space["stage.group_size"] == IntDistribution(2, 8, step=2)
     assert space["dpo_loss"] == CategoricalDistribution(["sigmoid", "ipo"])
     assert fixed == ["seed=3", "model=tiny"]
+
+
+def test_a_metric_whose_jobs_barely_differ_is_drawn_from_zero_and_says_so(tmp_path):
+    """DPO's drift at three betas, 0.0003753 to 0.0003779: an automatic axis spreads these over the whole panel and
+    noise reads as an effect. Drawn from zero with the spread written on it; a real spread keeps its own axis."""
+    from rlhf_exp.launch.report import load_sweep, swept_figure
+
+    client, parent = fake_sweep(tmp_path, "dpo", "stage.beta", [
+        (beta, "FINISHED", {"eval/abs_logratio_per_token": [0.0, drift], "eval/margin": [0.0, margin]})
+        for beta, drift, margin in (("0.01", 0.0003753, 0.1), ("0.1", 0.0003779, 0.4), ("0.5", 0.000376, 0.9))])
+    figure = swept_figure(load_sweep(client, parent), ["eval/abs_logratio_per_token", "eval/margin"])
+    drift_axes, margin_axes = figure.axes
+    assert drift_axes.get_ylim()[0] == 0 and any("within 0.7%" in t.get_text() for t in drift_axes.texts)
+    assert margin_axes.get_ylim()[0] > 0 and not margin_axes.texts

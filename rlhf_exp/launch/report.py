@@ -119,6 +119,9 @@ def x_positions(sweep: Sweep, jobs: list[Job], key: str) -> tuple[list[float], l
     return [float(order.index(j.swept.get(key, "?"))) for j in jobs], order
 
 
+NEAR_EQUAL = 0.05  # a metric whose jobs' values all lie within 5% of each other is drawn from zero, and says so
+
+
 def swept_figure(sweep: Sweep, metrics: list[str]):
     """Each metric's final value against the first swept key; a line per value of the other keys."""
     plt = pyplot()
@@ -144,6 +147,12 @@ def swept_figure(sweep: Sweep, metrics: list[str]):
                 ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=4, label=group or "95% interval")
             else:
                 ax.plot(xs, ys, marker="o", label=group or None)
+                spread, scale = max(ys) - min(ys), max(abs(y) for y in ys)
+                if len(ys) > 1 and scale and spread / scale < NEAR_EQUAL and (min(ys) >= 0 or max(ys) <= 0):
+                    # an automatic axis would stretch these to fill the panel and noise would look like an effect
+                    ax.set_ylim(*((0, max(ys) * 1.15) if min(ys) >= 0 else (min(ys) * 1.15, 0)))
+                    ax.text(0.5, 0.5, f"all within {spread / scale:.1%} of each other", transform=ax.transAxes,
+                            ha="center", fontsize=9, color="0.35")
             if categories:
                 ax.set_xticks(range(len(categories)), categories)
             elif min(xs) > 0 and max(xs) / min(xs) >= 10:
