@@ -324,6 +324,8 @@ def plan_run(cfg: DictConfig) -> Plan:
     memory = stage_spec(cfg.stage.name).memory(cfg)
     policy = model_shape(cfg.model, cfg.paths.cache_dir)
     shapes = {"policy": policy, "reward": _reward_shape(cfg, policy)}
+    if any(held.shape == "reward" for held in memory.models):  # which model those rows are, and where it comes from
+        plan.notes.append(reward_shape_note(cfg, shapes["reward"], [h.role for h in memory.models if h.shape == "reward"]))
     for held in memory.models:
         quantized = bool(hardware.get("load_in_4bit")) if held.quantized is None else held.quantized
         add_model(plan, held.role, shapes[held.shape], cfg, trains=held.trains, quantized=quantized,
@@ -344,6 +346,15 @@ def plan_run(cfg: DictConfig) -> Plan:
         plan.add("runtime", "freed activations glibc malloc keeps (~1x)", CPU_ALLOCATOR_SLACK * transient)
     plan.add("runtime", f"{device} overhead (context, interpreter, data)", OVERHEAD_GIB[device] * GIB)
     return plan
+
+
+def reward_shape_note(cfg: DictConfig, shape: Shape, roles: list[str]) -> str:
+    path = OmegaConf.select(cfg, "reward.fn.path", default=None)
+    rows = " and ".join(roles)
+    if not path:
+        return (f"{rows}: no reward.fn.path yet, so planned at the policy's shape ({shape.layers} layers, hidden "
+                f"{shape.hidden}); set it to plan the reward model you will use")
+    return f"{rows}: the reward model at reward.fn.path={path} ({shape.layers} layers, hidden {shape.hidden})"
 
 
 def _reward_shape(cfg: DictConfig, policy_shape: Shape) -> Shape:

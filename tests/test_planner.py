@@ -189,3 +189,16 @@ def test_plan_true_for_a_whole_pipeline_plans_every_stage_and_runs_nothing(tmp_p
     assert all("verdict: fits" in s for s in sections)
     assert "reward model" in sections[4]  # grpo scores with the RM the pipeline trains
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "pipelines").exists()
+
+
+def test_a_ppo_plan_says_which_model_its_reward_and_critic_rows_are_and_where_they_come_from():
+    """PPO with reward=reward_model: the RM and the critic (started from it) are planned at the policy's shape
+    until reward.fn.path names the RM; the table must say so rather than look like a plan of the real RM."""
+    plan = plan_run(compose_config(["stage=ppo", "reward=reward_model", "model=tiny", "hardware=cpu"]))
+    roles = {role for role, _, _ in plan.rows}
+    assert {"reward model", "critic"} <= roles
+    assert any(note.startswith("reward model and critic: no reward.fn.path yet, so planned at the policy's shape")
+               for note in plan.notes)
+    assert any(note.startswith("critic: starts from the reward model") for note in plan.notes)
+    policy_critic = plan_run(compose_config(["stage=ppo", "reward=length", "model=tiny", "hardware=cpu"]))
+    assert any(note.startswith("critic: starts from the policy") for note in policy_critic.notes)

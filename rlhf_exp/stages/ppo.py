@@ -288,7 +288,10 @@ def memory(cfg: DictConfig):
     critic = HeldModel("critic", shape="reward" if from_rm else "policy", trains=True, reward_head=True,
                        weight_bytes=compute_bytes(cfg) if from_rm and cfg.hardware.lora.enabled else None)
     extra = [critic] + ([HeldModel("EMA of the actor", weight_bytes=4)] if cfg.stage.ema_decay else [])
-    return online_memory(cfg, "ppo", cfg.stage.batch_size, extra, [Activations("critic", critic.shape, micro, tokens, 0)])
+    memory = online_memory(cfg, "ppo", cfg.stage.batch_size, extra, [Activations("critic", critic.shape, micro, tokens, 0)])
+    memory.notes.append(f"critic: starts from the {'reward model (its shape)' if from_rm else 'policy (its shape)'} "
+                        f"(stage.critic_init={cfg.stage.critic_init}) and trains in full, with a value head")
+    return memory
 
 
 STAGE = StageSpec(name="ppo", config=PPOConfig, trainer=PPOTrainer, micro_batch="ppo", memory=memory,
