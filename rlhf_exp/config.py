@@ -134,7 +134,7 @@ def detect_hardware() -> tuple[str, str, float | None]:
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
             raise ConfigError("hardware", f"a GPU is present ({present}) but torch {torch.__version__} ({build}) "
                               "cannot use it: most often a torch built for a newer CUDA than the driver runs "
-                              "(nvidia-smi shows the driver's CUDA version; README.md's Docker section lists builds and drivers). "
+                              "(nvidia-smi shows the driver's CUDA version; docs/hardware.md's Docker section lists builds and drivers). "
                               "Install a matching torch, or pass hardware=cpu to train on the CPU")
         return "cpu", "no GPU", None
     name = torch.cuda.get_device_name(0)

@@ -1,5 +1,5 @@
 """Every metric name the project logs, declared once: what it means, its unit, which way is better, and the
-label a plot gives it. The report's axes, the pipeline's summary line and the README's metric table read
+label a plot gives it. The report's axes, the pipeline's summary line and docs/layout.md's metric table read
 it; the test suite refuses a logged name that is not here (tests/conftest.py), so a new stage's metrics
 are declared before they reach a table or a console.
 
@@ -241,7 +241,7 @@ def shown(where: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def markdown_table() -> str:
-    """The README's metric table."""
+    """The metric table of docs/layout.md."""
     columns = ["metric", "stages", "meaning", "unit", "better"]
     return table([dict(zip(columns, (f"`{m.pattern}`", m.stages, m.meaning, m.unit, m.better))) for m in METRICS],
                  columns)

@@ -10,9 +10,9 @@ from rlhf_exp.tracking.base import Tracker
 from rlhf_exp.vocabulary import METRICS, declared, label, markdown_table
 
 
-def test_the_readme_shows_the_vocabulary_as_declared():
-    """Catches a metric declared (or changed) in the code but not in the README's table, or the reverse."""
-    assert markdown_table() in (ROOT / "README.md").read_text()
+def test_the_docs_show_the_vocabulary_as_declared():
+    """Catches a metric declared (or changed) in the code but not in the documented table, or the reverse."""
+    assert markdown_table() in (ROOT / "docs" / "layout.md").read_text()
 
 
 def test_a_name_matches_its_declaration_and_a_near_miss_matches_none():

@@ -1,4 +1,4 @@
-"""The one markdown table writer: stage=eval's summary, the sweep report and the README's metric table."""
+"""The one markdown table writer: stage=eval's summary, the sweep report and docs/layout.md's metric table."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ POINTERS = (
     ("--info defaults", "which file each part of the config came from"),
     ("plan=true", "the memory plan of a run on this machine, without loading any weights"),
     ("-m key=a,b,c", "a sweep over the values (or -m sweep=<preset>)"),
-    ("--hydra-help", "Hydra's own flags (multirun, shell completion: see the README)"),
+    ("--hydra-help", "Hydra's own flags (multirun, shell completion: docs/configuration.md)"),
     ("--version", "the versions of rlhf_exp and the libraries it runs on"),
 )
 
