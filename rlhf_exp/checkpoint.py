@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
 import shutil
 from contextlib import contextmanager
@@ -62,9 +63,20 @@ def written_into_place(folder: Path) -> Iterator[Path]:
         if is_disk_full(error):
             raise DiskFullError(folder, shutil.disk_usage(folder.parent).free) from error
         raise
+    usual_file_modes(staging)
     if folder.exists():
         shutil.rmtree(folder)
     staging.rename(folder)
+
+
+def usual_file_modes(folder: Path) -> None:
+    """Files as the umask makes them (0644 under the usual 022): huggingface_hub writes weights through a private
+    temporary file (0600), which left model.safetensors unreadable to anyone else sharing the run folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def save(folder: Path, *, model: torch.nn.Module, tokenizer, engine: Engine,

@@ -209,6 +209,8 @@ def model_card(checkpoint: Path, config: dict, reward_mean: float | None, figure
     lines = [f"# {model.get('name', 'model')}: {stage} on {data.get('name', '?')}", "",
              f"{what}, trained with rlhf_exp from run `{checkpoint.parent.parent.name}` ({checkpoint.name} "
              f"checkpoint). Licence: {model.get('license') or 'not recorded (model.license)'}, the base weights'.", ""]
+    lines += [f"Weights: {model.get('dtype')} (model.dtype, what the run trained in; `torch_dtype=torch.bfloat16` "
+              f"halves them on load where bf16 is enough).", ""]
     if model.get("source") == "gguf":  # base_model names the hub model; these weights are not its own
         lines += [f"The base weights are {model.get('path')} as the GGUF file `{model.get('gguf_file')}` ships them "
                   f"(quantized, dequantized to float before training), not the hub's own checkpoint: figures are "

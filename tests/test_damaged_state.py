@@ -44,6 +44,13 @@ def copied_run(finished_run, tmp_path: Path) -> Path:
 
 
 def test_every_checkpoint_has_a_manifest_that_a_changed_byte_fails(finished_run, tmp_path):
+    import os
+
+    _, original = finished_run
+    mask = os.umask(0)
+    os.umask(mask)
+    # the weights as the umask makes files (huggingface_hub writes them 0600 through a private temporary file)
+    assert (original / "checkpoints" / "step_000002" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     run_dir = copied_run(finished_run, tmp_path)
     step = run_dir / "checkpoints" / "step_000002"
     assert (step / MANIFEST).is_file() and checkpoint_damage(step) is None
