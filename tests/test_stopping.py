@@ -70,6 +70,9 @@ def test_sigterm_checkpoints_closes_the_run_killed_and_prints_the_resume_command
     assert steps == list(range(1, stopped_at + 3))  # its history continues at the resumed step, once each
     assert continued.data.tags["resumed_from"] == str(checkpoint) and continued.data.tags["resume_count"] == "1"
     assert continued.data.tags["resumed.stage.max_steps"] == str(stopped_at + 2)  # MLflow params cannot change
+    # the FINISHED run no longer says it was stopped: the stop is in its history
+    assert "stopped_by" not in continued.data.tags and "stopped_at_step" not in continued.data.tags
+    assert continued.data.tags["stop_history"] == f"SIGTERM at step {stopped_at}"
 
 
 def test_sigint_stops_an_in_process_run_at_a_step_boundary_and_a_second_one_at_once(tmp_path, monkeypatch):

@@ -37,6 +37,9 @@ _PARAMS_PER_BATCH = 100
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+# what a stop writes on its run (launch/run.py); a resume moves them into the run's stop_history
+STOP_TAGS = ("stopped_by", "stopped_at_step")
+
 # MLflow 3's UI opens on its GenAI side (traces, evaluations) unless the address asks for the model-training one
 UI_TRAINING_SIDE = "workflowType=machine_learning"
 
@@ -247,6 +250,13 @@ class MlflowTracker(Tracker):
         if run.info.status == "RUNNING":  # nobody closed it: its process was SIGKILLed (or OOM-killed)
             extra["killed_note"] = ("its process died without closing it (SIGKILL, an OOM kill); continued by "
                                     f"resume {count} from {tags.get('resumed_from')}")
+        if "stopped_by" in run.data.tags:  # a past stop is history now, not a description of the run
+            past = f"{run.data.tags['stopped_by']} at step {run.data.tags.get('stopped_at_step', '?')}"
+            earlier = run.data.tags.get("stop_history")
+            extra["stop_history"] = f"{earlier}; {past}" if earlier else past
+            for key in STOP_TAGS:
+                if key in run.data.tags:
+                    self.client.delete_tag(run_id, key)
         self.client.update_run(run_id, status="RUNNING")
         for key, value in {**tags, **changed, **extra}.items():
             self.client.set_tag(run_id, key, str(value))
