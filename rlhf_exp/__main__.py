@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -55,6 +56,18 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(jobs.objective_of(cfg)[0])
 
 
+def resumed_run_folder(args: list[str]) -> list[str]:
+    """A resumed run goes on in its own folder (one run, one folder): Hydra's run folder, where it writes the log
+    and .hydra/, is pointed at the run stage.resume_from continues. Not for sweeps, nor when the command sets one."""
+    from rlhf_exp.checkpoint_layout import run_folder_of
+
+    given = [a.split("=", 1)[1] for a in args if a.startswith("stage.resume_from=")]
+    if not given or {"-m", "--multirun"} & set(args) or any(a.startswith("hydra.run.dir=") for a in args):
+        return []
+    folder = run_folder_of(Path(given[-1]).expanduser().resolve())
+    return [f"hydra.run.dir='{folder}'"] if folder is not None and "'" not in str(folder) else []
+
+
 def cli() -> None:
     from rlhf_exp.launch import cli_help, sweep
     from rlhf_exp.redact import protect_output
@@ -74,7 +87,7 @@ def cli() -> None:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         # hardware=auto (the default) becomes the profile of this machine before Hydra composes.
-        sys.argv = [sys.argv[0], *resolve_auto_hardware(args)]
+        sys.argv = [sys.argv[0], *resolve_auto_hardware(args), *resumed_run_folder(args)]
     register_schemas()  # the typed schemas the group YAMLs name
     try:
         main()

@@ -48,3 +48,15 @@ def weights_folder(folder: str | Path) -> Path:
 def looks_local(path: str) -> bool:
     """A model named by a filesystem path rather than a hub id: it exists, or is absolute, or starts with . or ~."""
     return Path(path).exists() or path.startswith(("/", ".", "~"))
+
+
+def run_folder_of(path: str | Path) -> Path | None:
+    """The run folder a `stage.resume_from` value belongs to: the folder itself (it holds checkpoints/), or the one
+    a checkpoint sits in (<run>/checkpoints/step_000012); None for a folder elsewhere. A resumed run writes there:
+    one run, one folder."""
+    path = Path(path)
+    if checkpoints_of(path).is_dir():
+        return path
+    if path.parent.name == CHECKPOINTS:
+        return path.parent.parent
+    return None

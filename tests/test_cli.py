@@ -141,3 +141,18 @@ def test_version_is_the_packages_and_tab_completion_installs():
     script = cli("-sc", "install=bash")  # what `eval "$(rlhf-exp -sc install=bash)"` runs (README)
     assert script.returncode == 0, script.stderr[-2000:]
     assert "complete" in script.stdout and "hydra_bash_completion" in script.stdout
+
+
+def test_a_resume_from_the_command_line_goes_on_in_the_run_folder_it_continues(tmp_path):
+    """Hydra made a new run folder for every launch, so a resumed run split its checkpoints over two folders (the
+    first without final/). The command line points Hydra's folder at the continued run's; a sweep, or a command
+    that sets hydra.run.dir itself, is left alone."""
+    from rlhf_exp.__main__ import resumed_run_folder
+
+    run = tmp_path / "runs" / "sft" / "2026-12-07_06-00-00_ab12cd"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    for given in (run, run / "checkpoints" / "step_000002"):
+        assert resumed_run_folder(["model=tiny", f"stage.resume_from={given}"]) == [f"hydra.run.dir='{run}'"]
+    assert resumed_run_folder(["-m", f"stage.resume_from={run}"]) == []
+    assert resumed_run_folder([f"stage.resume_from={run}", "hydra.run.dir=/elsewhere"]) == []
+    assert resumed_run_folder(["model=tiny"]) == [] and resumed_run_folder([f"stage.resume_from={tmp_path}"]) == []

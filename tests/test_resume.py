@@ -66,6 +66,8 @@ def test_sigkilled_run_resumed_from_its_folder_ends_with_the_uninterrupted_runs_
     assert_same_weights(whole, resumed, FILES[stage])
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["resumed_from"] == str(folder / "checkpoints" / "step_000002")
+    # one run, one folder: the resumed run finishes in the folder it continues (not a second one without step 2)
+    assert Path(resumed.data.tags["run_dir"]) == folder and (folder / "checkpoints" / "final").is_dir()
     for key, value in whole.data.metrics.items():
         if key.startswith("train/") and not any(clock in key for clock in ("seconds", "per_s")):
             assert resumed.data.metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -41,9 +41,15 @@ from rlhf_exp.tracking.records import RUN_RECORD, run_record
 log = logging.getLogger(__name__)
 
 def run_dir_for(cfg: DictConfig, context: jobs.LaunchContext = jobs.LaunchContext()) -> Path:
-    """Hydra's output folder when run by Hydra; otherwise a fresh folder under paths.runs_dir."""
+    """Hydra's output folder when run by Hydra (`python -m rlhf_exp` points it at the resumed run's folder,
+    __main__.py); otherwise the folder of the run stage.resume_from continues, or a fresh one under paths.runs_dir."""
+    from rlhf_exp.checkpoint_layout import run_folder_of
+
+    resumed = run_folder_of(cfg.stage.resume_from) if cfg.stage.get("resume_from") else None
     if context.output_dir is not None:
         folder = context.output_dir
+    elif resumed is not None:
+        folder = resumed
     else:
         from rlhf_exp.config import run_id
 
@@ -324,7 +330,7 @@ def folders_written(cfg: DictConfig, run_dir: Path) -> list[Path]:
     run and outbox it takes over), so that a second process on either is refused."""
     resumed = Path(cfg.stage.resume_from) if cfg.stage.get("resume_from") else None
     continued = resumed.parent.parent if resumed is not None and resumed.parent.name == CHECKPOINTS else None
-    return [*([continued] if continued is not None else []), run_dir]
+    return list(dict.fromkeys([*([continued] if continued is not None else []), run_dir]))  # usually one folder
 
 
 def tracked_run(launch: Launch) -> dict[str, float]:
