@@ -65,8 +65,10 @@ soak: setup ## 50 tiny runs, 4 at a time, against an mlflow server on 127.0.0.1:
 report: setup ## a sweep's comparison report (table + plots, logged to its parent run): make report RUN=<parent run id | sweep folder>
 	$(PY) -m rlhf_exp.report $(RUN) $(ARGS)
 
-ui: setup ## the MLflow UI for this project's runs, on http://127.0.0.1:$(MLFLOW_PORT)
-	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
+ui: setup ## the MLflow UI over the runs here (./mlflow.db, or $MLFLOW_TRACKING_URI's database), on http://127.0.0.1:$(MLFLOW_PORT)
+	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) \
+	  echo "make ui: runs went to the server at $$MLFLOW_TRACKING_URI: open it in a browser"; exit 0;; esac; \
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	  --default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean-runs: ## delete local run folders (keeps mlflow.db)
