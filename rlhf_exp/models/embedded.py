@@ -131,10 +131,3 @@ def float_checkpoint(spec: Mapping[str, Any], cache_dir: str | os.PathLike, key:
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
-
-if __name__ == "__main__":  # `make setup`: fetch the default model's GGUF now rather than in the first run
-    from rlhf_exp.config import compose_config
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = compose_config([])
-    print(gguf_location(cfg.model, cfg.paths.cache_dir) / cfg.model.gguf_file)

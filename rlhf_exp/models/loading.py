@@ -22,6 +22,7 @@ from rlhf_exp.errors import ConfigError
 from rlhf_exp.runtime import dtype_of
 from rlhf_exp.checkpoint_layout import weights_folder
 from rlhf_exp.models.peft import add_adapters, load_adapter_weights, quantization_config, uses_lora
+from rlhf_exp.models.embedded import float_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def _folder_for(spec: dict[str, Any], cache_dir: str, key: str) -> str:
     """Where from_pretrained reads for a spec with source gguf / hub / local."""
     source = spec.get("source")
     if source == "gguf":
-        from rlhf_exp.models.embedded import float_checkpoint  # not at import: `python -m` runs that module
-
         return str(float_checkpoint(spec, cache_dir, key))
     if source in ("hub", "local"):
         path = spec.get("path")

@@ -33,6 +33,11 @@ PAD_TOKEN = "<|rlhf_exp_pad|>"  # a reward model's pad token when the tokenizer 
 END_TOKEN_KEY = "rlhf_exp_end_token"
 
 
+def reward_mean_of(folder: str | Path) -> float:
+    """The normalization offset an exported reward model's raw scores are above the RM's (its config.json)."""
+    return float(json.loads((Path(folder) / "config.json").read_text()).get("rlhf_exp_reward_mean") or 0.0)
+
+
 def record_end_token(model: nn.Module, token: str) -> None:
     """Keep in `model`'s config (saved with it) the token its training responses ended with."""
     setattr(model.config, END_TOKEN_KEY, token)

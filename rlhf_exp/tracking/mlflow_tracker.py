@@ -325,7 +325,7 @@ class MlflowTracker(Tracker):
                     "rows": int(rows)})
 
     def log_model(self, folder: Path, name: str, step: int, register_as: str | None = None) -> None:
-        from rlhf_exp.export import reward_mean_of
+        from rlhf_exp.models.reward import reward_mean_of
         from rlhf_exp.tracking.logged_models import model_type_of, save_policy, save_reward_model
 
         model_type = model_type_of(folder)
