@@ -224,21 +224,28 @@ def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
     stages = state["stages"]
     tracker.set_tags({"stages_finished": sum(s.get("status") == "FINISHED" for s in stages.values()),
                       **{f"stage.{role}.run_id": s["run_id"] for role, s in stages.items() if s.get("run_id")}})
+    headline: dict[str, float] = {}
     for role, record in stages.items():
         summary = Path(record["run_dir"]) / "eval" / "summary.md"
         if record.get("status") == "FINISHED" and summary.is_file():
             for path in sorted(summary.parent.iterdir()):
                 tracker.log_artifact(str(path), f"eval/{role}")
             # the headline figures on the parent itself (its runs-table columns) and the table as an MLflow table
-            tracker.log_metrics(headline_metrics(record.get("metrics") or {}), step=0)
+            headline.update(headline_metrics(record.get("metrics") or {}))
+            tracker.log_metrics(headline, step=0)
             results = summary.parent / "results.json"
             if results.is_file():
                 tracker.log_table(json.loads(results.read_text())["rows"], f"eval/{role}/summary_table.json")
     tracker.log_artifact(str(folder / STATE), "pipeline")
     tracker.finish(status)
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
-    from rlhf_exp.tracking.mlflow_tracker import ui_address
+    from rlhf_exp.tracking.mlflow_tracker import save_runs_view, ui_address
 
+    # the runs table with the parent expanded and its headline figures as columns (the win rates against the
+    # reference first), as a sweep's view is
+    columns = [f"metrics.`{name}`" for name in sorted(headline, key=lambda n: ("_win_vs_reference" not in n, n))]
+    view = save_runs_view(tracker, f"pipeline-{folder.name}", columns) if headline else None
     local = "" if tracker.uri.startswith("http") else " (make ui first)"
     print(f"pipeline {status.lower()}: MLflow parent run {tracker.run_id}; to look at it{local}: "
-          f"{ui_address(tracker.uri, f'/experiments/{experiment}/runs/{tracker.run_id}')}")
+          f"{ui_address(tracker.uri, f'/experiments/{experiment}/runs/{tracker.run_id}')}"
+          + (f"\n  the policies side by side: {ui_address(tracker.uri, view)}" if view else ""))

@@ -30,7 +30,7 @@ from rlhf_exp.launch.jobs import (OBJECTIVE_METRIC, SWEEP_RECORD, LaunchContext,
                                   short_label)
 from rlhf_exp.launch.report import write_report
 from rlhf_exp.redact import redact, redact_text
-from rlhf_exp.tracking.mlflow_tracker import UI_TRAINING_SIDE
+from rlhf_exp.tracking.mlflow_tracker import UI_TRAINING_SIDE, save_runs_view
 from rlhf_exp.tracking.records import PARENT_TAG
 
 log = logging.getLogger(__name__)
@@ -182,15 +182,8 @@ def share_ui_view(tracker, sweep_id: str, param_keys: list[str], objective: str,
     from rlhf_exp.stages import stage_spec
 
     metrics = dict.fromkeys([OBJECTIVE_METRIC, objective, *stage_spec(stage).report_metrics])
-    state = {"selectedColumns": [f"params.`{k}`" for k in param_keys] + [f"metrics.`{m}`" for m in metrics],
-             "runsExpanded": {tracker.run_id: True}}
-    try:
-        experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
-        tracker.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{sweep_id}", json.dumps(state))
-    except Exception as error:  # a convenience: the runs are tracked without it
-        log.warning("could not save the sweep's MLflow UI view (%s)", error)
-        return None
-    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}&{UI_TRAINING_SIDE}"
+    route = save_runs_view(tracker, sweep_id, [f"params.`{k}`" for k in param_keys] + [f"metrics.`{m}`" for m in metrics])
+    return f"{base_url}/#{route}&{UI_TRAINING_SIDE}" if route else None
 
 
 def start_tracking_server(config: DictConfig, sweep_dir: Path):

@@ -53,6 +53,20 @@ def ui_address(uri: str, route: str) -> str:
     return f"{base}/#{route}{'&' if '?' in route else '?'}{UI_TRAINING_SIDE}"
 
 
+def save_runs_view(tracker, key: str, columns: list[str]) -> str | None:
+    """A runs-table view saved in the tracker run's experiment as MLflow's own shared views are (the
+    `mlflow.sharedViewState.<key>` tag): that run expanded, `columns` shown (the UI's "Columns" menu would start
+    from none). Returns its route (/experiments/<id>/runs?viewStateShareKey=<key>), None if it could not."""
+    state = {"selectedColumns": columns, "runsExpanded": {tracker.run_id: True}}
+    try:
+        experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+        tracker.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
+    except Exception as error:  # a convenience: the runs are tracked without it
+        log.warning("could not save the MLflow UI view %s (%s)", key, error)
+        return None
+    return f"/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+
+
 def tracking_uri(tracking: DictConfig, root_dir: str) -> str:
     """tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the project."""
     return (tracking.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
