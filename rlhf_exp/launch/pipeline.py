@@ -217,7 +217,8 @@ HEADLINE = re.compile(r"^eval/[^/]+/(\w+_(lc_)?win_vs_[^/]+|kl_k1_seq|length|pai
 def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """What a person compares pipelines by, from stage=eval's metrics: each policy's (LC) win rates against the
     reference and the baseline, its KL to the reference and its length, each judge's held-out accuracy."""
-    return {name: value for name, value in metrics.items() if HEADLINE.match(name)}
+    return {name: value for name, value in metrics.items()
+            if HEADLINE.match(name) and not name.endswith(("_ci_low", "_ci_high"))}
 
 
 def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
