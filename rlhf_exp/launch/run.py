@@ -380,12 +380,12 @@ def prepare_and_fit(launch: Launch) -> dict[str, float]:
     tracker = make_tracker(tracking, cfg.paths.root_dir) if distributed.is_main() else Tracker()
     close_runs_of_dead_processes(cfg, tracker)
     run_name = cfg.get("run_name") or (job.run_name(cfg.stage.name) if job else
-                                       f"{cfg.stage.name}-{cfg.model.name}-{data_name(cfg.data)}")
-    tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": data_name(cfg.data),
+                                       f"{cfg.stage.name}-{cfg.model.name}-{redact_text(data_name(cfg.data))}")
+    tags = {"stage": cfg.stage.name, "model": cfg.model.name, "data": redact_text(data_name(cfg.data)),
             "hardware": cfg.hardware.name, "git_commit": jobs.git_commit(), "rlhf_exp_version": rlhf_exp.__version__,
             "run_dir": str(run_dir), "precision": cfg.hardware.precision, "precision_reason": launch.precision_reason,
             "overrides": " ".join(launch.context.redacted_overrides()), **launch.lineage_tags, **(job.tags() if job else {})}
-    tags["mlflow.note.content"] = cfg.get("description") or description(cfg, tags["overrides"])
+    tags["mlflow.note.content"] = redact_text(cfg.get("description") or description(cfg, tags["overrides"]))
     status = "FAILED"
     earlier = resumed_run(cfg, tracker)
     continued = earlier if earlier and cfg.tracking.get("continue_on_resume", True) else None

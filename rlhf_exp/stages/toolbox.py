@@ -131,6 +131,7 @@ class Toolbox:
         from rlhf_exp.data import load_preference_splits, load_prompt_splits, load_sft_splits
         from rlhf_exp.data.collate import split_digest, texts_of, tokenize_examples
         from rlhf_exp.data.formats import data_name
+        from rlhf_exp.redact import redact_text
         from rlhf_exp.data.disk_cache import digest
 
         data = self.cfg.data
@@ -149,9 +150,10 @@ class Toolbox:
         val_set = tokenize(val)
         self.tracker.set_tags({"data.num_train": len(train_set), "data.num_eval": len(val_set)})
         splits = {"train": {"rows": len(train_set), "digest": split_digest(train_set)}, "held-out": held_out}
-        source = f"{data.source}:{data.path}" if data.get("path") else f"{data.source}:{data.name}"
+        # a path or hub id can hold a token (a signed URL, a folder named after one): redacted like the params
+        source = redact_text(f"{data.source}:{data.path}" if data.get("path") else f"{data.source}:{data.name}")
         for context, split in splits.items():  # the run's inputs (MLflow's Datasets), whose digests resume checks
-            self.tracker.log_dataset(data_name(data), split["digest"], source, context, split["rows"])
+            self.tracker.log_dataset(redact_text(data_name(data)), split["digest"], source, context, split["rows"])
         return StageData(train_set, val_set, train, val, splits, BatchStream(len(train_set), self.cfg.seed))
 
     def report_skipped(self, skipped: Counter) -> None:
