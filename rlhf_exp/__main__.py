@@ -30,10 +30,12 @@ def main(cfg: DictConfig) -> float | None:
     from rlhf_exp.launch import jobs, sweep
     from rlhf_exp.launch.pipeline import run_pipeline
     from rlhf_exp.launch.run import redact_hydra_files, run
+    from rlhf_exp.logs import quiet_library_notices
     from rlhf_exp.redact import redact_log_handlers
 
     context = jobs.LaunchContext.from_hydra()  # the one read of Hydra's global state, handed down
     redact_log_handlers()  # Hydra has just made the console and <job>.log handlers
+    quiet_library_notices()
     redact_hydra_files(context)  # before anything can refuse the launch and leave them as they are
     in_sweep = context.in_sweep
     try:

@@ -156,3 +156,23 @@ def test_a_resume_from_the_command_line_goes_on_in_the_run_folder_it_continues(t
     assert resumed_run_folder(["-m", f"stage.resume_from={run}"]) == []
     assert resumed_run_folder([f"stage.resume_from={run}", "hydra.run.dir=/elsewhere"]) == []
     assert resumed_run_folder(["model=tiny"]) == [] and resumed_run_folder([f"stage.resume_from={tmp_path}"]) == []
+
+
+def test_the_console_keeps_the_projects_lines_and_library_warnings_not_library_notices():
+    """huggingface_hub printed "Model weights successfully saved to ...partial!" at every checkpoint of `make run`
+    (its logger is named by its file's path, so no level setting reaches it): a library's INFO goes, this
+    project's stays, a library's WARNING stays, and the known warnings that say nothing go."""
+    import logging
+
+    from rlhf_exp.logs import LibraryNoticesFilter
+
+    def record(name: str, level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    keep = LibraryNoticesFilter().filter
+    assert not keep(record("/x/site-packages/huggingface_hub/serialization/_torch.py", logging.INFO,
+                           "Model weights successfully saved to /r/checkpoints/final.partial!"))
+    assert keep(record("rlhf_exp.checkpoint", logging.INFO, "checkpoint: /r/checkpoints/final"))
+    assert keep(record("hydra.core.utils", logging.INFO, "Launching 2 jobs locally"))
+    assert keep(record("transformers.modeling_utils", logging.WARNING, "Some weights were not initialized"))
+    assert not keep(record("bitsandbytes.backends.cpu.ops", logging.WARNING, "Failed to load CPU gemm_4bit_forward x"))

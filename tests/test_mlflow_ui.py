@@ -146,3 +146,44 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
         for page in ("report", "models", "run"):
             shutil.copy(tmp_path / f"mlflow_ui_{page}.png", keep.with_name(f"{keep.stem}_{page}.png"))
         (keep.with_suffix(".json")).write_text(json.dumps({"view": view}))
+
+
+def test_a_finished_pipeline_opens_on_its_policies_figures_as_columns_and_its_table(tmp_path):
+    """The quick pipeline, then its printed view: the parent expanded on the UI's model-training side, each policy's
+    win rate against the reference a column with the parent's value, and the eval table as an MLflow table."""
+    from selenium.webdriver.common.by import By
+
+    done = run_cli("experiment=quick_pipeline", "hardware=cpu", "hardware.num_threads=1", env=tracked_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    view = done.stdout.split("the policies side by side: ", 1)[1].split()[0]
+    _, runs = mlflow_runs(tmp_path / "m.db")
+    [parent] = [r for r in runs if r.data.tags.get("rlhf_exp.role") == "pipeline"]
+    server = MlflowServer(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "mlartifacts"),
+                          log_path=tmp_path / "server.log")
+    driver = browser()
+    try:
+        driver.get(server.uri + "/#" + view.split("/#", 1)[1])
+        wait_for(driver, lambda d: d.find_element(By.XPATH, "//*[text()='Model registry']"), what="the training side")
+        wait_for(driver, lambda d: d.find_element(By.XPATH, "//span[text()='pipeline quick']"), what="the parent run")
+        wanted = {f"eval/{policy}/judge_win_vs_reference" for policy in ("sft", "dpo", "grpo")}
+        wait_for(driver, lambda d: wanted <= {h.text for h in d.find_elements(By.CSS_SELECTOR, "[role=columnheader]")},
+                 what=f"the columns {sorted(wanted)}")
+        cells = row_cells(driver, "pipeline quick")
+        for name in wanted:
+            assert float(cells[f"metrics.`{name}`"]) == parent.data.metrics[name], (name, cells)
+        driver.save_screenshot(str(tmp_path / "mlflow_ui_pipeline.png"))
+        # the evaluation table, logged to the parent as an MLflow table
+        driver.get(ui_address(server.uri, f"/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}/artifacts"))
+        click(driver, "(//*[text()='eval'])[1]", "the eval folder")  # eval/<role>/: the eval stage's role is eval too
+        click(driver, "(//*[text()='eval'])[2]", "the eval stage's folder")
+        click(driver, "//*[text()='summary_table.json']", "the summary table")
+        wait_for(driver, lambda d: "grpo" in d.find_element(By.TAG_NAME, "body").text and
+                 "judge win vs reference" in d.find_element(By.TAG_NAME, "body").text, what="the table's rows")
+        driver.save_screenshot(str(tmp_path / "mlflow_ui_pipeline_table.png"))
+    finally:
+        driver.quit()
+        server.stop()
+    if os.environ.get("RLHF_EXP_UI_SCREENSHOT"):
+        keep = Path(os.environ["RLHF_EXP_UI_SCREENSHOT"])
+        for page in ("pipeline", "pipeline_table"):
+            shutil.copy(tmp_path / f"mlflow_ui_{page}.png", keep.with_name(f"{keep.stem}_{page}.png"))

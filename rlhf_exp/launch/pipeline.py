@@ -242,9 +242,11 @@ def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
     from rlhf_exp.tracking.mlflow_tracker import save_runs_view, ui_address
 
-    # the runs table with the parent expanded and its headline figures as columns (the win rates against the
-    # reference first), as a sweep's view is
-    columns = [f"metrics.`{name}`" for name in sorted(headline, key=lambda n: ("_win_vs_reference" not in n, n))]
+    # the runs table with the parent expanded, as a sweep's view is, and as columns what fits on a screen (the UI
+    # orders them by name): each policy's judge win rate against the reference and the judge's own accuracy;
+    # the other headline figures are the parent's metrics too
+    columns = [f"metrics.`{name}`" for name in sorted(headline) if name.endswith("/judge_win_vs_reference")
+               or name == "eval/judge/pair_accuracy"]
     view = save_runs_view(tracker, f"pipeline-{folder.name}", columns) if headline else None
     local = "" if tracker.uri.startswith("http") else " (make ui first)"
     print(f"pipeline {status.lower()}: MLflow parent run {tracker.run_id}; to look at it{local}: "

@@ -62,18 +62,23 @@ def save_policy(folder: Path, out: Path, name: str) -> None:
     from mlflow.models import infer_signature
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from huggingface_hub import ModelCard
+
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     model.config._name_or_path = name  # MLflow records it as the source: a name, not this machine's path
+    card = ModelCard.load(folder / "README.md")  # the export's card: its licence, instead of a hub lookup
     signature = infer_signature(["a prompt"], ["a response"], params={"max_new_tokens": 64, "do_sample": True,
                                                                       "temperature": 1.0})
     mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer}, path=str(out),
-                                   task="text-generation", signature=signature, pip_requirements=REQUIREMENTS)
+                                   task="text-generation", signature=signature, pip_requirements=REQUIREMENTS,
+                                   model_card=card)
 
 
 def save_reward_model(folder: Path, out: Path, reward_mean: float) -> None:
     """The exported reward model at `folder` as a `RewardScorer` pyfunc at `out`."""
     example = [{"prompt": "Summarize: a post. TL;DR:", "response": " a summary"}]
-    mlflow.pyfunc.save_model(str(out), python_model=RewardScorer(), artifacts={REWARD_FOLDER: str(folder)},
+    code = Path(__file__).with_name("reward_scorer_model.py")  # models from code: no pickle to trust on load
+    mlflow.pyfunc.save_model(str(out), python_model=str(code), artifacts={REWARD_FOLDER: str(folder)},
                              model_config={"reward_mean": reward_mean}, input_example=example,
                              pip_requirements=[*REQUIREMENTS, "rlhf_exp"])
 
