@@ -242,7 +242,7 @@ def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
     from rlhf_exp.tracking.mlflow_tracker import save_runs_view, ui_address
 
-    # the runs table with the parent expanded, as a sweep's view is, and as columns what fits on a screen (the UI
+    # the runs table with the parent (asked expanded), as a sweep's view is, and as columns what fits on a screen (the UI
     # orders them by name): each policy's judge win rate against the reference and the judge's own accuracy;
     # the other headline figures are the parent's metrics too
     columns = [f"metrics.`{name}`" for name in sorted(headline) if name.endswith("/judge_win_vs_reference")

@@ -176,7 +176,7 @@ def is_param(config: DictConfig, key: str) -> bool:
 def share_ui_view(tracker, sweep_id: str, param_keys: list[str], objective: str, stage: str,
                   base_url: str = "") -> str | None:
     """An MLflow UI view of this sweep, saved in its experiment as MLflow's own shared views are (the
-    `mlflow.sharedViewState.<key>` tag): the runs table with the parent expanded and the swept params,
+    `mlflow.sharedViewState.<key>` tag): the runs table with the parent (asked expanded: MLflow 3.17 does not restore that) and the swept params,
     the objective and the stage's report metrics as columns. Returns the view's address (the UI's
     "Columns" menu would otherwise start from none)."""
     from rlhf_exp.stages import stage_spec

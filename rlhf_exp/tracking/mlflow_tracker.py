@@ -55,7 +55,7 @@ def ui_address(uri: str, route: str) -> str:
 
 def save_runs_view(tracker, key: str, columns: list[str]) -> str | None:
     """A runs-table view saved in the tracker run's experiment as MLflow's own shared views are (the
-    `mlflow.sharedViewState.<key>` tag): that run expanded, `columns` shown (the UI's "Columns" menu would start
+    `mlflow.sharedViewState.<key>` tag): that run asked expanded (MLflow 3.17's UI does not restore it), `columns` shown (the UI's "Columns" menu would start
     from none). Returns its route (/experiments/<id>/runs?viewStateShareKey=<key>), None if it could not."""
     state = {"selectedColumns": columns, "runsExpanded": {tracker.run_id: True}}
     try:
