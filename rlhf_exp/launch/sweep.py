@@ -261,7 +261,9 @@ def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str
     if len(tied) > 1:
         best_note = (f", best {summary.best_value:.4g} TIED by {len(tied)} jobs ({', '.join(r.info.run_name for r in tied)}:"
                      f" no job is better; the first is tagged best)")
-    view = f"\n  in the MLflow UI (make ui): {view}" if view else ""
+    if view:  # a whole address: the sweep's own or the tracking server's, else make ui's
+        view = (f"\n  in the MLflow UI: {view}" if view.startswith("http") else
+                f"\n  in the MLflow UI (make ui first): http://127.0.0.1:5000{view}")
     print(f"sweep {sweep_dir.name}: {summary.finished} finished, {summary.failed} failed{best_note}; "
           f"MLflow parent run {parent_id}{where}{view}")
     return summary
