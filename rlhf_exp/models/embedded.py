@@ -101,9 +101,22 @@ def float_checkpoint(spec: Mapping[str, Any], cache_dir: str | os.PathLike, key:
     target = Path(cache_dir) / "gguf" / package / Path(gguf_file).stem
     if (target / _DONE_MARKER).is_file():
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # one conversion at a time (test workers, torchrun ranks, parallel jobs on a fresh cache): the others wait,
+    # then read the finished folder, which nobody replaces while they read it
+    with FileLock(str(target) + ".lock"):
+        if not (target / _DONE_MARKER).is_file():
+            _convert(spec, cache_dir, key, target)
+    return target
+
+
+def _convert(spec: Mapping[str, Any], cache_dir: str | os.PathLike, key: str, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    package, gguf_file = spec["gguf_package"], spec["gguf_file"]
     source = gguf_location(spec, cache_dir, key)
     log.info("Converting %s to a float safetensors copy in %s (once)", gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
@@ -117,17 +130,15 @@ def float_checkpoint(spec: Mapping[str, Any], cache_dir: str | os.PathLike, key:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # Write beside the target and rename, so an interrupted conversion never looks complete.
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / _DONE_MARKER).write_text("ok\n")
-        if target.exists():
+        if target.exists():  # an interrupted conversion's leftovers (no marker): nobody reads them
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return target
 
