@@ -4,6 +4,8 @@ notices (huggingface_hub's "Model weights successfully saved to ...partial!" at 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 # loggers whose INFO lines are kept: this project's, Hydra's and its launchers' (a sweep's job list)
 OWN = ("rlhf_exp", "__main__", "hydra", "hydra_plugins")
@@ -23,7 +25,13 @@ class LibraryNoticesFilter(logging.Filter):
 
 
 def quiet_library_notices() -> None:
-    """On every handler of the root logger (Hydra's console and `<job>.log`)."""
+    """On every handler of the root logger (Hydra's console and `<job>.log`); and MLflow, which prints through a
+    handler of its own ("Creating initial MLflow database tables...", "Running the predict function..."), at
+    warnings unless MLFLOW_LOGGING_LEVEL says otherwise (it reads that when imported; the processes a run
+    starts inherit it)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if "mlflow" in sys.modules:  # imported already: its loggers are set up
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, LibraryNoticesFilter) for f in handler.filters):
             handler.addFilter(LibraryNoticesFilter())
