@@ -348,7 +348,7 @@ def description(cfg: DictConfig, overrides: str) -> str:
             f"{cfg.hardware.precision}).\n\n`python -m rlhf_exp {overrides}`")
 
 
-def log_final_model(cfg: DictConfig, tracker: Tracker, run_dir: Path, step: int) -> None:
+def log_final_model(cfg: DictConfig, tracker: Tracker, run_dir: Path, step: int, name: str) -> None:
     """The final checkpoint, exported as rlhf_exp.export writes it, as the run's MLflow model (tracking.log_model;
     tracking.register_as registers it). A stage without one (stage=eval) logs none; one that cannot be exported
     (LoRA adapters kept unmerged) is said, and the run still finishes."""
@@ -366,7 +366,8 @@ def log_final_model(cfg: DictConfig, tracker: Tracker, run_dir: Path, step: int)
         except ConfigError as error:
             log.warning("tracking.log_model: the final model is not logged: %s", error)
             return
-        tracker.log_model(folder, f"{cfg.stage.name}-{cfg.model.name}", step, cfg.tracking.get("register_as"))
+        # named as its run is (a pipeline's "judge (rm)" and "rm" are told apart; a sweep job's by its values)
+        tracker.log_model(folder, name, step, cfg.tracking.get("register_as"))
 
 
 def prepare_and_fit(launch: Launch) -> dict[str, float]:
@@ -409,7 +410,7 @@ def prepare_and_fit(launch: Launch) -> dict[str, float]:
         with out_of_memory_reported(cfg, launch.spec, launch.plan):
             metrics = trainer.fit()
         if distributed.is_main() and cfg.tracking.get("log_model"):
-            log_final_model(cfg, tracker, run_dir, trainer.step)
+            log_final_model(cfg, tracker, run_dir, trainer.step, run_name)
         objective = jobs.objective_of(cfg)[0]
         if job is not None and objective in metrics:  # one column name for every sweep's objective
             tracker.log_metrics({jobs.OBJECTIVE_METRIC: metrics[objective]}, step=trainer.step)
