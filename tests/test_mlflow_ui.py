@@ -123,9 +123,10 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
         # MLflow 3's Models tab: each child's final policy, from its run. The address asks for the UI's model-training
         # side (it opens on GenAI's otherwise), as every address the project prints does
         driver.get(ui_address(server.uri, f"/experiments/{parent.info.experiment_id}/models"))
-        for name in children:  # each model is named as its run: its name, then its source run's link
-            wait_for(driver, lambda d: len(d.find_elements(By.XPATH, f"//a[text()='{name}']")) == 2,
-                     what=f"{name}'s model and its source run")
+        for name in children:  # each model is named as its run (MLflow refuses "." in it), its source run linked
+            wait_for(driver, lambda d: d.find_element(By.XPATH, f"//a[text()='{name.replace('.', '_')}']"),
+                     what=f"{name}'s model")
+            wait_for(driver, lambda d: d.find_element(By.XPATH, f"//a[text()='{name}']"), what=f"{name} as its source")
         driver.save_screenshot(str(tmp_path / "mlflow_ui_models.png"))
         # a child's page: its description, and its data as run inputs (the Datasets section)
         child = children["dpo beta=0.3"]

@@ -3,8 +3,8 @@ experiment's Models tab), registrable (`tracking.register_as`) and loadable with
 
 A policy is logged with MLflow's transformers flavour (task text-generation: `mlflow.transformers.load_model`
 gives a pipeline, pyfunc's `predict` takes prompts). A reward model is a pyfunc, `RewardScorer`: `predict` takes
-rows with `prompt` and `response` and returns the RM's normalized score of each, computed as stage=rm, GRPO and
-PPO compute it (a list of {prompt, response} dicts; the response ended with the token the RM trained on; the normalization offset subtracted).
+a list of {prompt, response} dicts and returns the RM's normalized score of each, computed as stage=rm, GRPO
+and PPO compute it (the response ended with the token the RM trained on; the normalization offset subtracted).
 Both are built from the hub-ready folder `rlhf_exp.export` writes, so what is served is what is exported.
 """
 
@@ -45,10 +45,10 @@ class RewardScorer(mlflow.pyfunc.PythonModel):
         import torch
 
         scores = []
-        for row in model_input:
+        for row in model_input:  # one at a time: no padding to get wrong (these are evaluation calls)
             if "prompt" not in row or "response" not in row:  # MLflow makes a DataFrame rows of its first column
                 raise ValueError("the reward model scores a list of {'prompt': ..., 'response': ...} dicts, not a "
-                                 f"DataFrame (a row arrived as {sorted(row)})")  # one at a time: no padding to get wrong, and these are evaluation calls, not training
+                                 f"DataFrame (a row arrived as {sorted(row)})")
             ids = self.tokenizer(row["prompt"] + row["response"], add_special_tokens=True).input_ids + [self.end_id]
             with torch.no_grad():
                 logit = self.model(input_ids=torch.tensor([ids])).logits[0, 0]
@@ -81,6 +81,13 @@ def save_reward_model(folder: Path, out: Path, reward_mean: float) -> None:
     mlflow.pyfunc.save_model(str(out), python_model=str(code), artifacts={REWARD_FOLDER: str(folder)},
                              model_config={"reward_mean": reward_mean}, input_example=example,
                              pip_requirements=[*REQUIREMENTS, "rlhf_exp"])
+
+
+def model_name(run_name: str) -> str:
+    """A logged model's name from its run's: MLflow refuses / : . % and quotes in one (a sweep job's "dpo
+    beta=0.05" becomes "dpo beta=0_05")."""
+    refused = {"/": "-", ":": "-", ".": "_", "%": "pct", '"': None, "'": None}
+    return run_name.translate(str.maketrans(refused)) or "model"
 
 
 def upload(client, run_id: str, record: dict[str, Any]) -> str:

@@ -340,7 +340,7 @@ class MlflowTracker(Tracker):
 
     def log_model(self, folder: Path, name: str, step: int, register_as: str | None = None) -> None:
         from rlhf_exp.models.reward import reward_mean_of
-        from rlhf_exp.tracking.logged_models import model_type_of, save_policy, save_reward_model
+        from rlhf_exp.tracking.logged_models import model_name, model_type_of, save_policy, save_reward_model
 
         model_type = model_type_of(folder)
         out = self._keep("mlflow_model")
@@ -348,8 +348,8 @@ class MlflowTracker(Tracker):
             save_reward_model(folder, out, reward_mean_of(folder))
         else:
             save_policy(folder, out, name)
-        self._emit({"kind": "model", "path": str(out), "name": name, "model_type": model_type, "step": int(step),
-                    "register_as": register_as, "key": secrets.token_hex(8)})
+        self._emit({"kind": "model", "path": str(out), "name": model_name(name), "model_type": model_type,
+                    "step": int(step), "register_as": register_as, "key": secrets.token_hex(8)})
 
     def close_abandoned(self, run_id: str, note: str) -> bool:
         from mlflow.exceptions import MlflowException
