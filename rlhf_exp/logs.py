@@ -32,6 +32,11 @@ def quiet_library_notices() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if "mlflow" in sys.modules:  # imported already: its loggers are set up
         logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    on_root_handlers(LibraryNoticesFilter)
+
+
+def on_root_handlers(filter_type: type[logging.Filter]) -> None:
+    """A `filter_type` on every handler of the root logger that has none yet (Hydra's console and `<job>.log`)."""
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, LibraryNoticesFilter) for f in handler.filters):
-            handler.addFilter(LibraryNoticesFilter())
+        if not any(isinstance(f, filter_type) for f in handler.filters):
+            handler.addFilter(filter_type())

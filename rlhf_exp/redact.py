@@ -123,9 +123,9 @@ class RedactingFilter(logging.Filter):
 
 def redact_log_handlers() -> None:
     """Every handler of the root logger (Hydra's console and `<job>.log` file) hides secrets."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    from rlhf_exp.logs import on_root_handlers
+
+    on_root_handlers(RedactingFilter)
 
 
 def uri_with_password(recorded: str, env_name: str = "MLFLOW_TRACKING_URI") -> str:
