@@ -100,9 +100,12 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
                            >= {"objective", "stage.beta"} and {h.text for h in d.find_elements(
                                By.CSS_SELECTOR, "[role=columnheader]")}, what="the objective and stage.beta columns")
         assert "eval/implicit_accuracy" in headers
-        if not driver.find_elements(By.XPATH, "//span[text()='dpo beta=0.3']"):  # expand the parent by hand
-            click(driver, "//button[contains(@data-component-id, 'runnamecellrenderer')]", "the parent's expander")
+        # the jobs listed beside the parent, no expander to click, best objective first (ties: either order)
         wait_for(driver, lambda d: d.find_element(By.XPATH, "//span[text()='dpo beta=0.3']"), what="the children")
+        listed = [e.text for e in driver.find_elements(By.XPATH, "//span[starts-with(text(), 'dpo beta=')]")]
+        by_objective = sorted(children, key=lambda n: -children[n].data.metrics["objective"])
+        assert sorted(listed) == sorted(children) and (listed == by_objective or len(
+            {children[n].data.metrics["objective"] for n in children}) == 1), (listed, by_objective)
         for name, run in children.items():
             cells = row_cells(driver, name)
             assert cells["params.`stage.beta`"] == run.data.params["stage.beta"], cells
@@ -150,7 +153,7 @@ def test_a_finished_sweep_in_the_mlflow_ui_shows_its_children_swept_param_object
 
 
 def test_a_finished_pipeline_opens_on_its_policies_figures_as_columns_and_its_table(tmp_path):
-    """The quick pipeline, then its printed view: the parent expanded on the UI's model-training side, each policy's
+    """The quick pipeline, then its printed view: the parent's row on the UI's model-training side, each policy's
     win rate against the reference a column with the parent's value, and the eval table as an MLflow table."""
     from selenium.webdriver.common.by import By
 

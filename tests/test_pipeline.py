@@ -92,13 +92,13 @@ def test_the_pipeline_runs_each_stage_as_a_child_with_its_inputs_by_role_and_a_r
         assert headline[name] == metrics[name], name
     assert "eval/dpo/judge_win_vs_reference_ci_low" not in headline
     assert "pipeline finished: MLflow parent run" in done.stdout
-    # its view: the parent expanded, the headline figures as columns, on the UI's model-training side
+    # its view: the parent's row, the headline figures as columns, on the UI's model-training side
     view = done.stdout.split("the policies side by side: ", 1)[1].split()[0]
     assert view.endswith("&workflowType=machine_learning") and "viewStateShareKey=pipeline-" in view
     client = mlflow_runs(db)[0]
     state = json.loads(client.get_experiment(parent.info.experiment_id).tags[
         "mlflow.sharedViewState." + view.split("viewStateShareKey=")[1].split("&")[0]])
-    assert state["runsExpanded"] == {parent.info.run_id: True}
+    assert state["searchFilter"] == f"attributes.run_id = '{parent.info.run_id}'"
     assert "metrics.`eval/dpo/judge_win_vs_reference`" in state["selectedColumns"]
     # a finished stage keeps its weights, not what only resuming it needs (pipeline.keep_training_state=false)
     sft_dir = Path(sft.data.tags["run_dir"])

@@ -242,12 +242,12 @@ def close_parent(tracker, folder: Path, state: dict, status: str) -> None:
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
     from rlhf_exp.tracking.mlflow_tracker import save_runs_view, ui_address
 
-    # the runs table with the parent (asked expanded), as a sweep's view is, and as columns what fits on a screen (the UI
-    # orders them by name): each policy's judge win rate against the reference and the judge's own accuracy;
-    # the other headline figures are the parent's metrics too
+    # the parent's row, and as columns what fits on a screen (the UI orders them by name): each policy's judge win
+    # rate against the reference and the judge's own accuracy; the other headline figures are the parent's metrics too
     columns = [f"metrics.`{name}`" for name in sorted(headline) if name.endswith("/judge_win_vs_reference")
                or name == "eval/judge/pair_accuracy"]
-    view = save_runs_view(tracker, f"pipeline-{folder.name}", columns) if headline else None
+    view = (save_runs_view(tracker, f"pipeline-{folder.name}", columns, f"attributes.run_id = '{tracker.run_id}'")
+            if headline else None)
     local = "" if tracker.uri.startswith("http") else " (make ui first)"
     print(f"pipeline {status.lower()}: MLflow parent run {tracker.run_id}; to look at it{local}: "
           f"{ui_address(tracker.uri, f'/experiments/{experiment}/runs/{tracker.run_id}')}"

@@ -125,7 +125,7 @@ class SweepCallback(Callback):
                 if continued is not None:
                     tags["resumed_from"] = str(sweep_dir)
         tracker.start(f"{stage} sweep: {keys}", params, tags, continue_run=continued)
-        view = share_ui_view(tracker, sweep_dir.name, [k for k in space if is_param(config, k)], objective, stage,
+        view = share_ui_view(tracker, sweep_dir.name, [k for k in space if is_param(config, k)], objective, direction, stage,
                              base_url=tracker.uri if tracker.uri.startswith("http") and server is None else "")
         if view:
             tracker.set_tags({"ui_view": view})
@@ -173,16 +173,17 @@ def is_param(config: DictConfig, key: str) -> bool:
     return value is not None and not OmegaConf.is_config(value)
 
 
-def share_ui_view(tracker, sweep_id: str, param_keys: list[str], objective: str, stage: str,
+def share_ui_view(tracker, sweep_id: str, param_keys: list[str], objective: str, direction: str, stage: str,
                   base_url: str = "") -> str | None:
     """An MLflow UI view of this sweep, saved in its experiment as MLflow's own shared views are (the
-    `mlflow.sharedViewState.<key>` tag): the runs table with the parent (asked expanded: MLflow 3.17 does not restore that) and the swept params,
-    the objective and the stage's report metrics as columns. Returns the view's address (the UI's
-    "Columns" menu would otherwise start from none)."""
+    `mlflow.sharedViewState.<key>` tag): the parent and its jobs (the runs tagged with the sweep's id), best
+    objective first, with the swept params, the objective and the stage's report metrics as columns.
+    Returns the view's address."""
     from rlhf_exp.stages import stage_spec
 
     metrics = dict.fromkeys([OBJECTIVE_METRIC, objective, *stage_spec(stage).report_metrics])
-    route = save_runs_view(tracker, sweep_id, [f"params.`{k}`" for k in param_keys] + [f"metrics.`{m}`" for m in metrics])
+    route = save_runs_view(tracker, sweep_id, [f"params.`{k}`" for k in param_keys] + [f"metrics.`{m}`" for m in metrics],
+                           f"tags.sweep_id = '{sweep_id}'", (f"metrics.`{OBJECTIVE_METRIC}`", direction == "min"))
     return f"{base_url}/#{route}&{UI_TRAINING_SIDE}" if route else None
 
 

@@ -53,11 +53,17 @@ def ui_address(uri: str, route: str) -> str:
     return f"{base}/#{route}{'&' if '?' in route else '?'}{UI_TRAINING_SIDE}"
 
 
-def save_runs_view(tracker, key: str, columns: list[str]) -> str | None:
+def save_runs_view(tracker, key: str, columns: list[str], search_filter: str,
+                   order_by: tuple[str, bool] | None = None) -> str | None:
     """A runs-table view saved in the tracker run's experiment as MLflow's own shared views are (the
-    `mlflow.sharedViewState.<key>` tag): that run asked expanded (MLflow 3.17's UI does not restore it), `columns` shown (the UI's "Columns" menu would start
-    from none). Returns its route (/experiments/<id>/runs?viewStateShareKey=<key>), None if it could not."""
-    state = {"selectedColumns": columns, "runsExpanded": {tracker.run_id: True}}
+    `mlflow.sharedViewState.<key>` tag): the runs `search_filter` matches, listed flat (MLflow nests children
+    under a collapsed parent only while no filter is set, and leaves a parent's expansion out of what a shared
+    view restores), `columns` shown (the UI's "Columns" menu would start from none), sorted by `order_by`
+    ((a column such as metrics.`objective`, ascending)) if given. Returns its route
+    (/experiments/<id>/runs?viewStateShareKey=<key>), None if it could not."""
+    state = {"selectedColumns": columns, "searchFilter": search_filter}
+    if order_by:
+        state.update(orderByKey=order_by[0], orderByAsc=order_by[1])
     try:
         experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
         tracker.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
