@@ -79,24 +79,32 @@ def right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 # ----------------------------------------------------------------------------------------------- GRPO
 
-# TRL loss_type -> our stage keys giving the same loss (TRL has no dual clip: it is off on our side)
-GRPO_LOSS_TYPES = {
-    "grpo": ["stage.loss_type=grpo"],                                   # seq-mean-token-mean
-    "bnpo": ["stage.loss_type=grpo", "stage.loss_aggregation=token-mean"],
-    "dr_grpo": ["stage.loss_type=dr_grpo"],                             # sum / (B x max_completion_length)
-    "dapo": ["stage.loss_type=grpo", "stage.loss_aggregation=token-mean"],  # sum / num_items_in_batch (tokens)
+# case -> (our stage keys, TRL's GRPOConfig keys) giving the same loss (TRL has no dual clip: it is off on our side)
+GRPO_CASES = {
+    "grpo": (["stage.loss_type=grpo"], {"loss_type": "grpo"}),          # seq-mean-token-mean
+    "bnpo": (["stage.loss_type=grpo", "stage.loss_aggregation=token-mean"], {"loss_type": "bnpo"}),
+    "dr_grpo": (["stage.loss_type=dr_grpo"], {"loss_type": "dr_grpo", "scale_rewards": "none"}),  # sum / (B x max)
+    # TRL's dapo loss: clip-higher, sum / num_items_in_batch (tokens); dynamic sampling and the overlong penalty
+    # act before the loss
+    "dapo": (["stage.loss_type=dapo"], {"loss_type": "dapo", "epsilon_high": 0.28}),
+    "dapo_aggregation_alone": (["stage.loss_type=grpo", "stage.loss_aggregation=token-mean"], {"loss_type": "dapo"}),
+    # GSPO: TRL's importance_sampling_level="sequence" with its grpo aggregation, the paper's clip range
+    "gspo": (["stage.loss_type=gspo"], {"loss_type": "grpo", "importance_sampling_level": "sequence",
+                                        "epsilon": 3e-4, "epsilon_high": 4e-4}),
 }
 
 
-@pytest.mark.parametrize("loss_type", list(GRPO_LOSS_TYPES))
-def test_grpo_loss_and_gradients_equal_trls(tmp_path, loss_type):
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_loss_and_gradients_equal_trls(tmp_path, case):
     from trl import GRPOConfig, GRPOTrainer
 
     group, new_tokens, temperature, beta = 4, 6, 0.7, 0.05
+    our_keys, their_keys = GRPO_CASES[case]
+    their_keys = {"epsilon": 0.2, "scale_rewards": "group", **their_keys}
     ours = trainer_for(__import__("rlhf_exp.stages.grpo", fromlist=["GRPOTrainer"]).GRPOTrainer, tmp_path,
                        *GRPO, "stage.minibatch_size=8", "stage.dual_clip_c=null", f"stage.kl_coef={beta}",
-                       "stage.kl_estimator=k3", "stage.clip_ratio=0.2", f"stage.generation.temperature={temperature}",
-                       f"stage.generation.max_new_tokens={new_tokens}", *GRPO_LOSS_TYPES[loss_type])
+                       "stage.kl_estimator=k3", f"stage.generation.temperature={temperature}",
+                       f"stage.generation.max_new_tokens={new_tokens}", *our_keys)
     reference = copy.deepcopy(ours.model)
     ours.model = perturbed(ours.model)
     ours.reference = reference
@@ -108,7 +116,7 @@ def test_grpo_loss_and_gradients_equal_trls(tmp_path, loss_type):
     items = [TokenizedSFT(prompts[k // group], torch.randint(10, 500, (n,), generator=generator).tolist())
              for k, n in enumerate(lengths)]
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0])
-    advantages = group_advantages(rewards, group, scale_by_std=loss_type != "dr_grpo")
+    advantages = group_advantages(rewards, group, scale_by_std=their_keys["scale_rewards"] == "group")
 
     rollout = ours.make_rollout(items)
     # an older sampling policy: ratios both sides of the clip range
@@ -121,8 +129,7 @@ def test_grpo_loss_and_gradients_equal_trls(tmp_path, loss_type):
         model=policy_at_start, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
         processing_class=ours.tokenizer, train_dataset=Dataset.from_list([{"prompt": "x"}] * 8),
         args=GRPOConfig(**common_args(tmp_path), num_generations=group, max_completion_length=new_tokens,
-                        temperature=temperature, beta=beta, epsilon=0.2, loss_type=loss_type,
-                        scale_rewards="none" if loss_type == "dr_grpo" else "group", disable_dropout=True,
+                        temperature=temperature, beta=beta, disable_dropout=True, **their_keys,
                         # TRL 1.16's default (True) weights the KL term by the ratio to the sampling policy (the
                         # DeepSeek-V3.2 correction); ours is the plain term: the relation is the next test's
                         use_bias_correction_kl=False))
@@ -197,6 +204,67 @@ def test_trls_default_bias_corrected_kl_is_ours_plus_the_ratio_weighted_differen
             "ref_per_token_logps": rollout.ref_logps})
     assert abs(correction) > 1e-4  # the inputs make the two differ
     assert float(theirs) == pytest.approx(float(loss) + correction, abs=TOLERANCE)
+
+
+def test_rloo_loss_and_gradients_equal_trls(tmp_path):
+    """stage.loss_type=rloo against TRL's RLOOTrainer: the whole response's likelihood ratio, clipped, a mean over
+    responses (the KL is in the reward, not the loss: the next test)."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rlhf_exp.losses.policy import leave_one_out_advantages
+    from rlhf_exp.stages.grpo import GRPOTrainer as OurGRPO
+
+    group, new_tokens, temperature = 4, 6, 0.7
+    ours = trainer_for(OurGRPO, tmp_path, *GRPO, "stage.minibatch_size=8", "stage.dual_clip_c=null",
+                       "stage.kl_coef=0.05", "stage.loss_type=rloo", f"stage.generation.temperature={temperature}",
+                       f"stage.generation.max_new_tokens={new_tokens}")
+    ours.reference, ours.model = copy.deepcopy(ours.model), perturbed(ours.model)
+    policy_at_start = on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
+    generator = torch.Generator().manual_seed(0)
+    items = [TokenizedSFT(ours.train_set[k // group].prompt_ids, torch.randint(10, 500, (n,), generator=generator).tolist())
+             for k, n in enumerate([6, 2, 5, 3, 6, 1, 4, 6])]
+    advantages = leave_one_out_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0]), group)
+    rollout = ours.make_rollout(items)
+    # an older sampling policy, a little off (a whole response's ratio multiplies its tokens' ratios)
+    rollout.old_logps = (rollout.old_logps + torch.randn(rollout.old_logps.shape, generator=generator) * 0.05) * rollout.mask
+    rollout.advantages = advantages[:, None] * rollout.mask
+    loss, _ = ours.minibatch_loss(rollout, {"tokens": float(rollout.mask.sum()), "sequences": len(items)})
+    loss.backward()
+
+    trainer = RLOOTrainer(
+        model=policy_at_start, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+        processing_class=ours.tokenizer, train_dataset=Dataset.from_list([{"prompt": "x"}] * 8),
+        args=RLOOConfig(**common_args(tmp_path), num_generations=group, max_completion_length=new_tokens,
+                        temperature=temperature, beta=0.05, epsilon=0.2, disable_dropout=True))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    prompt_ids, prompt_mask = left_pad([x.prompt_ids for x in items], ours.tokenizer.pad_token_id)
+    completion_ids, completion_mask = right_pad([x.response_ids for x in items], ours.tokenizer.pad_token_id)
+    theirs = trainer._compute_loss(trainer.model, {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": advantages,
+        "old_logps": (rollout.old_logps * rollout.mask).sum(1)})
+    theirs.backward()
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    assert_same_gradients(gradients(ours.model), gradients(trainer.model))
+
+
+def test_rloo_advantages_with_the_kl_in_the_reward_equal_trls_formula():
+    """TRL's RLOOTrainer computes them inline in `_generate_and_score_completions`: r - beta x sum_t (log pi_old -
+    log ref), then r minus the mean of the group's other rewards. Ours: k1 on every token's reward, the score on
+    the last, summed, then the leave-one-out estimator."""
+    from rlhf_exp.losses.policy import ADVANTAGE_ESTIMATORS, kl_penalty, per_token_rewards
+
+    generator = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 2 + [0.0] * 3, [1.0] * 4 + [0.0], [1.0] * 3 + [0.0] * 2])
+    old, ref = torch.randn(4, 5, generator=generator) * mask, torch.randn(4, 5, generator=generator) * mask
+    scores, beta = torch.tensor([1.0, 0.0, 0.5, 0.25]), 0.1
+    rewards = scores - beta * ((old - ref) * mask).sum(-1)
+    grouped = rewards.view(-1, 4)
+    theirs = rewards - ((grouped.sum(1, keepdim=True) - grouped) / 3).view(-1)
+    token_rewards = per_token_rewards(scores, kl_penalty(old, ref, "k1") * mask, mask, beta)
+    ours = ADVANTAGE_ESTIMATORS["rloo"](token_rewards, mask, 4)
+    assert torch.allclose(ours[:, 0], theirs, atol=TOLERANCE)
 
 
 # ----------------------------------------------------------------------------------------------- SFT

@@ -17,6 +17,10 @@ LOG_RATIO_CLAMP = 20.0  # |log ratio| before exp (verl's): exp(20) ~ 5e8 stays f
 KL_ESTIMATORS = Registry("KL estimator")
 # name -> ([B, T] per-token loss, mask, **sizes) -> scalar
 LOSS_AGGREGATIONS = Registry("loss aggregation")
+# name -> (token_rewards [B, T], mask [B, T], group_size) -> advantages [B, T]
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+# name -> (log_ratio [B, T] = log pi - log pi_old, mask [B, T]) -> the log importance ratio, [B, T] or [B, 1]
+IMPORTANCE_SAMPLING_LEVELS = Registry("importance sampling level")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -40,6 +44,59 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     if scale_by_std:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, "Back to Basics", eq. 6; Kool et al. 2019): each sample's reward minus the
+    mean of the other G - 1 samples of its prompt. rewards [P * G] -> [P * G]; equal to
+    G / (G - 1) x (r - group mean), an unbiased baseline (it does not depend on the sample it judges)."""
+    groups = rewards.view(-1, group_size)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def sequence_rewards(token_rewards: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B]: a response's total reward (its score, minus the KL in the reward where there is one)."""
+    return token_rewards.sum(-1)
+
+
+def _broadcast(per_sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return per_sequence[:, None] * mask
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo")
+def grpo_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO: (R - group mean) / (group std + eps), the same on every token of a response."""
+    return _broadcast(group_advantages(sequence_rewards(token_rewards), group_size, True), mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("group_mean")
+def group_mean_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): R - group mean, no division by the group's std."""
+    return _broadcast(group_advantages(sequence_rewards(token_rewards), group_size, False), mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: R minus the mean of the prompt's other samples."""
+    return _broadcast(leave_one_out_advantages(sequence_rewards(token_rewards), group_size), mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, sec. 3; OpenRLHF's and verl's `reinforce_plus_plus`): each token's return (the sum of
+    the token rewards from it to the end, gamma = 1: the score and the KL penalties still ahead), whitened over
+    every token of the whole batch, not per group."""
+    returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    return whiten(returns, mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
+def reinforce_pp_baseline_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu 2025; verl's `reinforce_plus_plus_baseline`): R minus its group's mean, then
+    whitened over every token of the batch (the group removes the prompt's difficulty, the batch the scale)."""
+    centred = group_advantages(sequence_rewards(token_rewards), group_size, scale_by_std=False)
+    return whiten(_broadcast(centred, mask), mask)
 
 
 def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -101,21 +158,57 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k
     return KL_ESTIMATORS.lookup(estimator)((ref_logps - logps).clamp(-clamp, clamp), k3_max=k3_max)
 
 
+@IMPORTANCE_SAMPLING_LEVELS.register("token")
+def token_level(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PPO's and GRPO's per-token ratio pi / pi_old. [B, T] -> [B, T]."""
+    return log_ratio
+
+
+@IMPORTANCE_SAMPLING_LEVELS.register("sequence")
+def sequence_level(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO (Zheng et al. 2025, eq. 7): one ratio per response, the geometric mean of its tokens' ratios,
+    (pi(y|x) / pi_old(y|x))^(1/|y|), so clipping drops whole responses. [B, T] -> [B, 1]."""
+    return masked_mean(log_ratio, mask, dim=-1)[:, None]
+
+
+@IMPORTANCE_SAMPLING_LEVELS.register("sequence_token")
+def sequence_token_level(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO-token (Zheng et al. 2025, eq. 13): each token's value is the sequence ratio, its gradient the token's
+    own (sg[s] x pi_t / sg[pi_t]), so token-level advantages can be used. [B, T] -> [B, T]."""
+    return log_ratio - log_ratio.detach() + sequence_level(log_ratio, mask).detach()
+
+
+@IMPORTANCE_SAMPLING_LEVELS.register("sequence_sum")
+def sequence_sum_level(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The whole response's likelihood ratio pi(y|x) / pi_old(y|x), unnormalized (TRL's RLOOTrainer). [B, T] -> [B, 1]."""
+    return (log_ratio * mask).sum(-1, keepdim=True)
+
+
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                        clip_ratio: float = 0.2, dual_clip_c: float | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), optionally dual-clipped.
+                        clip_ratio: float = 0.2, dual_clip_c: float | None = None, *,
+                        clip_ratio_high: float | None = None, level: str = "token",
+                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), optionally dual-clipped, clip-higher, sequence-level.
 
     logps, old_logps [B, T]; advantages [B, T] (or [B, 1], broadcast) -> (loss [B, T], clipped [B, T]).
-    With ratio = exp(logps - old_logps), the log-ratio clamped to +-20 (verl's; an overflowed ratio times a
-    flat group's zero advantage was NaN): loss = max(-A ratio, -A clip(ratio, 1 - e, 1 + e)).
+    With ratio = exp(log-ratio), the log-ratio clamped to +-20 (verl's; an overflowed ratio times a flat
+    group's zero advantage was NaN): loss = max(-A ratio, -A clip(ratio, 1 - e_low, 1 + e_high)).
+    e_high = clip_ratio_high, else clip_ratio: a larger e_high is DAPO's clip-higher (Yu et al. 2025, eq. 10),
+    which leaves room for unlikely tokens' probabilities to grow and keeps entropy from collapsing.
+    `level` (IMPORTANCE_SAMPLING_LEVELS; `mask` [B, T] needed for all but token) is where the ratio is taken:
+    token (PPO, GRPO), sequence / sequence_token (GSPO: the length-normalized sequence ratio, then clipped
+    per response), sequence_sum (TRL's RLOO: the whole response's likelihood ratio).
     Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5): where A < 0 the
     loss is also capped at -A c (c > 1), so a huge ratio on a bad action cannot blow up the step.
     `clipped` marks tokens where a clip decided the loss (for the clip fraction).
     """
-    ratio = torch.exp((logps - old_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # no inf: 0 x inf = NaN
+    if level != "token" and mask is None:
+        raise ValueError(f"importance sampling level {level!r} needs the response mask")
+    log_ratio = IMPORTANCE_SAMPLING_LEVELS.lookup(level)(logps - old_logps, mask)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # no inf: 0 x inf = NaN
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
+    clipped = -advantages * ratio.clamp(1 - clip_ratio, 1 + high)
     loss = torch.maximum(unclipped, clipped)
     was_clipped = clipped > unclipped
     if dual_clip_c is not None:
@@ -123,7 +216,18 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
         capped = (advantages < 0) & (loss > cap)
         loss = torch.where(advantages < 0, torch.minimum(loss, cap), loss)
         was_clipped = was_clipped | capped
-    return loss, was_clipped
+    shape = torch.broadcast_shapes(loss.shape, logps.shape)
+    return loss.expand(shape), was_clipped.expand(shape)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward: 0 up to max_tokens - buffer
+    tokens, then falling linearly to -factor at the cap, so a response that runs long is told so before it is
+    cut off. lengths [B] (response tokens) -> [B]."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    exceed = lengths.float() - (max_tokens - buffer)
+    return (-exceed / buffer * factor).clamp(max=0.0)
 
 
 @LOSS_AGGREGATIONS.register("token-mean")

@@ -115,6 +115,17 @@ class Scores:
     texts: list[str]
     per_function: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def subset(self, indices: list[int]) -> "Scores":
+        at = torch.tensor(indices, dtype=torch.long)
+        return Scores(self.rewards[at], self.raw[at], [self.stopped[i] for i in indices],
+                      [self.texts[i] for i in indices], {k: v[at] for k, v in self.per_function.items()})
+
+    @staticmethod
+    def concat(parts: list["Scores"]) -> "Scores":
+        return Scores(torch.cat([p.rewards for p in parts]), torch.cat([p.raw for p in parts]),
+                      [s for p in parts for s in p.stopped], [t for p in parts for t in p.texts],
+                      {k: torch.cat([p.per_function[k] for p in parts]) for k in parts[0].per_function})
+
 
 def _is_number(value: Any) -> bool:
     if isinstance(value, numbers.Real):
