@@ -127,3 +127,40 @@ def test_a_dpo_variant_registered_beside_the_others_is_a_loss_type_the_config_ac
             DPO_LOSS_TYPES.register("test_squared")(squared)
     finally:
         del DPO_LOSS_TYPES["test_squared"]
+
+
+# ----------------------------------------------------------------------------------------------- reference-free
+
+def test_simpo_by_hand():
+    # chosen -10 over 5 tokens (-2 a token), rejected -12 over 4 (-3 a token): beta x 1 - gamma
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        PI_C, PI_R, None, None, beta=2.0, loss_type="simpo", simpo_gamma=0.5,
+        chosen_lengths=torch.tensor([5.0]), rejected_lengths=torch.tensor([4.0]))
+    assert losses.item() == pytest.approx(softplus(-(2.0 * 1 - 0.5)))  # -log sigmoid(1.5)
+    assert (chosen_rewards.item(), rejected_rewards.item()) == pytest.approx((-4.0, -6.0))  # beta x per-token average
+    # a length-normalized margin: the same per-token log-probs on responses twice as long give the same loss
+    longer, _, _ = dpo_loss(2 * PI_C, 2 * PI_R, None, None, beta=2.0, loss_type="simpo", simpo_gamma=0.5,
+                            chosen_lengths=torch.tensor([10.0]), rejected_lengths=torch.tensor([8.0]))
+    assert longer.item() == pytest.approx(losses.item())
+
+
+def test_orpo_by_hand():
+    # per-token averages: chosen log 0.5, rejected log 0.25; odds 1 and 1/3: log odds ratio log 3
+    lengths = torch.tensor([2.0]), torch.tensor([3.0])
+    chosen, rejected = torch.tensor([2 * math.log(0.5)]), torch.tensor([3 * math.log(0.25)])
+    losses, chosen_rewards, _ = dpo_loss(chosen, rejected, None, None, beta=0.1, loss_type="orpo",
+                                         chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+    nll = -2 * math.log(0.5) / 2  # the chosen response's NLL per token
+    assert losses.item() == pytest.approx(nll + 0.1 * softplus(-math.log(3)))
+    assert chosen_rewards.item() == pytest.approx(0.1 * math.log(0.5))
+    # the NLL is a mean over the whole batch's chosen tokens: two pairs, 2 + 6 tokens, not a mean of means
+    pair = dpo_loss(torch.tensor([-2.0, -12.0]), torch.tensor([-3.0, -9.0]), None, None, beta=0.0, loss_type="orpo",
+                    chosen_lengths=torch.tensor([2.0, 6.0]), rejected_lengths=torch.tensor([3.0, 9.0]))[0]
+    assert pair.mean().item() == pytest.approx(14 / 8)
+
+
+def test_orpos_log1mexp_is_exact_near_zero_and_far_below():
+    from rlhf_exp.losses.preference import log1mexp
+
+    x = torch.tensor([-1e-6, -0.5, -0.7, -30.0], dtype=torch.float64)
+    assert log1mexp(x).tolist() == pytest.approx([math.log(-math.expm1(v)) for v in x.tolist()], rel=1e-9)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PAIRS, mlflow_runs, snapshot, tiny_config
+from helpers import PAIRS, mlflow_runs, snapshot, tiny_config, trainer_for
 from rlhf_exp.launch.run import resolved, run, run_dir_for
 from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.models import load_causal_lm
@@ -212,3 +212,20 @@ def test_dpo_resumed_with_more_steps_scores_the_added_pairs_under_the_starting_p
         assert resumed.ref_train[i] == pytest.approx((chosen, rejected), rel=1e-5, abs=1e-5)
     for _ in range(2):
         assert math.isfinite(resumed.train_step()["train/loss"])
+
+
+@pytest.mark.parametrize("preset", ["simpo", "orpo"])
+def test_a_reference_free_loss_trains_and_evaluates_without_a_reference(tmp_path, preset):
+    """dpo_loss=simpo | orpo: no reference loaded or scored (the memory plan says so), a step moves the policy,
+    the held-out figures come without the drift-from-reference one."""
+    from rlhf_exp.planner import plan_run
+
+    trainer = trainer_for(DPOTrainer, tmp_path, "stage=dpo", *PAIRS, f"+dpo_loss={preset}", "stage.lr=1e-3")
+    assert trainer.reference is None and not trainer.ref_train and trainer.stage.loss_type == preset
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["train/loss"]) and any(
+        not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    held_out = trainer.evaluate()
+    assert "eval/implicit_accuracy" in held_out and "eval/abs_logratio_per_token" not in held_out
+    assert any(f"{preset} is reference-free" in note for note in plan_run(trainer.cfg).notes)

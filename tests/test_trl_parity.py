@@ -388,6 +388,78 @@ def test_dpo_loss_and_gradients_equal_trls(tmp_path, loss_type):
     assert_same_gradients(gradients(ours.model), gradients(trainer.model))
 
 
+def reference_free_sides(tmp_path, loss_type: str, beta: float):
+    """Our DPO stage with a reference-free loss (a moved policy, no reference) and the model on disk for TRL."""
+    from rlhf_exp.stages.dpo import DPOTrainer
+
+    ours = trainer_for(DPOTrainer, tmp_path, "stage=dpo", *PAIRS, f"stage.loss_type={loss_type}", f"stage.beta={beta}",
+                       "stage.simpo_gamma=0.5")
+    assert ours.reference is None and not ours.ref_train  # nothing held or scored for a reference
+    ours.model = perturbed(ours.model, size=0.05)
+    return ours, on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
+
+
+def trl_pair_batch(pairs, pad: int) -> dict[str, torch.Tensor]:
+    """The tokenized batch TRL's CPO and ORPO trainers train on (their `tokenize_row` output, collated): prompt +
+    response ids, labels -100 on the prompt, for the chosen and the rejected side."""
+    batch = {}
+    for side in ("chosen", "rejected"):
+        rows = [p.prompt_ids + getattr(p, f"{side}_ids") for p in pairs]
+        ids, attention = right_pad(rows, pad)
+        labels, _ = right_pad([[-100] * len(p.prompt_ids) + getattr(p, f"{side}_ids") for p in pairs], -100)
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": attention, f"{side}_labels": labels})
+    return batch
+
+
+def test_simpo_loss_and_gradients_equal_trls_cpo_trainer(tmp_path):
+    """SimPO against TRL's CPOTrainer with loss_type="simpo" and cpo_alpha=0 (TRL's CPO adds a chosen NLL by
+    default; SimPO has none)."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    beta = 2.0
+    ours, policy = reference_free_sides(tmp_path, "simpo", beta)
+    pairs = ours.train_set[:4]
+    loss = our_dpo_loss(ours, pairs)
+    loss.backward()
+    trainer = CPOTrainer(model=policy, processing_class=ours.tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 8),
+                         args=CPOConfig(**common_args(tmp_path), beta=beta, loss_type="simpo", simpo_gamma=0.5,
+                                        cpo_alpha=0.0))
+    trainer.model.train()
+    theirs, _ = trainer.get_batch_loss_metrics(trainer.model, trl_pair_batch(pairs, ours.tokenizer.pad_token_id))
+    theirs.backward()
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    assert_same_gradients(gradients(ours.model), gradients(trainer.model))
+
+
+def test_orpo_loss_and_gradients_equal_trls_with_the_nll_on_the_response(tmp_path):
+    """ORPO against TRL's ORPOTrainer: TRL's own forward (per-token average log-probs) and its `odds_ratio_loss`.
+    One difference on purpose: TRL's NLL term runs over the prompt's tokens too, ours over the chosen response's
+    only (the paper's L_SFT = -log P(y_w | x), and this project's SFT): TRL's loss is taken with its NLL replaced by
+    the response tokens' mean NLL, computed from TRL's own log-probs."""
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    beta = 0.1
+    ours, policy = reference_free_sides(tmp_path, "orpo", beta)
+    pairs = ours.train_set[:4]
+    loss = our_dpo_loss(ours, pairs)
+    loss.backward()
+    trainer = ORPOTrainer(model=policy, processing_class=ours.tokenizer,
+                          train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 8),
+                          args=ORPOConfig(**common_args(tmp_path), beta=beta))
+    trainer.model.train()
+    batch = trl_pair_batch(pairs, ours.tokenizer.pad_token_id)
+    chosen, rejected, _, _, nll_with_prompt = trainer.concatenated_forward(trainer.model, batch)[:5]
+    odds_terms = trainer.odds_ratio_loss(chosen, rejected)[0]
+    lengths = torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.float32)
+    nll = -(chosen * lengths).sum() / lengths.sum()
+    theirs = nll - odds_terms.mean()
+    theirs.backward()
+    assert float(nll_with_prompt.detach()) != pytest.approx(float(nll.detach()), abs=1e-3)  # the scopes differ on these pairs
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    assert_same_gradients(gradients(ours.model), gradients(trainer.model))
+
+
 def test_conservative_dpo_is_trls_sigmoid_on_the_pairs_and_on_them_swapped(tmp_path):
     """cDPO (Mitchell 2023; label_smoothing = the share of flipped labels): TRL 1.16 no longer smooths its sigmoid
     loss, so the relation is checked instead: (1 - e) TRL(sigmoid, pairs) + e TRL(sigmoid, chosen and rejected

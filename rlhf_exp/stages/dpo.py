@@ -1,5 +1,8 @@
 """Direct preference optimization (DPO; Rafailov et al. 2023) with cDPO label smoothing, IPO
-and hinge variants (`stage.loss_type`), from an SFT checkpoint (`model.init_from`) or the base model.
+and hinge variants, and the reference-free SimPO and ORPO (`stage.loss_type`; the losses:
+rlhf_exp/losses/preference.py), from an SFT checkpoint (`model.init_from`) or the base model.
+SimPO and ORPO are loss types of this stage, not stages of their own, because they differ from DPO only in the
+loss and in needing no reference: the pairs, the batching and the evaluation are the same.
 IPO's default is TRL's length-normalized form (`ipo`: per-token average log-ratios, so its target
 margin 1/(2 beta) means the same for short and long responses); `ipo_sum` is the summed form.
 
@@ -28,12 +31,12 @@ from rlhf_exp.data.batching import BatchStream, chunks
 from rlhf_exp.data import collate, disk_cache
 from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
-from rlhf_exp.losses.preference import DPO_LOSS_TYPES
+from rlhf_exp.losses.preference import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 from rlhf_exp.evaluation.statistics import wilson_interval, win_scores
 from rlhf_exp.ops import logprobs, shared_prefix
 from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs
-from rlhf_exp.schema import StageConfig, in_range, key, one_of, positive
+from rlhf_exp.schema import StageConfig, in_range, key, non_negative, one_of, positive
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.rm import pair_length
 from rlhf_exp.stages.spec import EVERY_PARALLEL_MODE, Activations, HeldModel, StageMemory, StageSpec, \
@@ -46,6 +49,7 @@ class DPOConfig(StageConfig):
     label_smoothing: float = key(in_range(0, 0.5, "[)"))  # > 0: conservative DPO (cDPO)
     loss_type: str = key(one_of(DPO_LOSS_TYPES))
     precompute_ref_logps: bool = key()                   # false: keep a frozen reference, score every batch
+    simpo_gamma: float = key(non_negative())             # SimPO's target margin
 
 
 def pair_lengths(pairs) -> torch.Tensor:
@@ -63,6 +67,9 @@ class DPOTrainer(Trainer):
         self.ref_train: dict[int, tuple[float, float]] = {}
         self.ref_val: torch.Tensor | None = None
         resuming = bool(self.stage.get("resume_from"))
+        self.reference_free = self.stage.loss_type in REFERENCE_FREE_LOSS_TYPES
+        if self.reference_free:
+            return  # no reference to load or score
         if self.stage.precompute_ref_logps and not resuming:
             self._precompute_reference(self.model)  # the starting policy is the reference
         elif not self.stage.precompute_ref_logps:
@@ -122,7 +129,9 @@ class DPOTrainer(Trainer):
         return disk_cache.cached_rows(self.cfg.paths.cache_dir if pairs else None, "reference_logps",
                                       key_parts(), lambda: self._score(model, pairs, desc))
 
-    def reference_logps(self, indices: list[int], pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(self, indices: list[int], pairs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.reference_free:
+            return None, None
         if self.reference is not None:
             with torch.no_grad():
                 chosen, rejected, _ = self.pair_logps(self.reference, pairs)
@@ -134,7 +143,7 @@ class DPOTrainer(Trainer):
         return {"ref_train": self.ref_train, "ref_val": self.ref_val}
 
     def load_extra_state(self, state: dict) -> None:
-        if not self.stage.precompute_ref_logps:
+        if not self.stage.precompute_ref_logps or self.reference_free:
             return
         if self.data_changed_on_resume:  # data.allow_changed_on_resume: the saved ones score other pairs
             reference = self.tools.frozen_reference(self.model)
@@ -150,11 +159,15 @@ class DPOTrainer(Trainer):
             del reference
 
     # ------------------------------------------------------------------ training
-    def _losses(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, lengths: torch.Tensor):
+    def _losses(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, lengths: torch.Tensor,
+                chosen_tokens_total: float | None = None):
+        """Per-pair losses and implicit rewards; `chosen_tokens_total`: the whole batch's chosen tokens (ORPO's
+        NLL is a mean over them, not over one micro batch's)."""
         lengths = lengths.to(policy_chosen.device)
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.stage.beta,
                         loss_type=self.stage.loss_type, label_smoothing=self.stage.label_smoothing,
-                        chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])
+                        chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
+                        simpo_gamma=self.stage.simpo_gamma, chosen_tokens_total=chosen_tokens_total)
 
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
@@ -162,13 +175,14 @@ class DPOTrainer(Trainer):
         order = sorted(range(len(indices)), key=lambda k: pair_length(self.train_set[indices[k]]))
         indices = [indices[k] for k in order]
         total = len(indices)
+        chosen_tokens = float(sum(len(self.train_set[i].chosen_ids) for i in indices))
         sums = dict(loss=0.0, right=0, chosen_reward=0.0, rejected_reward=0.0, chosen_logp=0.0, rejected_logp=0.0)
         for chunk in chunks(self.tools.shard(indices), self.tools.micro_batch_size()):
             pairs = [self.train_set[i] for i in chunk]
             chosen, rejected, _ = self.pair_logps(self.model, pairs)
             ref_chosen, ref_rejected = self.reference_logps(chunk, pairs)
             losses, chosen_rewards, rejected_rewards = self._losses(chosen, rejected, ref_chosen, ref_rejected,
-                                                                    pair_lengths(pairs))
+                                                                    pair_lengths(pairs), chosen_tokens)
             self.backward(losses.sum() / total)
             sums["loss"] += float(losses.detach().sum())
             sums["right"] += float(win_scores(chosen_rewards.detach(), rejected_rewards.detach()).sum())
@@ -187,13 +201,17 @@ class DPOTrainer(Trainer):
 
     def evaluate(self) -> dict[str, float]:
         policy = self._score(self.model, self.val_set, "held-out log-probs")
-        ref = self.ref_val if self.reference is None else self._score(self.reference, self.val_set, "reference")
-        losses, chosen_rewards, rejected_rewards = self._losses(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
-                                                                pair_lengths(self.val_set))
+        lengths = pair_lengths(self.val_set)
+        if self.reference_free:
+            ref = None
+            losses, chosen_rewards, rejected_rewards = self._losses(policy[:, 0], policy[:, 1], None, None, lengths)
+        else:
+            ref = self.ref_val if self.reference is None else self._score(self.reference, self.val_set, "reference")
+            losses, chosen_rewards, rejected_rewards = self._losses(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
+                                                                    lengths)
         # a tie (every pair at step 0, where the policy is its reference) counts half, as the judge's win rate does
         n, right = len(losses), float(win_scores(chosen_rewards, rejected_rewards).sum())
         low, high = wilson_interval(right, n)
-        lengths = pair_lengths(self.val_set)
         self.log_samples(self.model, self.val_examples, [p.prompt_ids for p in self.val_set])
         return {"eval/loss": float(losses.mean()), "eval/implicit_accuracy": right / n,
                 "eval/implicit_accuracy_ci_low": low, "eval/implicit_accuracy_ci_high": high,
@@ -201,16 +219,18 @@ class DPOTrainer(Trainer):
                 "eval/rewards_rejected": float(rejected_rewards.mean()),
                 "eval/margin": float((chosen_rewards - rejected_rewards).mean()),
                 "eval/logps_chosen": float(policy[:, 0].mean()), "eval/logps_rejected": float(policy[:, 1].mean()),
-                # how far the policy moved from the reference on held-out responses, per token
-                "eval/abs_logratio_per_token": float(((policy - ref).abs() / lengths).mean())}
+                # how far the policy moved from the reference on held-out responses, per token (none held: SimPO, ORPO)
+                **({} if ref is None else {"eval/abs_logratio_per_token": float(((policy - ref).abs() / lengths).mean())})}
 
 
 def memory(cfg: DictConfig) -> StageMemory:
     micro = micro_batch(cfg, "dpo")
     prompt, response = sequence_tokens(cfg)
     precomputed, lora = cfg.stage.precompute_ref_logps, cfg.hardware.lora.enabled
-    models = [HeldModel("policy", trains=True)] + ([] if precomputed or lora else [frozen_reference(cfg)])
-    note = ("precomputed log-probs, no model held" if precomputed
+    free = cfg.stage.loss_type in REFERENCE_FREE_LOSS_TYPES
+    models = [HeldModel("policy", trains=True)] + ([] if precomputed or lora or free else [frozen_reference(cfg)])
+    note = (f"none ({cfg.stage.loss_type} is reference-free)" if free
+            else "precomputed log-probs, no model held" if precomputed
             else "adapters disabled (no copy)" if lora else "a frozen copy")
     return StageMemory(models, [Activations("policy", "policy", 2 * micro, prompt + response, 2 * micro * response)],
                        notes=[f"DPO reference: {note}"])
