@@ -247,6 +247,9 @@ class SweepConfig:
     objective: Optional[str] = None
     direction: Optional[str] = key(optional(one_of(("min", "max")), "the stage's"), default=None)
     server: str = key(one_of(("auto", "always", "never")))
+    report_metrics: List[str] = field(default_factory=list)
+    tradeoffs: List[List[str]] = field(default_factory=list, metadata={"rule": Rule(
+        lambda v: all(len(pair) == 2 for pair in v), "must be a list of [x metric, y metric] pairs")})
 
 
 @dataclass

@@ -36,12 +36,17 @@ DATASETS = {
                                               "rejected": f" {'no' if i % 2 == 0 else 'yes'}"}),
     "preference/conversational": ("dpo", lambda i: {"prompt": user(f"Is {i} even?"), "chosen": assistant("Let me see."),
                                                     "rejected": assistant("No idea.")}),
+    "unpaired_preference/standard": ("kto", lambda i: {"prompt": f"Is {i} even?", "completion": f" {'yes' if i % 3 else 'no'}",
+                                                       "label": i % 2 == 0}),
+    "unpaired_preference/conversational": ("kto", lambda i: {"prompt": user(f"Is {i} even?"), "completion": assistant("Yes."),
+                                                             "label": i % 2 == 1}),
     "implicit_preference/standard": ("rm", lambda i: {"chosen": f"Q{i}: the sky is blue", "rejected": f"Q{i}: the sky is green"}),
     "implicit_preference/conversational": ("rm", lambda i: {"chosen": user(f"Sky {i}?") + assistant("Blue."),
                                                             "rejected": user(f"Sky {i}?") + assistant("Green.")}),
 }
 STAGE_ARGS = {"sft": ["stage=sft"], "dpo": ["stage=dpo", "stage.num_samples=0"],
-              "rm": ["stage=rm", "stage.norm_examples=4"], "grpo": [*GRPO, "stage.minibatch_size=8"]}
+              "rm": ["stage=rm", "stage.norm_examples=4"], "grpo": [*GRPO, "stage.minibatch_size=8"],
+              "kto": ["stage=kto", "stage.batch_size=4"]}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -216,3 +221,34 @@ def test_a_run_on_ones_own_file_is_named_by_the_file_not_none():
     assert data_name(OmegaConf.create({"name": None, "source": "file", "path": "saved_set/"})) == "saved_set"
     assert data_name(OmegaConf.create({"name": None, "source": "hub", "path": "trl-lib/ultrafeedback"})) == "ultrafeedback"
     assert data_name(OmegaConf.create({"name": "tldr", "source": "vendored", "path": None})) == "tldr"
+
+
+def test_ktos_examples_are_trls_labelled_rows_or_each_pair_split_into_a_desirable_and_an_undesirable_half(tmp_path):
+    from rlhf_exp.data import load_unpaired_splits
+    from rlhf_exp.data.formats import LabelledExample
+
+    labelled = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": f"P{i}", "completion": f" C{i}", "label": i % 3 == 0}
+                                                   for i in range(12)])
+    train, val = load_unpaired_splits(data_cfg(labelled), None, 0)
+    assert sorted(e.label for e in train + val) == sorted(i % 3 == 0 for i in range(12))
+    assert all(isinstance(e, LabelledExample) and e.completion == f" C{e.prompt[1:]}" for e in train + val)
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"P{i}", "chosen": " good", "rejected": " bad"}
+                                                  for i in range(12)])
+    train, val = load_unpaired_splits(data_cfg(pairs), None, 0)
+    assert len(train) == 20 and len(val) == 4  # data.val_size=4 examples: 2 held-out pairs, both halves of each
+    for split in (train, val):
+        by_prompt = {}
+        for e in split:
+            by_prompt.setdefault(e.prompt, set()).add((e.completion, e.label))
+        assert all(halves == {(" good", True), (" bad", False)} for halves in by_prompt.values())
+
+
+def test_a_label_that_is_not_a_boolean_stops_naming_the_line(tmp_path):
+    from rlhf_exp.data import load_unpaired_splits
+    from rlhf_exp.errors import DataError
+
+    path = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "P", "completion": " C", "label": True}] * 5
+                       + [{"prompt": "Q", "completion": " D", "label": "yes"}])
+    with pytest.raises(DataError, match=r"kto.jsonl.*line 6.*'label' must be true or false"):
+        load_unpaired_splits(data_cfg(path), None, 0)

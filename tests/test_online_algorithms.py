@@ -196,3 +196,15 @@ def test_each_algorithm_takes_a_finite_step_that_moves_the_policy(tmp_path, loss
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert ("train/non_score_reward" in metrics) == variant(trainer.stage).kl_in_reward
     assert ("train/overlong_penalty_mean" in metrics) == (loss_type == "dapo")
+
+
+def test_a_generated_token_budget_ends_training_and_a_resumed_run_keeps_the_count(tmp_path):
+    trainer = trainer_for(GRPOTrainer, tmp_path, *GRPO, "stage.minibatch_size=8", "stage.max_steps=10",
+                          "stage.eval_every=null", "stage.max_generated_tokens=40")
+    trainer.fit()
+    per_step = 2 * 4 * 6  # prompts x samples x max_new_tokens: at most 48 a step, so 40 are reached in 1 or 2
+    assert 1 <= trainer.step <= 2 and 40 <= trainer.generated_tokens <= trainer.step * per_step
+    assert trainer.history["train/generated_tokens"][-1][1] == trainer.generated_tokens
+    again = trainer_for(GRPOTrainer, tmp_path / "again", *GRPO)
+    again.load_extra_state(trainer.extra_state())
+    assert again.generated_tokens == trainer.generated_tokens

@@ -164,3 +164,36 @@ def test_orpos_log1mexp_is_exact_near_zero_and_far_below():
 
     x = torch.tensor([-1e-6, -0.5, -0.7, -30.0], dtype=torch.float64)
     assert log1mexp(x).tolist() == pytest.approx([math.log(-math.expm1(v)) for v in x.tolist()], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- KTO
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_by_hand():
+    from rlhf_exp.losses import kto_loss
+
+    # log-ratios +1 (desirable) and -1 (undesirable), reference point 0.5, beta 0.1, weights 1 and 1.5
+    losses, rewards = kto_loss(torch.tensor([-9.0, -12.0]), torch.tensor([-10.0, -11.0]), torch.tensor([True, False]),
+                               torch.tensor(0.5), beta=0.1, desirable_weight=1.0, undesirable_weight=1.5)
+    assert losses.tolist() == pytest.approx([1 - sigmoid(0.1 * (1 - 0.5)), 1.5 * (1 - sigmoid(0.1 * (0.5 + 1)))])
+    assert rewards.tolist() == pytest.approx([0.1, -0.1])
+
+
+def test_ktos_reference_point_is_the_mismatched_pairs_mean_log_ratio_clamped_at_zero_without_gradient():
+    from rlhf_exp.losses.preference import kto_reference_point
+
+    policy = torch.tensor([-3.0, -5.0], requires_grad=True)
+    point = kto_reference_point(policy, torch.tensor([-3.3, -4.9]))
+    assert float(point) == pytest.approx(0.1) and not point.requires_grad  # (0.3 - 0.1) / 2
+    assert float(kto_reference_point(torch.tensor([-5.0]), torch.tensor([-4.0]))) == 0.0  # a negative KL estimate
+
+
+def test_ktos_mismatched_pairs_give_each_prompt_the_previous_examples_response():
+    from rlhf_exp.data.collate import TokenizedLabelled
+    from rlhf_exp.stages.kto import mismatched
+
+    items = [TokenizedLabelled([1], [10], True), TokenizedLabelled([2], [20], False), TokenizedLabelled([3], [30], True)]
+    assert [(m.prompt_ids, m.response_ids) for m in mismatched(items)] == [([1], [30]), ([2], [10]), ([3], [20])]

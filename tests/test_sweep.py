@@ -237,7 +237,8 @@ def test_swept_keys_come_from_the_command_line_and_the_preset():
 @pytest.mark.parametrize("preset, stage, key, values", [
     ("dpo_beta", "dpo", "stage.beta", "0.01,0.1,0.5"), ("dpo_loss", "dpo", "+dpo_loss", "sigmoid,ipo,hinge,cdpo"),
     ("rm_size", "rm", "model.num_layers", "8,16,30"), ("clip_ratio", "sft", "stage.clip_ratio", "0.1,0.2,0.3"),
-    ("kl_coef", "sft", "stage.kl_coef", "0.0,0.01,0.05,0.2")])
+    ("kl_coef", "sft", "stage.kl_coef", "0.0,0.01,0.05,0.2"),
+    ("online_algorithms", "grpo", "stage.loss_type", "grpo,dr_grpo,rloo,reinforce_pp,dapo,gspo")])
 def test_sweep_presets_set_their_stage_and_search_space(preset, stage, key, values):
     cfg = with_hydra_node(f"sweep={preset}", "hardware=cpu")
     assert cfg.stage.name == stage
@@ -251,7 +252,7 @@ def test_dpo_loss_options_set_the_loss_and_label_smoothing():
 
 
 def fake_sweep(tmp_path: Path, stage: str, key: str, jobs: list[tuple[str, str, dict[str, list[float]]]],
-               group: bool = False):
+               group: bool = False, parent_tags: dict | None = None):
     """A parent run and its children in a new MLflow database, as a sweep of `stage` over `key` leaves them:
     jobs are (value, status, {metric: values at steps 0, 1, ...}); a swept `group` is no param of its jobs."""
     from mlflow.tracking import MlflowClient
@@ -260,7 +261,8 @@ def fake_sweep(tmp_path: Path, stage: str, key: str, jobs: list[tuple[str, str, 
 
     client = MlflowClient(f"sqlite:///{empty_mlflow_db(tmp_path / 'r.db')}")
     experiment = client.create_experiment(f"rlhf_exp/{stage}")
-    parent = client.create_run(experiment, run_name="sweep", tags={"stage": stage, "rlhf_exp.role": "sweep"})
+    parent = client.create_run(experiment, run_name="sweep", tags={"stage": stage, "rlhf_exp.role": "sweep",
+                                                                   **(parent_tags or {})})
     client.log_param(parent.info.run_id, f"space.{key}", ",".join(v for v, _, _ in jobs))
     for number, (value, status, metrics) in enumerate(jobs):
         child = client.create_run(experiment, run_name=f"{stage} {short_label(key)}={value}", tags={
@@ -367,3 +369,30 @@ def test_a_metric_whose_jobs_barely_differ_is_drawn_from_zero_and_says_so(tmp_pa
     drift_axes, margin_axes = figure.axes
     assert drift_axes.get_ylim()[0] == 0 and any("within 0.7%" in t.get_text() for t in drift_axes.texts)
     assert margin_axes.get_ylim()[0] > 0 and not margin_axes.texts
+
+
+def test_a_sweeps_own_report_metrics_and_tradeoffs_join_the_stages_with_a_reward_functions_interval(tmp_path):
+    """sweep.report_metrics / sweep.tradeoffs (sweep=online_algorithms: accuracy with its Wilson interval, against KL
+    and against generated tokens): recorded on the parent, tabled and drawn beside the stage's own."""
+    from rlhf_exp.launch.report import REPORT_TAG, interval_of, load_sweep, write_report
+
+    accuracy = "eval/rewards/math_reward/mean"
+    assert interval_of(accuracy) == ("eval/rewards/math_reward/ci_low", "eval/rewards/math_reward/ci_high")
+    assert interval_of("eval/accuracy") == ("eval/accuracy_ci_low", "eval/accuracy_ci_high")
+    extra = {"report_metrics": [accuracy, "train/generated_tokens"],
+             "tradeoffs": [["eval/kl_k3", accuracy], ["train/generated_tokens", accuracy]]}
+    client, parent = fake_sweep(tmp_path, "grpo", "stage.loss_type", [
+        (name, "FINISHED", {accuracy: [0.2, 0.3 + i / 10], "eval/rewards/math_reward/ci_low": [0.1, 0.2 + i / 10],
+                            "eval/rewards/math_reward/ci_high": [0.3, 0.4 + i / 10], "eval/kl_k3": [0.0, 0.02],
+                            "eval/reward_mean": [0.2, 0.3], "train/generated_tokens": [100.0, 200.0 + i]})
+        for i, name in enumerate(("grpo", "dapo"))], parent_tags={REPORT_TAG: json.dumps(extra)})
+    sweep = load_sweep(client, parent)
+    assert sweep.report_metrics[-2:] == [accuracy, "train/generated_tokens"]
+    assert sweep.tradeoffs == [("eval/kl_k3", "eval/reward_mean"), ("eval/kl_k3", accuracy),
+                               ("train/generated_tokens", accuracy)]
+    out = write_report(client, parent, tmp_path / "report")
+    report = (out / "report.md").read_text()
+    header, *rows = table_rows(report)
+    assert rows[1][header.index("train/generated_tokens (final)")] == "201"
+    for png in ("tradeoff.png", "tradeoff_math_reward_vs_kl_k3.png", "tradeoff_math_reward_vs_generated_tokens.png"):
+        assert (out / png).stat().st_size > 10_000 and f"]({png})" in report

@@ -460,6 +460,51 @@ def test_orpo_loss_and_gradients_equal_trls_with_the_nll_on_the_response(tmp_pat
     assert_same_gradients(gradients(ours.model), gradients(trainer.model))
 
 
+def test_kto_loss_and_gradients_equal_trls(tmp_path):
+    """KTO against TRL's KTOTrainer (`_compute_loss`, its own forward and reference): the same examples, the same
+    mismatched pairs for the reference point (each prompt with the previous example's response), desirable and
+    undesirable weights that differ."""
+    from trl import KTOConfig, KTOTrainer as TrlKTO
+
+    from rlhf_exp.stages.kto import KTOTrainer
+
+    beta = 0.1
+    ours = trainer_for(KTOTrainer, tmp_path, "stage=kto", *PAIRS, f"stage.beta={beta}", "stage.undesirable_weight=1.5")
+    reference = ours.reference
+    ours.model = perturbed(ours.model, seed=2)  # a move that makes the mismatched pairs likelier: z0 > 0
+    items = [ours.train_set[k] for k in range(6)]
+    assert {item.label for item in items} == {True, False}
+    z0 = ours.reference_point(items)
+    losses, _, _ = ours.losses(items, ours.sequence_logps(ours.model, items), z0)
+    loss = losses.mean()
+    loss.backward()
+    assert float(z0) > 0  # the moved policy: a reference point that matters
+
+    trainer = TrlKTO(model=on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy"),
+                     ref_model=on_disk(copy.deepcopy(reference), ours.tokenizer, tmp_path / "reference"),
+                     processing_class=ours.tokenizer,
+                     train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b", "label": k % 2 == 0}
+                                                      for k in range(8)]),
+                     args=KTOConfig(**{**common_args(tmp_path), "per_device_train_batch_size": 6}, beta=beta,
+                                    undesirable_weight=1.5))
+    trainer.model.train()
+    pad = ours.tokenizer.pad_token_id
+    batch = {}
+    completions = [item.response_ids for item in items]
+    kl_completions = [completions[-1]] + completions[:-1]  # TRL's add_kl_completion_ids, written out
+    for prefix, answers in (("", completions), ("KL_", kl_completions)):
+        rows = [(item.prompt_ids, answer) for item, answer in zip(items, answers)]
+        ids, attention = right_pad([prompt + answer for prompt, answer in rows], pad)
+        completion, _ = right_pad([[0] * len(prompt) + [1] * len(answer) for prompt, answer in rows], 0)
+        batch.update({f"{prefix}input_ids": ids, f"{prefix}attention_mask": attention,
+                      f"{prefix}completion_mask": completion})
+    batch["label"] = torch.tensor([item.label for item in items])
+    theirs = trainer._compute_loss(trainer.model, batch, return_outputs=False)
+    theirs.backward()
+    assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)
+    assert_same_gradients(gradients(ours.model), gradients(trainer.model))
+
+
 def test_conservative_dpo_is_trls_sigmoid_on_the_pairs_and_on_them_swapped(tmp_path):
     """cDPO (Mitchell 2023; label_smoothing = the share of flipped labels): TRL 1.16 no longer smooths its sigmoid
     loss, so the relation is checked instead: (1 - e) TRL(sigmoid, pairs) + e TRL(sigmoid, chosen and rejected

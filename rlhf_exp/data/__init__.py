@@ -86,7 +86,7 @@ def source_config(entry, key: str) -> tuple[DictConfig, float, str]:
 
 def read_sources(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: Counter | None = None,
                  cache_dir: str | None = None) -> list[tuple[DictConfig, list]]:
-    """Each source's examples of `kind` ("sft" | "preference" | "prompt") taken `weight` times (0.5: a seeded
+    """Each source's examples of `kind` ("sft" | "preference" | "prompt" | "unpaired") taken `weight` times (0.5: a seeded
     half of them; 2: each twice), as DeepSpeed-Chat blends data sets; [(source config, examples)]."""
     sources = source_configs(data_cfg)
     chat = None  # the first source's: every other's responses must end as its do
@@ -104,7 +104,7 @@ def read_sources(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped:
                               f"{data_label(sources[0][0])} is{'' if chat else ' not'}: responses would end with "
                               "different tokens")
         found = {"sft": data.sft_examples, "preference": data.preference_examples,
-                 "prompt": data.prompt_examples}[kind]()
+                 "prompt": data.prompt_examples, "unpaired": data.unpaired_examples}[kind]()
         if skipped is not None:
             skipped.update(data.skipped)
         read.append((source_cfg, resample(list(found), weight, seed)))
@@ -124,7 +124,7 @@ def load_splits(data_cfg: DictConfig, tokenizer, seed: int, kind: str, skipped: 
     val_size; every source's phase portion), so each is held out in proportion; else all sources as one."""
     import random
 
-    label = {"sft": "SFT", "preference": "preference", "prompt": "prompt"}[kind]
+    label = {"sft": "SFT", "preference": "preference", "prompt": "prompt", "unpaired": "labelled (KTO)"}[kind]
     if not data_cfg.get("sources"):
         return _split(blended_examples(data_cfg, tokenizer, seed, kind, skipped, cache_dir), data_cfg, seed, label)
     train, val = [], []
@@ -166,6 +166,12 @@ def load_preference_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: 
                            cache_dir: str | None = None):
     """(train, val) prompt/chosen/rejected pairs, split by prompt with `seed` (`skipped`, `cache_dir`: as above)."""
     return load_splits(data_cfg, tokenizer, seed, "preference", skipped, cache_dir)
+
+
+def load_unpaired_splits(data_cfg: DictConfig, tokenizer, seed: int, skipped: Counter | None = None,
+                         cache_dir: str | None = None):
+    """(train, val) responses labelled desirable or not (KTO), split by prompt: a pair's two halves stay together."""
+    return load_splits(data_cfg, tokenizer, seed, "unpaired", skipped, cache_dir)
 
 
 __all__ = ["SFTExample", "PreferenceExample", "load_sft_splits", "load_preference_splits", "load_prompt_splits"]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rlhf_exp.data import tokens
 from rlhf_exp.data.disk_cache import digest, read_json, tokenizer_hash, write_json
-from rlhf_exp.data.formats.base import PreferenceExample, SFTExample
+from rlhf_exp.data.formats.base import LabelledExample, PreferenceExample, SFTExample
 from rlhf_exp.data.tokens import encode_prompt
 
 
@@ -87,6 +87,18 @@ def tokenize_pair(example: PreferenceExample, tokenizer, max_prompt_tokens: int,
     return TokenizedPair(chosen.prompt_ids, chosen.response_ids, rejected_ids)
 
 
+@dataclass(frozen=True)
+class TokenizedLabelled(TokenizedSFT):
+    """A response judged alone (KTO): label True for desirable."""
+    label: bool = True
+
+
+def tokenize_labelled(example: LabelledExample, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
+                      end_id: int | None = None) -> TokenizedLabelled:
+    item = tokenize_sft(example, tokenizer, max_prompt_tokens, max_response_tokens, end_id)
+    return TokenizedLabelled(item.prompt_ids, item.response_ids, example.label)
+
+
 def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
     """All chosen rows, then all rejected rows, in one right-padded batch of 2B (one forward pass)."""
     return collate_sft([p.chosen for p in batch] + [p.rejected for p in batch], pad_token_id)
@@ -96,6 +108,8 @@ def texts_of(example: SFTExample | PreferenceExample) -> tuple[str, ...]:
     """What tokenizing an example reads: its texts (not its origin or data row)."""
     if isinstance(example, PreferenceExample):
         return example.prompt, example.chosen, example.rejected
+    if isinstance(example, LabelledExample):
+        return example.prompt, example.completion, "desirable" if example.label else "undesirable"
     return example.prompt, example.completion
 
 
@@ -105,8 +119,10 @@ def tokenize_examples(examples: Sequence[SFTExample] | Sequence[PreferenceExampl
     """`tokenize_sft` / `tokenize_pair` over `examples`, read from `cache_dir` when an earlier process
     tokenized the same texts with the same tokenizer, caps and tokenizing code (the ~2,200 TL;DR
     examples take ~3 s to tokenize, at the start of every run and test process)."""
-    pairs = bool(examples) and isinstance(examples[0], PreferenceExample)
-    tokenize, made = (tokenize_pair, TokenizedPair) if pairs else (tokenize_sft, TokenizedSFT)
+    first = examples[0] if examples else None
+    tokenize, made = ((tokenize_pair, TokenizedPair) if isinstance(first, PreferenceExample)
+                      else (tokenize_labelled, TokenizedLabelled) if isinstance(first, LabelledExample)
+                      else (tokenize_sft, TokenizedSFT))
     path = None
     fingerprint = tokenizer_hash(tokenizer)
     if cache_dir is not None and fingerprint is not None:

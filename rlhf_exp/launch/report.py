@@ -54,6 +54,21 @@ class Sweep:
     objective: str
     direction: str
     jobs: list[Job]
+    report_metrics: list[str] = field(default_factory=list)  # the stage's, then sweep.report_metrics
+    tradeoffs: list[tuple[str, str]] = field(default_factory=list)  # the stage's, then sweep.tradeoffs
+
+
+# the parent run's tag holding the sweep's sweep.report_metrics and sweep.tradeoffs (JSON)
+REPORT_TAG = "report_extra"
+
+
+def interval_of(metric: str) -> tuple[str, str]:
+    """The names of `metric`'s 95% interval ends: <metric>_ci_low / _ci_high, or for a reward function's mean
+    (eval/rewards/<function>/mean) eval/rewards/<function>/ci_low / ci_high."""
+    if metric.endswith("/mean"):
+        base = metric[: -len("/mean")]
+        return f"{base}/ci_low", f"{base}/ci_high"
+    return f"{metric}_ci_low", f"{metric}_ci_high"
 
 
 def as_number(text: str) -> float | None:
@@ -73,7 +88,11 @@ def load_sweep(client, parent_run_id: str) -> Sweep:
     keys = [name[len("space."):] for name in params if name.startswith("space.")]
     objective = params.get("objective") or stage_spec(stage).objective[0]
     direction = params.get("direction") or stage_spec(stage).objective[1]
-    wanted = {objective, *stage_spec(stage).report_metrics, *stage_spec(stage).trainer.curve_metrics}
+    spec, extra = stage_spec(stage), json.loads(parent.data.tags.get(REPORT_TAG) or "{}")
+    report_metrics = list(dict.fromkeys([*spec.report_metrics, *extra.get("report_metrics", [])]))
+    tradeoffs = list(dict.fromkeys([*([spec.tradeoff] if spec.tradeoff else []),
+                                    *(tuple(pair) for pair in extra.get("tradeoffs", []))]))
+    wanted = {objective, *report_metrics, *(m for pair in tradeoffs for m in pair), *spec.trainer.curve_metrics}
     children = client.search_runs([parent.info.experiment_id], max_results=10_000,
                                   filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}'",
                                   order_by=["attributes.start_time ASC"])
@@ -91,14 +110,12 @@ def load_sweep(client, parent_run_id: str) -> Sweep:
                    for name in wanted if name in run.data.metrics}
         jobs.append(Job(run.info.run_id, run.info.run_name, run.info.status, swept, dict(run.data.metrics),
                         minutes, history))
-    return Sweep(parent_run_id, stage, keys, objective, direction, jobs)
+    return Sweep(parent_run_id, stage, keys, objective, direction, jobs, report_metrics, tradeoffs)
 
 
 def sweep_table(sweep: Sweep) -> str:
     """A row per job: its swept values, the objective's final and best value, the stage's report metrics."""
-    from rlhf_exp.stages import stage_spec
-
-    shown = [m for m in stage_spec(sweep.stage).report_metrics if m != sweep.objective]
+    shown = [m for m in sweep.report_metrics if m != sweep.objective]
     header = ["job", "status", *[short_label(k) for k in sweep.keys], f"{sweep.objective} (final)",
               "best (step)", *[f"{m} (final)" for m in shown], "minutes"]
     rows = []
@@ -140,8 +157,9 @@ def swept_figure(sweep: Sweep, metrics: list[str]):
             xs, categories = x_positions(sweep, jobs, key)
             order = sorted(range(len(jobs)), key=lambda i: xs[i])
             xs, ys = [xs[i] for i in order], [jobs[i].final[metric] for i in order]
-            low = [jobs[i].final.get(f"{metric}_ci_low") for i in order]
-            high = [jobs[i].final.get(f"{metric}_ci_high") for i in order]
+            low_name, high_name = interval_of(metric)
+            low = [jobs[i].final.get(low_name) for i in order]
+            high = [jobs[i].final.get(high_name) for i in order]
             if all(v is not None for v in low + high):
                 errors = [[y - lo for y, lo in zip(ys, low)], [hi - y for y, hi in zip(ys, high)]]
                 ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=4, label=group or "95% interval")
@@ -192,6 +210,12 @@ def tradeoff_figure(sweep: Sweep, x_metric: str, y_metric: str):
     return fig
 
 
+def tradeoff_name(pair: tuple[str, str]) -> str:
+    """eval/accuracy vs train/generated_tokens -> accuracy_vs_generated_tokens (a file name)."""
+    x, y = (m.rstrip("/").replace("/mean", "").rsplit("/", 1)[-1] for m in pair)
+    return f"{y}_vs_{x}"
+
+
 def sweep_curves_figure(sweep: Sweep, metrics: list[str]):
     """Every job's curve of each metric on one set of axes (a job that did not finish dotted)."""
     fig, axes = pyplot().subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=110, squeeze=False)
@@ -216,13 +240,15 @@ def write_report(client, parent_run_id: str, out_dir: Path) -> Path:
     sweep = load_sweep(client, parent_run_id)
     spec = stage_spec(sweep.stage)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = list(dict.fromkeys([sweep.objective, *spec.report_metrics]))
+    metrics = list(dict.fromkeys([sweep.objective, *sweep.report_metrics]))
     present = [m for m in metrics if any(m in j.final for j in sweep.jobs)]
     figures = {}
     if sweep.keys and present:
         figures[f"{short_label(sweep.keys[0])}_vs_metrics.png"] = swept_figure(sweep, present)
-    if spec.tradeoff and all(any(m in j.history for j in sweep.jobs) for m in spec.tradeoff):
-        figures["tradeoff.png"] = tradeoff_figure(sweep, *spec.tradeoff)
+    drawn = [pair for pair in sweep.tradeoffs if all(any(m in j.history for j in sweep.jobs) for m in pair)]
+    for k, pair in enumerate(drawn):  # the stage's own is tradeoff.png
+        name = "tradeoff.png" if k == 0 and spec.tradeoff == pair else f"tradeoff_{tradeoff_name(pair)}.png"
+        figures[name] = tradeoff_figure(sweep, *pair)
     curves = [m for m in (*spec.trainer.curve_metrics[:1], sweep.objective) if any(m in j.history for j in sweep.jobs)]
     if curves:
         figures["curves.png"] = sweep_curves_figure(sweep, list(dict.fromkeys(curves)))

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_exp.launch import optuna_sweep
 from rlhf_exp.launch.jobs import (OBJECTIVE_METRIC, SWEEP_RECORD, LaunchContext, best_with_ties, git_commit, objective_of,
                                   short_label)
-from rlhf_exp.launch.report import write_report
+from rlhf_exp.launch.report import REPORT_TAG, write_report
 from rlhf_exp.redact import redact, redact_text
 from rlhf_exp.tracking.mlflow_tracker import UI_TRAINING_SIDE, save_runs_view
 from rlhf_exp.tracking.records import PARENT_TAG
@@ -115,7 +115,9 @@ class SweepCallback(Callback):
                   "launcher": str(OmegaConf.select(hydra_cfg, "launcher._target_")).rsplit(".", 1)[-1],
                   "objective": objective, "direction": direction}
         tags = {"rlhf_exp.role": "sweep", "sweep_id": sweep_dir.name, "sweep_dir": str(sweep_dir), "stage": stage,
-                "overrides": " ".join(redact(list(hydra_cfg.overrides.task))), "git_commit": git_commit()}
+                "overrides": " ".join(redact(list(hydra_cfg.overrides.task))), "git_commit": git_commit(),
+                REPORT_TAG: json.dumps({name: OmegaConf.to_container(OmegaConf.select(
+                    config, f"sweep.{name}", default=OmegaConf.create([]))) for name in ("report_metrics", "tradeoffs")})}
         continued, job_offset = None, 0
         if optuna_sweep.is_optuna(config):
             study = redact(optuna_sweep.study_record(config))

@@ -1,5 +1,5 @@
-"""Preference losses: the reward model's Bradley-Terry loss, DPO with its variants, and the reference-free
-SimPO and ORPO.
+"""Preference losses: the reward model's Bradley-Terry loss, DPO with its variants, the reference-free
+SimPO and ORPO, and KTO on responses judged alone.
 
 All take per-sequence quantities of shape [B] and return per-pair losses [B] (the caller
 averages), so they compose with any batching or accumulation.
@@ -127,3 +127,28 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
                                               label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
                                               rejected_lengths=rejected_lengths)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def kto_reference_point(policy_mismatched_logps: torch.Tensor, reference_mismatched_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, eq. 8 as TRL estimates it): the batch mean of
+    log pi(y'|x) - log ref(y'|x) over mismatched pairs (each prompt with another example's response), an estimate
+    of KL(pi || ref) that carries no gradient, clamped at 0. [B], [B] -> scalar."""
+    return (policy_mismatched_logps - reference_mismatched_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, desirable: torch.Tensor,
+             reference_point: torch.Tensor | float, *, beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kahneman-Tversky optimization (Ethayarajh et al. 2024, eq. 7), per example.
+
+    policy_logps, reference_logps [B]: a response's log-probs summed over its tokens; desirable [B] bool;
+    reference_point: z0 (`kto_reference_point`). With r = log pi - log ref:
+      desirable    w_d (1 - sigmoid(beta (r - z0)))
+      undesirable  w_u (1 - sigmoid(beta (z0 - r)))
+    Returns (losses [B], the implicit rewards beta r [B], detached, for logging).
+    """
+    logratios = policy_logps - reference_logps
+    value = torch.where(desirable, torch.sigmoid(beta * (logratios - reference_point)),
+                        torch.sigmoid(beta * (reference_point - logratios)))
+    weight = torch.where(desirable, torch.full_like(value, desirable_weight), torch.full_like(value, undesirable_weight))
+    return weight * (1 - value), beta * logratios.detach()

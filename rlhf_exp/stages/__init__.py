@@ -1,4 +1,4 @@
-"""One file per stage: sft.py rm.py dpo.py grpo.py ppo.py eval.py. Each holds its typed config, what runs it
+"""One file per stage: sft.py rm.py dpo.py kto.py grpo.py ppo.py eval.py. Each holds its typed config, what runs it
 and `STAGE`, the StageSpec through which everything else learns about it (spec.py); its values are in
 conf/stage/<name>.yaml. Shared: base.py (the training loop and the protocol a stage supplies), toolbox.py
 (models, data, sampling and scoring, for the loop and for eval), online.py (what GRPO and PPO share).

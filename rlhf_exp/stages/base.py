@@ -91,6 +91,10 @@ class Trainer(StageRunner):
         """Optimizer steps in the whole run (the lr schedule's length); RL stages take several per step."""
         return self.stage.max_steps
 
+    def budget_spent(self) -> bool:
+        """Whether a budget other than stage.max_steps ends training now (GRPO: generated tokens)."""
+        return False
+
     def extra_state(self) -> dict[str, Any]:
         """Stage-specific state a resumed run needs (DPO: the reference log-probs)."""
         return {}
@@ -151,7 +155,7 @@ class Trainer(StageRunner):
         return self.engine.scheduler
 
     def prepare_data(self, kind: str) -> None:
-        """The tokenized (train, held-out) split of `kind` ("sft", "preference" or "prompt"; Toolbox.load_data):
+        """The tokenized (train, held-out) split of `kind` ("sft", "preference", "unpaired" or "prompt"; Toolbox.load_data):
         self.train_set, self.val_set, their texts and rows (self.train_examples, self.val_examples) and
         self.batches, the resumable stream of training batches."""
         data = self.tools.load_data(kind)
@@ -206,7 +210,7 @@ class Trainer(StageRunner):
             self.evaluate_unless_stopped(started_at)
         with tqdm(total=max_steps, initial=self.step, desc=f"{self.stage.name}", unit="step",
                   dynamic_ncols=True) as bar:
-            while self.step < max_steps:
+            while self.step < max_steps and not self.budget_spent():
                 self.stop_if_signalled(started_at)
                 metrics = self.checked(self.train_step)
                 self.step += 1

@@ -126,9 +126,10 @@ class Toolbox:
 
     # ------------------------------------------------------------------ data
     def load_data(self, kind: str) -> StageData:
-        """The tokenizer, then the (train, held-out) split of `kind` ("sft", "preference", or "prompt": prompts
-        to sample from, with their references where the data has them), tokenized."""
-        from rlhf_exp.data import load_preference_splits, load_prompt_splits, load_sft_splits
+        """The tokenizer, then the (train, held-out) split of `kind` ("sft", "preference", "unpaired" (KTO's
+        labelled responses), or "prompt": prompts to sample from, with their references where the data has them),
+        tokenized."""
+        from rlhf_exp.data import load_preference_splits, load_prompt_splits, load_sft_splits, load_unpaired_splits
         from rlhf_exp.data.collate import split_digest, texts_of, tokenize_examples
         from rlhf_exp.data.formats import data_name
         from rlhf_exp.redact import redact_text
@@ -136,7 +137,8 @@ class Toolbox:
 
         data = self.cfg.data
         self.load_tokenizer()
-        load = {"sft": load_sft_splits, "preference": load_preference_splits, "prompt": load_prompt_splits}[kind]
+        load = {"sft": load_sft_splits, "preference": load_preference_splits, "prompt": load_prompt_splits,
+                "unpaired": load_unpaired_splits}[kind]
         skipped: Counter[str] = Counter()
         train, val = load(data, self.tokenizer, self.cfg.seed, skipped, self.cfg.paths.cache_dir)
         self.report_skipped(skipped)

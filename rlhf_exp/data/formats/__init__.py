@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from rlhf_exp.data.formats.base import DataFormat, Document, PreferenceExample, SFTExample
+from rlhf_exp.data.formats.base import DataFormat, Document, LabelledExample, PreferenceExample, SFTExample
 from rlhf_exp.data.formats.hf import TYPES, HfFormat, source_label, typed_format
 from rlhf_exp.data.formats.hh_rlhf import HhRlhfFormat
 from rlhf_exp.data.formats.jsonl import JsonlFormat
@@ -66,5 +66,5 @@ def data_label(cfg: DictConfig) -> str:
     return source_label(cfg) if cfg.format in ("trl", *TYPES) else str(cfg.name)
 
 
-__all__ = ["FORMATS", "DataFormat", "Document", "PreferenceExample", "SFTExample", "data_label", "data_name", "get_format",
+__all__ = ["FORMATS", "DataFormat", "Document", "LabelledExample", "PreferenceExample", "SFTExample", "data_label", "data_name", "get_format",
            "is_chat"]

@@ -60,6 +60,20 @@ class PreferenceExample:
         return self.prompt
 
 
+@dataclass(frozen=True)
+class LabelledExample(SFTExample):
+    """One response judged alone (TRL's unpaired preference: prompt, completion, label), as KTO trains on:
+    label True for a desirable response, False for an undesirable one."""
+    label: bool = True
+
+
+def unpaired(pairs: Iterable[PreferenceExample]) -> list[LabelledExample]:
+    """Each pair as a desirable (chosen) and an undesirable (rejected) example (TRL's unpair_preference_dataset);
+    both keep the pair's prompt, so a split keeps them together."""
+    return [LabelledExample(p.prompt, response, p.origin, label=label)
+            for p in pairs for response, label in ((p.chosen, True), (p.rejected, False))]
+
+
 class DataFormat:
     """Base: subclasses implement the kinds of examples their data has."""
 
@@ -99,6 +113,10 @@ class DataFormat:
     def prompt_examples(self) -> list[SFTExample]:
         """Prompts to sample from (GRPO, PPO, eval), each with its reference response."""
         return self.sft_examples()
+
+    def unpaired_examples(self) -> list[LabelledExample]:
+        """Responses labelled desirable or not (KTO): the preference pairs, each split in two."""
+        return unpaired(self.preference_examples())
 
     def chat_prompt(self, messages: list[dict], where: str) -> str:
         """Chat messages as a prompt: the template with the assistant's header; refused naming the key where

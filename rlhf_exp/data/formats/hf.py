@@ -6,7 +6,9 @@ conversational one (lists of {"role", "content"} messages):
   language_modeling   text | messages                 SFT
   prompt_only         prompt                          GRPO, PPO
   prompt_completion   prompt, completion              SFT (and prompts for GRPO, PPO)
-  preference          [prompt,] chosen, rejected      RM, DPO (SFT on chosen; prompts for GRPO, PPO)
+  preference          [prompt,] chosen, rejected      RM, DPO (SFT on chosen; prompts for GRPO, PPO; KTO, each
+                                                      pair split into a desirable and an undesirable example)
+  unpaired_preference prompt, completion, label       KTO (label true: desirable)
 
 The type is detected from the columns (after `data.columns` maps the data set's names onto these) or set
 by `data.format`; a preference without a prompt column has an implicit prompt, the longest common prefix
@@ -24,19 +26,20 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
-from rlhf_exp.data.formats.base import (DataFormat, Document, PreferenceExample, SFTExample, checked_pair, checked_sft,
-                                        to_message)
+from rlhf_exp.data.formats.base import (DataFormat, Document, LabelledExample, PreferenceExample, SFTExample,
+                                        checked_pair, checked_sft, to_message)
 from rlhf_exp.data.sources import Record, read_csv, read_json_or_jsonl, read_jsonl
 from rlhf_exp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-TYPES = ("language_modeling", "prompt_only", "prompt_completion", "preference")
-COLUMNS = ("text", "messages", "prompt", "completion", "chosen", "rejected")
+TYPES = ("language_modeling", "prompt_only", "prompt_completion", "preference", "unpaired_preference")
+COLUMNS = ("text", "messages", "prompt", "completion", "chosen", "rejected", "label")
 # what each stage's kind of examples can be made from
 _MAKES = {"sft": ("language_modeling", "prompt_completion", "preference"),
           "preference": ("preference",),
-          "prompt": ("prompt_only", "prompt_completion", "preference", "language_modeling")}
+          "prompt": ("prompt_only", "prompt_completion", "preference", "language_modeling", "unpaired_preference"),
+          "unpaired": ("unpaired_preference", "preference")}
 
 
 def source_label(cfg: DictConfig) -> str:
@@ -206,6 +209,8 @@ class HfFormat(DataFormat):
         present = self._present()
         if {"chosen", "rejected"} <= present:
             return "preference"
+        if {"prompt", "completion", "label"} <= present:
+            return "unpaired_preference"
         if {"prompt", "completion"} <= present:
             return "prompt_completion"
         if "prompt" in present:
@@ -213,11 +218,10 @@ class HfFormat(DataFormat):
         if present & {"text", "messages"}:
             return "language_modeling"
         first = self.records()[0]
-        hint = ("; 'label' with 'completion' is TRL's unpaired preference (KTO), which no stage here trains on"
-                if "label" in first.data else "")
         raise ConfigError("data.columns", f"{source_label(self.cfg)}: columns {sorted(first.data)} are none of TRL's "
-                          "types (text | messages; prompt; prompt + completion; [prompt +] chosen + rejected): map "
-                          f"yours with data.columns.<prompt|completion|chosen|rejected|messages|text>=<column>{hint}")
+                          "types (text | messages; prompt; prompt + completion; [prompt +] chosen + rejected; prompt + "
+                          "completion + label): map yours with "
+                          "data.columns.<prompt|completion|chosen|rejected|label|messages|text>=<column>")
 
     @property
     def conversational(self) -> bool:
@@ -293,7 +297,7 @@ class HfFormat(DataFormat):
                 # a document to model whole: the start-of-document token is the prompt the first token follows
                 start = self.tokenizer.bos_token or self.tokenizer.eos_token
                 return checked_sft(Document(start, self._value(rec, "text"), rec.origin), rec)
-        elif kind == "prompt_completion":
+        elif kind in ("prompt_completion", "unpaired_preference"):
             prompt = self._prompt_text(self._value(rec, "prompt"), rec)
             completion = self._response_text(self._value(rec, "completion"), rec, "completion")
         else:
@@ -335,6 +339,21 @@ class HfFormat(DataFormat):
         if self.dataset_type not in _MAKES["preference"]:
             self._refuse("preference pairs", "RM and DPO need chosen and rejected columns")
         return self.collect(self.records(), self._preference)
+
+    def unpaired_examples(self) -> list[LabelledExample]:
+        if self.dataset_type not in _MAKES["unpaired"]:
+            self._refuse("labelled responses", "KTO needs prompt + completion + label, or preference pairs")
+        if self.dataset_type == "preference":
+            return super().unpaired_examples()
+        return self.collect(self.records(), self._labelled)
+
+    def _labelled(self, rec: Record) -> LabelledExample:
+        example = checked_sft(self._sft_example(rec), rec)
+        label = rec.get(self.columns["label"], hint="data.columns.label")
+        if not isinstance(label, bool):
+            raise DataError(rec.path, f"column {self.columns['label']!r} must be true or false, got {label!r:.40}",
+                            rec.line, reason="label not a boolean")
+        return LabelledExample(example.prompt, example.completion, example.origin, label=label)
 
     def prompt_examples(self) -> list[SFTExample]:
         if self.dataset_type == "language_modeling" and self.records()[0].data.get(self.columns["messages"]) is None:
