@@ -240,3 +240,24 @@ def test_the_parent_records_what_each_stage_ran_with_not_the_pipelines_definitio
                              "extra": {"sft": ["stage.max_steps=10"]}})
     ran = last_of_each_key(stage_overrides(spec, "sft", ["hardware=cpu", "+x=1", "x=2"]))
     assert ran == ["data=tldr", "stage=sft", "hardware=cpu", "x=2", "stage.max_steps=10"]
+
+
+def test_the_offline_algorithms_run_from_one_sft_start_and_share_one_evaluation_table(tmp_path):
+    """sweep=offline_algorithms on the tiny model (experiment=quick for every stage): DPO, IPO, SimPO, ORPO and KTO
+    each train from the SFT stage's checkpoint, and stage=eval compares all five with SFT on the same prompts:
+    each one's judge win rate against SFT, its length-controlled win rate and its KL to SFT."""
+    done = run_cli("sweep=offline_algorithms", "experiment=quick", "hardware=cpu", "hardware.num_threads=1",
+                   "stage.max_steps=2", "stage.eval_examples=8", env=tracked_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent, children, _ = children_by_role(tmp_path / "m.db")
+    algorithms = ["dpo", "ipo", "simpo", "orpo", "kto"]
+    assert parent.info.status == "FINISHED" and sorted(children) == sorted(["sft", "judge", *algorithms, "eval"])
+    sft_final = children["sft"].data.tags["checkpoint_dir"]
+    for role in algorithms:
+        assert children[role].data.params["model.init_from"] == sft_final, role
+    assert children["kto"].data.tags["stage"] == "kto"
+    assert [children[r].data.params["stage.loss_type"] for r in algorithms[:4]] == ["sigmoid", "ipo", "simpo", "orpo"]
+    evaluated = children["eval"].data.metrics
+    for role in algorithms:
+        for name in ("judge_win_vs_sft", "judge_win_vs_sft_ci_low", "judge_lc_win_vs_sft", "kl_k1_seq", "length"):
+            assert f"eval/{role}/{name}" in evaluated, (role, name)
