@@ -247,7 +247,8 @@ def test_the_offline_algorithms_run_from_one_sft_start_and_share_one_evaluation_
     each train from the SFT stage's checkpoint, and stage=eval compares all five with SFT on the same prompts:
     each one's judge win rate against SFT, its length-controlled win rate and its KL to SFT."""
     done = run_cli("sweep=offline_algorithms", "experiment=quick", "hardware=cpu", "hardware.num_threads=1",
-                   "stage.max_steps=2", "stage.eval_examples=8", env=tracked_env(tmp_path))
+                   "stage.max_steps=2", "stage.eval_examples=8",
+                   "pipeline.extra.eval=[stage.bootstrap_resamples=100]", env=tracked_env(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     parent, children, _ = children_by_role(tmp_path / "m.db")
     algorithms = ["dpo", "ipo", "simpo", "orpo", "kto"]
@@ -258,6 +259,9 @@ def test_the_offline_algorithms_run_from_one_sft_start_and_share_one_evaluation_
     assert children["kto"].data.tags["stage"] == "kto"
     assert [children[r].data.params["stage.loss_type"] for r in algorithms[:4]] == ["sigmoid", "ipo", "simpo", "orpo"]
     evaluated = children["eval"].data.metrics
+    # DPO's implicit accuracy is a log-ratio to the start: for DPO and IPO, not the reference-free SimPO and ORPO
+    assert {f"eval/{r}/dpo_implicit_accuracy" in evaluated for r in ("dpo", "ipo")} == {True}
+    assert {f"eval/{r}/dpo_implicit_accuracy" in evaluated for r in ("simpo", "orpo", "kto")} == {False}
     for role in algorithms:
         for name in ("judge_win_vs_sft", "judge_win_vs_sft_ci_low", "judge_lc_win_vs_sft", "kl_k1_seq", "length"):
             assert f"eval/{role}/{name}" in evaluated, (role, name)

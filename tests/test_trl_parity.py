@@ -79,6 +79,31 @@ def right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 # ----------------------------------------------------------------------------------------------- GRPO
 
+def ragged_responses(ours, group: int) -> tuple[list[TokenizedSFT], torch.Generator]:
+    """Two prompts' groups of random responses, ragged (one at the 6-token budget), and the generator drawn from."""
+    generator = torch.Generator().manual_seed(0)
+    items = [TokenizedSFT(ours.train_set[k // group].prompt_ids, torch.randint(10, 500, (n,), generator=generator).tolist())
+             for k, n in enumerate([6, 2, 5, 3, 6, 1, 4, 6])]
+    return items, generator
+
+
+def off_policy_rollout(ours, items, advantages: torch.Tensor, generator: torch.Generator, spread: float):
+    """Our rollout of `items` with an older sampling policy (its log-probs moved by noise of `spread`)."""
+    rollout = ours.make_rollout(items)
+    rollout.old_logps = (rollout.old_logps + torch.randn(rollout.old_logps.shape, generator=generator) * spread) * rollout.mask
+    rollout.advantages = advantages[:, None] * rollout.mask
+    return rollout
+
+
+def trl_completions(items, pad: int) -> dict[str, torch.Tensor]:
+    """The prompt / completion tensors TRL's GRPO and RLOO trainers compute their loss on."""
+    prompt_ids, prompt_mask = left_pad([x.prompt_ids for x in items], pad)
+    completion_ids, completion_mask = right_pad([x.response_ids for x in items], pad)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask}
+
+
+
 # case -> (our stage keys, TRL's GRPOConfig keys) giving the same loss (TRL has no dual clip: it is off on our side)
 GRPO_CASES = {
     "grpo": (["stage.loss_type=grpo"], {"loss_type": "grpo"}),          # seq-mean-token-mean
@@ -110,18 +135,10 @@ def test_grpo_loss_and_gradients_equal_trls(tmp_path, case):
     ours.reference = reference
     policy_at_start = on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
 
-    generator = torch.Generator().manual_seed(0)
-    prompts = [ours.train_set[k].prompt_ids for k in range(2)]
-    lengths = [6, 2, 5, 3, 6, 1, 4, 6]  # ragged, one at the budget
-    items = [TokenizedSFT(prompts[k // group], torch.randint(10, 500, (n,), generator=generator).tolist())
-             for k, n in enumerate(lengths)]
+    items, generator = ragged_responses(ours, group)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0])
     advantages = group_advantages(rewards, group, scale_by_std=their_keys["scale_rewards"] == "group")
-
-    rollout = ours.make_rollout(items)
-    # an older sampling policy: ratios both sides of the clip range
-    rollout.old_logps = (rollout.old_logps + torch.randn(rollout.old_logps.shape, generator=generator) * 0.3) * rollout.mask
-    rollout.advantages = advantages[:, None] * rollout.mask
+    rollout = off_policy_rollout(ours, items, advantages, generator, 0.3)  # ratios both sides of the clip range
     loss, _ = ours.minibatch_loss(rollout, {"tokens": float(rollout.mask.sum()), "sequences": len(items)})
     loss.backward()
 
@@ -135,12 +152,9 @@ def test_grpo_loss_and_gradients_equal_trls(tmp_path, case):
                         use_bias_correction_kl=False))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    prompt_ids, prompt_mask = left_pad([x.prompt_ids for x in items], ours.tokenizer.pad_token_id)
-    completion_ids, completion_mask = right_pad([x.response_ids for x in items], ours.tokenizer.pad_token_id)
-    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-              "completion_mask": completion_mask, "advantages": advantages,
-              "old_per_token_logps": rollout.old_logps, "ref_per_token_logps": rollout.ref_logps,
-              "num_items_in_batch": completion_mask.sum()}
+    inputs = {**trl_completions(items, ours.tokenizer.pad_token_id), "advantages": advantages,
+              "old_per_token_logps": rollout.old_logps, "ref_per_token_logps": rollout.ref_logps}
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
     theirs = trainer._compute_loss(trainer.model, inputs)
     theirs.backward()
 
@@ -175,13 +189,9 @@ def test_trls_default_bias_corrected_kl_is_ours_plus_the_ratio_weighted_differen
                        f"stage.kl_coef={beta}", "stage.generation.temperature=1.0")
     ours.reference, ours.model = copy.deepcopy(ours.model), perturbed(ours.model)
     policy_at_start = on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
-    generator = torch.Generator().manual_seed(0)
-    items = [TokenizedSFT(ours.train_set[k // 4].prompt_ids, torch.randint(10, 500, (n,), generator=generator).tolist())
-             for k, n in enumerate([6, 2, 5, 3, 6, 1, 4, 6])]
+    items, generator = ragged_responses(ours, 4)
     advantages = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0]), 4)
-    rollout = ours.make_rollout(items)
-    rollout.old_logps = (rollout.old_logps + torch.randn(rollout.old_logps.shape, generator=generator) * 0.3) * rollout.mask
-    rollout.advantages = advantages[:, None] * rollout.mask
+    rollout = off_policy_rollout(ours, items, advantages, generator, 0.3)
     with torch.no_grad():
         loss, _ = ours.minibatch_loss(rollout, {"tokens": float(rollout.mask.sum()), "sequences": len(items)})
         logps, mask, _ = ours.logprobs(ours.model, items)
@@ -195,13 +205,10 @@ def test_trls_default_bias_corrected_kl_is_ours_plus_the_ratio_weighted_differen
                         beta=beta, epsilon=0.2, loss_type="grpo", disable_dropout=True))
     assert trainer.args.use_bias_correction_kl  # TRL's default
     trainer.current_gradient_accumulation_steps = 1
-    prompt_ids, prompt_mask = left_pad([x.prompt_ids for x in items], ours.tokenizer.pad_token_id)
-    completion_ids, completion_mask = right_pad([x.response_ids for x in items], ours.tokenizer.pad_token_id)
     with torch.no_grad():
         theirs = trainer._compute_loss(trainer.model, {
-            "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-            "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": rollout.old_logps,
-            "ref_per_token_logps": rollout.ref_logps})
+            **trl_completions(items, ours.tokenizer.pad_token_id), "advantages": advantages,
+            "old_per_token_logps": rollout.old_logps, "ref_per_token_logps": rollout.ref_logps})
     assert abs(correction) > 1e-4  # the inputs make the two differ
     assert float(theirs) == pytest.approx(float(loss) + correction, abs=TOLERANCE)
 
@@ -220,14 +227,10 @@ def test_rloo_loss_and_gradients_equal_trls(tmp_path):
                        f"stage.generation.max_new_tokens={new_tokens}")
     ours.reference, ours.model = copy.deepcopy(ours.model), perturbed(ours.model)
     policy_at_start = on_disk(copy.deepcopy(ours.model), ours.tokenizer, tmp_path / "policy")
-    generator = torch.Generator().manual_seed(0)
-    items = [TokenizedSFT(ours.train_set[k // group].prompt_ids, torch.randint(10, 500, (n,), generator=generator).tolist())
-             for k, n in enumerate([6, 2, 5, 3, 6, 1, 4, 6])]
+    items, generator = ragged_responses(ours, group)
     advantages = leave_one_out_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.0]), group)
-    rollout = ours.make_rollout(items)
-    # an older sampling policy, a little off (a whole response's ratio multiplies its tokens' ratios)
-    rollout.old_logps = (rollout.old_logps + torch.randn(rollout.old_logps.shape, generator=generator) * 0.05) * rollout.mask
-    rollout.advantages = advantages[:, None] * rollout.mask
+    # a little off (a whole response's ratio multiplies its tokens' ratios)
+    rollout = off_policy_rollout(ours, items, advantages, generator, 0.05)
     loss, _ = ours.minibatch_loss(rollout, {"tokens": float(rollout.mask.sum()), "sequences": len(items)})
     loss.backward()
 
@@ -238,11 +241,8 @@ def test_rloo_loss_and_gradients_equal_trls(tmp_path):
                         temperature=temperature, beta=0.05, epsilon=0.2, disable_dropout=True))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    prompt_ids, prompt_mask = left_pad([x.prompt_ids for x in items], ours.tokenizer.pad_token_id)
-    completion_ids, completion_mask = right_pad([x.response_ids for x in items], ours.tokenizer.pad_token_id)
     theirs = trainer._compute_loss(trainer.model, {
-        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-        "completion_mask": completion_mask, "advantages": advantages,
+        **trl_completions(items, ours.tokenizer.pad_token_id), "advantages": advantages,
         "old_logps": (rollout.old_logps * rollout.mask).sum(1)})
     theirs.backward()
     assert float(loss.detach()) == pytest.approx(float(theirs.detach()), abs=TOLERANCE)

@@ -33,6 +33,7 @@ from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.data.formats import data_label
 from rlhf_exp.data.tokens import encode_prompt
 from rlhf_exp.errors import ConfigError
+from rlhf_exp.losses.preference import REFERENCE_FREE_LOSS_TYPES
 from rlhf_exp.evaluation.statistics import (accuracy_metrics, interval_text, length_controlled_win_rate, mean_interval,
                                             sampled_kl, wilson_interval, win_rate, win_scores)
 from rlhf_exp.evaluation.tables import markdown_table
@@ -284,7 +285,8 @@ class PolicyEvaluator(StageRunner):
 
     @staticmethod
     def dpo_reference(where: str) -> str | None:
-        """The model a stage=dpo checkpoint started from (its reference), or None when `where` is not one."""
+        """The model a stage=dpo checkpoint started from (its reference), or None when `where` is not one (or was
+        trained with a reference-free loss)."""
         from rlhf_exp.checkpoint import saved_config
 
         if where == BASE:
@@ -293,8 +295,9 @@ class PolicyEvaluator(StageRunner):
             saved = saved_config(Path(where))
         except (OSError, KeyError, ValueError):
             return None  # a hub model or a folder this project did not write
-        if (saved.get("stage") or {}).get("name") != "dpo":
-            return None
+        stage = saved.get("stage") or {}
+        if stage.get("name") != "dpo" or stage.get("loss_type") in REFERENCE_FREE_LOSS_TYPES:
+            return None  # SimPO's and ORPO's implicit reward is the policy's own average log-prob: no reference
         return (saved.get("model") or {}).get("init_from") or BASE
 
     def dpo_reference_name(self, policies: dict, name: str) -> str:

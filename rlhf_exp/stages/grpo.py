@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -111,7 +111,7 @@ def variant(stage: DictConfig) -> Variant:
     chosen = {f.name: stage.get(f.name) for f in fields(Variant)}
     merged = Variant(**{name: getattr(preset, name) if value is None else value for name, value in chosen.items()})
     if stage.get("clip_ratio") is not None and stage.get("clip_ratio_high") is None:
-        merged = Variant(**{**merged.__dict__, "clip_ratio_high": None})  # an explicit clip_ratio is symmetric
+        merged = replace(merged, clip_ratio_high=None)  # an explicit clip_ratio is symmetric
     return merged
 
 
