@@ -260,10 +260,11 @@ def _close(tracker, sweep_dir: Path, objective: str, direction: str, status: str
             log.exception("could not build the sweep report (python -m rlhf_exp.report %s)", parent_id)
     tracker.finish(status or summary.status)
     where = f"; report: {summary.report_dir}/report.md" if summary.report_dir else ""
-    best_note = f", best {summary.best_value:.4g} ({best.info.run_name})" if best else ""
     if len(tied) > 1:
         best_note = (f", best {summary.best_value:.4g} TIED by {len(tied)} jobs ({', '.join(r.info.run_name for r in tied)}:"
                      f" no job is better; the first is tagged best)")
+    else:
+        best_note = f", best {summary.best_value:.4g} ({best.info.run_name})" if best else ""
     if view:  # a whole address: the sweep's own or the tracking server's, else make ui's
         view = (f"\n  in the MLflow UI: {view}" if view.startswith("http") else
                 f"\n  in the MLflow UI (make ui first): http://127.0.0.1:5000{view}")
