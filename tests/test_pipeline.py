@@ -265,3 +265,7 @@ def test_the_offline_algorithms_run_from_one_sft_start_and_share_one_evaluation_
     for role in algorithms:
         for name in ("judge_win_vs_sft", "judge_win_vs_sft_ci_low", "judge_lc_win_vs_sft", "kl_k1_seq", "length"):
             assert f"eval/{role}/{name}" in evaluated, (role, name)
+    # the table's columns come from every row: SFT's own row, first here, has no win against itself
+    summary = (Path(children["eval"].data.tags["run_dir"]) / "eval" / "summary.md").read_text()
+    header = next(line for line in summary.splitlines() if line.startswith("| policy"))
+    assert "judge win vs sft" in header and "judge LC win vs sft" in header

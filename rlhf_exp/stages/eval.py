@@ -376,8 +376,10 @@ class PolicyEvaluator(StageRunner):
                       pair_accuracy: dict[str, tuple[float, int]]) -> None:
         folder = self.run_dir / "eval"
         folder.mkdir(parents=True, exist_ok=True)
-        table = markdown_table(rows, ["policy", *[k for k in rows[0] if " win " in k],
-                                      *[k for k in rows[0] if k.endswith("_score")],
+        # every row's columns: the baseline's own row has no "vs <baseline>" ones, and it may come first
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        table = markdown_table(rows, ["policy", *[k for k in keys if " win " in k],
+                                      *[k for k in keys if k.endswith("_score")],
                                       "kl_k1_seq", "kl_k1_token", "length", "eos_rate", "rouge_l", "distinct_2"])
         accuracy = "".join(f"\n{name} accuracy on {n} held-out preference pairs: "
                            f"{interval_text(c / n, *wilson_interval(c, n))}" for name, (c, n) in pair_accuracy.items() if n)
