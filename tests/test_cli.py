@@ -129,7 +129,7 @@ def test_help_is_the_groups_a_person_picks_and_where_to_look_next():
     assert not any(line.lstrip().startswith(("schema", "stage/base", "experiment_stage")) for line in lines)
     for flag in ("--cfg job", "--info defaults", "plan=true", "--hydra-help", "--version"):
         assert flag in out.stdout, flag
-    assert "dpo, eval, grpo, ppo, rm, sft" in out.stdout  # the options of each group, read from conf/
+    assert "dpo, eval, grpo, kto, ppo, rm, sft" in out.stdout  # the options of each group, read from conf/
 
 
 def test_version_is_the_packages_and_tab_completion_installs():

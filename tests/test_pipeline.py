@@ -248,7 +248,7 @@ def test_the_offline_algorithms_run_from_one_sft_start_and_share_one_evaluation_
     each one's judge win rate against SFT, its length-controlled win rate and its KL to SFT."""
     done = run_cli("sweep=offline_algorithms", "experiment=quick", "hardware=cpu", "hardware.num_threads=1",
                    "stage.max_steps=2", "stage.eval_examples=8",
-                   "pipeline.extra.eval=[stage.bootstrap_resamples=100]", env=tracked_env(tmp_path))
+                   "pipeline.extra.eval=['stage.bootstrap_resamples=100']", env=tracked_env(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     parent, children, _ = children_by_role(tmp_path / "m.db")
     algorithms = ["dpo", "ipo", "simpo", "orpo", "kto"]
