@@ -243,12 +243,11 @@ def test_the_parent_records_what_each_stage_ran_with_not_the_pipelines_definitio
 
 
 def test_the_offline_algorithms_run_from_one_sft_start_and_share_one_evaluation_table(tmp_path):
-    """sweep=offline_algorithms on the tiny model (experiment=quick for every stage): DPO, IPO, SimPO, ORPO and KTO
+    """sweep=offline_algorithms on the tiny model (experiment=quick_offline_algorithms): DPO, IPO, SimPO, ORPO and KTO
     each train from the SFT stage's checkpoint, and stage=eval compares all five with SFT on the same prompts:
     each one's judge win rate against SFT, its length-controlled win rate and its KL to SFT."""
-    done = run_cli("sweep=offline_algorithms", "experiment=quick", "hardware=cpu", "hardware.num_threads=1",
-                   "stage.max_steps=2", "stage.eval_examples=8",
-                   "pipeline.extra.eval=['stage.bootstrap_resamples=100']", env=tracked_env(tmp_path))
+    done = run_cli("experiment=quick_offline_algorithms", "hardware=cpu", "hardware.num_threads=1",
+                   "stage.max_steps=2", "stage.eval_examples=8", env=tracked_env(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     parent, children, _ = children_by_role(tmp_path / "m.db")
     algorithms = ["dpo", "ipo", "simpo", "orpo", "kto"]
