@@ -36,8 +36,7 @@ from rlhf_exp import distributed
 from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.losses.policy import ADVANTAGE_ESTIMATORS, IMPORTANCE_SAMPLING_LEVELS, KL_LOSS_ESTIMATORS, \
-    LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss, flat_groups, kl_penalty, overlong_penalty, \
-    per_token_rewards
+    LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss, flat_groups, kl_penalty, overlong_penalty
 from rlhf_exp.registry import Registry
 from rlhf_exp.rewards import Scores
 from rlhf_exp.rollout import Rollout
@@ -204,8 +203,7 @@ class GRPOTrainer(OnlineRLTrainer):
         single_update = stage.updates_per_rollout == 1 and stage.minibatch_size == self.rollout_size
         rollout = self.make_rollout(items, with_old_logps=not single_update or kl_in_reward)
         mask = rollout.mask
-        kl = kl_penalty(rollout.old_logps, rollout.ref_logps, "k1") * mask if kl_in_reward else torch.zeros_like(mask)
-        token_rewards = per_token_rewards(rewards.to(self.device), kl, mask, stage.kl_coef)
+        kl, token_rewards = self.token_rewards(rollout, rewards, with_kl=kl_in_reward)
         rollout.advantages = ADVANTAGE_ESTIMATORS.lookup(choice.advantage)(token_rewards, mask, group) * mask
         times["reference_and_advantages"] = time.perf_counter() - t
 

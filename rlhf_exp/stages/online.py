@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_exp import distributed, stopping
 from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.distributed import shards_weights
-from rlhf_exp.losses.policy import kl_penalty
+from rlhf_exp.losses.policy import kl_penalty, per_token_rewards
 from rlhf_exp.evaluation.statistics import std_from_sums
 from rlhf_exp.models.loading import with_generation_stops
 from rlhf_exp.models.peft import is_4bit, is_peft
@@ -179,6 +179,17 @@ class OnlineRLTrainer(Trainer):
         return Rollout(items=items, mask=mask, ref_logps=reference,
                        advantages=torch.zeros_like(mask),
                        old_logps=self.rollout_logprobs(self.policy, items) if with_old_logps else None)
+
+    @torch.no_grad()
+    def token_rewards(self, rollout: Rollout, scores: torch.Tensor, with_kl: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token KL [B, R], per-token rewards [B, R]): each response's score on its last token, minus
+        stage.kl_coef x k1 of the sampling policy to the reference on every token (PPO, RLOO, REINFORCE++); no KL
+        without a reference or `with_kl`."""
+        mask = rollout.mask
+        kl = torch.zeros_like(mask) if rollout.ref_logps is None or not with_kl else \
+            kl_penalty(rollout.old_logps, rollout.ref_logps, "k1") * mask
+        return kl, per_token_rewards(scores.to(self.device), kl, mask, self.stage.kl_coef)
 
     # ------------------------------------------------------------------ the update
     def minibatch_loss(self, micro: Rollout, size: dict[str, float]) -> tuple[torch.Tensor, Stats]:

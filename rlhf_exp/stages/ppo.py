@@ -29,7 +29,7 @@ from rlhf_exp.data.collate import TokenizedSFT, collate_sft
 from rlhf_exp.data.formats import data_label
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.losses import sft_loss
-from rlhf_exp.losses.policy import clipped_policy_loss, clipped_value_loss, gae, kl_penalty, per_token_rewards, whiten
+from rlhf_exp.losses.policy import clipped_policy_loss, clipped_value_loss, gae, whiten
 from rlhf_exp.models import enable_activation_checkpointing, load_causal_lm
 from rlhf_exp.models.peft import is_peft, load_adapter_weights, quantization_config
 from rlhf_exp.models.reward import add_reward_adapters, load_reward_model, reward_model_from_causal_lm
@@ -195,9 +195,7 @@ class PPOTrainer(OnlineRLTrainer):
         mask = rollout.mask
         with torch.no_grad():
             rollout.old_values = self.rollout_values(rollout.items) * mask
-            kl = torch.zeros_like(mask) if rollout.ref_logps is None else \
-                kl_penalty(rollout.old_logps, rollout.ref_logps, "k1") * mask
-            token_rewards = per_token_rewards(rewards.to(self.device), kl, mask, stage.kl_coef)
+            kl, token_rewards = self.token_rewards(rollout, rewards)
             advantages, rollout.returns = gae(token_rewards, rollout.old_values, mask, stage.gamma, stage.lam)
             rollout.advantages = whiten(advantages, mask) if stage.whiten_advantages else advantages
         times["reference_and_values"] = time.perf_counter() - t
