@@ -29,13 +29,10 @@ from omegaconf import DictConfig
 from rlhf_exp import distributed
 from rlhf_exp.data.batching import BatchStream, chunks
 from rlhf_exp.data import collate, disk_cache
-from rlhf_exp.data.collate import collate_pairs
 from rlhf_exp.losses import dpo_loss
 from rlhf_exp.losses.preference import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 from rlhf_exp.evaluation.statistics import wilson_interval, win_scores
 from rlhf_exp.ops import logprobs, shared_prefix
-from rlhf_exp.ops.logprobs import masked_next_token_logprobs
-from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs
 from rlhf_exp.schema import StageConfig, in_range, key, non_negative, one_of, positive
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.rm import pair_length
@@ -77,20 +74,11 @@ class DPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ log-probs
     def pair_logps(self, model, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(chosen [B], rejected [B]) summed response log-probs, and response lengths [2B]."""
-        if can_pack(model):  # one row per pair: prompt, chosen, rejected (the prompt runs once)
-            with self.runtime.autocast():
-                responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-                logps, mask, _ = packed_response_logprobs(model, responses, self.tokenizer.pad_token_id, self.device)
-            sums = logps.sum(-1)
-            return sums[: len(pairs)], sums[len(pairs):], mask.sum(-1)
-        batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
-        with self.runtime.autocast():
-            # right padding: no real token sees a pad, so no attention mask is needed
-            logps = masked_next_token_logprobs(model, batch["input_ids"].to(self.device), None,
-                                               batch["response_mask"].to(self.device))
-        sums = logps.sum(-1)
-        return sums[: len(pairs)], sums[len(pairs):], batch["response_mask"].sum(-1)
+        """(chosen [B], rejected [B]) summed response log-probs, and response lengths [2B]; a pair's prompt runs
+        once (one row: prompt, chosen, rejected) where the model's attention takes a block mask."""
+        logps, mask, _ = self.tools.response_logprobs(model, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+        sums = (logps * mask).sum(-1)
+        return sums[: len(pairs)], sums[len(pairs):], mask.sum(-1)
 
     @torch.no_grad()
     def _score(self, model, pairs, desc: str) -> torch.Tensor:

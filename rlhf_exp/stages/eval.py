@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from rlhf_exp import stopping
 from rlhf_exp.data import load_preference_splits, load_prompt_splits
-from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.data.formats import data_label
 from rlhf_exp.data.tokens import encode_prompt
 from rlhf_exp.errors import ConfigError
@@ -60,7 +60,6 @@ CAPTION = ("Win rates: 95% Wilson intervals. LC = length-controlled win rate, a 
            "own answers (nats per answer; per token beside it), unbiased but below zero by chance on few samples, so "
            "with its 95% normal interval: one that holds 0 shows no drift this sample can measure. ROUGE-L: F1 against the "
            "reference, rouge-score with stemming (as the TL;DR papers report it).")
-from rlhf_exp.ops.logprobs import response_logprobs
 from rlhf_exp.schema import StageConfig, key, positive
 from rlhf_exp.stages.spec import HeldModel, StageMemory, StageRunner, StageSpec, micro_batch, sequence_tokens
 from rlhf_exp.stages.toolbox import Toolbox
@@ -243,12 +242,7 @@ class PolicyEvaluator(StageRunner):
     def item_logps(self, model, items: Sequence[TokenizedSFT], temperature: float, desc: str) -> torch.Tensor:
         """[N] each item's summed response log-prob under `model`."""
         def chunk_logps(chunk: list[TokenizedSFT]) -> torch.Tensor:
-            batch = collate_sft(chunk, self.tools.tokenizer.pad_token_id)
-            lengths = torch.tensor([len(x.response_ids) for x in chunk])
-            with self.tools.runtime.autocast():
-                logps, mask, _ = response_logprobs(model, batch["input_ids"].to(self.tools.device),
-                                                   torch.tensor([len(x.prompt_ids) for x in chunk]), lengths,
-                                                   temperature)
+            logps, mask, _ = self.tools.response_logprobs(model, chunk, temperature)
             return (logps * mask).sum(-1)
 
         return self.tools.score_in_length_order(model, items, lambda x: len(x.prompt_ids) + len(x.response_ids),

@@ -19,11 +19,10 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf_exp.data.batching import chunks
-from rlhf_exp.data.collate import TokenizedLabelled, TokenizedSFT, collate_sft
+from rlhf_exp.data.collate import TokenizedLabelled, TokenizedSFT
 from rlhf_exp.evaluation.statistics import wilson_interval, win_scores
 from rlhf_exp.losses import kto_loss
 from rlhf_exp.losses.preference import kto_reference_point
-from rlhf_exp.ops.logprobs import masked_next_token_logprobs
 from rlhf_exp.schema import Rule, StageConfig, key, non_negative, positive
 from rlhf_exp.stages.base import Trainer
 from rlhf_exp.stages.spec import Activations, HeldModel, StageMemory, StageSpec, frozen_reference, micro_batch, \
@@ -54,12 +53,9 @@ class KTOTrainer(Trainer):
         self.reference = self.tools.frozen_reference(self.model)
 
     def sequence_logps(self, model, items: list[TokenizedSFT]) -> torch.Tensor:
-        """[B] response log-probs summed over response tokens (right padding: no real token sees a pad)."""
-        batch = collate_sft(items, self.tokenizer.pad_token_id)
-        with self.runtime.autocast():
-            logps = masked_next_token_logprobs(model, batch["input_ids"].to(self.device), None,
-                                               batch["response_mask"].to(self.device))
-        return logps.sum(-1).float()
+        """[B] response log-probs summed over response tokens."""
+        logps, mask, _ = self.tools.response_logprobs(model, items)
+        return (logps * mask).sum(-1).float()
 
     @torch.no_grad()
     def scored(self, model, items: list[TokenizedSFT]) -> torch.Tensor:

@@ -17,14 +17,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import distributed, stopping
-from rlhf_exp.data.collate import TokenizedSFT, collate_sft
+from rlhf_exp.data.collate import TokenizedSFT
 from rlhf_exp.distributed import shards_weights
 from rlhf_exp.losses.policy import kl_penalty, per_token_rewards
 from rlhf_exp.evaluation.statistics import std_from_sums
 from rlhf_exp.models.loading import with_generation_stops
 from rlhf_exp.models.peft import is_4bit, is_peft
-from rlhf_exp.ops.logprobs import response_logprobs
-from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs, repeats_a_prompt
 from rlhf_exp.rewards import Scores, build_rewards, reward_function_metrics, reward_function_totals, score_responses
 from rlhf_exp.rollout import Rollout
 from rlhf_exp.rollout.batch import pad_rows, response_mask
@@ -148,16 +146,7 @@ class OnlineRLTrainer(Trainer):
     def logprobs(self, model, items: list[TokenizedSFT], with_entropy: bool = False):
         """(log-probs [B, R], mask [B, R], entropy [B, R] or None) of the responses, at the sampling temperature;
         a prompt's samples share one row (its tokens run once) where the attention takes a block mask."""
-        if repeats_a_prompt(items) and can_pack(model):
-            with self.runtime.autocast():
-                return packed_response_logprobs(model, items, self.tokenizer.pad_token_id, self.device,
-                                                self.stage.generation.temperature, with_entropy)
-        batch = collate_sft(items, self.tokenizer.pad_token_id)
-        prompt_lengths = torch.tensor([len(x.prompt_ids) for x in items])
-        response_lengths = torch.tensor([len(x.response_ids) for x in items])
-        with self.runtime.autocast():
-            return response_logprobs(model, batch["input_ids"].to(self.device), prompt_lengths, response_lengths,
-                                     self.stage.generation.temperature, with_entropy)
+        return self.tools.response_logprobs(model, items, self.stage.generation.temperature, with_entropy)
 
     @torch.no_grad()
     def rollout_logprobs(self, model, items: list[TokenizedSFT]) -> torch.Tensor:

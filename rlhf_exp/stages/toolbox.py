@@ -21,8 +21,11 @@ from tqdm.auto import tqdm
 
 from rlhf_exp import distributed, stopping
 from rlhf_exp.data.batching import BatchStream, scores_in_length_order
+from rlhf_exp.data.collate import collate_sft
 from rlhf_exp.models.loading import frozen_copy, head_in_fp32, upcast_trainable
 from rlhf_exp.models.peft import AdaptersDisabled, is_4bit, is_peft, merged_float_copy, uses_lora
+from rlhf_exp.ops.logprobs import response_logprobs
+from rlhf_exp.ops.shared_prefix import can_pack, packed_response_logprobs, repeats_a_prompt
 from rlhf_exp.rollout import sample
 from rlhf_exp.runtime import RandomStreams, dtype_of, make_runtime
 from rlhf_exp.stages import stage_spec
@@ -188,6 +191,20 @@ class Toolbox:
                                                                            disable=desc is None)))
         model.train(was_training)
         return out
+
+    def response_logprobs(self, model, items: Sequence, temperature: float = 1.0, with_entropy: bool = False):
+        """(log-probs [B, R], mask [B, R], entropy [B, R] or None) of each item's response (items: prompt_ids,
+        response_ids), in the run's precision; entries past a response's end are 0. Items that share a prompt
+        share one row (its tokens run once) where the model's attention takes a block mask; otherwise one
+        right-padded row each (no real token sees a pad, so no attention mask)."""
+        with self.runtime.autocast():
+            if repeats_a_prompt(items) and can_pack(model):
+                return packed_response_logprobs(model, items, self.tokenizer.pad_token_id, self.device,
+                                                temperature, with_entropy)
+            batch = collate_sft(items, self.tokenizer.pad_token_id)
+            return response_logprobs(model, batch["input_ids"].to(self.device),
+                                     torch.tensor([len(x.prompt_ids) for x in items]),
+                                     torch.tensor([len(x.response_ids) for x in items]), temperature, with_entropy)
 
     def sample(self, model, prompt_ids: Sequence[Sequence[int]], samples: int,
                generator: torch.Generator | None = None, desc: str | None = None) -> list[list[int]]:
