@@ -38,6 +38,11 @@ from rlhf_exp.evaluation.statistics import (accuracy_metrics, interval_text, len
                                             sampled_kl, wilson_interval, win_rate, win_scores)
 from rlhf_exp.evaluation.tables import markdown_table
 from rlhf_exp.evaluation.text import distinct_n, rouge_l, words
+from rlhf_exp.schema import StageConfig, key, positive
+from rlhf_exp.stages.spec import HeldModel, StageMemory, StageRunner, StageSpec, micro_batch, sequence_tokens
+from rlhf_exp.stages.toolbox import Toolbox
+from rlhf_exp.tracking import Tracker
+
 
 def chance_warnings(judge_accuracy: dict[str, tuple[float, int]]) -> list[str]:
     """One sentence per judge whose held-out pair accuracy (ties half) is not told apart from a coin (its 95% Wilson interval
@@ -60,10 +65,6 @@ CAPTION = ("Win rates: 95% Wilson intervals. LC = length-controlled win rate, a 
            "own answers (nats per answer; per token beside it), unbiased but below zero by chance on few samples, so "
            "with its 95% normal interval: one that holds 0 shows no drift this sample can measure. ROUGE-L: F1 against the "
            "reference, rouge-score with stemming (as the TL;DR papers report it).")
-from rlhf_exp.schema import StageConfig, key, positive
-from rlhf_exp.stages.spec import HeldModel, StageMemory, StageRunner, StageSpec, micro_batch, sequence_tokens
-from rlhf_exp.stages.toolbox import Toolbox
-from rlhf_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
